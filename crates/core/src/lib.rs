@@ -1,0 +1,15 @@
+//! The native core of the `vfio-user` Node package: plain Rust, no N-API.
+//!
+//! It knows just enough of the wire to frame messages (the 16-byte header and
+//! its `msg_size`), carries SCM_RIGHTS fds in both directions, and wraps the
+//! few kernel objects the protocol hands around: eventfds, memfds and mmaps.
+//! Protocol semantics live in the TypeScript layer above.
+
+pub mod eventfd;
+pub mod framing;
+pub mod memfd;
+pub mod mmap;
+pub mod socket;
+
+pub use framing::{Frame, FrameConnection, FramingError, ReadOutcome, HEADER_SIZE};
+pub use mmap::{Mapping, MappingError, Protection};

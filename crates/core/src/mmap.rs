@@ -1,0 +1,178 @@
+//! Shared mappings of fds passed by a peer (guest memory, shareable BARs).
+
+use rustix::fd::AsFd;
+use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+use std::ptr::NonNull;
+
+/// What the mapping may be used for; mirrors DMA_MAP's READ/WRITE flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protection {
+    pub read: bool,
+    pub write: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MappingError {
+    #[error("mapping size must be non-zero")]
+    Empty,
+    #[error("offset {offset} + size {size} is beyond the end of the file ({file_size} bytes)")]
+    BeyondFile { offset: u64, size: u64, file_size: u64 },
+    #[error("access at {offset} of {len} bytes is outside the {size}-byte mapping")]
+    OutOfBounds { offset: u64, len: u64, size: u64 },
+    #[error("the mapping is not {0}")]
+    Forbidden(&'static str),
+    #[error("mmap failed: {0}")]
+    Os(#[from] rustix::io::Errno),
+}
+
+/// A MAP_SHARED mapping, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    base: NonNull<u8>,
+    /// Distance from `base` to the first byte the caller asked for: mmap
+    /// needs a page-aligned file offset, the protocol does not promise one.
+    lead: usize,
+    len: usize,
+    prot: Protection,
+}
+
+// SAFETY: the mapping is plain shared memory; it is owned (unmapped once) by
+// this value, and accesses go through bounds-checked copies.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    /// Maps `size` bytes of `fd` from `offset`, refusing ranges past the end
+    /// of the file (the first touch of such a page would SIGBUS the process).
+    pub fn new(fd: impl AsFd, offset: u64, size: u64, prot: Protection) -> Result<Self, MappingError> {
+        if size == 0 {
+            return Err(MappingError::Empty);
+        }
+        let file_size = crate::memfd::file_size(&fd)?;
+        if offset.checked_add(size).is_none_or(|end| end > file_size) {
+            return Err(MappingError::BeyondFile { offset, size, file_size });
+        }
+        let page = rustix::param::page_size() as u64;
+        let lead = offset % page;
+        let len = usize::try_from(size).map_err(|_| MappingError::Os(rustix::io::Errno::NOMEM))?;
+        let mut flags = ProtFlags::empty();
+        if prot.read {
+            flags |= ProtFlags::READ;
+        }
+        if prot.write {
+            flags |= ProtFlags::WRITE;
+        }
+        // SAFETY: a fresh shared mapping at an address of the kernel's choice
+        // aliases no Rust object.
+        let ptr = unsafe {
+            mmap(std::ptr::null_mut(), len + lead as usize, flags, MapFlags::SHARED, fd, offset - lead)?
+        };
+        Ok(Mapping {
+            base: NonNull::new(ptr.cast()).expect("mmap returned null"),
+            lead: lead as usize,
+            len,
+            prot,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn protection(&self) -> Protection {
+        self.prot
+    }
+
+    /// The first byte of the requested range.
+    pub fn as_ptr(&self) -> *mut u8 {
+        // SAFETY: lead is within the mapping.
+        unsafe { self.base.as_ptr().add(self.lead) }
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<usize, MappingError> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.len as u64 => Ok(offset as usize),
+            _ => Err(MappingError::OutOfBounds { offset, len: len as u64, size: self.len as u64 }),
+        }
+    }
+
+    /// Copies `out.len()` bytes from `offset` of the mapping.
+    pub fn read_at(&self, offset: u64, out: &mut [u8]) -> Result<(), MappingError> {
+        if !self.prot.read {
+            return Err(MappingError::Forbidden("readable"));
+        }
+        let at = self.check(offset, out.len())?;
+        // SAFETY: bounds checked above; the peer may write concurrently, which
+        // makes the bytes racy but never the copy unsound for plain bytes.
+        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr().add(at), out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` to `offset` of the mapping.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), MappingError> {
+        if !self.prot.write {
+            return Err(MappingError::Forbidden("writable"));
+        }
+        let at = self.check(offset, data.len())?;
+        // SAFETY: bounds checked above; the mapping is writable.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(at), data.len()) };
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: base/len+lead are exactly what mmap returned.
+        let _ = unsafe { munmap(self.base.as_ptr().cast(), self.len + self.lead) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    const RW: Protection = Protection { read: true, write: true };
+
+    #[test]
+    fn two_mappings_of_one_memfd_share_bytes() {
+        let fd = crate::memfd::create("t", 8192).unwrap();
+        let a = Mapping::new(&fd, 4096, 4096, RW).unwrap();
+        let b = Mapping::new(&fd, 0, 8192, RW).unwrap();
+        a.write_at(10, b"hello").unwrap();
+        let mut out = [0u8; 5];
+        b.read_at(4096 + 10, &mut out).unwrap();
+        assert_eq!(&out, b"hello");
+    }
+
+    #[test]
+    fn unaligned_file_offsets_are_honoured() {
+        let fd = crate::memfd::create("t", 8192).unwrap();
+        let whole = Mapping::new(&fd, 0, 8192, RW).unwrap();
+        whole.write_at(100, &[7, 8, 9]).unwrap();
+        let part = Mapping::new(&fd, 100, 16, RW).unwrap();
+        let mut out = [0u8; 3];
+        part.read_at(0, &mut out).unwrap();
+        assert_eq!(out, [7, 8, 9]);
+    }
+
+    #[test]
+    fn refuses_ranges_past_the_file_and_empty_ones() {
+        let fd = crate::memfd::create("t", 4096).unwrap();
+        assert!(matches!(Mapping::new(&fd, 0, 8192, RW), Err(MappingError::BeyondFile { .. })));
+        assert!(matches!(Mapping::new(&fd, u64::MAX, 2, RW), Err(MappingError::BeyondFile { .. })));
+        assert_eq!(Mapping::new(&fd, 0, 0, RW).unwrap_err(), MappingError::Empty);
+    }
+
+    #[test]
+    fn accesses_are_bounds_and_permission_checked() {
+        let fd = crate::memfd::create("t", 4096).unwrap();
+        let m = Mapping::new(&fd, 0, 4096, Protection { read: true, write: false }).unwrap();
+        let mut out = [0u8; 8];
+        assert!(matches!(m.read_at(4090, &mut out), Err(MappingError::OutOfBounds { .. })));
+        assert!(matches!(m.read_at(u64::MAX, &mut out), Err(MappingError::OutOfBounds { .. })));
+        assert_eq!(m.write_at(0, &[1]).unwrap_err(), MappingError::Forbidden("writable"));
+        m.read_at(4088, &mut out).unwrap();
+    }
+}

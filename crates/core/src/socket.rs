@@ -1,0 +1,117 @@
+//! UNIX stream sockets: listen, accept, connect and socket pairs, all
+//! non-blocking and close-on-exec, ready for an event loop.
+
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::fs::{chmod, Mode};
+use rustix::io::{self, Errno};
+use rustix::net::{
+    accept_with, bind, connect, listen as listen_on, socket_with, socketpair, AddressFamily,
+    SocketAddrUnix, SocketFlags, SocketType,
+};
+use std::path::Path;
+
+fn unix_socket(flags: SocketFlags) -> io::Result<OwnedFd> {
+    socket_with(AddressFamily::UNIX, SocketType::STREAM, flags | SocketFlags::CLOEXEC, None)
+}
+
+/// Binds a listening socket at `path` whose file has `mode` from the start:
+/// it is bound under a temporary name, chmod-ed, then renamed into place, so
+/// no other user can connect in between. A stale socket file nobody listens
+/// on is replaced; a live one gives EADDRINUSE.
+pub fn listen(path: &Path, mode: u32, backlog: i32) -> io::Result<OwnedFd> {
+    if path.exists() {
+        if connect_unix(path).is_ok() {
+            return Err(Errno::ADDRINUSE);
+        }
+        let meta = std::fs::symlink_metadata(path).map_err(|_| Errno::ADDRINUSE)?;
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(Errno::ADDRINUSE);
+        }
+        std::fs::remove_file(path).map_err(|_| Errno::ADDRINUSE)?;
+    }
+    let tmp = path.with_file_name(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("sock"),
+        std::process::id()
+    ));
+    let fd = unix_socket(SocketFlags::NONBLOCK)?;
+    let _ = std::fs::remove_file(&tmp);
+    bind(&fd, &SocketAddrUnix::new(&tmp)?)?;
+    let placed = chmod(&tmp, Mode::from_raw_mode(mode))
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO)));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    listen_on(&fd, backlog)?;
+    Ok(fd)
+}
+
+/// Accepts one pending connection; `Ok(None)` when there is none.
+pub fn accept(listener: impl AsFd) -> io::Result<Option<OwnedFd>> {
+    match accept_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::AGAIN) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Connects to the socket at `path`. The connect itself blocks (it is
+/// immediate on UNIX sockets); the returned fd is non-blocking.
+pub fn connect_unix(path: &Path) -> io::Result<OwnedFd> {
+    let fd = unix_socket(SocketFlags::empty())?;
+    connect(&fd, &SocketAddrUnix::new(path)?)?;
+    rustix::io::ioctl_fionbio(&fd, true)?;
+    Ok(fd)
+}
+
+/// A connected pair, as the twin-socket handshake needs.
+pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn temp_path(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("vfu-core-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("s.sock")
+    }
+
+    #[test]
+    fn listens_with_the_requested_mode_and_accepts() {
+        let path = temp_path("mode");
+        let l = listen(&path, 0o600, 4).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(accept(&l).unwrap().is_none());
+        let _c = connect_unix(&path).unwrap();
+        assert!(accept(&l).unwrap().is_some());
+    }
+
+    #[test]
+    fn replaces_a_stale_socket_but_not_a_live_one() {
+        let path = temp_path("stale");
+        let first = listen(&path, 0o600, 4).unwrap();
+        assert_eq!(listen(&path, 0o600, 4).unwrap_err(), Errno::ADDRINUSE);
+        drop(first);
+        let _second = listen(&path, 0o600, 4).unwrap();
+    }
+
+    #[test]
+    fn refuses_to_replace_a_regular_file() {
+        let path = temp_path("file");
+        std::fs::write(&path, b"x").unwrap();
+        assert_eq!(listen(&path, 0o600, 4).unwrap_err(), Errno::ADDRINUSE);
+        assert_eq!(std::fs::read(&path).unwrap(), b"x");
+    }
+}
