@@ -1,0 +1,308 @@
+//! `NativeConnection`: one framed vfio-user connection polled on the JS
+//! thread's loop. Each whole message goes to `onMessage(bytes, fds)`; a
+//! REGION_READ of a region whose bytes the device shares natively is
+//! answered here without entering JS, when that cannot reorder replies.
+
+use crate::js::{self, CallbackScope, Callbacks};
+use crate::regions::{NativeRegionReads, RegionReads};
+use crate::uv::{Poll, READABLE, WRITABLE};
+use napi::bindgen_prelude::*;
+use napi::sys;
+use napi_derive::napi;
+use std::cell::RefCell;
+use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use vfio_user_core::{FrameConnection, ReadOutcome, HEADER_SIZE};
+
+/// Messages handled per wake-up before yielding to the rest of the loop; the
+/// poll is level-triggered, so the remainder is read on the next turn.
+const BATCH: usize = 64;
+
+const REGION_READ: u16 = 9;
+const REPLY: u32 = 1;
+const ON_MESSAGE: usize = 0;
+const ON_CLOSE: usize = 1;
+
+struct State {
+    frames: Option<FrameConnection>,
+    poll: Option<Poll>,
+    /// Messages handed to JS whose handling has not finished (async handlers).
+    busy: u32,
+    reads: Option<Rc<RefCell<RegionReads>>>,
+    native_reads: u32,
+    /// A local close waits for queued replies to drain first.
+    closing: bool,
+}
+
+struct Conn {
+    env: sys::napi_env,
+    state: RefCell<State>,
+    js: RefCell<Option<Rc<Callbacks>>>,
+}
+
+#[napi]
+pub struct NativeConnection {
+    conn: Rc<Conn>,
+}
+
+#[napi]
+impl NativeConnection {
+    /// Takes ownership of `fd`, a connected non-blocking stream socket.
+    /// `onMessage(bytes, fds, fdsTruncated)` owns the fds it is given (the
+    /// peer sent more than fit when `fdsTruncated`); it returns `true` when it
+    /// finishes the message later, and then calls `complete()`; `onClose(error?)` runs once when
+    /// the peer goes away or the stream breaks, not after a local `close()`.
+    #[napi(
+        constructor,
+        ts_args_type = "fd: number, maxFrame: number, onMessage: (bytes: Buffer, fds: number[] | undefined, fdsTruncated: boolean) => boolean | void, onClose: (error?: string) => void"
+    )]
+    pub fn new(
+        env: Env,
+        fd: i32,
+        max_frame: u32,
+        on_message: Function<'_>,
+        on_close: Function<'_>,
+    ) -> Result<Self> {
+        if fd < 0 {
+            return Err(Error::new(Status::InvalidArg, "fd must be a non-negative integer"));
+        }
+        let raw = env.raw();
+        // SAFETY: the caller hands over ownership of the fd.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let callbacks = Callbacks::new(raw, "VfioUserConnection", &[on_message.raw(), on_close.raw()])?;
+        let conn = Rc::new(Conn {
+            env: raw,
+            state: RefCell::new(State {
+                frames: Some(FrameConnection::new(owned, max_frame as usize)),
+                poll: None,
+                busy: 0,
+                reads: None,
+                native_reads: 0,
+                closing: false,
+            }),
+            js: RefCell::new(Some(callbacks)),
+        });
+        // The poll's callback holds the connection strongly, as an open Node
+        // socket stays alive unreferenced; teardown closes the poll, which
+        // drops the callback and so the cycle.
+        let target = conn.clone();
+        let mut poll = Poll::new(raw, fd, Box::new(move |status, events| target.on_ready(status, events)))?;
+        poll.set_events(READABLE);
+        conn.state.borrow_mut().poll = Some(poll);
+        Ok(NativeConnection { conn })
+    }
+
+    /// Sends one message; `fds` (borrowed, not closed) travel with it.
+    #[napi]
+    pub fn send(&self, bytes: &[u8], fds: Option<Vec<i32>>) -> Result<()> {
+        let mut state = self.conn.state.borrow_mut();
+        if state.closing {
+            return Err(Error::new(Status::GenericFailure, "ENOTCONN: the connection is closed"));
+        }
+        let fds = fds.unwrap_or_default();
+        if fds.iter().any(|fd| *fd < 0) {
+            return Err(Error::new(Status::InvalidArg, "fds must be non-negative integers"));
+        }
+        // SAFETY: the caller keeps these fds open for the duration of the call.
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|fd| unsafe { BorrowedFd::borrow_raw(*fd) }).collect();
+        let frames = state.frames.as_mut().ok_or_else(closed)?;
+        frames
+            .send(bytes, &borrowed)
+            .map_err(|e| Error::new(Status::GenericFailure, format!("{}: send failed", errno_name(e))))?;
+        state.watch();
+        Ok(())
+    }
+
+    /// One message that `onMessage` deferred has been fully handled.
+    #[napi]
+    pub fn complete(&self) {
+        let mut state = self.conn.state.borrow_mut();
+        state.busy = state.busy.saturating_sub(1);
+    }
+
+    /// Region bytes REGION_READ may be answered from without entering JS;
+    /// `null` sends every read to JS (before negotiation, during migration).
+    #[napi]
+    pub fn set_region_reads(&self, reads: Option<&NativeRegionReads>) {
+        self.conn.state.borrow_mut().reads = reads.map(|r| r.shared());
+    }
+
+    #[napi]
+    pub fn set_max_frame(&self, max_frame: u32) {
+        if let Some(frames) = self.conn.state.borrow_mut().frames.as_mut() {
+            frames.set_max_frame(max_frame as usize);
+        }
+    }
+
+    /// How many REGION_READs were answered natively (for tests and stats).
+    #[napi(getter)]
+    pub fn native_reads(&self) -> u32 {
+        self.conn.state.borrow().native_reads
+    }
+
+    #[napi(getter)]
+    pub fn closed(&self) -> bool {
+        self.conn.state.borrow().frames.is_none()
+    }
+
+    /// Whether the connection keeps the process alive (like socket.ref()).
+    #[napi]
+    pub fn set_keep_alive(&self, keep_alive: bool) {
+        if let Some(poll) = self.conn.state.borrow().poll.as_ref() {
+            poll.set_ref(keep_alive);
+        }
+    }
+
+    /// Stops reading and closes once queued replies are sent. `onClose` is
+    /// not called for a close the caller asked for.
+    #[napi]
+    pub fn close(&self) {
+        let drained = {
+            let mut state = self.conn.state.borrow_mut();
+            state.closing = true;
+            !state.frames.as_ref().is_some_and(|f| f.wants_write())
+        };
+        self.conn.js.borrow_mut().take();
+        if drained {
+            self.conn.teardown();
+        } else {
+            self.conn.state.borrow_mut().watch();
+        }
+    }
+}
+
+fn closed() -> Error {
+    Error::new(Status::GenericFailure, "ENOTCONN: the connection is closed")
+}
+
+fn errno_name(e: rustix::io::Errno) -> String {
+    let io = std::io::Error::from_raw_os_error(e.raw_os_error());
+    format!("E{} ({io})", e.raw_os_error())
+}
+
+impl State {
+    /// Polls for what is wanted now: reads unless closing, writes if queued.
+    fn watch(&mut self) {
+        let wants_write = self.frames.as_ref().is_some_and(|f| f.wants_write());
+        let events = if self.closing { 0 } else { READABLE } | if wants_write { WRITABLE } else { 0 };
+        if let Some(poll) = self.poll.as_mut() {
+            poll.set_events(events);
+        }
+    }
+}
+
+impl Conn {
+    fn on_ready(self: &Rc<Self>, status: i32, events: i32) {
+        let js = self.js.borrow().clone();
+        let mut scope = js.as_ref().map(|j| j.scope());
+        if status < 0 {
+            return self.fail(&mut scope, js.as_deref(), &format!("poll error {status}"));
+        }
+        if events & WRITABLE != 0 {
+            let flushed = self.state.borrow_mut().frames.as_mut().map(|f| f.flush());
+            if let Some(Err(e)) = flushed {
+                return self.fail(&mut scope, js.as_deref(), &errno_name(e));
+            }
+            let mut state = self.state.borrow_mut();
+            if state.closing && !state.frames.as_ref().is_some_and(|f| f.wants_write()) {
+                drop(state);
+                return self.teardown();
+            }
+            state.watch();
+        }
+        if events & READABLE == 0 {
+            return;
+        }
+        for _ in 0..BATCH {
+            let outcome = {
+                let mut state = self.state.borrow_mut();
+                if state.closing {
+                    return;
+                }
+                match state.frames.as_mut() {
+                    Some(frames) => frames.read_frame(),
+                    None => return,
+                }
+            };
+            match outcome {
+                Ok(ReadOutcome::Frame(frame)) => {
+                    if self.answer_natively(&frame.bytes, frame.fds.is_empty() && !frame.fds_truncated) {
+                        continue;
+                    }
+                    let (Some(scope), Some(js)) = (scope.as_mut(), js.as_ref()) else { return };
+                    let truncated = frame.fds_truncated;
+                    let raw: Vec<i32> = frame.fds.into_iter().map(|fd| fd.into_raw_fd()).collect();
+                    let result = js.call(scope, ON_MESSAGE, |env| {
+                        let fds = if raw.is_empty() { js::undefined(env) } else { js::int_array(env, &raw) };
+                        vec![js::buffer_copy(env, &frame.bytes), fds, js::boolean(env, truncated)]
+                    });
+                    if result.is_some_and(|r| js::is_true(self.env, r)) {
+                        self.state.borrow_mut().busy += 1;
+                    }
+                }
+                Ok(ReadOutcome::WouldBlock) => return,
+                Ok(ReadOutcome::Closed) => return self.end(&mut scope, js.as_deref(), None),
+                Err(e) => return self.fail(&mut scope, js.as_deref(), &e.to_string()),
+            }
+        }
+    }
+
+    /// Replies to a plain REGION_READ from shared region bytes, if the region
+    /// is served natively and no earlier message is still being handled.
+    fn answer_natively(&self, msg: &[u8], no_fds: bool) -> bool {
+        let mut state = self.state.borrow_mut();
+        if state.busy > 0 || !no_fds || msg.len() != HEADER_SIZE + 16 {
+            return false;
+        }
+        let Some(reads) = state.reads.clone() else { return false };
+        let u16_at = |o: usize| u16::from_le_bytes(msg[o..o + 2].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(msg[o..o + 4].try_into().unwrap());
+        // A command (type 0) that wants a reply, with no error field set.
+        if u16_at(2) != REGION_READ || u32_at(8) != 0 || u32_at(12) != 0 {
+            return false;
+        }
+        let offset = u64::from_le_bytes(msg[16..24].try_into().unwrap());
+        let (region, count) = (u32_at(24), u32_at(28));
+        let reads = reads.borrow();
+        let Some(bytes) = reads.slice(region, offset, count) else { return false };
+        let size = HEADER_SIZE + 16 + bytes.len();
+        let mut reply = Vec::with_capacity(size);
+        reply.extend_from_slice(&msg[0..4]);
+        reply.extend_from_slice(&(size as u32).to_le_bytes());
+        reply.extend_from_slice(&REPLY.to_le_bytes());
+        reply.extend_from_slice(&0u32.to_le_bytes());
+        reply.extend_from_slice(&msg[16..32]);
+        reply.extend_from_slice(bytes);
+        let Some(frames) = state.frames.as_mut() else { return false };
+        if frames.send(&reply, &[]).is_err() {
+            // Let the read side see the broken stream and report it.
+            return true;
+        }
+        state.native_reads += 1;
+        state.watch();
+        true
+    }
+
+    fn fail(&self, scope: &mut Option<CallbackScope<'_>>, js: Option<&Callbacks>, reason: &str) {
+        self.end(scope, js, Some(reason))
+    }
+
+    /// The peer went away or the stream broke: close, then tell JS once.
+    fn end(&self, scope: &mut Option<CallbackScope<'_>>, js: Option<&Callbacks>, reason: Option<&str>) {
+        self.teardown();
+        let still_listening = self.js.borrow_mut().take().is_some();
+        if let (true, Some(scope), Some(js)) = (still_listening, scope.as_mut(), js) {
+            js.call(scope, ON_CLOSE, |env| vec![reason.map_or_else(|| js::undefined(env), |r| js::string(env, r))]);
+        }
+    }
+
+    fn teardown(&self) {
+        let mut state = self.state.borrow_mut();
+        state.closing = true;
+        if let Some(poll) = state.poll.take() {
+            poll.close();
+        }
+        state.frames.take();
+        state.reads = None;
+    }
+}

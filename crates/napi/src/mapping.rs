@@ -1,0 +1,169 @@
+//! `NativeMapping`: an mmap of a peer's fd (guest memory on the server,
+//! shared BARs on the client), with bounds-checked copies and zero-copy views
+//! that are detached before the memory goes away.
+
+use crate::uv::check;
+use napi::bindgen_prelude::*;
+use napi::sys;
+use napi_derive::napi;
+use std::cell::RefCell;
+use std::os::fd::BorrowedFd;
+use std::ptr::null_mut;
+use std::rc::Rc;
+use vfio_user_core::{Mapping, Protection};
+
+type Shared = Rc<RefCell<Option<Mapping>>>;
+
+#[napi]
+pub struct NativeMapping {
+    mapping: Shared,
+    size: f64,
+    /// Weak references to every view handed out, to detach them on unmap.
+    views: Vec<sys::napi_ref>,
+    env: sys::napi_env,
+}
+
+fn mapping_error(e: impl std::fmt::Display) -> Error {
+    Error::new(Status::GenericFailure, e.to_string())
+}
+
+fn offset_of(offset: f64) -> Result<u64> {
+    if offset >= 0.0 && offset.fract() == 0.0 && offset <= 9007199254740991.0 {
+        Ok(offset as u64)
+    } else {
+        Err(Error::new(Status::InvalidArg, format!("offset {offset} is not a non-negative safe integer")))
+    }
+}
+
+#[napi]
+impl NativeMapping {
+    /// Maps `size` bytes of `fd` from `offset`. The fd may be closed after.
+    #[napi(constructor)]
+    pub fn new(env: Env, fd: i32, offset: BigInt, size: BigInt, readable: bool, writable: bool) -> Result<Self> {
+        let (_, offset, exact_offset) = offset.get_u64();
+        let (_, size, exact_size) = size.get_u64();
+        if fd < 0 || !exact_offset || !exact_size {
+            return Err(Error::new(Status::InvalidArg, "fd, offset and size must be non-negative and fit in 64 bits"));
+        }
+        // SAFETY: the caller keeps fd open for the duration of the call.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let mapping = Mapping::new(fd, offset, size, Protection { read: readable, write: writable }).map_err(mapping_error)?;
+        Ok(NativeMapping { mapping: Rc::new(RefCell::new(Some(mapping))), size: size as f64, views: Vec::new(), env: env.raw() })
+    }
+
+    #[napi(getter)]
+    pub fn size(&self) -> f64 {
+        self.size
+    }
+
+    #[napi(getter)]
+    pub fn mapped(&self) -> bool {
+        self.mapping.borrow().is_some()
+    }
+
+    /// Copies `length` bytes at `offset` into a new Buffer.
+    #[napi]
+    pub fn read(&self, offset: f64, length: u32) -> Result<Buffer> {
+        let guard = self.mapping.borrow();
+        let m = guard.as_ref().ok_or_else(unmapped)?;
+        let mut out = vec![0u8; length as usize];
+        m.read_at(offset_of(offset)?, &mut out).map_err(mapping_error)?;
+        Ok(out.into())
+    }
+
+    /// Copies `data` to `offset`.
+    #[napi]
+    pub fn write(&self, offset: f64, data: &[u8]) -> Result<()> {
+        let guard = self.mapping.borrow();
+        let m = guard.as_ref().ok_or_else(unmapped)?;
+        m.write_at(offset_of(offset)?, data).map_err(mapping_error)
+    }
+
+    /// A zero-copy ArrayBuffer over `length` bytes at `offset`. It is
+    /// detached when the mapping is unmapped, so a stale view throws rather
+    /// than touching freed memory. Read-only mappings give no views: a store
+    /// through one would kill the process.
+    #[napi(ts_return_type = "ArrayBuffer")]
+    pub fn view(&mut self, env: Env, offset: f64, length: f64) -> Result<Unknown<'_>> {
+        let guard = self.mapping.borrow();
+        let m = guard.as_ref().ok_or_else(unmapped)?;
+        if !m.protection().write || !m.protection().read {
+            return Err(Error::new(Status::GenericFailure, "views need a readable and writable mapping"));
+        }
+        let start = offset_of(offset)?;
+        let len = offset_of(length)?;
+        if start.checked_add(len).is_none_or(|end| end > m.len() as u64) {
+            return Err(Error::new(Status::InvalidArg, format!("view of {len} bytes at {start} is outside the {}-byte mapping", m.len())));
+        }
+        // SAFETY: in bounds; the finalizer hint keeps the mapping alive for
+        // as long as the ArrayBuffer exists, and unmap() detaches it first.
+        let ptr = unsafe { m.as_ptr().add(start as usize) };
+        drop(guard);
+        let hint = Box::into_raw(Box::new(self.mapping.clone()));
+        let mut value = null_mut();
+        let raw = env.raw();
+        let status = unsafe {
+            sys::napi_create_external_arraybuffer(raw, ptr.cast(), len as usize, Some(release_view), hint.cast(), &mut value)
+        };
+        if status != sys::Status::napi_ok {
+            // SAFETY: not handed to N-API.
+            drop(unsafe { Box::from_raw(hint) });
+            // Electron and other runtimes without external buffers land here:
+            // a copy would silently lose device writes, so refuse instead.
+            return Err(Error::new(Status::GenericFailure, "this runtime refuses external ArrayBuffers; zero-copy views are unavailable"));
+        }
+        self.prune_views();
+        let mut weak = null_mut();
+        check(unsafe { sys::napi_create_reference(raw, value, 0, &mut weak) }, "napi_create_reference")?;
+        self.views.push(weak);
+        Ok(unsafe { Unknown::from_raw_unchecked(raw, value) })
+    }
+
+    /// Detaches every view, then unmaps. Idempotent.
+    #[napi]
+    pub fn unmap(&mut self) {
+        for weak in self.views.drain(..) {
+            let mut value = null_mut();
+            // SAFETY: weak refs created in view(), on this thread.
+            unsafe {
+                sys::napi_get_reference_value(self.env, weak, &mut value);
+                if !value.is_null() {
+                    sys::napi_detach_arraybuffer(self.env, value);
+                }
+                sys::napi_delete_reference(self.env, weak);
+            }
+        }
+        self.mapping.borrow_mut().take();
+    }
+
+    fn prune_views(&mut self) {
+        let env = self.env;
+        self.views.retain(|weak| {
+            let mut value = null_mut();
+            // SAFETY: weak refs created in view(), on this thread.
+            unsafe { sys::napi_get_reference_value(env, *weak, &mut value) };
+            if value.is_null() {
+                unsafe { sys::napi_delete_reference(env, *weak) };
+            }
+            !value.is_null()
+        });
+    }
+}
+
+fn unmapped() -> Error {
+    Error::new(Status::GenericFailure, "the mapping has been unmapped")
+}
+
+unsafe extern "C" fn release_view(_env: sys::napi_env, _data: *mut std::ffi::c_void, hint: *mut std::ffi::c_void) {
+    drop(Box::from_raw(hint.cast::<Shared>()));
+}
+
+impl Drop for NativeMapping {
+    fn drop(&mut self) {
+        // Views still alive keep the memory mapped through their own count.
+        for weak in self.views.drain(..) {
+            // SAFETY: finalizers run on the JS thread with a live env.
+            unsafe { sys::napi_delete_reference(self.env, weak) };
+        }
+    }
+}
