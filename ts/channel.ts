@@ -1,0 +1,204 @@
+/**
+ * A vfio-user channel: one framed connection carrying commands and replies
+ * in both directions. It matches replies to the requests this side sent (by
+ * msg_id), hands incoming commands to the owner, and owns every fd that
+ * arrives until the owner takes it. Used by the server and the client alike.
+ */
+import { closeFds, native, type NativeConnection, type NativeRegionReads } from './native.js';
+import { ConnectionClosedError, PeerProtocolError, TimeoutError } from './errors.js';
+import {
+  commandName,
+  decodeHeader,
+  encodeErrorReply,
+  encodeMessage,
+  encodeReply,
+  errorReplyErrno,
+  HEADER_SIZE,
+  HeaderFlags,
+  isErrorReply,
+  isReply,
+  isValidType,
+  ProtocolError,
+  type Header,
+} from './protocol/index.js';
+
+/** A whole message from the peer. */
+export interface Message {
+  header: Header;
+  /** The bytes after the 16-byte header. */
+  payload: Buffer;
+  /** fds that came with it; whoever keeps one removes it from this array. */
+  fds: number[];
+  /** The peer attached more fds than this side can receive. */
+  fdsTruncated: boolean;
+}
+
+export interface ChannelHandlers {
+  /** A command from the peer. Return `true` if handling finishes later; then call `channel.done()`. */
+  onCommand(message: Message): boolean | void;
+  /** The peer closed (no error), the stream broke or the peer broke the protocol; not after close(). */
+  onClose(error?: Error): void;
+}
+
+interface Pending {
+  command: number;
+  resolve(message: Message): void;
+  reject(error: Error): void;
+  timer?: NodeJS.Timeout;
+}
+
+/** Frames larger than this are refused before negotiation raises the limit. */
+export const INITIAL_MAX_FRAME = 1024 * 1024 + 4096;
+
+export class Channel {
+  private readonly conn: NativeConnection;
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 0;
+  private closedWith: Error | undefined;
+
+  constructor(
+    fd: number,
+    private readonly handlers: ChannelHandlers,
+    maxFrame = INITIAL_MAX_FRAME,
+  ) {
+    this.conn = new native.NativeConnection(
+      fd,
+      maxFrame,
+      (bytes, fds, truncated) => this.receive(bytes, fds ?? [], truncated),
+      (error) => this.ended(new ConnectionClosedError(error ? `connection lost: ${error}` : 'the peer closed the connection'), error !== undefined),
+    );
+  }
+
+  get closed(): boolean {
+    return this.closedWith !== undefined;
+  }
+
+  /** REGION_READs answered natively so far. */
+  get nativeReads(): number {
+    return this.conn.nativeReads;
+  }
+
+  setMaxFrame(bytes: number): void {
+    this.conn.setMaxFrame(bytes);
+  }
+
+  setRegionReads(reads: NativeRegionReads | null): void {
+    this.conn.setRegionReads(reads);
+  }
+
+  setKeepAlive(keepAlive: boolean): void {
+    this.conn.setKeepAlive(keepAlive);
+  }
+
+  /** Sends a command and resolves with its reply; an error reply rejects with ProtocolError. */
+  request(command: number, payload?: Uint8Array, fds?: number[], timeoutMs?: number): Promise<Message> {
+    if (this.closedWith) return Promise.reject(this.closedWith);
+    const msgId = this.allocateId();
+    return new Promise<Message>((resolve, reject) => {
+      const entry: Pending = { command, resolve, reject };
+      if (timeoutMs !== undefined && timeoutMs > 0) {
+        entry.timer = setTimeout(() => {
+          this.pending.delete(msgId);
+          reject(new TimeoutError(`${commandName(command)}: no reply within ${timeoutMs} ms`));
+        }, timeoutMs);
+      }
+      this.pending.set(msgId, entry);
+      try {
+        this.conn.send(encodeMessage({ msgId, command }, payload), fds);
+      } catch (error) {
+        this.pending.delete(msgId);
+        clearTimeout(entry.timer);
+        reject(new ConnectionClosedError(`${commandName(command)}: ${(error as Error).message}`));
+      }
+    });
+  }
+
+  /** Sends a command with No_reply set (a posted write). */
+  post(command: number, payload?: Uint8Array): void {
+    this.send(encodeMessage({ msgId: this.allocateId(), command, flags: HeaderFlags.NO_REPLY }, payload));
+  }
+
+  reply(to: Header, payload?: Uint8Array, fds?: number[]): void {
+    this.send(encodeReply(to.msgId, to.command, payload), fds);
+  }
+
+  replyError(to: Header, errno: number): void {
+    this.send(encodeErrorReply(to.msgId, to.command, errno));
+  }
+
+  /** Sends a fully encoded message (the hot path builds its own). */
+  send(message: Buffer, fds?: number[]): void {
+    if (this.closedWith) throw this.closedWith;
+    this.conn.send(message, fds);
+  }
+
+  /** A command for which onCommand returned true has been handled. */
+  done(): void {
+    this.conn.complete();
+  }
+
+  /** Closes after queued replies are sent; pending requests reject. */
+  close(reason = 'the connection was closed'): void {
+    if (this.closedWith) return;
+    this.conn.close();
+    this.ended(new ConnectionClosedError(reason), false, false);
+  }
+
+  private allocateId(): number {
+    // msg_ids are ours to choose; skip any still awaiting a reply.
+    do this.nextId = (this.nextId + 1) & 0xffff;
+    while (this.pending.has(this.nextId));
+    return this.nextId;
+  }
+
+  private receive(bytes: Buffer, fds: number[], fdsTruncated: boolean): boolean {
+    const header = decodeHeader(bytes);
+    if (!isValidType(header.flags)) {
+      // A message of no known type: the stream cannot be trusted (§2).
+      closeFds(fds);
+      this.abort(`message type ${header.flags & 0xf} of ${commandName(header.command)} is neither command nor reply`);
+      return false;
+    }
+    const message: Message = { header, payload: bytes.subarray(HEADER_SIZE), fds, fdsTruncated };
+    if (isReply(header)) {
+      this.settle(message);
+      return false;
+    }
+    return this.handlers.onCommand(message) === true;
+  }
+
+  private settle(message: Message): void {
+    const { header } = message;
+    const entry = this.pending.get(header.msgId);
+    if (!entry || entry.command !== header.command) {
+      // Never answer a reply; one nobody waits for is dropped.
+      closeFds(message.fds);
+      return;
+    }
+    this.pending.delete(header.msgId);
+    clearTimeout(entry.timer);
+    if (isErrorReply(header)) {
+      closeFds(message.fds);
+      entry.reject(new ProtocolError(errorReplyErrno(header), header.command, 'error reply from the peer'));
+    } else {
+      entry.resolve(message);
+    }
+  }
+
+  private abort(reason: string): void {
+    this.conn.close();
+    this.ended(new PeerProtocolError(reason), true);
+  }
+
+  /** `report` says whether onClose hears the error (a clean end of stream is not one). */
+  private ended(error: Error, report: boolean, notify = true): void {
+    if (this.closedWith) return;
+    this.closedWith = error;
+    for (const [, entry] of this.pending) {
+      clearTimeout(entry.timer);
+      entry.reject(error);
+    }
+    this.pending.clear();
+    if (notify) this.handlers.onClose(report ? error : undefined);
+  }
+}

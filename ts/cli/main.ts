@@ -1,0 +1,44 @@
+#!/usr/bin/env node
+/**
+ * The `vfio-user` command.
+ *   vfio-user serve MODULE --socket PATH [--mode 0600]
+ * serves the device a module exports (TS or JS) until SIGINT or SIGTERM, so
+ * any vfio-user client (QEMU, libvfio-user's samples) can be pointed at it.
+ */
+import { parseArgs } from 'node:util';
+import { serve } from './serve.js';
+
+const USAGE = `usage:
+  vfio-user serve MODULE --socket PATH [--mode MODE]
+      Serve the device MODULE exports (default export: a device, or a
+      function returning one) until SIGINT or SIGTERM.`;
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  if (command === 'serve') {
+    const { values, positionals } = parseArgs({
+      args: rest,
+      allowPositionals: true,
+      options: { socket: { type: 'string', short: 's' }, mode: { type: 'string' } },
+    });
+    if (positionals.length !== 1 || !values.socket) {
+      console.error(USAGE);
+      return 2;
+    }
+    const mode = values.mode === undefined ? undefined : parseInt(values.mode, 8);
+    await serve(positionals[0], values.socket, { mode });
+    return 0;
+  }
+  console.error(command && command !== '--help' && command !== '-h' ? `unknown command: ${command}\n${USAGE}` : USAGE);
+  return command === '--help' || command === '-h' ? 0 : 2;
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    if (code !== 0) process.exitCode = code;
+  },
+  (error: Error) => {
+    console.error(`vfio-user: ${error.message}`);
+    process.exitCode = 1;
+  },
+);

@@ -1,0 +1,61 @@
+/** `vfio-user serve`: load a device module and serve it until a signal. */
+import { resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { createServer } from '../server/server.js';
+import { UsageError } from '../errors.js';
+import { commandName } from '../protocol/index.js';
+import type { VfioUserDevice } from '../device.js';
+
+function isDevice(value: unknown): value is VfioUserDevice {
+  return typeof value === 'object' && value !== null && typeof (value as VfioUserDevice).regionInfo === 'function';
+}
+
+/** Imports `file` (TS through tsx, or JS) and returns the device it exports. */
+export async function loadDevice(file: string): Promise<VfioUserDevice> {
+  const path = resolve(file);
+  let exported: unknown;
+  if (/\.m[jt]s$/.test(path)) {
+    const { register } = await import('tsx/esm/api');
+    const unregister = register();
+    try {
+      exported = await import(pathToFileURL(path).href);
+    } finally {
+      await unregister();
+    }
+  } else {
+    // tsx lets plain Node require .ts device modules; .js ones load as usual.
+    const { register } = await import('tsx/cjs/api');
+    const unregister = register();
+    try {
+      exported = require(path);
+    } finally {
+      unregister();
+    }
+  }
+  // ESM default, or a CommonJS module's exports seen through import().
+  for (let i = 0; i < 2 && typeof exported === 'object' && exported !== null && 'default' in exported; i++) {
+    exported = (exported as { default: unknown }).default;
+  }
+  const device = typeof exported === 'function' ? await (exported as () => unknown)() : exported;
+  if (!isDevice(device)) throw new UsageError(`${file} must export a device (or a function returning one) as its default export`);
+  return device;
+}
+
+export async function serve(file: string, socket: string, options: { mode?: number } = {}): Promise<void> {
+  const device = await loadDevice(file);
+  const server = createServer(device);
+  server.on('connection', () => console.error('vfio-user: client connected'));
+  server.on('disconnect', (_s, error) => console.error(`vfio-user: client disconnected${error ? ` (${error.message})` : ''}`));
+  server.on('deviceError', (error, command) => console.error(`vfio-user: device error in ${commandName(command)}: ${error.stack ?? error.message}`));
+  await server.listen(socket, { mode: options.mode });
+  console.error(`vfio-user: serving ${file} on ${socket}`);
+  await new Promise<void>((done) => {
+    const stop = () => {
+      process.off('SIGINT', stop);
+      process.off('SIGTERM', stop);
+      void server.close().then(done);
+    };
+    process.on('SIGINT', stop);
+    process.on('SIGTERM', stop);
+  });
+}

@@ -1,0 +1,352 @@
+/**
+ * `VfioUserClient`: the VMM's side of the protocol. It negotiates, queries
+ * the device, reads and writes regions, declares guest memory (DMA_MAP),
+ * wires interrupts to eventfds, and answers the server's DMA_READ/DMA_WRITE
+ * from the memory it declared. Tests, the CLI and tools are built on it.
+ */
+import { EventEmitter } from 'node:events';
+import { Channel, type Message } from '../channel.js';
+import { closeFds, native } from '../native.js';
+import { UsageError } from '../errors.js';
+import { GuestMemory } from './memory.js';
+import {
+  Command,
+  DEFAULT_CAPABILITIES,
+  decodeDeviceFeatureReply,
+  decodeDeviceGetInfoReply,
+  decodeDmaReadRequest,
+  decodeDmaUnmapReply,
+  decodeDmaWriteRequest,
+  decodeIrqInfoReply,
+  decodeMigDataReadReply,
+  decodeRegionInfoReply,
+  decodeRegionIoFdsReply,
+  decodeRegionReadReply,
+  decodeVersion,
+  DmaMapFlags,
+  DmaUnmapFlags,
+  encodeDeviceFeatureRequest,
+  encodeDeviceGetInfoRequest,
+  encodeDmaMapRequest,
+  encodeDmaReadReply,
+  encodeDmaUnmapRequest,
+  encodeDmaWriteReply,
+  encodeIrqInfoRequest,
+  encodeMigDataReadRequest,
+  encodeMigDataWriteRequest,
+  encodeRegionInfoRequest,
+  encodeRegionIoFdsRequest,
+  encodeRegionReadRequest,
+  encodeRegionWriteRequest,
+  encodeSetIrqsRequest,
+  encodeVersion,
+  Errno,
+  ProtocolError,
+  REGION_INFO_SIZE,
+  REGION_IO_FDS_SIZE,
+  SetIrqsFlags,
+  type DeviceFeature,
+  type DeviceInfo,
+  type IrqInfo,
+  type RegionInfo,
+  type RegionIoFdsReply,
+  type Version,
+} from '../protocol/index.js';
+
+export interface ConnectOptions {
+  /** Reply timeout for every request, in ms (QEMU's default is 5000). 0 waits forever. */
+  timeoutMs?: number;
+  /** Largest REGION/DMA transfer this client accepts. */
+  maxDataXferSize?: number;
+}
+
+/** What the client proposes in VERSION. */
+export const CLIENT_VERSION = { major: 0, minor: 2 } as const;
+const CLIENT_MAX_MSG_FDS = 16;
+
+export interface RegionInfoWithFd extends RegionInfo {
+  /** The region's fd when it is mappable; the caller owns and closes it. */
+  fd?: number;
+}
+
+export interface DmaMapOptions {
+  iova: bigint;
+  /** The guest memory backing the window; DMA_READ/WRITE are served from it. */
+  memory: GuestMemory;
+  /** Offset of the window in `memory`; 0 by default. */
+  offset?: number;
+  /** Bytes; the rest of `memory` after `offset` by default. */
+  size?: number;
+  readable?: boolean;
+  writable?: boolean;
+  /** Send the memfd so the server maps it (default); false makes the server use DMA_READ/WRITE. */
+  shareFd?: boolean;
+}
+
+export type IrqAction = 'trigger' | 'mask' | 'unmask';
+
+export interface SetIrqsOptions {
+  index: number;
+  start?: number;
+  count?: number;
+  action?: IrqAction;
+  /** Eventfds to attach (TRIGGER); an empty array de-assigns the vectors. */
+  eventfds?: number[];
+  /** DATA_BOOL: which vectors the action applies to. */
+  bools?: boolean[];
+}
+
+interface ClientWindow {
+  iova: bigint;
+  size: number;
+  memory: GuestMemory;
+  offset: number;
+  readable: boolean;
+  writable: boolean;
+}
+
+export interface VfioUserClientEvents {
+  /** The connection ended; `error` when it was not a clean close by the server. */
+  close: [error?: Error];
+}
+
+export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
+  private readonly channel: Channel;
+  private readonly windows: ClientWindow[] = [];
+  private serverVersion: Version | undefined;
+  readonly timeoutMs: number;
+  readonly maxDataXferSize: number;
+
+  /** Use `connect()`; this wraps an already connected fd. */
+  constructor(fd: number, options: ConnectOptions = {}) {
+    super();
+    this.timeoutMs = options.timeoutMs ?? 5000;
+    this.maxDataXferSize = options.maxDataXferSize ?? DEFAULT_CAPABILITIES.maxDataXferSize;
+    this.channel = new Channel(fd, {
+      onCommand: (message) => this.serve(message),
+      onClose: (error) => this.emit('close', error),
+    });
+  }
+
+  /** The server's version and capabilities. */
+  get server(): Version {
+    if (!this.serverVersion) throw new UsageError('VERSION has not been negotiated');
+    return this.serverVersion;
+  }
+
+  get closed(): boolean {
+    return this.channel.closed;
+  }
+
+  /** Sends VERSION and records the server's answer (done by connect()). */
+  async negotiate(): Promise<Version> {
+    const payload = encodeVersion({
+      ...CLIENT_VERSION,
+      capabilities: { maxMsgFds: CLIENT_MAX_MSG_FDS, maxDataXferSize: this.maxDataXferSize },
+    });
+    const reply = await this.request(Command.VERSION, payload);
+    const version = decodeVersion(reply.payload);
+    if (version.major !== CLIENT_VERSION.major || version.minor > CLIENT_VERSION.minor) {
+      this.close();
+      throw new ProtocolError(Errno.EINVAL, Command.VERSION, `the server answered ${version.major}.${version.minor}`);
+    }
+    this.serverVersion = version;
+    this.channel.setMaxFrame(this.maxDataXferSize + 64 * 1024);
+    return version;
+  }
+
+  private request(command: number, payload?: Uint8Array, fds?: number[]): Promise<Message> {
+    return this.channel.request(command, payload, fds, this.timeoutMs);
+  }
+
+  /** Largest transfer the server accepts in one message. */
+  private get chunk(): number {
+    return this.server.capabilities.maxDataXferSize;
+  }
+
+  async getDeviceInfo(): Promise<DeviceInfo> {
+    const reply = await this.request(Command.DEVICE_GET_INFO, encodeDeviceGetInfoRequest());
+    return decodeDeviceGetInfoReply(reply.payload);
+  }
+
+  /** Region info with its capabilities (asking again with a larger argsz when needed). */
+  async getRegionInfo(index: number): Promise<RegionInfoWithFd> {
+    let argsz = REGION_INFO_SIZE;
+    for (;;) {
+      const reply = await this.request(Command.DEVICE_GET_REGION_INFO, encodeRegionInfoRequest({ index, argsz }));
+      const info = decodeRegionInfoReply(reply.payload);
+      if (info.argsz <= argsz || reply.payload.length >= info.argsz) {
+        const [fd, ...extra] = reply.fds;
+        closeFds(extra);
+        return fd === undefined ? info : { ...info, fd };
+      }
+      closeFds(reply.fds);
+      argsz = info.argsz;
+    }
+  }
+
+  async getRegionIoFds(index: number): Promise<RegionIoFdsReply & { fds: number[] }> {
+    let argsz = REGION_IO_FDS_SIZE;
+    for (;;) {
+      const reply = await this.request(Command.DEVICE_GET_REGION_IO_FDS, encodeRegionIoFdsRequest({ index, argsz }));
+      const decoded = decodeRegionIoFdsReply(reply.payload);
+      if (decoded.argsz <= argsz || decoded.entries.length === decoded.count) return { ...decoded, fds: reply.fds };
+      closeFds(reply.fds);
+      argsz = decoded.argsz;
+    }
+  }
+
+  /** Reads `count` bytes, split at the server's max_data_xfer_size. */
+  async regionRead(region: number, offset: bigint, count: number): Promise<Buffer> {
+    if (count <= this.chunk) return this.readChunk(region, offset, count);
+    const parts: Buffer[] = [];
+    for (let done = 0; done < count; done += this.chunk) {
+      parts.push(await this.readChunk(region, offset + BigInt(done), Math.min(this.chunk, count - done)));
+    }
+    return Buffer.concat(parts);
+  }
+
+  private async readChunk(region: number, offset: bigint, count: number): Promise<Buffer> {
+    const reply = await this.request(Command.REGION_READ, encodeRegionReadRequest({ offset, region, count }));
+    const data = decodeRegionReadReply(reply.payload);
+    if (data.count !== count) throw new ProtocolError(Errno.EIO, Command.REGION_READ, `asked ${count} bytes, got ${data.count}`);
+    return data.data;
+  }
+
+  /** Writes `data`; `posted` sends it with No_reply (QEMU's default for BAR writes). */
+  async regionWrite(region: number, offset: bigint, data: Uint8Array, options: { posted?: boolean } = {}): Promise<void> {
+    for (let done = 0; done < data.length || done === 0; done += this.chunk) {
+      const part = data.subarray(done, done + this.chunk);
+      const payload = encodeRegionWriteRequest({ offset: offset + BigInt(done), region }, part);
+      if (options.posted) this.channel.post(Command.REGION_WRITE, payload);
+      else await this.request(Command.REGION_WRITE, payload);
+      if (data.length === 0) break;
+    }
+  }
+
+  /** Declares guest memory to the server; DMA_READ/WRITE for it are served from `memory`. */
+  async dmaMap(options: DmaMapOptions): Promise<void> {
+    const offset = options.offset ?? 0;
+    const size = options.size ?? options.memory.size - offset;
+    if (offset < 0 || size <= 0 || offset + size > options.memory.size) {
+      throw new UsageError(`window of ${size} bytes at offset ${offset} is outside the ${options.memory.size}-byte memory`);
+    }
+    const readable = options.readable ?? true;
+    const writable = options.writable ?? true;
+    const flags = (readable ? DmaMapFlags.READ : 0) | (writable ? DmaMapFlags.WRITE : 0);
+    const share = options.shareFd ?? true;
+    const payload = encodeDmaMapRequest({ flags, offset: share ? BigInt(offset) : 0n, address: options.iova, size: BigInt(size) });
+    await this.request(Command.DMA_MAP, payload, share ? [options.memory.fd] : undefined);
+    this.windows.push({ iova: options.iova, size, memory: options.memory, offset, readable, writable });
+  }
+
+  async dmaUnmap(iova: bigint, size: bigint): Promise<void> {
+    const reply = await this.request(Command.DMA_UNMAP, encodeDmaUnmapRequest({ flags: 0, address: iova, size }));
+    decodeDmaUnmapReply(reply.payload);
+    const at = this.windows.findIndex((w) => w.iova === iova && BigInt(w.size) === size);
+    if (at >= 0) this.windows.splice(at, 1);
+  }
+
+  /** UNMAP_ALL (flag 0x2), as QEMU sends it. */
+  async dmaUnmapAll(): Promise<void> {
+    await this.request(Command.DMA_UNMAP, encodeDmaUnmapRequest({ flags: DmaUnmapFlags.ALL, address: 0n, size: 0n }));
+    this.windows.length = 0;
+  }
+
+  async getIrqInfo(index: number): Promise<IrqInfo> {
+    const reply = await this.request(Command.DEVICE_GET_IRQ_INFO, encodeIrqInfoRequest({ index }));
+    return decodeIrqInfoReply(reply.payload);
+  }
+
+  /**
+   * SET_IRQS. Eventfds are sent in chunks of the server's max_msg_fds, as
+   * QEMU does; the fds stay the caller's (the server gets copies).
+   */
+  async setIrqs(options: SetIrqsOptions): Promise<void> {
+    const action = { trigger: SetIrqsFlags.ACTION_TRIGGER, mask: SetIrqsFlags.ACTION_MASK, unmask: SetIrqsFlags.ACTION_UNMASK }[options.action ?? 'trigger'];
+    const start = options.start ?? 0;
+    if (options.eventfds && options.eventfds.length > 0) {
+      const per = Math.max(1, this.server.capabilities.maxMsgFds);
+      for (let i = 0; i < options.eventfds.length; i += per) {
+        const fds = options.eventfds.slice(i, i + per);
+        const payload = encodeSetIrqsRequest({ flags: SetIrqsFlags.DATA_EVENTFD | action, index: options.index, start: start + i, count: fds.length });
+        await this.request(Command.DEVICE_SET_IRQS, payload, fds);
+      }
+      return;
+    }
+    const data = options.eventfds ? SetIrqsFlags.DATA_EVENTFD : options.bools ? SetIrqsFlags.DATA_BOOL : SetIrqsFlags.DATA_NONE;
+    const count = options.count ?? options.bools?.length ?? 0;
+    await this.request(Command.DEVICE_SET_IRQS, encodeSetIrqsRequest({ flags: data | action, index: options.index, start, count, bools: options.bools }));
+  }
+
+  async reset(): Promise<void> {
+    await this.request(Command.DEVICE_RESET);
+  }
+
+  async deviceFeature(flags: number, data?: Uint8Array, argsz?: number): Promise<DeviceFeature> {
+    const reply = await this.request(Command.DEVICE_FEATURE, encodeDeviceFeatureRequest({ flags, data, argsz }));
+    return decodeDeviceFeatureReply(reply.payload);
+  }
+
+  /** Reads migration data; fewer bytes than asked means the end of the stream. */
+  async migDataRead(size: number): Promise<Buffer> {
+    const reply = await this.request(Command.MIG_DATA_READ, encodeMigDataReadRequest({ size }));
+    return decodeMigDataReadReply(reply.payload).data;
+  }
+
+  async migDataWrite(data: Uint8Array): Promise<void> {
+    await this.request(Command.MIG_DATA_WRITE, encodeMigDataWriteRequest(data));
+  }
+
+  /** Closes the connection; pending requests reject. Guest memory stays the caller's. */
+  close(): void {
+    this.channel.close('the client closed the connection');
+    this.windows.length = 0;
+  }
+
+  // ---- DMA_READ / DMA_WRITE from the server ----
+
+  private serve(message: Message): void {
+    closeFds(message.fds);
+    const { header } = message;
+    try {
+      if (header.command === Command.DMA_READ) {
+        const req = decodeDmaReadRequest(message.payload);
+        const { window, at } = this.locate(header.command, req.address, req.count, 'readable');
+        this.channel.reply(header, encodeDmaReadReply(req.address, window.memory.read(at, req.count)));
+      } else if (header.command === Command.DMA_WRITE) {
+        const req = decodeDmaWriteRequest(message.payload);
+        const { window, at } = this.locate(header.command, req.address, req.count, 'writable');
+        window.memory.write(at, req.data);
+        this.channel.reply(header, encodeDmaWriteReply({ address: req.address, count: req.count }));
+      } else {
+        throw new ProtocolError(Errno.ENOSYS, header.command, 'not a server-to-client command');
+      }
+    } catch (error) {
+      const errno = error instanceof ProtocolError ? error.errno : Errno.EFAULT;
+      if (!this.channel.closed) this.channel.replyError(header, errno);
+    }
+  }
+
+  private locate(command: number, address: bigint, count: number, need: 'readable' | 'writable') {
+    if (count > this.maxDataXferSize) throw new ProtocolError(Errno.E2BIG, command, `count ${count} > max_data_xfer_size`);
+    const window = this.windows.find((w) => address >= w.iova && address + BigInt(count) <= w.iova + BigInt(w.size));
+    if (!window) throw new ProtocolError(Errno.EFAULT, command, 'outside every DMA window');
+    if (!window[need]) throw new ProtocolError(Errno.EPERM, command, `the window is not ${need}`);
+    return { window, at: window.offset + Number(address - window.iova) };
+  }
+}
+
+/** Connects to a vfio-user server at `path` and negotiates the version. */
+export async function connect(path: string, options: ConnectOptions = {}): Promise<VfioUserClient> {
+  const client = new VfioUserClient(native.connectUnix(path), options);
+  try {
+    await client.negotiate();
+  } catch (error) {
+    client.close();
+    throw error;
+  }
+  return client;
+}
+
+export { GuestMemory };

@@ -1,0 +1,116 @@
+/**
+ * Guest memory as the server sees it: the DMA windows the client declared
+ * with DMA_MAP, each either mmapped from the client's fd or reachable only
+ * through DMA_READ/DMA_WRITE messages. Lookups are by IOVA (bigint).
+ */
+import { native, type NativeMapping } from '../native.js';
+import { Errno, ProtocolError, Command } from '../protocol/index.js';
+
+export interface DmaWindow {
+  readonly iova: bigint;
+  readonly size: bigint;
+  readonly readable: boolean;
+  readonly writable: boolean;
+  /** Present when the client passed an fd; absent for message-based windows. */
+  readonly mapping?: NativeMapping;
+  /** File offset of the fd the window was mapped from (to spot exact repeats). */
+  readonly fileOffset: bigint;
+}
+
+export interface MapRequest {
+  iova: bigint;
+  size: bigint;
+  readable: boolean;
+  writable: boolean;
+  /** The client's fd (borrowed: closed by the caller after the call). */
+  fd?: number;
+  fileOffset: bigint;
+}
+
+const PAGE = 4096n;
+const U64_MAX = (1n << 64n) - 1n;
+
+export class DmaSpace {
+  /** Sorted by IOVA; windows never overlap. */
+  private windows: DmaWindow[] = [];
+
+  constructor(readonly maxWindows: number) {}
+
+  get count(): number {
+    return this.windows.length;
+  }
+
+  list(): readonly DmaWindow[] {
+    return this.windows;
+  }
+
+  /**
+   * Adds a window. Errors follow docs/protocol-choices.md: an exact repeat of a
+   * live window is accepted (QEMU re-sends maps; libvfio-user does the same),
+   * any other overlap is EEXIST as the spec says.
+   */
+  map(req: MapRequest): void {
+    const fail = (errno: number, why: string) => new ProtocolError(errno, Command.DMA_MAP, why);
+    if (req.size === 0n) throw fail(Errno.EINVAL, 'size is 0');
+    if (req.iova + req.size - 1n > U64_MAX) throw fail(Errno.EINVAL, 'iova + size wraps past 2^64');
+    if (req.iova % PAGE !== 0n || req.size % PAGE !== 0n) throw fail(Errno.EINVAL, 'iova and size must be 4 KiB aligned');
+    const at = this.lowerBound(req.iova);
+    for (const w of [this.windows[at - 1], this.windows[at]]) {
+      if (!w || !overlaps(w, req.iova, req.size)) continue;
+      const same = w.iova === req.iova && w.size === req.size && w.readable === req.readable &&
+        w.writable === req.writable && (w.mapping !== undefined) === (req.fd !== undefined) && w.fileOffset === req.fileOffset;
+      if (same) return;
+      throw fail(Errno.EEXIST, `overlaps the window at 0x${w.iova.toString(16)}`);
+    }
+    if (this.windows.length >= this.maxWindows) throw fail(Errno.ENOSPC, `${this.maxWindows} windows are mapped already`);
+    let mapping: NativeMapping | undefined;
+    if (req.fd !== undefined) {
+      try {
+        mapping = new native.NativeMapping(req.fd, req.fileOffset, req.size, req.readable, req.writable);
+      } catch (error) {
+        throw fail(Errno.EINVAL, (error as Error).message);
+      }
+    }
+    const window: DmaWindow = { iova: req.iova, size: req.size, readable: req.readable, writable: req.writable, mapping, fileOffset: req.fileOffset };
+    this.windows.splice(at, 0, window);
+  }
+
+  /** Removes the window that exactly matches, detaching its views first. */
+  unmap(iova: bigint, size: bigint): void {
+    const at = this.lowerBound(iova);
+    const w = this.windows[at];
+    if (!w || w.iova !== iova || w.size !== size) {
+      throw new ProtocolError(Errno.ENOENT, Command.DMA_UNMAP, 'no window matches exactly');
+    }
+    this.windows.splice(at, 1);
+    w.mapping?.unmap();
+  }
+
+  unmapAll(): void {
+    for (const w of this.windows) w.mapping?.unmap();
+    this.windows = [];
+  }
+
+  /** The window holding [iova, iova + length), or undefined. */
+  find(iova: bigint, length: number): DmaWindow | undefined {
+    const at = this.lowerBound(iova + 1n) - 1;
+    const w = this.windows[at];
+    return w && iova >= w.iova && iova + BigInt(length) <= w.iova + w.size ? w : undefined;
+  }
+
+  /** First index whose iova is >= `iova`. */
+  private lowerBound(iova: bigint): number {
+    let lo = 0;
+    let hi = this.windows.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (this.windows[mid].iova < iova) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+}
+
+function overlaps(w: DmaWindow, iova: bigint, size: bigint): boolean {
+  return iova < w.iova + w.size && w.iova < iova + size;
+}

@@ -1,0 +1,47 @@
+/**
+ * vfio-user for Node: write PCI devices in TypeScript and serve them to
+ * virtual machine monitors (QEMU's vfio-user-pci and others), or drive any
+ * vfio-user server with the client.
+ */
+export { createServer, VfioUserServer, type ListenOptions, type VfioUserServerEvents } from './server/server.js';
+export { ServerSession } from './server/session.js';
+export {
+  connect,
+  VfioUserClient,
+  GuestMemory,
+  type ConnectOptions,
+  type DmaMapOptions,
+  type IrqAction,
+  type RegionInfoWithFd,
+  type SetIrqsOptions,
+} from './client/client.js';
+export {
+  PciDevice,
+  InvalidDeviceError,
+  type BarDescription,
+  type BarHandlers,
+  type BarIndex,
+  type InterruptPin,
+  type IoBar,
+  type MemoryBar,
+  type PciDeviceDescription,
+  type RegisterValue,
+} from './pci/device.js';
+export { ConfigSpace, Cfg } from './pci/config.js';
+export { Interrupts } from './pci/interrupts.js';
+export { DmaSpace, type DmaWindow } from './dma/space.js';
+export type { VfioUserDevice, RegionDescription, DeviceAttachment } from './device.js';
+export { ConnectionClosedError, PeerProtocolError, TimeoutError, UsageError, VfioUserError } from './errors.js';
+export * as protocol from './protocol/index.js';
+export {
+  Command,
+  Errno,
+  IrqIndex,
+  MigrationState,
+  ProtocolError,
+  Region,
+  RegionInfoFlags,
+  commandName,
+  errnoName,
+} from './protocol/index.js';
+export { native } from './native.js';

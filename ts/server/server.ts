@@ -1,0 +1,104 @@
+/**
+ * `VfioUserServer`: serves one device on a UNIX socket, one client at a
+ * time, in the manner of Node's `net.Server`. Further clients wait in the
+ * listen backlog until the current one leaves; the device state survives a
+ * client's departure (its DMA maps and interrupt fds do not).
+ */
+import { EventEmitter } from 'node:events';
+import { native } from '../native.js';
+import { UsageError } from '../errors.js';
+import type { VfioUserDevice } from '../device.js';
+import { ServerSession } from './session.js';
+
+export interface ListenOptions {
+  /** File mode of the socket; owner-only unless asked otherwise. */
+  mode?: number;
+}
+
+export interface VfioUserServerEvents {
+  listening: [path: string];
+  /** A client connected (negotiation follows). */
+  connection: [session: ServerSession];
+  /** The client left; `error` says why when it was not a clean disconnect. */
+  disconnect: [session: ServerSession, error?: Error];
+  /** A device handler threw or rejected; the client was answered EIO. */
+  deviceError: [error: Error, command: number];
+  close: [];
+}
+
+export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
+  private listener: InstanceType<typeof native.NativeListener> | undefined;
+  private current: ServerSession | undefined;
+  private socketPath: string | undefined;
+  private keepAlive = true;
+
+  constructor(readonly device: VfioUserDevice) {
+    super();
+  }
+
+  /** Starts listening at `path`; resolves once clients can connect. */
+  async listen(path: string, options: ListenOptions = {}): Promise<this> {
+    if (this.listener) throw new UsageError(`already listening on ${this.socketPath}`);
+    const mode = options.mode ?? 0o600;
+    if (!Number.isInteger(mode) || mode < 0 || mode > 0o777) throw new UsageError(`mode ${mode} is not a file mode`);
+    this.listener = new native.NativeListener(path, mode, (fd) => this.accept(fd));
+    this.listener.setKeepAlive(this.keepAlive);
+    this.socketPath = path;
+    setImmediate(() => this.emit('listening', path));
+    return this;
+  }
+
+  /** The socket path, or undefined when not listening. */
+  address(): string | undefined {
+    return this.socketPath;
+  }
+
+  /** The session of the connected client, if any. */
+  get session(): ServerSession | undefined {
+    return this.current;
+  }
+
+  /** Like `server.unref()`: listening alone does not keep the process alive. */
+  unref(): this {
+    this.keepAlive = false;
+    this.listener?.setKeepAlive(false);
+    return this;
+  }
+
+  ref(): this {
+    this.keepAlive = true;
+    this.listener?.setKeepAlive(true);
+    return this;
+  }
+
+  /** Stops listening, removes the socket file and ends the current session. */
+  async close(): Promise<void> {
+    if (!this.listener) return;
+    this.listener.close();
+    this.listener = undefined;
+    this.socketPath = undefined;
+    this.current?.close();
+    this.emit('close');
+  }
+
+  private accept(fd: number): void {
+    this.listener!.pause();
+    const session = new ServerSession(fd, this.device, {
+      onClose: (s, error) => this.ended(s, error),
+      onDeviceError: (error, command) => this.emit('deviceError', error, command),
+    });
+    this.current = session;
+    this.emit('connection', session);
+  }
+
+  private ended(session: ServerSession, error?: Error): void {
+    if (this.current === session) this.current = undefined;
+    this.emit('disconnect', session, error);
+    this.listener?.resume();
+  }
+}
+
+/** Creates a server for `device`, like `net.createServer()`. */
+export function createServer(device: VfioUserDevice): VfioUserServer {
+  return new VfioUserServer(device);
+}
