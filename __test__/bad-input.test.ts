@@ -1,0 +1,134 @@
+/**
+ * Malformed input from a peer: the right errno reply, or a clean disconnect
+ * when the stream cannot be trusted; never a crash, never a leaked fd, and
+ * the device state intact for the next client.
+ */
+import { afterEach, describe, expect, test } from 'vitest';
+import { Command, Errno, native, protocol, Region } from '../ts/index.js';
+import { Channel } from '../ts/channel.js';
+import { closedBy, nextMessage, openFdCount, qemuVersion, rawConnect, rawMessage, serve, type Served } from './helpers.js';
+
+let served: Served;
+afterEach(async () => served?.close());
+
+async function negotiated() {
+  const s = await rawConnect(served.path);
+  s.write(qemuVersion());
+  await nextMessage(s);
+  return s;
+}
+
+const errorOf = (reply: Buffer) => {
+  const h = protocol.decodeHeader(reply);
+  expect(h.flags).toBe(0x21);
+  expect(reply.length).toBe(16);
+  return h.error;
+};
+
+describe('malformed messages', () => {
+  test('a size below the header is fatal: the server disconnects', async () => {
+    served = await serve();
+    const s = await negotiated();
+    s.write(rawMessage({ command: Command.DEVICE_GET_INFO, size: 8 }));
+    await closedBy(s);
+  });
+
+  test('a size beyond the frame limit is fatal', async () => {
+    served = await serve();
+    const s = await negotiated();
+    s.write(rawMessage({ command: Command.REGION_WRITE, size: 64 << 20 }));
+    await closedBy(s);
+  });
+
+  test('a message that ends mid-body leaves the server serving the next client', async () => {
+    served = await serve();
+    served.device.setInputs(0x1234);
+    const s = await negotiated();
+    s.write(rawMessage({ command: Command.REGION_WRITE, size: 64 }).subarray(0, 20));
+    s.end();
+    await closedBy(s);
+    const client = await served.client();
+    expect((await client.regionRead(Region.BAR2, 1n, 1))[0]).toBe(0x34);
+  });
+
+  test('unknown and removed commands get ENOSYS; server-to-client commands too', async () => {
+    served = await serve();
+    const s = await negotiated();
+    for (const command of [14, 99, Command.DMA_READ, Command.DMA_WRITE]) {
+      s.write(rawMessage({ msgId: command, command }, Buffer.alloc(16)));
+      expect(errorOf(await nextMessage(s))).toBe(Errno.ENOSYS);
+    }
+  });
+
+  test('a body that disagrees with its count is EINVAL', async () => {
+    served = await serve();
+    const s = await negotiated();
+    const body = Buffer.alloc(16 + 2);
+    body.writeUInt32LE(Region.BAR2, 8);
+    body.writeUInt32LE(4, 12); // says 4 bytes, carries 2
+    s.write(rawMessage({ command: Command.REGION_WRITE }, body));
+    expect(errorOf(await nextMessage(s))).toBe(Errno.EINVAL);
+    s.write(rawMessage({ command: Command.DEVICE_GET_INFO }, Buffer.alloc(4)));
+    expect(errorOf(await nextMessage(s))).toBe(Errno.EINVAL);
+  });
+
+  test('a message of unknown type is fatal; a stray reply is ignored', async () => {
+    served = await serve();
+    const s = await negotiated();
+    s.write(rawMessage({ msgId: 9, command: Command.DEVICE_GET_INFO, flags: 1 }, Buffer.alloc(16)));
+    s.write(rawMessage({ msgId: 10, command: Command.DEVICE_GET_INFO }, Buffer.from('10000000000000000000000000000000', 'hex')));
+    const reply = protocol.decodeHeader(await nextMessage(s));
+    expect(reply).toMatchObject({ msgId: 10, flags: 1 });
+    s.write(rawMessage({ command: Command.DEVICE_GET_INFO, flags: 3 }, Buffer.alloc(16)));
+    await closedBy(s);
+  });
+
+  test('posted messages that fail get no reply, and the stream stays in step', async () => {
+    served = await serve();
+    const s = await negotiated();
+    s.write(rawMessage({ msgId: 1, command: Command.REGION_WRITE, flags: 0x10 }, Buffer.alloc(16 + 4, 0xff)));
+    s.write(rawMessage({ msgId: 2, command: Command.DEVICE_GET_INFO }, Buffer.from('10000000000000000000000000000000', 'hex')));
+    expect(protocol.decodeHeader(await nextMessage(s))).toMatchObject({ msgId: 2, flags: 1 });
+  });
+
+  test('a header split across writes and bodies trickling in are reassembled', async () => {
+    served = await serve();
+    const s = await negotiated();
+    const msg = rawMessage({ msgId: 5, command: Command.REGION_READ }, Buffer.from('000000000000000007000000040000', 'hex').subarray(0, 15));
+    const whole = Buffer.concat([msg, Buffer.from([0])]);
+    whole.writeUInt32LE(32, 4);
+    for (const byte of whole) {
+      s.write(Buffer.from([byte]));
+      await new Promise((r) => setImmediate(r));
+    }
+    const reply = await nextMessage(s);
+    expect(reply.readUInt32LE(32)).toBe(0x0dc8494f);
+  });
+});
+
+describe('fds from a misbehaving peer', () => {
+  test('too many fds, or fds on the wrong command, are refused and none leak', async () => {
+    served = await serve();
+    const before = openFdCount();
+    const replies: Buffer[] = [];
+    const channel = new Channel(native.connectUnix(served.path), { onCommand: () => {}, onClose: () => {} });
+    await channel.request(Command.VERSION, Buffer.from([0, 0, 0, 0]));
+    const ev = native.eventfdCreate();
+    const set = Buffer.alloc(20);
+    set.writeUInt32LE(20, 0);
+    set.writeUInt32LE(0x24, 4); // EVENTFD | TRIGGER
+    set.writeUInt32LE(3, 8); // ERR
+    set.writeUInt32LE(1, 16);
+    for (const fds of [new Array(70).fill(ev), [ev, ev], new Array(17).fill(ev)]) {
+      await channel.request(Command.DEVICE_SET_IRQS, set, fds).then(
+        () => replies.push(Buffer.from('ok')),
+        (e) => replies.push(Buffer.from(String(e.errno))),
+      );
+    }
+    expect(replies.map(String)).toEqual([String(Errno.EINVAL), String(Errno.EINVAL), String(Errno.EINVAL)]);
+    channel.close();
+    native.closeFd(ev);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(openFdCount()).toBe(before);
+  });
+});

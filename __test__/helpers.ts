@@ -1,0 +1,115 @@
+/** Shared set-up for tests that talk over real sockets. */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createConnection, type Socket } from 'node:net';
+import { once } from 'node:events';
+import { connect, createServer, native, type VfioUserClient, type VfioUserDevice, type VfioUserServer } from '../ts/index.js';
+import { PciIdio16 } from '../examples/gpio.js';
+
+export function tempSocketPath(name = 'dev.sock'): { path: string; cleanup(): void } {
+  const dir = mkdtempSync(join(tmpdir(), 'vfu-test-'));
+  return { path: join(dir, name), cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+export interface Served<D extends VfioUserDevice = PciIdio16> {
+  device: D;
+  server: VfioUserServer;
+  path: string;
+  client(): Promise<VfioUserClient>;
+  close(): Promise<void>;
+}
+
+/** Serves `device` (the GPIO card by default) on a fresh socket. */
+export async function serve<D extends VfioUserDevice = PciIdio16>(device?: D): Promise<Served<D>> {
+  const dev = (device ?? new PciIdio16()) as D;
+  const server = createServer(dev);
+  const socket = tempSocketPath();
+  await server.listen(socket.path);
+  const clients: VfioUserClient[] = [];
+  return {
+    device: dev,
+    server,
+    path: socket.path,
+    async client() {
+      const c = await connect(socket.path);
+      clients.push(c);
+      return c;
+    },
+    async close() {
+      for (const c of clients) c.close();
+      for (const s of rawSockets) s.destroy();
+      await server.close();
+      socket.cleanup();
+    },
+  };
+}
+
+const rawSockets = new Set<Socket>();
+
+/** A plain stream socket to the server, for sending malformed bytes (destroyed by close()). */
+export async function rawConnect(path: string): Promise<Socket> {
+  const s = createConnection(path);
+  rawSockets.add(s);
+  s.on('close', () => rawSockets.delete(s));
+  await once(s, 'connect');
+  return s;
+}
+
+/** Resolves once `predicate` holds, polling the event loop. */
+export async function until(predicate: () => boolean, timeoutMs = 3000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error('condition not met in time');
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/** Reads whole messages from a raw socket: resolves with the next one. */
+export function nextMessage(s: Socket, timeoutMs = 3000): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    let buf = Buffer.alloc(0);
+    const timer = setTimeout(() => { s.off('data', onData); reject(new Error('no message in time')); }, timeoutMs);
+    const onData = (chunk: Buffer) => {
+      buf = Buffer.concat([buf, chunk]);
+      if (buf.length >= 16 && buf.length >= buf.readUInt32LE(4)) {
+        clearTimeout(timer);
+        s.off('data', onData);
+        const size = buf.readUInt32LE(4);
+        if (buf.length > size) s.unshift(buf.subarray(size));
+        resolve(buf.subarray(0, size));
+      }
+    };
+    s.on('data', onData);
+  });
+}
+
+/** Resolves when the peer closes the raw socket. */
+export function closedBy(s: Socket, timeoutMs = 3000): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('socket not closed in time')), timeoutMs);
+    s.on('close', () => { clearTimeout(timer); resolve(); });
+    s.resume();
+  });
+}
+
+/** A message with the given header fields and payload. */
+export function rawMessage(fields: { msgId?: number; command: number; flags?: number; error?: number; size?: number }, payload: Buffer = Buffer.alloc(0)): Buffer {
+  const b = Buffer.alloc(16 + payload.length);
+  b.writeUInt16LE(fields.msgId ?? 1, 0);
+  b.writeUInt16LE(fields.command, 2);
+  b.writeUInt32LE(fields.size ?? 16 + payload.length, 4);
+  b.writeUInt32LE(fields.flags ?? 0, 8);
+  b.writeUInt32LE(fields.error ?? 0, 12);
+  payload.copy(b, 16);
+  return b;
+}
+
+/** The VERSION message QEMU 10.1 sends (§4 of the digest). */
+export function qemuVersion(msgId = 1): Buffer {
+  const json = '{"capabilities":{"migration":{"pgsize":4096,"max_bitmap_size":268435456},"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"write_multiple":true}}';
+  const payload = Buffer.concat([Buffer.from([0, 0, 0, 0]), Buffer.from(json), Buffer.from([0])]);
+  return rawMessage({ msgId, command: 1 }, payload);
+}
+
+export const openFdCount = (): number => native.openFds().length;

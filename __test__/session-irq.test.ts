@@ -1,0 +1,120 @@
+import { afterEach, describe, expect, test } from 'vitest';
+import { Command, Errno, IrqIndex, native, Region } from '../ts/index.js';
+import { openFdCount, serve, type Served } from './helpers.js';
+import type { PciIdio16 } from '../examples/gpio.js';
+
+let served: Served<PciIdio16>;
+const fds: number[] = [];
+afterEach(async () => {
+  await served?.close();
+  fds.splice(0).forEach((fd) => native.closeFd(fd));
+});
+
+function eventfd(): number {
+  const fd = native.eventfdCreate();
+  fds.push(fd);
+  return fd;
+}
+
+describe('IRQ info and SET_IRQS', () => {
+  test('reports INTx (maskable, automasked), no MSI/MSI-X, ERR and REQ', async () => {
+    served = await serve();
+    const client = await served.client();
+    expect(await client.getIrqInfo(IrqIndex.INTX)).toMatchObject({ index: 0, count: 1, flags: 0b111 });
+    expect((await client.getIrqInfo(IrqIndex.MSI)).count).toBe(0);
+    expect((await client.getIrqInfo(IrqIndex.MSIX)).count).toBe(0);
+    expect(await client.getIrqInfo(IrqIndex.ERR)).toMatchObject({ count: 1, flags: 1 });
+    await expect(client.getIrqInfo(5)).rejects.toMatchObject({ errno: Errno.EINVAL, command: Command.DEVICE_GET_IRQ_INFO });
+  });
+
+  test('an assigned eventfd is signalled; loopback TRIGGER fires it too', async () => {
+    served = await serve();
+    const client = await served.client();
+    const ev = eventfd();
+    await client.setIrqs({ index: IrqIndex.ERR, eventfds: [ev] });
+    await client.setIrqs({ index: IrqIndex.ERR, count: 1, action: 'trigger' });
+    expect(native.eventfdTake(ev)).toBe(1);
+    served.device.interrupts.trigger(IrqIndex.ERR);
+    expect(native.eventfdTake(ev)).toBe(1);
+  });
+
+  test('INTx is level: automasked on delivery, re-fired on unmask while still asserted', async () => {
+    served = await serve();
+    const client = await served.client();
+    const ev = eventfd();
+    await client.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
+    served.device.assertIntx();
+    expect(native.eventfdTake(ev)).toBe(1);
+    expect((await client.regionRead(Region.CONFIG, 6n, 1))[0] & 0x08).toBe(0x08);
+    await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'unmask' });
+    expect(native.eventfdTake(ev)).toBe(1);
+    served.device.deassertIntx();
+    await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'unmask' });
+    expect(native.eventfdTake(ev)).toBe(0);
+    expect((await client.regionRead(Region.CONFIG, 6n, 1))[0] & 0x08).toBe(0);
+  });
+
+  test('a masked interrupt is held pending and delivered on unmask', async () => {
+    served = await serve();
+    const client = await served.client();
+    const ev = eventfd();
+    await client.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
+    await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'mask' });
+    served.device.assertIntx();
+    expect(native.eventfdTake(ev)).toBe(0);
+    expect(served.device.interrupts.isPending(IrqIndex.INTX, 0)).toBe(true);
+    await client.setIrqs({ index: IrqIndex.INTX, bools: [true], action: 'unmask' });
+    expect(native.eventfdTake(ev)).toBe(1);
+  });
+
+  test('INTx disable in the command register gates delivery', async () => {
+    served = await serve();
+    const client = await served.client();
+    const ev = eventfd();
+    await client.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
+    await client.regionWrite(Region.CONFIG, 4n, Buffer.from([0x00, 0x04]));
+    served.device.assertIntx();
+    expect(native.eventfdTake(ev)).toBe(0);
+    await client.regionWrite(Region.CONFIG, 4n, Buffer.from([0x00, 0x00]));
+    expect(native.eventfdTake(ev)).toBe(1);
+  });
+
+  test('de-assign and disable-all close the server’s copies', async () => {
+    served = await serve();
+    const client = await served.client();
+    const before = openFdCount();
+    await client.setIrqs({ index: IrqIndex.ERR, eventfds: [eventfd()] });
+    await client.setIrqs({ index: IrqIndex.REQ, eventfds: [eventfd()] });
+    expect(openFdCount()).toBe(before + 4);
+    await client.setIrqs({ index: IrqIndex.ERR, count: 1, eventfds: [] });
+    expect(served.device.interrupts.connected(IrqIndex.ERR, 0)).toBe(false);
+    expect(openFdCount()).toBe(before + 3);
+    await client.setIrqs({ index: IrqIndex.REQ, count: 0, start: 0 });
+    expect(openFdCount()).toBe(before + 2);
+  });
+
+  test('invalid requests are EINVAL and their fds are closed', async () => {
+    served = await serve();
+    const client = await served.client();
+    const before = openFdCount();
+    const [r, w] = native.socketPair();
+    await expect(client.setIrqs({ index: IrqIndex.ERR, eventfds: [r] })).rejects.toMatchObject({ errno: Errno.EINVAL, command: Command.DEVICE_SET_IRQS });
+    await expect(client.setIrqs({ index: IrqIndex.INTX, start: 1, count: 1, action: 'mask' })).rejects.toMatchObject({ errno: Errno.EINVAL });
+    await expect(client.setIrqs({ index: IrqIndex.MSIX, start: 0, count: 1, action: 'trigger' })).rejects.toMatchObject({ errno: Errno.EINVAL });
+    await expect(client.setIrqs({ index: 7, count: 1 })).rejects.toMatchObject({ errno: Errno.EINVAL });
+    native.closeFd(r);
+    native.closeFd(w);
+    expect(openFdCount()).toBe(before);
+  });
+
+  test('a client that leaves has its interrupt fds closed', async () => {
+    served = await serve();
+    const before = openFdCount();
+    const client = await served.client();
+    await client.setIrqs({ index: IrqIndex.INTX, eventfds: [eventfd()] });
+    client.close();
+    await new Promise((r) => setTimeout(r, 50));
+    expect(served.device.interrupts.connected(IrqIndex.INTX, 0)).toBe(false);
+    expect(openFdCount()).toBe(before + 1); // only our own eventfd
+  });
+});

@@ -1,0 +1,146 @@
+import { afterEach, describe, expect, test } from 'vitest';
+import { Command, Errno, PciDevice, Region, RegionInfoFlags } from '../ts/index.js';
+import { serve, type Served } from './helpers.js';
+
+let served: Served<PciDevice>;
+afterEach(async () => served?.close());
+
+describe('region info', () => {
+  test('reports every region of the GPIO card', async () => {
+    served = await serve();
+    const client = await served.client();
+    const rw = RegionInfoFlags.READ | RegionInfoFlags.WRITE;
+    expect(await client.getRegionInfo(Region.CONFIG)).toMatchObject({ index: 7, size: 256n, flags: rw, caps: [] });
+    expect(await client.getRegionInfo(Region.BAR2)).toMatchObject({ index: 2, size: 8n, flags: rw });
+    expect(await client.getRegionInfo(Region.BAR0)).toMatchObject({ size: 0n, flags: 0 });
+    await expect(client.getRegionInfo(9)).rejects.toMatchObject({ errno: Errno.EINVAL, command: Command.DEVICE_GET_REGION_INFO });
+  });
+});
+
+describe('region read and write', () => {
+  test('config space is answered natively, without entering JS', async () => {
+    served = await serve();
+    const client = await served.client();
+    const before = served.server.session!.nativeReads;
+    const id = await client.regionRead(Region.CONFIG, 0n, 4);
+    expect(id.readUInt32LE(0)).toBe(0x0dc8494f);
+    expect(served.server.session!.nativeReads).toBe(before + 1);
+    // Accesses of any width at any offset, across register boundaries.
+    expect((await client.regionRead(Region.CONFIG, 1n, 2)).toString('hex')).toBe('49c8');
+    expect((await client.regionRead(Region.CONFIG, 0x2cn, 4)).readUInt32LE(0)).toBe(0x0dc8494f);
+  });
+
+  test('writes then reads see the device state, posted or not, in order', async () => {
+    served = await serve();
+    const client = await served.client();
+    await client.regionWrite(Region.BAR2, 0n, Buffer.from([0x12]));
+    await client.regionWrite(Region.BAR2, 4n, Buffer.from([0x34]), { posted: true });
+    // The posted write has no reply; the read after it must still see it.
+    expect((await client.regionRead(Region.BAR2, 4n, 1))[0]).toBe(0x34);
+    expect((await client.regionRead(Region.BAR2, 0n, 1))[0]).toBe(0x12);
+  });
+
+  test('out-of-bounds, oversized and read-only accesses get the right errno', async () => {
+    served = await serve(new PciDevice({ vendorId: 1, deviceId: 2, classCode: 0, rom: Buffer.from('ROM!'), bars: { 0: { kind: 'memory', size: 4096 } } }));
+    const client = await served.client();
+    await expect(client.regionRead(Region.BAR0, 4094n, 4)).rejects.toMatchObject({ errno: Errno.EINVAL, command: Command.REGION_READ });
+    await expect(client.regionRead(12, 0n, 4)).rejects.toMatchObject({ errno: Errno.EINVAL });
+    await expect(client.regionRead(Region.BAR1, 0n, 4)).rejects.toMatchObject({ errno: Errno.EINVAL });
+    await expect(client.regionWrite(Region.ROM, 0n, Buffer.from([1]))).rejects.toMatchObject({ errno: Errno.EINVAL, command: Command.REGION_WRITE });
+    expect((await client.regionRead(Region.ROM, 0n, 4)).toString()).toBe('ROM!');
+  });
+
+  test('a read larger than max_data_xfer_size is E2BIG', async () => {
+    served = await serve(new PciDevice({ vendorId: 1, deviceId: 2, classCode: 0, bars: { 0: { kind: 'memory', size: 4 << 20 } } }));
+    const client = await served.client();
+    // Force one oversized request past the client's own chunking.
+    Object.defineProperty(client, 'chunk', { get: () => 2 << 20 });
+    await expect(client.regionRead(Region.BAR0, 0n, 2 << 20)).rejects.toMatchObject({ errno: Errno.E2BIG });
+  });
+
+  test('memory BARs keep what is written and large transfers are chunked', async () => {
+    served = await serve(new PciDevice({ vendorId: 1, deviceId: 2, classCode: 0, bars: { 0: { kind: 'memory', size: 4 << 20 } } }));
+    const client = await served.client();
+    const data = Buffer.alloc(3 << 20);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 7) & 0xff;
+    await client.regionWrite(Region.BAR0, 4096n, data);
+    expect((await client.regionRead(Region.BAR0, 4096n, data.length)).equals(data)).toBe(true);
+  });
+
+  test('async handlers keep replies in order, even with native reads behind them', async () => {
+    const order: string[] = [];
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    served = await serve(new PciDevice({
+      vendorId: 1, deviceId: 2, classCode: 0,
+      bars: { 2: { kind: 'io', size: 4, read: async () => { await gate; order.push('slow'); return 0xabcd; } } },
+    }));
+    const client = await served.client();
+    const slow = client.regionRead(Region.BAR2, 0n, 2).then((b) => { order.push('slow-reply'); return b; });
+    const fast = client.regionRead(Region.CONFIG, 0n, 2).then((b) => { order.push('config-reply'); return b; });
+    await new Promise((r) => setTimeout(r, 30));
+    expect(order).toEqual([]);
+    release();
+    expect((await slow).readUInt16LE(0)).toBe(0xabcd);
+    expect((await fast).readUInt16LE(0)).toBe(1);
+    expect(order).toEqual(['slow', 'slow-reply', 'config-reply']);
+  });
+
+  test('a throwing device handler answers EIO and the server keeps serving', async () => {
+    const errors: Error[] = [];
+    served = await serve(new PciDevice({
+      vendorId: 1, deviceId: 2, classCode: 0,
+      bars: { 2: { kind: 'io', size: 4, read: () => { throw new Error('boom'); }, write: async () => { throw new Error('async boom'); } } },
+    }));
+    served.server.on('deviceError', (e) => errors.push(e));
+    const client = await served.client();
+    await expect(client.regionRead(Region.BAR2, 0n, 1)).rejects.toMatchObject({ errno: Errno.EIO, command: Command.REGION_READ });
+    await expect(client.regionWrite(Region.BAR2, 0n, Buffer.from([1]))).rejects.toMatchObject({ errno: Errno.EIO });
+    expect(errors.map((e) => e.message)).toEqual(['boom', 'async boom']);
+    expect((await client.regionRead(Region.CONFIG, 0n, 2)).readUInt16LE(0)).toBe(1);
+  });
+});
+
+describe('config space header', () => {
+  test('BAR sizing returns ~(size - 1) with the type bits, then takes the address', async () => {
+    served = await serve(new PciDevice({
+      vendorId: 1, deviceId: 2, classCode: 0,
+      bars: { 0: { kind: 'memory', size: 1 << 20, width: 64, prefetchable: true }, 2: { kind: 'io', size: 8 }, 4: { kind: 'memory', size: 4096 } },
+    }));
+    const client = await served.client();
+    const all = Buffer.from([0xff, 0xff, 0xff, 0xff]);
+    const bar = async (n: number) => (await client.regionRead(Region.CONFIG, BigInt(0x10 + 4 * n), 4)).readUInt32LE(0);
+    for (let n = 0; n < 6; n++) await client.regionWrite(Region.CONFIG, BigInt(0x10 + 4 * n), all);
+    expect(await bar(0)).toBe(0xfff0000c); // 64-bit prefetchable, 1 MiB
+    expect(await bar(1)).toBe(0xffffffff); // upper half: all ones above the size
+    expect(await bar(2)).toBe(0xfffffff9); // I/O, 8 bytes
+    expect(await bar(3)).toBe(0); // unimplemented
+    expect(await bar(4)).toBe(0xfffff000);
+    await client.regionWrite(Region.CONFIG, 0x10n, Buffer.from('0000e0fe', 'hex'));
+    expect(await bar(0)).toBe(0xfee0000c);
+  });
+
+  test('read-only fields hold, RW bits stick, status errors clear on 1', async () => {
+    served = await serve();
+    const client = await served.client();
+    await client.regionWrite(Region.CONFIG, 0n, Buffer.from([0, 0, 0, 0]));
+    expect((await client.regionRead(Region.CONFIG, 0n, 4)).readUInt32LE(0)).toBe(0x0dc8494f);
+    await client.regionWrite(Region.CONFIG, 4n, Buffer.from([0xff, 0xff]));
+    expect((await client.regionRead(Region.CONFIG, 4n, 2)).readUInt16LE(0)).toBe(0x0547);
+    expect((await client.regionRead(Region.CONFIG, 0x3dn, 1))[0]).toBe(1); // INTA
+    expect((await client.regionRead(Region.CONFIG, 9n, 3)).toString('hex')).toBe('008011');
+    served.device.config.bytes.writeUInt16LE(0x8000, 6);
+    await client.regionWrite(Region.CONFIG, 6n, Buffer.from([0x00, 0x80]));
+    expect((await client.regionRead(Region.CONFIG, 6n, 2)).readUInt16LE(0)).toBe(0);
+  });
+
+  test('DEVICE_RESET restores config space and calls the reset hook', async () => {
+    served = await serve();
+    const client = await served.client();
+    await client.regionWrite(Region.CONFIG, 4n, Buffer.from([0x07, 0x00]));
+    await client.regionWrite(Region.BAR2, 0n, Buffer.from([0xee]));
+    await client.reset();
+    expect((await client.regionRead(Region.CONFIG, 4n, 2)).readUInt16LE(0)).toBe(0);
+    expect(served.device.outputs).toBe(0);
+  });
+});
