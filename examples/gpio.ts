@@ -78,9 +78,10 @@ export class PciIdio16 extends PciDevice {
     const next = value & 0xffff;
     const diff = next ^ this.inputs;
     this.inputs = next;
-    if (!diff) return;
+    // With the change interrupt disabled nothing is latched.
+    if (!diff || !this.irqEnabled) return;
     this.changed |= (diff & 0xff ? 1 : 0) | (diff & 0xff00 ? 2 : 0);
-    if (this.irqEnabled) this.assertIntx();
+    this.assertIntx();
   }
 
   private readRegisters(offset: number, size: number): Uint8Array {

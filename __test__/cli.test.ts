@@ -1,0 +1,46 @@
+/** `vfio-user serve`: a device module served to any client until a signal. */
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, test } from 'vitest';
+import { connect, Region } from '../ts/index.js';
+import { tempSocketPath, until } from './helpers.js';
+
+const root = join(__dirname, '..');
+const tsx = join(root, 'node_modules', '.bin', 'tsx');
+
+describe('vfio-user serve', () => {
+  test('serves a TS device module and cleans up on SIGTERM', async () => {
+    const socket = tempSocketPath();
+    const child = spawn(tsx, [join(root, 'ts/cli/main.ts'), 'serve', join(root, 'examples/gpio.ts'), '--socket', socket.path], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d) => (stderr += d));
+    try {
+      await until(() => existsSync(socket.path), 15000);
+      const client = await connect(socket.path);
+      expect((await client.regionRead(Region.CONFIG, 0n, 4)).readUInt32LE(0)).toBe(0x0dc8494f);
+      await client.regionWrite(Region.BAR2, 0n, Buffer.from([3]));
+      expect((await client.regionRead(Region.BAR2, 0n, 1))[0]).toBe(3);
+      client.close();
+      child.kill('SIGTERM');
+      const code = await new Promise<number | null>((r) => child.on('exit', r));
+      expect(code).toBe(0);
+      expect(existsSync(socket.path)).toBe(false);
+      expect(stderr).toMatch(/serving .*gpio\.ts/);
+    } finally {
+      child.kill('SIGKILL');
+      socket.cleanup();
+    }
+  });
+
+  test('a module without a device is a clear error', async () => {
+    const socket = tempSocketPath();
+    const child = spawn(tsx, [join(root, 'ts/cli/main.ts'), 'serve', join(root, 'ts/protocol/constants.ts'), '--socket', socket.path], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d) => (stderr += d));
+    const code = await new Promise<number | null>((r) => child.on('exit', r));
+    expect(code).toBe(1);
+    expect(stderr).toMatch(/must export a device/);
+    socket.cleanup();
+  });
+});

@@ -1,0 +1,74 @@
+/**
+ * `npm run demo`: serves the PCI-IDIO-16 GPIO card on a UNIX socket and
+ * drives it with the package's own client, the way a VMM and a guest driver
+ * would, printing each step.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { connect, createServer, GuestMemory, IrqIndex, native, Region } from '../ts/index.js';
+import { IDIO16, PciIdio16 } from './gpio.js';
+
+const hex = (n: number | bigint, width = 2) => `0x${n.toString(16).padStart(width, '0')}`;
+
+async function main(): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), 'vfio-user-demo-'));
+  const path = join(dir, 'gpio.sock');
+  const card = new PciIdio16();
+  const server = createServer(card);
+  await server.listen(path);
+  console.log(`server: serving a PCI-IDIO-16 GPIO card on ${path}`);
+
+  const client = await connect(path);
+  const { major, minor, capabilities } = client.server;
+  console.log(`client: negotiated vfio-user ${major}.${minor}, max transfer ${capabilities.maxDataXferSize} bytes, ${capabilities.maxMsgFds} fds per message`);
+
+  const info = await client.getDeviceInfo();
+  console.log(`client: device has ${info.numRegions} regions and ${info.numIrqs} IRQ types (flags ${hex(info.flags)})`);
+  const ids = await client.regionRead(Region.CONFIG, 0n, 4);
+  console.log(`client: config space says vendor ${hex(ids.readUInt16LE(0), 4)} device ${hex(ids.readUInt16LE(2), 4)} (answered natively: ${server.session?.nativeReads} read)`);
+
+  await client.regionWrite(Region.CONFIG, 0x18n, Buffer.from([0xff, 0xff, 0xff, 0xff]));
+  const sized = (await client.regionRead(Region.CONFIG, 0x18n, 4)).readUInt32LE(0);
+  console.log(`client: sized BAR2 by writing all ones: ${hex(sized, 8)} -> I/O BAR of ${(~(sized & ~3) >>> 0) + 1} bytes`);
+
+  await client.regionWrite(Region.BAR2, BigInt(IDIO16.OUT0_7), Buffer.from([0xa5]));
+  await client.regionWrite(Region.BAR2, BigInt(IDIO16.OUT8_15), Buffer.from([0x3c]), { posted: true });
+  // A posted write has no reply; a read behind it is answered after it (messages are handled in order).
+  const readBack = (await client.regionRead(Region.BAR2, BigInt(IDIO16.OUT8_15), 1))[0];
+  console.log(`client: drove outputs 0-7 to 0xa5 and (posted) 8-15 to 0x3c, read back ${hex(readBack)}; the card outputs ${hex(card.outputs, 4)}`);
+
+  const eventfd = native.eventfdCreate();
+  await client.setIrqs({ index: IrqIndex.INTX, eventfds: [eventfd] });
+  await client.regionRead(Region.BAR2, BigInt(IDIO16.IRQ_CTL), 1);
+  console.log('client: wired INTx to an eventfd and enabled the change interrupt');
+  card.setInputs(0x8001);
+  console.log(`device: inputs changed to 0x8001; INTx eventfd counter = ${native.eventfdTake(eventfd)}`);
+  const status = (await client.regionRead(Region.BAR2, BigInt(IDIO16.IRQ_STATUS), 1))[0];
+  const inputs = await client.regionRead(Region.BAR2, BigInt(IDIO16.IN0_7), 1);
+  const high = await client.regionRead(Region.BAR2, BigInt(IDIO16.IN8_15), 1);
+  console.log(`client: IRQ status ${hex(status)}, inputs ${hex(inputs[0] | (high[0] << 8), 4)}; clearing the interrupt`);
+  await client.regionWrite(Region.BAR2, BigInt(IDIO16.IN0_7), Buffer.from([0]));
+
+  const ram = new GuestMemory(1 << 20);
+  await client.dmaMap({ iova: 0x100000n, memory: ram });
+  ram.write(0, Buffer.from('guest RAM'));
+  const seen = card.dma.find(0x100000n, 9)?.mapping?.read(0, 9).toString();
+  console.log(`client: mapped 1 MiB of guest RAM at IOVA 0x100000; the device reads "${seen}" through the shared mapping`);
+  await client.dmaUnmap(0x100000n, 1n << 20n);
+
+  await client.reset();
+  console.log(`client: reset the device; outputs are back to ${hex(card.outputs, 4)}`);
+
+  client.close();
+  ram.close();
+  native.closeFd(eventfd);
+  await server.close();
+  rmSync(dir, { recursive: true, force: true });
+  console.log('server: closed; socket removed');
+}
+
+main().catch((error) => {
+  console.error(error);
+  process.exitCode = 1;
+});
