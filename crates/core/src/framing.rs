@@ -1,16 +1,22 @@
 //! Message framing over a non-blocking UNIX stream socket.
 //!
 //! A vfio-user message is a 16-byte header whose `msg_size` (bytes 4..8)
-//! counts the whole message, followed by the body. fds travel as SCM_RIGHTS
-//! on the sendmsg that carries the message, so they are taken from the
-//! recvmsg calls that read the header; the body is read as plain bytes
-//! (a plain recv makes the kernel close any fds wrongly attached there).
+//! counts the whole message, followed by the body. Reads go into a buffer in
+//! large recvmsg calls, so a small request costs one read, like any stream
+//! server; whole messages are then cut out of the buffer.
+//!
+//! fds travel as SCM_RIGHTS on the sendmsg that carries a message. Linux ends
+//! a stream read right after the first chunk that carried fds, and a chunk
+//! holds the data of one sendmsg only, so fds that arrive belong to the last
+//! message that starts in the bytes of that read (or, if none starts there,
+//! to the message the read continued). Peers send a message, or its header,
+//! in one sendmsg with its fds, so this attributes every fd exactly.
 //! Reads and writes may be partial at any byte: state is kept between calls.
 
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::net::{
-    recv, recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
     SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
 };
 use std::collections::VecDeque;
@@ -23,12 +29,16 @@ pub const HEADER_SIZE: usize = 16;
 /// more than fit here sets MSG_CTRUNC and the kernel closes the excess.
 const MAX_RECV_FDS: usize = 64;
 
+/// The read buffer's usual size; it grows for a larger message and shrinks
+/// back once that message is consumed.
+const READ_BUFFER: usize = 64 * 1024;
+
 /// One whole message as it came off the wire.
 #[derive(Debug)]
 pub struct Frame {
     /// Header and body.
     pub bytes: Vec<u8>,
-    /// fds received with the header, owned (and closed on drop) by the frame.
+    /// fds that came with it, owned (and closed on drop) by the frame.
     pub fds: Vec<OwnedFd>,
     /// The peer attached more fds than fit: the message cannot be trusted.
     pub fds_truncated: bool,
@@ -62,18 +72,29 @@ struct Outgoing {
     fds: Vec<OwnedFd>,
 }
 
+/// fds received for the message that starts at stream position `at`.
+struct ReceivedFds {
+    at: u64,
+    fds: Vec<OwnedFd>,
+    truncated: bool,
+}
+
 /// A framed connection. It never blocks: reads say `WouldBlock`, writes that
 /// cannot complete are queued until `flush` is called on writability.
 pub struct FrameConnection {
     fd: OwnedFd,
     max_frame: usize,
-    header: [u8; HEADER_SIZE],
-    header_got: usize,
-    /// The message being read, header included, once its size is known.
-    message: Vec<u8>,
-    message_got: usize,
-    fds: Vec<OwnedFd>,
-    fds_truncated: bool,
+    buf: Vec<u8>,
+    /// Unconsumed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// Stream position of `buf[0]`, to tie fds to message starts.
+    base: u64,
+    fds: VecDeque<ReceivedFds>,
+    /// The last read did not fill the space offered: the socket was empty,
+    /// so asking again now would only return EAGAIN.
+    drained: bool,
+    eof: bool,
     cmsg_space: Vec<MaybeUninit<u8>>,
     queue: VecDeque<Outgoing>,
 }
@@ -85,12 +106,13 @@ impl FrameConnection {
         FrameConnection {
             fd,
             max_frame,
-            header: [0; HEADER_SIZE],
-            header_got: 0,
-            message: Vec::new(),
-            message_got: 0,
-            fds: Vec::new(),
-            fds_truncated: false,
+            buf: vec![0; READ_BUFFER],
+            start: 0,
+            end: 0,
+            base: 0,
+            fds: VecDeque::new(),
+            drained: false,
+            eof: false,
             cmsg_space: vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_RECV_FDS))],
             queue: VecDeque::new(),
         }
@@ -104,71 +126,148 @@ impl FrameConnection {
         self.max_frame = max_frame;
     }
 
-    /// Reads until one whole message is in, or the socket runs dry.
+    /// The next whole message: from the buffer if one is there, else after
+    /// reading. `WouldBlock` comes without a system call when the last read
+    /// already drained the socket (the poll is level-triggered, so any data
+    /// that arrives later wakes the caller again).
     pub fn read_frame(&mut self) -> Result<ReadOutcome, FramingError> {
-        while self.header_got < HEADER_SIZE {
-            match self.read_header_bytes()? {
-                None => return Ok(ReadOutcome::WouldBlock),
-                Some(0) if self.header_got == 0 => {
-                    self.fds.clear();
-                    return Ok(ReadOutcome::Closed);
-                }
-                Some(0) => return Err(FramingError::Truncated),
-                Some(_) => {}
+        loop {
+            if let Some(size) = self.buffered_frame_size()? {
+                return Ok(ReadOutcome::Frame(self.take_frame(size)));
+            }
+            if self.eof {
+                return if self.start == self.end { Ok(ReadOutcome::Closed) } else { Err(FramingError::Truncated) };
+            }
+            if std::mem::replace(&mut self.drained, false) {
+                return Ok(ReadOutcome::WouldBlock);
+            }
+            if !self.fill()? {
+                return Ok(ReadOutcome::WouldBlock);
             }
         }
-        if self.message.is_empty() {
-            let size = u32::from_le_bytes(self.header[4..8].try_into().unwrap());
-            if (size as usize) < HEADER_SIZE {
-                return Err(FramingError::SizeBelowHeader(size));
-            }
-            if size as usize > self.max_frame {
-                return Err(FramingError::SizeAboveLimit { size, limit: self.max_frame });
-            }
-            self.message = vec![0; size as usize];
-            self.message[..HEADER_SIZE].copy_from_slice(&self.header);
-            self.message_got = HEADER_SIZE;
-        }
-        while self.message_got < self.message.len() {
-            match recv(&self.fd, &mut self.message[self.message_got..], RecvFlags::DONTWAIT) {
-                Ok((0, _)) => return Err(FramingError::Truncated),
-                Ok((n, _)) => self.message_got += n,
-                Err(Errno::AGAIN) => return Ok(ReadOutcome::WouldBlock),
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        self.header_got = 0;
-        self.message_got = 0;
-        Ok(ReadOutcome::Frame(Frame {
-            bytes: std::mem::take(&mut self.message),
-            fds: std::mem::take(&mut self.fds),
-            fds_truncated: std::mem::replace(&mut self.fds_truncated, false),
-        }))
     }
 
-    /// One recvmsg into the rest of the header: `None` if it would block,
-    /// `Some(0)` at end of stream.
-    fn read_header_bytes(&mut self) -> Result<Option<usize>, FramingError> {
+    /// The size of the message at `start`, once its header is valid and the
+    /// whole of it is buffered.
+    fn buffered_frame_size(&self) -> Result<Option<usize>, FramingError> {
+        let have = self.end - self.start;
+        if have < HEADER_SIZE {
+            return Ok(None);
+        }
+        let size = self.size_at(self.start)?;
+        Ok((have >= size).then_some(size))
+    }
+
+    fn size_at(&self, at: usize) -> Result<usize, FramingError> {
+        let size = u32::from_le_bytes(self.buf[at + 4..at + 8].try_into().unwrap());
+        if (size as usize) < HEADER_SIZE {
+            return Err(FramingError::SizeBelowHeader(size));
+        }
+        if size as usize > self.max_frame {
+            return Err(FramingError::SizeAboveLimit { size, limit: self.max_frame });
+        }
+        Ok(size as usize)
+    }
+
+    /// Whether a whole message waits in the buffer (the socket may be empty,
+    /// so only the caller's loop, not the poll, will get to it).
+    pub fn has_buffered_frame(&self) -> bool {
+        matches!(self.buffered_frame_size(), Ok(Some(_)) | Err(_))
+    }
+
+    fn take_frame(&mut self, size: usize) -> Frame {
+        let at = self.base + self.start as u64;
+        let bytes = self.buf[self.start..self.start + size].to_vec();
+        self.start += size;
+        let (mut fds, mut fds_truncated) = (Vec::new(), false);
+        // Entries before this message can only come from a peer that attached
+        // fds mid-message; they were given to that message, so none remain.
+        while self.fds.front().is_some_and(|r| r.at <= at) {
+            let r = self.fds.pop_front().unwrap();
+            if r.at == at {
+                fds.extend(r.fds);
+                fds_truncated |= r.truncated;
+            }
+        }
+        if self.start == self.end {
+            self.base += self.end as u64;
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > READ_BUFFER {
+                self.buf.truncate(READ_BUFFER);
+                self.buf.shrink_to_fit();
+            }
+        }
+        Frame { bytes, fds, fds_truncated }
+    }
+
+    /// One recvmsg into the free end of the buffer; false if it would block.
+    fn fill(&mut self) -> Result<bool, FramingError> {
+        self.make_room();
         let mut cmsg = RecvAncillaryBuffer::new(&mut self.cmsg_space);
-        let mut iov = [IoSliceMut::new(&mut self.header[self.header_got..])];
+        let space = self.buf.len() - self.end;
+        let mut iov = [IoSliceMut::new(&mut self.buf[self.end..])];
         let res = loop {
             match recvmsg(&self.fd, &mut iov, &mut cmsg, RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC) {
                 Err(Errno::INTR) => continue,
-                Err(Errno::AGAIN) => return Ok(None),
+                Err(Errno::AGAIN) => return Ok(false),
                 other => break other?,
             }
         };
+        let mut received = Vec::new();
         for msg in cmsg.drain() {
             if let RecvAncillaryMessage::ScmRights(fds) = msg {
-                self.fds.extend(fds);
+                received.extend(fds);
             }
         }
-        if res.flags.contains(ReturnFlags::CTRUNC) {
-            self.fds_truncated = true;
+        let truncated = res.flags.contains(ReturnFlags::CTRUNC);
+        drop(cmsg);
+        self.end += res.bytes;
+        if res.bytes == 0 {
+            self.eof = true;
+            return Ok(true);
         }
-        self.header_got += res.bytes;
-        Ok(Some(res.bytes))
+        self.drained = res.bytes < space && received.is_empty() && !truncated;
+        if !received.is_empty() || truncated {
+            let at = self.base + self.last_message_start_before(self.end) as u64;
+            match self.fds.back_mut() {
+                Some(last) if last.at == at => {
+                    last.fds.extend(received);
+                    last.truncated |= truncated;
+                }
+                _ => self.fds.push_back(ReceivedFds { at, fds: received, truncated }),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The buffer index of the last message that starts before `end`,
+    /// walking message sizes from `start`. A header not yet complete, or an
+    /// invalid size (reported when that message is taken), ends the walk.
+    fn last_message_start_before(&self, end: usize) -> usize {
+        let mut at = self.start;
+        while at + HEADER_SIZE <= end {
+            match self.size_at(at) {
+                Ok(size) if at + size < end => at += size,
+                _ => break,
+            }
+        }
+        at
+    }
+
+    /// Moves unconsumed bytes to the front and grows the buffer so the
+    /// message being read fits whole.
+    fn make_room(&mut self) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.base += self.start as u64;
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let needed = if self.end >= HEADER_SIZE { self.size_at(0).unwrap_or(HEADER_SIZE) } else { HEADER_SIZE };
+        if self.buf.len() < needed {
+            self.buf.resize(needed, 0);
+        }
     }
 
     /// Sends one message with `fds` attached, or queues what the socket
@@ -192,7 +291,8 @@ impl FrameConnection {
     }
 
     fn send_some(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<usize, Errno> {
-        let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        // Only a message with fds pays for a control buffer.
+        let mut space = if fds.is_empty() { Vec::new() } else { vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))] };
         let mut cmsg = SendAncillaryBuffer::new(&mut space);
         if !fds.is_empty() && !cmsg.push(SendAncillaryMessage::ScmRights(fds)) {
             return Err(Errno::INVAL);
@@ -249,8 +349,12 @@ mod tests {
         m
     }
 
-    fn open_fd_count() -> usize {
-        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    fn open_fds_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().contains(name))
+            .count()
     }
 
     fn read_one(conn: &mut FrameConnection) -> Frame {
@@ -308,6 +412,67 @@ mod tests {
     }
 
     #[test]
+    fn back_to_back_messages_get_exactly_their_own_fds() {
+        let (a, b) = pair().unwrap();
+        let mut tx = FrameConnection::new(a, 1 << 20);
+        let mut rx = FrameConnection::new(b, 1 << 20);
+        let ev = crate::eventfd::create().unwrap();
+        tx.send(&message(1, &[1; 8]), &[]).unwrap();
+        tx.send(&message(2, &[2; 8]), &[ev.as_fd(), ev.as_fd()]).unwrap();
+        tx.send(&message(3, &[3; 8]), &[]).unwrap();
+        tx.send(&message(4, &[4; 8]), &[ev.as_fd()]).unwrap();
+        let counts: Vec<(u8, usize)> = (0..4).map(|_| {
+            let f = loop {
+                if let ReadOutcome::Frame(f) = rx.read_frame().unwrap() {
+                    break f;
+                }
+            };
+            (f.bytes[2], f.fds.len())
+        }).collect();
+        assert_eq!(counts, vec![(1, 0), (2, 2), (3, 0), (4, 1)]);
+    }
+
+    #[test]
+    fn fds_sent_with_a_separate_header_belong_to_that_message() {
+        let (a, b) = pair().unwrap();
+        let mut rx = FrameConnection::new(b, 1 << 20);
+        let ev = crate::eventfd::create().unwrap();
+        let whole = message(8, &[7; 20]);
+        let fds = [ev.as_fd()];
+        let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut cmsg = SendAncillaryBuffer::new(&mut space);
+        cmsg.push(SendAncillaryMessage::ScmRights(&fds));
+        sendmsg(&a, &[IoSlice::new(&whole[..HEADER_SIZE])], &mut cmsg, SendFlags::empty()).unwrap();
+        rustix::io::write(&a, &whole[HEADER_SIZE..]).unwrap();
+        let frame = loop {
+            if let ReadOutcome::Frame(f) = rx.read_frame().unwrap() {
+                break f;
+            }
+        };
+        assert_eq!(frame.bytes, whole);
+        assert_eq!(frame.fds.len(), 1);
+    }
+
+    #[test]
+    fn a_message_larger_than_the_read_buffer_arrives_whole() {
+        let (a, b) = pair().unwrap();
+        let mut tx = FrameConnection::new(a, 1 << 22);
+        let mut rx = FrameConnection::new(b, 1 << 22);
+        let big = message(10, &(0..(3 * READ_BUFFER)).map(|i| i as u8).collect::<Vec<_>>());
+        tx.send(&big, &[]).unwrap();
+        tx.send(&message(4, &[9; 16]), &[]).unwrap();
+        let mut frames = Vec::new();
+        while frames.len() < 2 {
+            tx.flush().unwrap();
+            if let ReadOutcome::Frame(f) = rx.read_frame().unwrap() {
+                frames.push(f);
+            }
+        }
+        assert_eq!(frames[0].bytes, big);
+        assert_eq!(frames[1].bytes, message(4, &[9; 16]));
+    }
+
+    #[test]
     fn end_of_stream_at_a_boundary_is_closed_and_inside_a_message_is_an_error() {
         let (a, b) = pair().unwrap();
         let mut rx = FrameConnection::new(b, 1 << 20);
@@ -318,6 +483,9 @@ mod tests {
         let mut rx = FrameConnection::new(b, 1 << 20);
         rustix::io::write(&a, &message(4, &[0; 16])[..20]).unwrap();
         drop(a);
+        // The first read drains the partial message; the poll wakes us again
+        // for the end of stream.
+        assert!(matches!(rx.read_frame().unwrap(), ReadOutcome::WouldBlock));
         assert_eq!(rx.read_frame().unwrap_err(), FramingError::Truncated);
     }
 
@@ -338,19 +506,21 @@ mod tests {
 
     #[test]
     fn too_many_fds_are_flagged_and_none_leak() {
-        let before = open_fd_count();
+        // Tests run in parallel threads: count only fds of our own memfd.
+        let name = format!("too-many-{}", std::process::id());
         {
             let (a, b) = pair().unwrap();
             let mut rx = FrameConnection::new(b, 1 << 20);
-            let ev = crate::eventfd::create().unwrap();
+            let ev = crate::memfd::create(&name, 4096).unwrap();
             let many: Vec<BorrowedFd<'_>> = (0..MAX_RECV_FDS + 10).map(|_| ev.as_fd()).collect();
             let tx = FrameConnection::new(a, 1 << 20);
             tx.send_some(&message(8, &[0; 20]), &many).unwrap();
             let frame = read_one(&mut rx);
             assert!(frame.fds_truncated);
             assert!(frame.fds.len() < MAX_RECV_FDS + 10);
+            assert_eq!(open_fds_named(&name), frame.fds.len() + 1);
         }
-        assert_eq!(open_fd_count(), before);
+        assert_eq!(open_fds_named(&name), 0);
     }
 
     #[test]

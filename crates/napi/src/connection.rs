@@ -14,8 +14,8 @@ use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use vfio_user_core::{FrameConnection, ReadOutcome, HEADER_SIZE};
 
-/// Messages handled per wake-up before yielding to the rest of the loop; the
-/// poll is level-triggered, so the remainder is read on the next turn.
+/// Socket reads per wake-up before yielding to the rest of the loop; the poll
+/// is level-triggered, so what is left in the socket is read on the next turn.
 const BATCH: usize = 64;
 
 const REGION_READ: u16 = 9;
@@ -213,13 +213,16 @@ impl Conn {
         if events & READABLE == 0 {
             return;
         }
-        for _ in 0..BATCH {
+        for handled in 0.. {
             let outcome = {
                 let mut state = self.state.borrow_mut();
                 if state.closing {
                     return;
                 }
                 match state.frames.as_mut() {
+                    // Past the batch, only messages already buffered are
+                    // handled: the poll cannot wake us for those.
+                    Some(frames) if handled >= BATCH && !frames.has_buffered_frame() => return,
                     Some(frames) => frames.read_frame(),
                     None => return,
                 }
