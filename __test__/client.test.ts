@@ -1,0 +1,43 @@
+/** The client against our server: the commands the GPIO card does not support, timeouts, closing. */
+import { createServer as createNetServer } from 'node:net';
+import { afterEach, describe, expect, test } from 'vitest';
+import { Command, connect, ConnectionClosedError, Errno, protocol, TimeoutError } from '../ts/index.js';
+import { serve, tempSocketPath, type Served } from './helpers.js';
+
+let served: Served;
+afterEach(async () => served?.close());
+
+describe('client', () => {
+  test('DEVICE_FEATURE and migration data on a device without migration are ENOTSUP', async () => {
+    served = await serve();
+    const client = await served.client();
+    const get = protocol.DeviceFeatureFlags.GET | protocol.FeatureIndex.MIGRATION;
+    await expect(client.deviceFeature(get, undefined, 16)).rejects.toMatchObject({ errno: Errno.ENOTSUP, command: Command.DEVICE_FEATURE });
+    await expect(client.migDataRead(4096)).rejects.toMatchObject({ errno: Errno.ENOTSUP, command: Command.MIG_DATA_READ });
+    await expect(client.migDataWrite(Buffer.alloc(16))).rejects.toMatchObject({ errno: Errno.ENOTSUP, command: Command.MIG_DATA_WRITE });
+  });
+
+  test('a server that never answers times out with TimeoutError', async () => {
+    const socket = tempSocketPath();
+    const silent = createNetServer((s) => s.resume());
+    await new Promise<void>((r) => silent.listen(socket.path, r));
+    await expect(connect(socket.path, { timeoutMs: 100 })).rejects.toThrow(TimeoutError);
+    silent.close();
+    socket.cleanup();
+  });
+
+  test('requests after close() and requests pending at close() reject with ConnectionClosedError', async () => {
+    served = await serve();
+    const client = await served.client();
+    const pending = client.getDeviceInfo();
+    client.close();
+    await expect(pending).rejects.toThrow(ConnectionClosedError);
+    await expect(client.getIrqInfo(0)).rejects.toThrow(ConnectionClosedError);
+  });
+
+  test('connecting to nothing fails with the errno in the message', async () => {
+    const socket = tempSocketPath();
+    await expect(connect(socket.path)).rejects.toThrow(/ENOENT|E2:/);
+    socket.cleanup();
+  });
+});
