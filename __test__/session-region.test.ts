@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, Errno, PciDevice, Region, RegionInfoFlags } from '../ts/index.js';
-import { serve, type Served } from './helpers.js';
+import { Command, Errno, native, PciDevice, Region, RegionInfoFlags, type RegionDescription } from '../ts/index.js';
+import { openFdCount, serve, type Served } from './helpers.js';
 
 let served: Served<PciDevice>;
 afterEach(async () => served?.close());
@@ -14,6 +14,30 @@ describe('region info', () => {
     expect(await client.getRegionInfo(Region.BAR2)).toMatchObject({ index: 2, size: 8n, flags: rw });
     expect(await client.getRegionInfo(Region.BAR0)).toMatchObject({ size: 0n, flags: 0 });
     await expect(client.getRegionInfo(9)).rejects.toMatchObject({ errno: Errno.EINVAL, command: Command.DEVICE_GET_REGION_INFO });
+  });
+});
+
+describe('mappable regions', () => {
+  test('the fd goes only with the complete reply, as a copy, and none leak', async () => {
+    const memfd = native.memfdCreate('bar0', 8192n);
+    class MappableBar0 extends PciDevice {
+      regionInfo(index: number): RegionDescription {
+        if (index !== Region.BAR0) return super.regionInfo(index);
+        const flags = RegionInfoFlags.READ | RegionInfoFlags.WRITE | RegionInfoFlags.MMAP;
+        return { size: 8192n, flags, fd: memfd, offset: 0n, caps: [{ id: 1, areas: [{ offset: 4096n, size: 4096n }] }] };
+      }
+    }
+    served = await serve(new MappableBar0({ vendorId: 1, deviceId: 2, classCode: 0, bars: { 0: { kind: 'memory', size: 8192 } } }));
+    const client = await served.client();
+    const before = openFdCount();
+    for (let i = 0; i < 5; i++) {
+      const info = await client.getRegionInfo(Region.BAR0);
+      expect(info.caps).toEqual([{ id: 1, areas: [{ offset: 4096n, size: 4096n }] }]);
+      expect(info.fd).toBeGreaterThan(2);
+      native.closeFd(info.fd!);
+    }
+    expect(openFdCount()).toBe(before);
+    native.closeFd(memfd);
   });
 });
 

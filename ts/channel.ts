@@ -126,10 +126,19 @@ export class Channel {
     this.send(encodeErrorReply(to.msgId, to.command, errno));
   }
 
-  /** Sends a fully encoded message (the hot path builds its own). */
+  /**
+   * Sends a fully encoded message (the hot path builds its own). A socket
+   * error means the peer is gone: the channel closes and reports it through
+   * onClose, so a reply to a vanished client never throws into a handler.
+   */
   send(message: Buffer, fds?: number[]): void {
     if (this.closedWith) throw this.closedWith;
-    this.conn.send(message, fds);
+    try {
+      this.conn.send(message, fds);
+    } catch (error) {
+      this.conn.close();
+      this.ended(new ConnectionClosedError(`connection lost: ${(error as Error).message}`), true);
+    }
   }
 
   /** A command for which onCommand returned true has been handled. */

@@ -153,13 +153,16 @@ export class ServerSession {
       this.events.onDeviceError(error instanceof Error ? error : new Error(String(error)), header.command);
       error = fail(Errno.EIO, header.command, 'the device failed');
     }
-    if (!wantsReply(header) || this.channel.closed) {
-      if (reply && !reply.message) closeFds(reply.fds ?? []);
-      return;
+    // Reply fds are ours (dups): the peer gets its own copies with the send.
+    const replyFds = reply && !reply.message ? reply.fds ?? [] : [];
+    try {
+      if (!wantsReply(header) || this.channel.closed) return;
+      if (error instanceof ProtocolError) this.channel.replyError(header, error.errno);
+      else if (reply?.message) this.channel.send(reply.message);
+      else this.channel.reply(header, reply?.payload, replyFds);
+    } finally {
+      closeFds(replyFds);
     }
-    if (error instanceof ProtocolError) this.channel.replyError(header, error.errno);
-    else if (reply?.message) this.channel.send(reply.message);
-    else this.channel.reply(header, reply?.payload, reply?.fds);
   }
 
   private dispatch(message: Message): Reply | Promise<Reply> {
