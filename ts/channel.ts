@@ -64,7 +64,7 @@ export class Channel {
     this.conn = new native.NativeConnection(
       fd,
       maxFrame,
-      (bytes, fds, truncated) => this.receive(bytes, fds ?? [], truncated),
+      (buffer, offset, length, fds, truncated) => this.receive(Buffer.from(buffer, offset, length), fds ?? [], truncated),
       (error) => this.ended(new ConnectionClosedError(error ? `connection lost: ${error}` : 'the peer closed the connection'), error !== undefined),
     );
   }

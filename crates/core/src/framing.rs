@@ -33,11 +33,12 @@ const MAX_RECV_FDS: usize = 64;
 /// back once that message is consumed.
 const READ_BUFFER: usize = 64 * 1024;
 
-/// One whole message as it came off the wire.
+/// One whole message as it came off the wire; `B` is what the caller made
+/// of its bytes (a copy by default).
 #[derive(Debug)]
-pub struct Frame {
+pub struct Frame<B = Vec<u8>> {
     /// Header and body.
-    pub bytes: Vec<u8>,
+    pub bytes: B,
     /// fds that came with it, owned (and closed on drop) by the frame.
     pub fds: Vec<OwnedFd>,
     /// The peer attached more fds than fit: the message cannot be trusted.
@@ -45,8 +46,8 @@ pub struct Frame {
 }
 
 #[derive(Debug)]
-pub enum ReadOutcome {
-    Frame(Frame),
+pub enum ReadOutcome<B = Vec<u8>> {
+    Frame(Frame<B>),
     /// Nothing more to read now; wait for the socket to become readable.
     WouldBlock,
     /// The peer closed the connection at a message boundary.
@@ -131,9 +132,15 @@ impl FrameConnection {
     /// already drained the socket (the poll is level-triggered, so any data
     /// that arrives later wakes the caller again).
     pub fn read_frame(&mut self) -> Result<ReadOutcome, FramingError> {
+        self.read_frame_with(<[u8]>::to_vec)
+    }
+
+    /// Like `read_frame`, but hands the message bytes to `take` in place, so
+    /// the caller copies them once, straight to where they are needed.
+    pub fn read_frame_with<B>(&mut self, take: impl FnOnce(&[u8]) -> B) -> Result<ReadOutcome<B>, FramingError> {
         loop {
             if let Some(size) = self.buffered_frame_size()? {
-                return Ok(ReadOutcome::Frame(self.take_frame(size)));
+                return Ok(ReadOutcome::Frame(self.take_frame(size, take)));
             }
             if self.eof {
                 return if self.start == self.end { Ok(ReadOutcome::Closed) } else { Err(FramingError::Truncated) };
@@ -175,9 +182,9 @@ impl FrameConnection {
         matches!(self.buffered_frame_size(), Ok(Some(_)) | Err(_))
     }
 
-    fn take_frame(&mut self, size: usize) -> Frame {
+    fn take_frame<B>(&mut self, size: usize, take: impl FnOnce(&[u8]) -> B) -> Frame<B> {
         let at = self.base + self.start as u64;
-        let bytes = self.buf[self.start..self.start + size].to_vec();
+        let bytes = take(&self.buf[self.start..self.start + size]);
         self.start += size;
         let (mut fds, mut fds_truncated) = (Vec::new(), false);
         // Entries before this message can only come from a peer that attached

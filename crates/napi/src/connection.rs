@@ -5,6 +5,7 @@
 
 use crate::js::{self, CallbackScope, Callbacks};
 use crate::regions::{NativeRegionReads, RegionReads};
+use crate::slab::Slab;
 use crate::uv::{Poll, READABLE, WRITABLE};
 use napi::bindgen_prelude::*;
 use napi::sys;
@@ -19,6 +20,18 @@ use vfio_user_core::{FrameConnection, ReadOutcome, HEADER_SIZE};
 const BATCH: usize = 64;
 
 const REGION_READ: u16 = 9;
+/// A REGION_READ request: header plus offset, region and count.
+const REGION_READ_SIZE: usize = HEADER_SIZE + 16;
+
+/// What became of a message's bytes while they were read.
+enum Incoming {
+    /// Kept on the stack: it may be answered natively.
+    Small([u8; REGION_READ_SIZE]),
+    /// Copied for JS: a view of `buffer`.
+    Js { buffer: sys::napi_value, offset: usize, len: usize },
+    /// Nobody listens any more (closed locally).
+    Dropped,
+}
 const REPLY: u32 = 1;
 const ON_MESSAGE: usize = 0;
 const ON_CLOSE: usize = 1;
@@ -37,6 +50,7 @@ struct State {
 struct Conn {
     env: sys::napi_env,
     state: RefCell<State>,
+    slab: RefCell<Slab>,
     js: RefCell<Option<Rc<Callbacks>>>,
 }
 
@@ -48,13 +62,14 @@ pub struct NativeConnection {
 #[napi]
 impl NativeConnection {
     /// Takes ownership of `fd`, a connected non-blocking stream socket.
-    /// `onMessage(bytes, fds, fdsTruncated)` owns the fds it is given (the
-    /// peer sent more than fit when `fdsTruncated`); it returns `true` when it
-    /// finishes the message later, and then calls `complete()`; `onClose(error?)` runs once when
+    /// `onMessage(buffer, offset, length, fds, fdsTruncated)` gets the message
+    /// as a view of a shared ArrayBuffer (never overwritten) and owns the fds
+    /// (the peer sent more than fit when `fdsTruncated`); it returns `true`
+    /// when it finishes the message later, and then calls `complete()`; `onClose(error?)` runs once when
     /// the peer goes away or the stream breaks, not after a local `close()`.
     #[napi(
         constructor,
-        ts_args_type = "fd: number, maxFrame: number, onMessage: (bytes: Buffer, fds: number[] | undefined, fdsTruncated: boolean) => boolean | void, onClose: (error?: string) => void"
+        ts_args_type = "fd: number, maxFrame: number, onMessage: (buffer: ArrayBuffer, offset: number, length: number, fds: number[] | undefined, fdsTruncated: boolean) => boolean | void, onClose: (error?: string) => void"
     )]
     pub fn new(
         env: Env,
@@ -72,6 +87,7 @@ impl NativeConnection {
         let callbacks = Callbacks::new(raw, "VfioUserConnection", &[on_message.raw(), on_close.raw()])?;
         let conn = Rc::new(Conn {
             env: raw,
+            slab: RefCell::new(Slab::new(raw)),
             state: RefCell::new(State {
                 frames: Some(FrameConnection::new(owned, max_frame as usize)),
                 poll: None,
@@ -219,42 +235,63 @@ impl Conn {
                 if state.closing {
                     return;
                 }
+                let mut slab = self.slab.borrow_mut();
+                // A message the size of a REGION_READ may be answered here: keep
+                // it on the stack; anything else goes straight to a slab.
+                let take = |bytes: &[u8]| match <[u8; REGION_READ_SIZE]>::try_from(bytes) {
+                    Ok(small) => Incoming::Small(small),
+                    Err(_) => match scope.as_mut() {
+                        Some(scope) => {
+                            let env = scope.enter();
+                            let (buffer, offset) = slab.copy(env, bytes);
+                            Incoming::Js { buffer, offset, len: bytes.len() }
+                        }
+                        None => Incoming::Dropped,
+                    },
+                };
                 match state.frames.as_mut() {
                     // Past the batch, only messages already buffered are
                     // handled: the poll cannot wake us for those.
                     Some(frames) if handled >= BATCH && !frames.has_buffered_frame() => return,
-                    Some(frames) => frames.read_frame(),
+                    Some(frames) => frames.read_frame_with(take),
                     None => return,
                 }
             };
-            match outcome {
-                Ok(ReadOutcome::Frame(frame)) => {
-                    if self.answer_natively(&frame.bytes, frame.fds.is_empty() && !frame.fds_truncated) {
-                        continue;
-                    }
-                    let (Some(scope), Some(js)) = (scope.as_mut(), js.as_ref()) else { return };
-                    let truncated = frame.fds_truncated;
-                    let raw: Vec<i32> = frame.fds.into_iter().map(|fd| fd.into_raw_fd()).collect();
-                    let result = js.call(scope, ON_MESSAGE, |env| {
-                        let fds = if raw.is_empty() { js::undefined(env) } else { js::int_array(env, &raw) };
-                        vec![js::buffer_copy(env, &frame.bytes), fds, js::boolean(env, truncated)]
-                    });
-                    if result.is_some_and(|r| js::is_true(self.env, r)) {
-                        self.state.borrow_mut().busy += 1;
-                    }
-                }
+            let frame = match outcome {
+                Ok(ReadOutcome::Frame(frame)) => frame,
                 Ok(ReadOutcome::WouldBlock) => return,
                 Ok(ReadOutcome::Closed) => return self.end(&mut scope, js.as_deref(), None),
                 Err(e) => return self.fail(&mut scope, js.as_deref(), &e.to_string()),
+            };
+            let no_fds = frame.fds.is_empty() && !frame.fds_truncated;
+            let (Some(scope), Some(js)) = (scope.as_mut(), js.as_ref()) else { return };
+            let (buffer, offset, len) = match frame.bytes {
+                Incoming::Small(small) if no_fds && self.answer_natively(&small) => continue,
+                Incoming::Small(small) => {
+                    let env = scope.enter();
+                    let (buffer, offset) = self.slab.borrow_mut().copy(env, &small);
+                    (buffer, offset, small.len())
+                }
+                Incoming::Js { buffer, offset, len } => (buffer, offset, len),
+                Incoming::Dropped => return,
+            };
+            let truncated = frame.fds_truncated;
+            let raw: Vec<i32> = frame.fds.into_iter().map(|fd| fd.into_raw_fd()).collect();
+            let result = js.call(scope, ON_MESSAGE, |env| {
+                let fds = if raw.is_empty() { js::undefined(env) } else { js::int_array(env, &raw) };
+                vec![buffer, js::int(env, offset as i32), js::int(env, len as i32), fds, js::boolean(env, truncated)]
+            });
+            if result.is_some_and(|r| js::is_true(self.env, r)) {
+                self.state.borrow_mut().busy += 1;
             }
         }
     }
 
     /// Replies to a plain REGION_READ from shared region bytes, if the region
     /// is served natively and no earlier message is still being handled.
-    fn answer_natively(&self, msg: &[u8], no_fds: bool) -> bool {
+    fn answer_natively(&self, msg: &[u8; REGION_READ_SIZE]) -> bool {
         let mut state = self.state.borrow_mut();
-        if state.busy > 0 || !no_fds || msg.len() != HEADER_SIZE + 16 {
+        if state.busy > 0 {
             return false;
         }
         let Some(reads) = state.reads.clone() else { return false };

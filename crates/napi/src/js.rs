@@ -151,14 +151,6 @@ pub fn int(env: sys::napi_env, n: i32) -> sys::napi_value {
     v
 }
 
-pub fn buffer_copy(env: sys::napi_env, bytes: &[u8]) -> sys::napi_value {
-    let mut v = null_mut();
-    let mut data = null_mut();
-    // SAFETY: N-API copies `bytes` into a new Buffer.
-    unsafe { sys::napi_create_buffer_copy(env, bytes.len(), bytes.as_ptr().cast(), &mut data, &mut v) };
-    v
-}
-
 pub fn int_array(env: sys::napi_env, values: &[i32]) -> sys::napi_value {
     let mut arr = null_mut();
     // SAFETY: plain N-API calls in an open handle scope.

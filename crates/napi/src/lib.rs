@@ -6,6 +6,7 @@ mod js;
 mod listener;
 mod mapping;
 mod regions;
+mod slab;
 mod uv;
 
 use napi::bindgen_prelude::*;
