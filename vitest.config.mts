@@ -5,5 +5,6 @@ export default defineConfig({
     include: ['__test__/**/*.test.ts'],
     testTimeout: 20000,
     pool: 'forks',
+    reporters: ['default', './__test__/summary-reporter.ts'],
   },
 });
