@@ -4,14 +4,24 @@
  *   vfio-user serve MODULE --socket PATH [--mode 0600]
  * serves the device a module exports (TS or JS) until SIGINT or SIGTERM, so
  * any vfio-user client (QEMU, libvfio-user's samples) can be pointed at it.
+ *   vfio-user lspci SOCKET [--json]
+ * describes the device any vfio-user server offers, like `lspci -vv`.
  */
 import { parseArgs } from 'node:util';
 import { serve } from './serve.js';
+import { lspci } from './lspci.js';
 
 const USAGE = `usage:
   vfio-user serve MODULE --socket PATH [--mode MODE]
       Serve the device MODULE exports (default export: a device, or a
-      function returning one) until SIGINT or SIGTERM.`;
+      function returning one) until SIGINT or SIGTERM.
+  vfio-user lspci SOCKET [--json]
+      Connect to the vfio-user server at SOCKET and describe its device like
+      lspci -vv (IDs, command/status, BARs, capabilities, extended
+      capabilities), then its regions and IRQs. Read-only: BAR sizes come
+      from the region info, not from sizing writes. --json prints one JSON
+      object instead; 64-bit values (sizes, offsets, addresses, serial
+      numbers) are "0x..." hex strings, everything else plain numbers.`;
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
@@ -27,6 +37,15 @@ async function main(argv: string[]): Promise<number> {
     }
     const mode = values.mode === undefined ? undefined : parseInt(values.mode, 8);
     await serve(positionals[0], values.socket, { mode });
+    return 0;
+  }
+  if (command === 'lspci') {
+    const { values, positionals } = parseArgs({ args: rest, allowPositionals: true, options: { json: { type: 'boolean' } } });
+    if (positionals.length !== 1) {
+      console.error(USAGE);
+      return 2;
+    }
+    process.stdout.write(await lspci(positionals[0], { json: values.json }));
     return 0;
   }
   console.error(command && command !== '--help' && command !== '-h' ? `unknown command: ${command}\n${USAGE}` : USAGE);
