@@ -19,6 +19,23 @@ export interface RegionDescription {
   offset?: bigint;
 }
 
+/**
+ * An eventfd the client may wire to guest writes at `offset` of a region
+ * (GET_REGION_IO_FDS, an ioeventfd entry): KVM then signals it directly and
+ * the write never reaches the socket. The device owns `fd` and reads it; the
+ * session sends the client dups.
+ */
+export interface RegionIoFd {
+  offset: bigint;
+  /** Access size to match, 1/2/4/8; 0 = any. */
+  size: bigint;
+  fd: number;
+  /** KvmIoeventfdFlags (DATAMATCH, PIO); 0 by default. */
+  flags?: number;
+  /** The value to match with DATAMATCH. */
+  datamatch?: bigint;
+}
+
 /** What a connected client gives the device while it is attached. */
 export interface DeviceAttachment {
   /** Guest memory the client declared. */
@@ -31,6 +48,8 @@ export interface VfioUserDevice {
   readonly numRegions: number;
   readonly numIrqs: number;
   regionInfo(index: number): RegionDescription;
+  /** ioeventfds for region `index` (a valid index); none when absent. */
+  regionIoFds?(index: number): readonly RegionIoFd[];
   /** Reads `count` bytes; `offset + count` is within the region. */
   read(region: number, offset: number, count: number): Uint8Array | Promise<Uint8Array>;
   write(region: number, offset: number, data: Buffer): void | Promise<void>;

@@ -29,8 +29,22 @@ export {
 } from './pci/device.js';
 export { ConfigSpace, Cfg } from './pci/config.js';
 export { Interrupts } from './pci/interrupts.js';
-export { DmaSpace, type DmaWindow } from './dma/space.js';
-export type { VfioUserDevice, RegionDescription, DeviceAttachment } from './device.js';
+export {
+  AsyncDmaRequiredError,
+  DmaAccessError,
+  DmaSpace,
+  DmaViewError,
+  GuestMemoryAccess,
+  SharedMemory,
+  DIRTY_PAGE_SIZE,
+  MAX_VIEW_LENGTH,
+  type DmaViewRefusal,
+  type DmaWindow,
+  type SgEntry,
+  type SgList,
+  type SharedRegionOptions,
+} from './dma/index.js';
+export type { VfioUserDevice, RegionDescription, RegionIoFd, DeviceAttachment } from './device.js';
 export { ConnectionClosedError, PeerProtocolError, TimeoutError, UsageError, VfioUserError } from './errors.js';
 export * as protocol from './protocol/index.js';
 export {

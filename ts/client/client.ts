@@ -7,7 +7,7 @@
 import { EventEmitter } from 'node:events';
 import { Channel, type Message } from '../channel.js';
 import { closeFds, native } from '../native.js';
-import { UsageError } from '../errors.js';
+import { ConnectionClosedError, UsageError } from '../errors.js';
 import { GuestMemory } from './memory.js';
 import {
   Command,
@@ -58,6 +58,8 @@ export interface ConnectOptions {
   timeoutMs?: number;
   /** Largest REGION/DMA transfer this client accepts. */
   maxDataXferSize?: number;
+  /** Offer the twin socket (§4): the server's DMA_READ/DMA_WRITE then use a socket of their own. */
+  twinSocket?: boolean;
 }
 
 /** What the client proposes in VERSION. */
@@ -112,20 +114,32 @@ export interface VfioUserClientEvents {
 
 export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   private readonly channel: Channel;
+  /** The twin socket, once the server agreed to one. */
+  private twin: Channel | undefined;
   private readonly windows: ClientWindow[] = [];
   private serverVersion: Version | undefined;
   readonly timeoutMs: number;
   readonly maxDataXferSize: number;
+  private readonly offerTwinSocket: boolean;
 
   /** Use `connect()`; this wraps an already connected fd. */
   constructor(fd: number, options: ConnectOptions = {}) {
     super();
     this.timeoutMs = options.timeoutMs ?? 5000;
     this.maxDataXferSize = options.maxDataXferSize ?? DEFAULT_CAPABILITIES.maxDataXferSize;
+    this.offerTwinSocket = options.twinSocket ?? false;
     this.channel = new Channel(fd, {
-      onCommand: (message) => this.serve(message),
-      onClose: (error) => this.emit('close', error),
+      onCommand: (message) => this.serve(this.channel, message),
+      onClose: (error) => {
+        this.twin?.close('the main socket closed');
+        this.emit('close', error);
+      },
     });
+  }
+
+  /** Whether the server's DMA_READ/DMA_WRITE arrive on a twin socket. */
+  get twinSocket(): boolean {
+    return this.twin !== undefined;
   }
 
   /** The server's version and capabilities. */
@@ -142,17 +156,59 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   async negotiate(): Promise<Version> {
     const payload = encodeVersion({
       ...CLIENT_VERSION,
-      capabilities: { maxMsgFds: CLIENT_MAX_MSG_FDS, maxDataXferSize: this.maxDataXferSize },
+      capabilities: {
+        maxMsgFds: CLIENT_MAX_MSG_FDS,
+        maxDataXferSize: this.maxDataXferSize,
+        ...(this.offerTwinSocket ? { twinSocket: { supported: true } } : {}),
+      },
     });
     const reply = await this.request(Command.VERSION, payload);
-    const version = decodeVersion(reply.payload);
-    if (version.major !== CLIENT_VERSION.major || version.minor > CLIENT_VERSION.minor) {
+    const fds = reply.fds.splice(0);
+    let version: Version;
+    let twinFd: number | undefined;
+    try {
+      version = decodeVersion(reply.payload);
+      if (version.major !== CLIENT_VERSION.major || version.minor > CLIENT_VERSION.minor) {
+        throw new ProtocolError(Errno.EINVAL, Command.VERSION, `the server answered ${version.major}.${version.minor}`);
+      }
+      twinFd = this.twinSocketFd(version, fds);
+    } catch (error) {
+      closeFds(fds);
       this.close();
-      throw new ProtocolError(Errno.EINVAL, Command.VERSION, `the server answered ${version.major}.${version.minor}`);
+      throw error;
+    }
+    closeFds(fds.filter((fd) => fd !== twinFd));
+    const frame = this.maxDataXferSize + 64 * 1024;
+    if (twinFd !== undefined) {
+      this.twin = new Channel(twinFd, {
+        onCommand: (message) => this.serve(this.twin!, message),
+        onClose: (error) => {
+          if (this.channel.closed) return;
+          this.channel.close('the twin socket closed');
+          this.emit('close', error ?? new ConnectionClosedError('the server closed the twin socket'));
+        },
+      }, frame);
     }
     this.serverVersion = version;
-    this.channel.setMaxFrame(this.maxDataXferSize + 64 * 1024);
+    this.channel.setMaxFrame(frame);
     return version;
+  }
+
+  /**
+   * The twin socket fd the server's reply designates, if any. §4: `supported`
+   * false or absent turns twin mode off; true needs a valid `fd_index`, and
+   * a server may not agree to what we did not offer. Anything else is
+   * inconsistent and ends the connection.
+   */
+  private twinSocketFd(version: Version, fds: number[]): number | undefined {
+    const twin = version.capabilities.twinSocket;
+    if (!twin.supported) return undefined;
+    const fd = twin.fdIndex === undefined ? undefined : fds[twin.fdIndex];
+    if (!this.offerTwinSocket || fd === undefined) {
+      const why = this.offerTwinSocket ? `fd_index ${twin.fdIndex} names none of the ${fds.length} fds sent` : 'twin_socket was not offered';
+      throw new ProtocolError(Errno.EPROTO, Command.VERSION, `inconsistent twin_socket reply: ${why}`);
+    }
+    return fd;
   }
 
   private request(command: number, payload?: Uint8Array, fds?: number[]): Promise<Message> {
@@ -301,30 +357,32 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   /** Closes the connection; pending requests reject. Guest memory stays the caller's. */
   close(): void {
     this.channel.close('the client closed the connection');
+    this.twin?.close('the client closed the connection');
     this.windows.length = 0;
   }
 
   // ---- DMA_READ / DMA_WRITE from the server ----
 
-  private serve(message: Message): void {
+  /** Answers a server-to-client command on the channel it came from (main or twin socket). */
+  private serve(channel: Channel, message: Message): void {
     closeFds(message.fds);
     const { header } = message;
     try {
       if (header.command === Command.DMA_READ) {
         const req = decodeDmaReadRequest(message.payload);
         const { window, at } = this.locate(header.command, req.address, req.count, 'readable');
-        this.channel.reply(header, encodeDmaReadReply(req.address, window.memory.read(at, req.count)));
+        channel.reply(header, encodeDmaReadReply(req.address, window.memory.read(at, req.count)));
       } else if (header.command === Command.DMA_WRITE) {
         const req = decodeDmaWriteRequest(message.payload);
         const { window, at } = this.locate(header.command, req.address, req.count, 'writable');
         window.memory.write(at, req.data);
-        this.channel.reply(header, encodeDmaWriteReply({ address: req.address, count: req.count }));
+        channel.reply(header, encodeDmaWriteReply({ address: req.address, count: req.count }));
       } else {
         throw new ProtocolError(Errno.ENOSYS, header.command, 'not a server-to-client command');
       }
     } catch (error) {
       const errno = error instanceof ProtocolError ? error.errno : Errno.EFAULT;
-      if (!this.channel.closed) this.channel.replyError(header, errno);
+      if (!channel.closed) channel.replyError(header, errno);
     }
   }
 

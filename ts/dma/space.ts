@@ -1,10 +1,13 @@
 /**
  * Guest memory as the server sees it: the DMA windows the client declared
  * with DMA_MAP, each either mmapped from the client's fd or reachable only
- * through DMA_READ/DMA_WRITE messages. Lookups are by IOVA (bigint).
+ * through DMA_READ/DMA_WRITE messages. Lookups are by IOVA (bigint). Device
+ * code reads and writes it through the inherited GuestMemoryAccess methods.
  */
 import { native, type NativeMapping } from '../native.js';
 import { Errno, ProtocolError, Command } from '../protocol/index.js';
+import { GuestMemoryAccess } from './access.js';
+import type { MessageDma } from './messages.js';
 
 export interface DmaWindow {
   readonly iova: bigint;
@@ -30,11 +33,35 @@ export interface MapRequest {
 const PAGE = 4096n;
 const U64_MAX = (1n << 64n) - 1n;
 
-export class DmaSpace {
+export class DmaSpace extends GuestMemoryAccess {
   /** Sorted by IOVA; windows never overlap. */
   private windows: DmaWindow[] = [];
+  private transport: MessageDma | undefined;
 
-  constructor(readonly maxWindows: number) {}
+  constructor(readonly maxWindows: number) {
+    super();
+  }
+
+  /** How message-based windows are reached (set by the session once negotiated). */
+  useMessages(transport: MessageDma | undefined): void {
+    this.transport = transport;
+  }
+
+  protected get messages(): MessageDma | undefined {
+    return this.transport;
+  }
+
+  protected windowAt(iova: bigint): DmaWindow | undefined {
+    const w = this.windows[this.lowerBound(iova + 1n) - 1];
+    return w && iova < w.iova + w.size ? w : undefined;
+  }
+
+  protected *windowsIn(iova: bigint, end: bigint): Iterable<DmaWindow> {
+    for (let at = Math.max(0, this.lowerBound(iova + 1n) - 1); at < this.windows.length && this.windows[at].iova < end; at++) {
+      const w = this.windows[at];
+      if (w.iova + w.size > iova) yield w;
+    }
+  }
 
   get count(): number {
     return this.windows.length;
@@ -93,9 +120,8 @@ export class DmaSpace {
 
   /** The window holding [iova, iova + length), or undefined. */
   find(iova: bigint, length: number): DmaWindow | undefined {
-    const at = this.lowerBound(iova + 1n) - 1;
-    const w = this.windows[at];
-    return w && iova >= w.iova && iova + BigInt(length) <= w.iova + w.size ? w : undefined;
+    const w = this.windowAt(iova);
+    return w && iova + BigInt(length) <= w.iova + w.size ? w : undefined;
   }
 
   /** First index whose iova is >= `iova`. */

@@ -6,6 +6,8 @@
 import { Channel, INITIAL_MAX_FRAME, type Message } from '../channel.js';
 import { closeFds, native } from '../native.js';
 import { DmaSpace } from '../dma/space.js';
+import { MessageDma } from '../dma/messages.js';
+import { ConnectionClosedError } from '../errors.js';
 import type { VfioUserDevice } from '../device.js';
 import {
   allocRegionReadReplyMessage,
@@ -32,6 +34,7 @@ import {
   encodeRegionWriteMultiReply,
   encodeVersion,
   Errno,
+  IoFdType,
   negotiateVersion,
   ProtocolError,
   REGION_READ_REPLY_DATA_OFFSET,
@@ -40,6 +43,7 @@ import {
   validateSetIrqs,
   wantsReply,
   type Capabilities,
+  type IoFdEntry,
   type RegionAccess,
   type Version,
 } from '../protocol/index.js';
@@ -68,6 +72,8 @@ const fail = (errno: number, command: number, why: string) => new ProtocolError(
 
 export class ServerSession {
   private readonly channel: Channel;
+  /** The twin socket (§4): server-to-client DMA travels here when negotiated. */
+  private twin: Channel | undefined;
   private readonly queue: Message[] = [];
   private running = false;
   private negotiated: Version | undefined;
@@ -96,6 +102,11 @@ export class ServerSession {
 
   get closed(): boolean {
     return this.channel.closed;
+  }
+
+  /** Whether DMA_READ/DMA_WRITE travel on a twin socket. */
+  get twinSocket(): boolean {
+    return this.twin !== undefined;
   }
 
   close(): void {
@@ -217,8 +228,38 @@ export class ServerSession {
     const frame = SERVER_CAPABILITIES.maxDataXferSize + INITIAL_MAX_FRAME;
     this.channel.setMaxFrame(frame);
     this.channel.setRegionReads(this.device.nativeReads(SERVER_CAPABILITIES.maxDataXferSize));
+    const clientEnd = peer.capabilities.twinSocket.supported ? this.openTwin(frame) : undefined;
+    // DMA_READ replies must fit our frame limit as well as the client's transfer limit.
+    const chunk = Math.max(1, Math.min(peer.capabilities.maxDataXferSize, SERVER_CAPABILITIES.maxDataXferSize));
+    this.dma.useMessages(new MessageDma(this.twin ?? this.channel, chunk));
     this.device.attach({ dma: this.dma });
-    return { payload: encodeVersion({ ...reply, capabilities: { ...SERVER_CAPABILITIES } }) };
+    const capabilities: Partial<Capabilities> = { ...SERVER_CAPABILITIES };
+    if (clientEnd !== undefined) capabilities.twinSocket = { supported: true, fdIndex: 0 };
+    return {
+      payload: encodeVersion({ ...reply, capabilities }),
+      fds: clientEnd === undefined ? undefined : [clientEnd],
+    };
+  }
+
+  /**
+   * Creates the twin socket pair; keeps one end for server-to-client DMA and
+   * returns the other for the VERSION reply. Nothing but replies should come
+   * back on it; a command there is refused, and losing it ends the session.
+   */
+  private openTwin(frame: number): number {
+    const [ours, theirs] = native.socketPair();
+    this.twin = new Channel(ours, {
+      onCommand: (message) => {
+        closeFds(message.fds);
+        if (wantsReply(message.header)) this.twin?.replyError(message.header, Errno.EINVAL);
+      },
+      onClose: (error) => {
+        if (this.channel.closed) return;
+        this.channel.close('the twin socket closed');
+        this.finish(error ?? new ConnectionClosedError('the client closed the twin socket'));
+      },
+    }, frame);
+    return theirs;
   }
 
   private dmaMap(message: Message): Reply {
@@ -275,7 +316,17 @@ export class ServerSession {
     this.noFds(message);
     const req = decodeRegionIoFdsRequest(message.payload);
     if (req.index >= this.device.numRegions) throw fail(Errno.EINVAL, Command.DEVICE_GET_REGION_IO_FDS, `no region ${req.index}`);
-    return { payload: encodeRegionIoFdsReply({ flags: 0, index: req.index, entries: [] }, req.argsz).payload };
+    const ioFds = this.device.regionIoFds?.(req.index) ?? [];
+    // Entries sharing an eventfd share its fd_index.
+    const fds: number[] = [];
+    const entries: IoFdEntry[] = ioFds.map((e) => {
+      let fdIndex = fds.indexOf(e.fd);
+      if (fdIndex < 0) fdIndex = fds.push(e.fd) - 1;
+      return { offset: e.offset, size: e.size, fdIndex, type: IoFdType.IOEVENTFD, flags: e.flags ?? 0, datamatch: e.datamatch ?? 0n };
+    });
+    const { payload, complete } = encodeRegionIoFdsReply({ index: req.index, entries }, req.argsz);
+    // As for region info: fds only with the complete reply, and always dups.
+    return { payload, fds: complete && fds.length > 0 ? fds.map((fd) => native.dupFd(fd)) : undefined };
   }
 
   private irqInfo(message: Message): Reply {
@@ -359,6 +410,9 @@ export class ServerSession {
     if (this.finished) return;
     this.finished = true;
     for (const message of this.queue.splice(0)) closeFds(message.fds);
+    this.twin?.close('the session ended');
+    this.dma.useMessages(undefined);
+    // Detaches every view before anything else can run.
     this.dma.unmapAll();
     if (this.negotiated) this.device.detach();
     this.events.onClose(this, error);

@@ -2,14 +2,18 @@
 //!
 //! It knows just enough of the wire to frame messages (the 16-byte header and
 //! its `msg_size`), carries SCM_RIGHTS fds in both directions, and wraps the
-//! few kernel objects the protocol hands around: eventfds, memfds and mmaps.
+//! few kernel objects the protocol hands around: eventfds, memfds and mmaps,
+//! with SIGBUS-safe copies and dirty-page bitmaps for guest memory.
 //! Protocol semantics live in the TypeScript layer above.
 
+pub mod dirty;
 pub mod eventfd;
 pub mod framing;
 pub mod memfd;
 pub mod mmap;
+pub mod safe_copy;
 pub mod socket;
 
 pub use framing::{Frame, FrameConnection, FramingError, ReadOutcome, HEADER_SIZE};
+pub use dirty::{DirtyBitmap, DIRTY_PAGE_SIZE};
 pub use mmap::{Mapping, MappingError, Protection};

@@ -1,5 +1,10 @@
 //! Shared mappings of fds passed by a peer (guest memory, shareable BARs).
+//! Copies through a mapping survive the file shrinking under it (they fail
+//! with `Fault`), and every byte written through one is marked in its dirty
+//! bitmap.
 
+use crate::dirty::DirtyBitmap;
+use crate::safe_copy;
 use rustix::fd::AsFd;
 use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
 use std::ptr::NonNull;
@@ -21,8 +26,24 @@ pub enum MappingError {
     OutOfBounds { offset: u64, len: u64, size: u64 },
     #[error("the mapping is not {0}")]
     Forbidden(&'static str),
+    #[error("the backing file no longer covers {len} bytes at {offset} (it was truncated)")]
+    Fault { offset: u64, len: u64 },
     #[error("mmap failed: {0}")]
     Os(#[from] rustix::io::Errno),
+}
+
+impl MappingError {
+    /// The errno that names this failure: EFAULT for memory that cannot be
+    /// reached (out of bounds, truncated), EPERM for a missing permission.
+    pub fn errno(&self) -> rustix::io::Errno {
+        use rustix::io::Errno;
+        match self {
+            MappingError::Empty | MappingError::BeyondFile { .. } => Errno::INVAL,
+            MappingError::OutOfBounds { .. } | MappingError::Fault { .. } => Errno::FAULT,
+            MappingError::Forbidden(_) => Errno::PERM,
+            MappingError::Os(e) => *e,
+        }
+    }
 }
 
 /// A MAP_SHARED mapping, unmapped on drop.
@@ -34,6 +55,7 @@ pub struct Mapping {
     lead: usize,
     len: usize,
     prot: Protection,
+    dirty: DirtyBitmap,
 }
 
 // SAFETY: the mapping is plain shared memory; it is owned (unmapped once) by
@@ -71,6 +93,7 @@ impl Mapping {
             lead: lead as usize,
             len,
             prot,
+            dirty: DirtyBitmap::new(size),
         })
     }
 
@@ -99,27 +122,54 @@ impl Mapping {
         }
     }
 
+    /// Pages written through this mapping (by copies, or by views the
+    /// binding handed out for writing and marked).
+    pub fn dirty(&self) -> &DirtyBitmap {
+        &self.dirty
+    }
+
     /// Copies `out.len()` bytes from `offset` of the mapping.
     pub fn read_at(&self, offset: u64, out: &mut [u8]) -> Result<(), MappingError> {
+        let at = self.readable(offset, out.len())?;
+        // SAFETY: in bounds and mapped (self is alive); the peer may write
+        // concurrently, which makes the bytes racy but the copy sound.
+        unsafe { safe_copy::copy(out.as_mut_ptr(), self.as_ptr().add(at), out.len()) }
+            .map_err(|_| MappingError::Fault { offset, len: out.len() as u64 })
+    }
+
+    /// Copies `data` to `offset` of the mapping and marks the pages dirty.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), MappingError> {
+        let at = self.writable(offset, data.len())?;
+        self.dirty.mark(offset, data.len() as u64);
+        // SAFETY: in bounds, mapped and writable.
+        unsafe { safe_copy::copy(self.as_ptr().add(at), data.as_ptr(), data.len()) }
+            .map_err(|_| MappingError::Fault { offset, len: data.len() as u64 })
+    }
+
+    /// Copies `len` bytes from `offset` of this mapping to `to_offset` of
+    /// `to` (which may be this mapping; the ranges may overlap).
+    pub fn copy_to(&self, offset: u64, to: &Mapping, to_offset: u64, len: usize) -> Result<(), MappingError> {
+        let from = self.readable(offset, len)?;
+        let at = to.writable(to_offset, len)?;
+        to.dirty.mark(to_offset, len as u64);
+        // SAFETY: both ranges in bounds of live mappings; the target is writable.
+        unsafe { safe_copy::copy(to.as_ptr().add(at), self.as_ptr().add(from), len) }
+            // Either side may be the truncated one; name the source range.
+            .map_err(|_| MappingError::Fault { offset, len: len as u64 })
+    }
+
+    fn readable(&self, offset: u64, len: usize) -> Result<usize, MappingError> {
         if !self.prot.read {
             return Err(MappingError::Forbidden("readable"));
         }
-        let at = self.check(offset, out.len())?;
-        // SAFETY: bounds checked above; the peer may write concurrently, which
-        // makes the bytes racy but never the copy unsound for plain bytes.
-        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr().add(at), out.as_mut_ptr(), out.len()) };
-        Ok(())
+        self.check(offset, len)
     }
 
-    /// Copies `data` to `offset` of the mapping.
-    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), MappingError> {
+    fn writable(&self, offset: u64, len: usize) -> Result<usize, MappingError> {
         if !self.prot.write {
             return Err(MappingError::Forbidden("writable"));
         }
-        let at = self.check(offset, data.len())?;
-        // SAFETY: bounds checked above; the mapping is writable.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(at), data.len()) };
-        Ok(())
+        self.check(offset, len)
     }
 }
 
@@ -174,5 +224,32 @@ mod tests {
         assert!(matches!(m.read_at(u64::MAX, &mut out), Err(MappingError::OutOfBounds { .. })));
         assert_eq!(m.write_at(0, &[1]).unwrap_err(), MappingError::Forbidden("writable"));
         m.read_at(4088, &mut out).unwrap();
+        assert_eq!(m.write_at(0, &[1]).unwrap_err().errno(), rustix::io::Errno::PERM);
+    }
+
+    #[test]
+    fn writes_and_copies_mark_pages_dirty() {
+        let fd = crate::memfd::create("t", 4 * 4096).unwrap();
+        let a = Mapping::new(&fd, 0, 2 * 4096, RW).unwrap();
+        let b = Mapping::new(&fd, 2 * 4096, 2 * 4096, RW).unwrap();
+        a.write_at(4090, b"abcdefgh").unwrap();
+        assert!(a.dirty().is_dirty(0) && a.dirty().is_dirty(1));
+        let mut out = [0u8; 8];
+        a.read_at(4090, &mut out).unwrap();
+        a.copy_to(4090, &b, 4096 + 5, 8).unwrap();
+        assert!(!b.dirty().is_dirty(0) && b.dirty().is_dirty(1));
+        b.read_at(4096 + 5, &mut out).unwrap();
+        assert_eq!(&out, b"abcdefgh");
+    }
+
+    #[test]
+    fn copies_within_one_mapping_may_overlap() {
+        let fd = crate::memfd::create("t", 4096).unwrap();
+        let m = Mapping::new(&fd, 0, 4096, RW).unwrap();
+        m.write_at(0, b"0123456789").unwrap();
+        m.copy_to(0, &m, 2, 8).unwrap();
+        let mut out = [0u8; 10];
+        m.read_at(0, &mut out).unwrap();
+        assert_eq!(&out, b"0101234567");
     }
 }

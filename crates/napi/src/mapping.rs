@@ -1,6 +1,7 @@
 //! `NativeMapping`: an mmap of a peer's fd (guest memory on the server,
-//! shared BARs on the client), with bounds-checked copies and zero-copy views
-//! that are detached before the memory goes away.
+//! shared BARs on the client), with bounds-checked, SIGBUS-safe copies,
+//! dirty-page tracking, and zero-copy views that are detached before the
+//! memory goes away.
 
 use crate::uv::check;
 use napi::bindgen_prelude::*;
@@ -10,7 +11,7 @@ use std::cell::RefCell;
 use std::os::fd::BorrowedFd;
 use std::ptr::null_mut;
 use std::rc::Rc;
-use vfio_user_core::{Mapping, Protection};
+use vfio_user_core::{Mapping, MappingError, Protection, DIRTY_PAGE_SIZE};
 
 type Shared = Rc<RefCell<Option<Mapping>>>;
 
@@ -79,10 +80,72 @@ impl NativeMapping {
         m.write_at(offset_of(offset)?, data).map_err(mapping_error)
     }
 
+    // The three copies below are the DMA hot path. They return an errno (0
+    // on success) instead of throwing: building a JS exception costs more
+    // than a small copy, and the caller (ts/dma) raises a typed error that
+    // names the IOVA, which this layer does not know.
+
+    /// Copies `target.length` bytes at `offset` into `target`; 0 or an errno
+    /// (EFAULT: out of bounds, unmapped or truncated; EPERM: not readable).
+    #[napi]
+    pub fn read_into(&self, offset: f64, mut target: Uint8ArraySlice<'_>) -> i32 {
+        // SAFETY: JS cannot run during the copy; the bytes are ours until we return.
+        let target = unsafe { target.as_mut() };
+        self.with(offset, |m, at| m.read_at(at, target))
+    }
+
+    /// Copies `data` to `offset` and marks the pages dirty; 0 or an errno.
+    #[napi]
+    pub fn write_from(&self, offset: f64, data: &[u8]) -> i32 {
+        self.with(offset, |m, at| m.write_at(at, data))
+    }
+
+    /// Copies `length` bytes at `offset` to `targetOffset` of `target` (this
+    /// mapping or another; overlapping ranges are fine); 0 or an errno.
+    #[napi]
+    pub fn copy_to(&self, offset: f64, target: &NativeMapping, target_offset: f64, length: u32) -> i32 {
+        let Ok(to_offset) = offset_of(target_offset) else { return EFAULT };
+        let to_guard = target.mapping.borrow();
+        let Some(to) = to_guard.as_ref() else { return EFAULT };
+        self.with(offset, |m, at| m.copy_to(at, to, to_offset, length as usize))
+    }
+
+    /// ORs the dirty bits of the pages in `[offset, offset + length)` into
+    /// `report`, page `i` of the range at bit `bit + i` (LE u64 words, as
+    /// VFIO bitmaps are); clears them when `clear`. `offset` and `length`
+    /// are multiples of 4096.
+    #[napi]
+    pub fn dirty_scan(&self, offset: f64, length: f64, clear: bool, mut report: BigUint64ArraySlice<'_>, bit: f64) -> Result<()> {
+        // SAFETY: JS cannot run during the scan.
+        let report = unsafe { report.as_mut() };
+        let guard = self.mapping.borrow();
+        let m = guard.as_ref().ok_or_else(unmapped)?;
+        let (offset, length, bit) = (offset_of(offset)?, offset_of(length)?, offset_of(bit)?);
+        if offset % DIRTY_PAGE_SIZE != 0 || length % DIRTY_PAGE_SIZE != 0 {
+            return Err(Error::new(Status::InvalidArg, "dirty ranges are whole 4 KiB pages"));
+        }
+        let pages = length / DIRTY_PAGE_SIZE;
+        if bit + pages > report.len() as u64 * 64 {
+            return Err(Error::new(Status::InvalidArg, "the report is too small for the range"));
+        }
+        m.dirty().scan(offset / DIRTY_PAGE_SIZE, pages, clear, report, bit);
+        Ok(())
+    }
+
+    fn with(&self, offset: f64, copy: impl FnOnce(&Mapping, u64) -> std::result::Result<(), MappingError>) -> i32 {
+        let guard = self.mapping.borrow();
+        let (Some(m), Ok(at)) = (guard.as_ref(), offset_of(offset)) else { return EFAULT };
+        match copy(m, at) {
+            Ok(()) => 0,
+            Err(e) => e.errno().raw_os_error(),
+        }
+    }
+
     /// A zero-copy ArrayBuffer over `length` bytes at `offset`. It is
     /// detached when the mapping is unmapped, so a stale view throws rather
     /// than touching freed memory. Read-only mappings give no views: a store
-    /// through one would kill the process.
+    /// through one would kill the process. The whole range is marked dirty
+    /// now, since stores through the view cannot be observed.
     #[napi(ts_return_type = "ArrayBuffer")]
     pub fn view(&mut self, env: Env, offset: f64, length: f64) -> Result<Unknown<'_>> {
         let guard = self.mapping.borrow();
@@ -98,6 +161,7 @@ impl NativeMapping {
         // SAFETY: in bounds; the finalizer hint keeps the mapping alive for
         // as long as the ArrayBuffer exists, and unmap() detaches it first.
         let ptr = unsafe { m.as_ptr().add(start as usize) };
+        m.dirty().mark(start, len);
         drop(guard);
         let hint = Box::into_raw(Box::new(self.mapping.clone()));
         let mut value = null_mut();
@@ -149,6 +213,8 @@ impl NativeMapping {
         });
     }
 }
+
+const EFAULT: i32 = rustix::io::Errno::FAULT.raw_os_error();
 
 fn unmapped() -> Error {
     Error::new(Status::GenericFailure, "the mapping has been unmapped")
