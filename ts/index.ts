@@ -15,20 +15,38 @@ export {
   type RegionInfoWithFd,
   type SetIrqsOptions,
 } from './client/client.js';
+export { PciDevice } from './pci/device.js';
 export {
-  PciDevice,
   InvalidDeviceError,
+  type AerCapability,
   type BarDescription,
   type BarHandlers,
   type BarIndex,
+  type BarLocation,
+  type Capability,
+  type DeviceRegisters,
+  type ExtendedCapability,
   type InterruptPin,
   type IoBar,
+  type MaxPayload,
   type MemoryBar,
+  type MsiCapability,
+  type MsiVectorCount,
+  type MsixCapability,
   type PciDeviceDescription,
+  type PciExpressCapability,
+  type PcieDeviceType,
+  type PowerManagementCapability,
+  type PowerState,
   type RegisterValue,
-} from './pci/device.js';
-export { ConfigSpace, Cfg } from './pci/config.js';
-export { Interrupts } from './pci/interrupts.js';
+  type SerialNumberCapability,
+  type VendorCapability,
+  type VendorExtendedCapability,
+} from './pci/description.js';
+export { CapabilityId, ExtendedCapabilityId } from './pci/capabilities.js';
+export { ConfigSpace, ConfigWrite, Cfg } from './pci/config.js';
+export { Interrupts, type Delivery } from './pci/interrupts.js';
+export { DeviceIrq, type IrqMode } from './pci/irq.js';
 export {
   AsyncDmaRequiredError,
   DmaAccessError,

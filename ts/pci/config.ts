@@ -24,6 +24,11 @@ export const Cfg = {
   INTERRUPT_PIN: 0x3d,
 } as const;
 
+/** Where the capability list may live, and where the extended list starts. */
+export const CONFIG_HEADER_END = 0x40;
+export const CONFIG_SIZE = 256;
+export const EXTENDED_CONFIG_SIZE = 4096;
+
 export const Command = {
   IO: 1 << 0,
   MEMORY: 1 << 1,
@@ -40,11 +45,60 @@ export const Status = {
   ERRORS_W1C: 0xf900,
 } as const;
 
-/** A write hook: runs after the masked write of any byte in [start, end). */
+/** One guest write, as write hooks see it: the raw bytes and the register values before. */
+export class ConfigWrite {
+  constructor(
+    readonly offset: number,
+    readonly data: Buffer,
+    private readonly before: Buffer,
+    private readonly current: Buffer,
+  ) {}
+
+  get end(): number {
+    return this.offset + this.data.length;
+  }
+
+  touches(start: number, width: number): boolean {
+    return start < this.end && this.offset < start + width;
+  }
+
+  /** The register [at, at + width) as it was before the write. */
+  previous(at: number, width: 1 | 2 | 4): number {
+    let value = 0;
+    for (let i = width - 1; i >= 0; i--) {
+      const o = at + i;
+      const inside = o >= this.offset && o < this.end;
+      value = value * 256 + (inside ? this.before[o - this.offset] : this.current[o]);
+    }
+    return value;
+  }
+
+  /**
+   * The bits the guest wrote to [at, at + width), unmasked (bytes it did not
+   * write read as 0): for command bits that are acted on but never stored.
+   */
+  written(at: number, width: 1 | 2 | 4): number {
+    let value = 0;
+    for (let i = width - 1; i >= 0; i--) {
+      const o = at + i;
+      value = value * 256 + (o >= this.offset && o < this.end ? this.data[o - this.offset] : 0);
+    }
+    return value;
+  }
+}
+
+/** Runs after the masked store of a write touching [start, end). */
 export interface WriteHook {
   start: number;
   end: number;
-  apply(offset: number, data: Buffer, before: Buffer): void;
+  apply(write: ConfigWrite): void;
+}
+
+/** Refreshes bytes in [start, end) before a read overlapping them is answered. */
+export interface ReadHook {
+  start: number;
+  end: number;
+  refresh(offset: number, count: number): void;
 }
 
 export class ConfigSpace {
@@ -55,9 +109,10 @@ export class ConfigSpace {
   /** Bits a write of 1 clears. */
   readonly clearOnOne: Buffer;
   private defaults: Buffer | undefined;
-  private readonly hooks: WriteHook[] = [];
+  private readonly writeHooks: WriteHook[] = [];
+  private readonly readHooks: ReadHook[] = [];
 
-  constructor(size: 256 | 4096) {
+  constructor(size: typeof CONFIG_SIZE | typeof EXTENDED_CONFIG_SIZE) {
     this.bytes = Buffer.alloc(size);
     this.writable = Buffer.alloc(size);
     this.clearOnOne = Buffer.alloc(size);
@@ -67,6 +122,11 @@ export class ConfigSpace {
     return this.bytes.length;
   }
 
+  /** Whether some reads need JS (a read hook exists), so reads cannot be answered natively. */
+  get hasReadHooks(): boolean {
+    return this.readHooks.length > 0;
+  }
+
   /** Declares a field: its initial value and which of its bits are RW / RW1C. */
   define(offset: number, width: 1 | 2 | 4, value: number, writableMask = 0, clearOnOneMask = 0): void {
     this.bytes.writeUIntLE(value >>> 0, offset, width);
@@ -74,8 +134,18 @@ export class ConfigSpace {
     this.clearOnOne.writeUIntLE(clearOnOneMask >>> 0, offset, width);
   }
 
+  /** Declares a run of bytes and, byte for byte, which bits are RW. */
+  defineBytes(offset: number, value: Uint8Array, writableMask?: Uint8Array): void {
+    this.bytes.set(value, offset);
+    if (writableMask) this.writable.set(writableMask, offset);
+  }
+
   onWrite(hook: WriteHook): void {
-    this.hooks.push(hook);
+    this.writeHooks.push(hook);
+  }
+
+  onRead(hook: ReadHook): void {
+    this.readHooks.push(hook);
   }
 
   /** Remembers the current bytes as the power-on state restored by reset(). */
@@ -88,7 +158,11 @@ export class ConfigSpace {
   }
 
   read(offset: number, count: number): Buffer {
-    return Buffer.from(this.bytes.subarray(offset, offset + count));
+    const end = offset + count;
+    for (const hook of this.readHooks) {
+      if (hook.start < end && offset < hook.end) hook.refresh(offset, count);
+    }
+    return Buffer.from(this.bytes.subarray(offset, end));
   }
 
   /** A guest write of any width at any offset: masked per byte, then hooks. */
@@ -100,9 +174,9 @@ export class ConfigSpace {
       const w1c = this.clearOnOne[at];
       this.bytes[at] = ((this.bytes[at] & ~rw) | (data[i] & rw)) & ~(data[i] & w1c);
     }
-    const end = offset + data.length;
-    for (const hook of this.hooks) {
-      if (hook.start < end && offset < hook.end) hook.apply(offset, data, before);
+    const write = new ConfigWrite(offset, data, before, this.bytes);
+    for (const hook of this.writeHooks) {
+      if (hook.start < write.end && offset < hook.end) hook.apply(write);
     }
   }
 
@@ -118,9 +192,13 @@ export class ConfigSpace {
     return this.bytes.readUInt32LE(offset);
   }
 
-  /** Sets or clears bits the device itself owns (e.g. INTx status). */
+  /** Device-side stores that bypass the guest's write masks (status bits, state). */
+  setU16(offset: number, value: number): void {
+    this.bytes.writeUInt16LE(value & 0xffff, offset);
+  }
+
   setBits16(offset: number, bits: number, on: boolean): void {
     const v = this.u16(offset);
-    this.bytes.writeUInt16LE(on ? v | bits : v & ~bits, offset);
+    this.setU16(offset, on ? v | bits : v & ~bits);
   }
 }

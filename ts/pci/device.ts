@@ -1,7 +1,9 @@
 /**
- * A PCI device declared in TypeScript: IDs, BARs, expansion ROM, INTx. The
- * library emulates the type-0 config header (BAR and ROM sizing, command and
- * status bits) and the interrupt plumbing; device code handles BAR accesses.
+ * A PCI device declared in TypeScript: IDs, BARs, expansion ROM,
+ * capabilities, interrupts. The library emulates what a guest's PCI core
+ * touches (the type-0 header, BAR and ROM sizing, PM, MSI, MSI-X with its
+ * table and PBA, PCIe with FLR, extended capabilities); device code handles
+ * BAR accesses and raises interrupts with `irq.trigger()`.
  */
 import { native, type NativeRegionReads } from '../native.js';
 import { UsageError } from '../errors.js';
@@ -17,116 +19,92 @@ import {
   RegionInfoFlags,
   type SetIrqs,
 } from '../protocol/index.js';
-import { Cfg, Command, ConfigSpace, Status } from './config.js';
-import { Interrupts } from './interrupts.js';
+import { defineBars, defineRom, type Bar } from './bars.js';
+import {
+  CapabilityId,
+  chainExtended,
+  chainStandard,
+  EXTENDED_SPACE,
+  place,
+  STANDARD_SPACE,
+  type Slot,
+} from './capabilities.js';
+import { Cfg, Command, CONFIG_SIZE, ConfigSpace, EXTENDED_CONFIG_SIZE } from './config.js';
+import {
+  InvalidDeviceError,
+  type Capability,
+  type ExtendedCapability,
+  type MsiCapability,
+  type MsixCapability,
+  type PciDeviceDescription,
+  type PowerState,
+} from './description.js';
+import { checkExtended, defineExtended, extendedId, extendedSize, extendedVersion } from './extended.js';
+import { checkIds, defineHeader } from './header.js';
+import { Interrupts, type Delivery } from './interrupts.js';
+import { DeviceIrq } from './irq.js';
+import { checkMsi, Msi, msiSize } from './msi.js';
+import { checkMsix, Msix, MSIX_SIZE } from './msix.js';
+import { checkPcie, definePciExpress, PCIE_SIZE } from './pcie.js';
+import { PM_SIZE, PowerManagement } from './pm.js';
+import { checkRegisters, defineRegisters } from './registers.js';
 
-/** What a register read may return: a number/bigint (little-endian) or the bytes. */
-export type RegisterValue = number | bigint | Uint8Array;
+const CAPABILITY_ID: Record<Capability['kind'], number> = {
+  pm: CapabilityId.POWER_MANAGEMENT,
+  msi: CapabilityId.MSI,
+  msix: CapabilityId.MSIX,
+  pcie: CapabilityId.PCI_EXPRESS,
+  vendor: CapabilityId.VENDOR,
+};
 
-export interface BarHandlers {
-  /** Reads `size` bytes at `offset`. Without it, reads return the BAR's memory. */
-  read?(offset: number, size: number): RegisterValue | Promise<RegisterValue>;
-  /** A write of `data` at `offset` (after it is stored, for memory-backed BARs). */
-  write?(offset: number, data: Buffer): void | Promise<void>;
-}
-
-export interface IoBar extends BarHandlers {
-  kind: 'io';
-  /** Bytes; a power of two, at least 4. */
-  size: number;
-}
-
-export interface MemoryBar extends BarHandlers {
-  kind: 'memory';
-  /** Bytes; a power of two, at least 16. */
-  size: number;
-  /** 64-bit BARs take the next BAR slot as their upper half. */
-  width?: 32 | 64;
-  prefetchable?: boolean;
-}
-
-export type BarDescription = IoBar | MemoryBar;
-export type BarIndex = 0 | 1 | 2 | 3 | 4 | 5;
-export type InterruptPin = 'A' | 'B' | 'C' | 'D';
-
-export interface PciDeviceDescription {
-  vendorId: number;
-  deviceId: number;
-  subsystemVendorId?: number;
-  subsystemId?: number;
-  revision?: number;
-  /** 24 bits: base class << 16 | subclass << 8 | programming interface. */
-  classCode: number;
-  bars?: Partial<Record<BarIndex, BarDescription>>;
-  /** Expansion ROM contents (sized up to a power of two, at least 2 KiB). */
-  rom?: Uint8Array;
-  /** The INTx pin the device uses; omit for none. */
-  intx?: InterruptPin;
-  /** Called on DEVICE_RESET (after config space is back to its defaults). */
-  reset?(): void | Promise<void>;
-}
-
-/** A description that cannot describe a real device; `field` names the culprit. */
-export class InvalidDeviceError extends UsageError {
-  constructor(readonly field: string, problem: string) {
-    super(`${field}: ${problem}`);
-  }
-}
-
-const isPowerOfTwo = (n: number) => Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
-
-function checkId(field: string, value: number | undefined, bits: number): void {
-  if (value !== undefined && !(Number.isInteger(value) && value >= 0 && value < 2 ** bits)) {
-    throw new InvalidDeviceError(field, `${value} is not a ${bits}-bit unsigned integer`);
-  }
-}
-
-function encodeValue(value: RegisterValue, size: number): Uint8Array {
-  if (value instanceof Uint8Array) return value;
-  const out = Buffer.alloc(Math.max(size, 8));
-  out.writeBigUInt64LE(BigInt.asUintN(64, typeof value === 'bigint' ? value : BigInt(Math.trunc(value))), 0);
-  return out.subarray(0, size);
-}
-
-interface Bar {
-  description: BarDescription;
-  /** Backing bytes for BARs read without a handler. */
-  memory?: Buffer;
-}
+/** Vendor capability header: ID, next, length. */
+const VENDOR_HEADER = 3;
+/** Capabilities a function has at most one of. */
+const SINGLE: readonly string[] = ['pm', 'msi', 'msix', 'pcie', 'dsn', 'aer'];
 
 export class PciDevice implements VfioUserDevice {
   readonly flags = DeviceInfoFlags.PCI | DeviceInfoFlags.RESET;
   readonly numRegions = NUM_REGIONS;
   readonly numIrqs = NUM_IRQS;
   readonly config: ConfigSpace;
+  /** The client's eventfds and masks per IRQ index. */
   readonly interrupts: Interrupts;
-  private readonly bars: (Bar | undefined)[] = [];
+  /** Raising interrupts from device code. */
+  readonly irq: DeviceIrq;
+  private readonly bars: (Bar | undefined)[];
   private readonly rom: Buffer | undefined;
   private readonly description: PciDeviceDescription;
-  private intxAsserted = false;
+  private pm: PowerManagement | undefined;
+  private msi: Msi | undefined;
+  private msix: Msix | undefined;
+  /** Set by a config write that resets the function (FLR, D3hot to D0); runs once the write is stored. */
+  private resetDue = false;
   private attachment: DeviceAttachment | undefined;
 
   constructor(description: PciDeviceDescription) {
     this.description = description;
-    checkId('vendorId', description.vendorId, 16);
-    checkId('deviceId', description.deviceId, 16);
-    checkId('subsystemVendorId', description.subsystemVendorId, 16);
-    checkId('subsystemId', description.subsystemId, 16);
-    checkId('revision', description.revision, 8);
-    checkId('classCode', description.classCode, 24);
-    if (description.intx !== undefined && !['A', 'B', 'C', 'D'].includes(description.intx)) {
-      throw new InvalidDeviceError('intx', `${String(description.intx)} is not one of A, B, C, D`);
+    checkIds(description);
+    const caps = listOf<Capability>(description.capabilities, 'capabilities');
+    const extended = listOf<ExtendedCapability>(description.extendedCapabilities, 'extendedCapabilities');
+    const express = caps.some((c) => c.kind === 'pcie');
+    if (extended.length > 0 && !express) {
+      throw new InvalidDeviceError('extendedCapabilities', 'need a pcie capability (without one config space is 256 bytes)');
     }
-    this.config = new ConfigSpace(256);
-    this.defineHeader();
-    this.defineBars(description.bars ?? {});
-    if (description.rom) {
-      const size = Math.max(2048, 2 ** Math.ceil(Math.log2(Math.max(1, description.rom.length))));
-      this.rom = Buffer.alloc(size);
-      this.rom.set(description.rom);
-      this.config.define(Cfg.ROM_ADDRESS, 4, 0, (~(size - 1) & 0xfffff800) | 1);
-    }
-    this.interrupts = new Interrupts([description.intx ? 1 : 0, 0, 0, 1, 1]);
+    this.config = new ConfigSpace(express ? EXTENDED_CONFIG_SIZE : CONFIG_SIZE);
+    defineHeader(this.config, description, express);
+    this.bars = defineBars(this.config, description.bars ?? {});
+    if (description.rom) this.rom = defineRom(this.config, description.rom);
+    // Checked before anything is sized from them (the vector counts).
+    const slots = caps.map((c, i) => {
+      const field = `capabilities[${i}]`;
+      return { field, at: c.at, size: this.checkCapability(c, field) };
+    });
+    const msi = caps.find((c): c is MsiCapability => c.kind === 'msi');
+    const msix = caps.find((c): c is MsixCapability => c.kind === 'msix');
+    this.interrupts = new Interrupts([description.intx ? 1 : 0, msi?.vectors ?? 0, msix?.vectors ?? 0, 1, 1]);
+    this.defineCapabilities(caps, slots);
+    this.defineExtendedCapabilities(extended);
+    this.irq = new DeviceIrq(this.config, this.interrupts, description.intx !== undefined, this.msi, this.msix);
     this.config.seal();
   }
 
@@ -140,86 +118,88 @@ export class PciDevice implements VfioUserDevice {
     return this.attachment !== undefined;
   }
 
-  private defineHeader(): void {
-    const d = this.description;
-    const c = this.config;
-    c.define(Cfg.VENDOR_ID, 2, d.vendorId);
-    c.define(Cfg.DEVICE_ID, 2, d.deviceId);
-    c.define(Cfg.COMMAND, 2, 0, Command.IO | Command.MEMORY | Command.BUS_MASTER | Command.PARITY | Command.SERR | Command.INTX_DISABLE);
-    c.define(Cfg.STATUS, 2, 0, 0, Status.ERRORS_W1C);
-    c.define(Cfg.REVISION, 1, d.revision ?? 0);
-    c.define(Cfg.CLASS_PROG_IF, 1, d.classCode & 0xff);
-    c.define(Cfg.CLASS_PROG_IF + 1, 2, d.classCode >>> 8);
-    c.define(Cfg.CACHE_LINE_SIZE, 1, 0, 0xff);
-    c.define(Cfg.LATENCY_TIMER, 1, 0, 0xff);
-    c.define(Cfg.SUBSYSTEM_VENDOR_ID, 2, d.subsystemVendorId ?? d.vendorId);
-    c.define(Cfg.SUBSYSTEM_ID, 2, d.subsystemId ?? 0);
-    c.define(Cfg.INTERRUPT_LINE, 1, 0, 0xff);
-    c.define(Cfg.INTERRUPT_PIN, 1, d.intx ? 1 + 'ABCD'.indexOf(d.intx) : 0);
-    c.onWrite({ start: Cfg.COMMAND, end: Cfg.COMMAND + 2, apply: () => this.commandWritten() });
+  // ---- state the guest controls, for device code ----
+
+  /** Command register decode bits. The VMM maps BARs only while they are set. */
+  get ioEnabled(): boolean {
+    return (this.config.u16(Cfg.COMMAND) & Command.IO) !== 0;
   }
 
-  private defineBars(bars: Partial<Record<BarIndex, BarDescription>>): void {
-    for (let i = 0; i < 6; i++) {
-      const bar = bars[i as BarIndex];
-      if (!bar) continue;
-      const field = `bars[${i}]`;
-      if (this.bars[i]) throw new InvalidDeviceError(field, `slot ${i} is the upper half of the 64-bit BAR${i - 1}`);
-      const min = bar.kind === 'io' ? 4 : 16;
-      if (!isPowerOfTwo(bar.size) || bar.size < min) {
-        throw new InvalidDeviceError(`${field}.size`, `${bar.size} is not a power of two of at least ${min}`);
-      }
-      const offset = Cfg.BAR0 + 4 * i;
-      if (bar.kind === 'io') {
-        if (bar.size > 256) throw new InvalidDeviceError(`${field}.size`, 'I/O BARs are at most 256 bytes');
-        this.config.define(offset, 4, 0x1, ~(bar.size - 1) & 0xfffffffc);
-      } else {
-        const wide = bar.width === 64;
-        if (bar.width !== undefined && bar.width !== 32 && bar.width !== 64) {
-          throw new InvalidDeviceError(`${field}.width`, `${String(bar.width)} is neither 32 nor 64`);
-        }
-        if (wide && i === 5) throw new InvalidDeviceError(`${field}.width`, 'a 64-bit BAR cannot sit in BAR5 (it needs BAR6 as its upper half)');
-        if (!wide && bar.size > 2 ** 31) throw new InvalidDeviceError(`${field}.size`, '32-bit BARs are at most 2 GiB');
-        if (wide && bars[(i + 1) as BarIndex]) throw new InvalidDeviceError(`bars[${i + 1}]`, `taken by the upper half of the 64-bit BAR${i}`);
-        const type = (wide ? 0x4 : 0) | (bar.prefetchable ? 0x8 : 0);
-        const sizeMask = BigInt.asUintN(64, ~(BigInt(bar.size) - 1n));
-        this.config.define(offset, 4, type, Number(sizeMask & 0xfffffff0n));
-        if (wide) {
-          this.config.define(offset + 4, 4, 0, Number(sizeMask >> 32n));
-          this.bars[i + 1] = undefined;
-        }
-      }
-      this.bars[i] = { description: bar, memory: bar.read ? undefined : Buffer.alloc(bar.size) };
-      if (bar.kind === 'memory' && bar.width === 64) i++;
-    }
+  get memoryEnabled(): boolean {
+    return (this.config.u16(Cfg.COMMAND) & Command.MEMORY) !== 0;
   }
 
-  private commandWritten(): void {
-    // INTx disable gates delivery; re-evaluate a line that is still asserted.
-    if (this.intxAsserted && !(this.config.u16(Cfg.COMMAND) & Command.INTX_DISABLE)) {
-      this.interrupts.trigger(IrqIndex.INTX);
-    }
+  /** Bus Master Enable: without it the device must not DMA, and MSI/MSI-X are dropped. */
+  get busMaster(): boolean {
+    return (this.config.u16(Cfg.COMMAND) & Command.BUS_MASTER) !== 0;
   }
 
-  // ---- interrupts, for device code ----
+  /** PMCSR power state; D0 for a device without a PM capability. */
+  get powerState(): PowerState {
+    return this.pm?.state ?? 'D0';
+  }
 
-  /** Raises the INTx line (level): delivered unless INTx is disabled or masked. */
-  assertIntx(): void {
-    if (!this.description.intx) throw new UsageError('the device declares no INTx pin');
-    this.config.setBits16(Cfg.STATUS, Status.INTX, true);
-    if (this.intxAsserted) return;
-    this.intxAsserted = true;
-    if (!(this.config.u16(Cfg.COMMAND) & Command.INTX_DISABLE)) this.interrupts.trigger(IrqIndex.INTX);
+  // ---- INTx, as before the irq API (the GPIO example uses these) ----
+
+  assertIntx(): Delivery {
+    return this.irq.assertIntx();
   }
 
   deassertIntx(): void {
-    this.intxAsserted = false;
-    this.config.setBits16(Cfg.STATUS, Status.INTX, false);
-    this.interrupts.clearPending(IrqIndex.INTX, 0);
+    this.irq.deassertIntx();
   }
 
   get intxAssertedNow(): boolean {
-    return this.intxAsserted;
+    return this.irq.intxAsserted;
+  }
+
+  // ---- construction ----
+
+  private defineCapabilities(caps: readonly Capability[], slots: readonly Slot[]): void {
+    const offsets = place(slots, STANDARD_SPACE);
+    const requestReset = () => (this.resetDue = true);
+    caps.forEach((c, i) => {
+      const at = offsets[i];
+      switch (c.kind) {
+        case 'pm': this.pm = new PowerManagement(this.config, at, c, requestReset); break;
+        case 'msi': this.msi = new Msi(this.config, at, c, this.interrupts); break;
+        case 'msix': this.msix = new Msix(this.config, at, c, this.bars, this.interrupts); break;
+        case 'pcie': definePciExpress(this.config, at, c, requestReset); break;
+        case 'vendor':
+          this.config.define(at + 2, 1, VENDOR_HEADER + c.data.length);
+          defineRegisters(this.config, at + VENDOR_HEADER, c);
+          break;
+      }
+    });
+    if (this.msi) this.interrupts.route(IrqIndex.MSI, this.msi.vectors);
+    if (this.msix) this.interrupts.route(IrqIndex.MSIX, this.msix.vectors);
+    chainStandard(this.config, caps.map((c, i) => ({ at: offsets[i], id: CAPABILITY_ID[c.kind] })));
+  }
+
+  /** Validates one capability; returns its size in bytes. */
+  private checkCapability(c: Capability, field: string): number {
+    switch (c.kind) {
+      case 'pm': return PM_SIZE;
+      case 'msi': checkMsi(c, field); return msiSize(c);
+      case 'msix': checkMsix(c, field, this.bars); return MSIX_SIZE;
+      case 'pcie': checkPcie(c, field); return PCIE_SIZE;
+      case 'vendor':
+        checkRegisters(c, field, 0xff - VENDOR_HEADER);
+        return VENDOR_HEADER + c.data.length;
+      default:
+        throw new InvalidDeviceError(`${field}.kind`, `${String((c as { kind: unknown }).kind)} is not one of ${Object.keys(CAPABILITY_ID).join(', ')}`);
+    }
+  }
+
+  private defineExtendedCapabilities(caps: readonly ExtendedCapability[]): void {
+    const slots = caps.map((c, i) => {
+      const field = `extendedCapabilities[${i}]`;
+      checkExtended(c, field);
+      return { field, at: c.at, size: extendedSize(c) };
+    });
+    const offsets = place(slots, EXTENDED_SPACE);
+    caps.forEach((c, i) => defineExtended(this.config, offsets[i], c));
+    chainExtended(this.config, caps.map((c, i) => ({ at: offsets[i], id: extendedId[c.kind], version: extendedVersion[c.kind], field: slots[i].field })));
   }
 
   // ---- VfioUserDevice ----
@@ -228,7 +208,7 @@ export class PciDevice implements VfioUserDevice {
     const rw = RegionInfoFlags.READ | RegionInfoFlags.WRITE;
     if (index <= Region.BAR5) {
       const bar = this.bars[index];
-      return bar ? { size: BigInt(bar.description.size), flags: rw } : { size: 0n, flags: 0 };
+      return bar ? { size: BigInt(bar.size), flags: rw } : { size: 0n, flags: 0 };
     }
     if (index === Region.ROM) return this.rom ? { size: BigInt(this.rom.length), flags: RegionInfoFlags.READ } : { size: 0n, flags: 0 };
     if (index === Region.CONFIG) return { size: BigInt(this.config.size), flags: rw };
@@ -238,45 +218,56 @@ export class PciDevice implements VfioUserDevice {
   read(region: number, offset: number, count: number): Uint8Array | Promise<Uint8Array> {
     if (region === Region.CONFIG) return this.config.read(offset, count);
     if (region === Region.ROM && this.rom) return Buffer.from(this.rom.subarray(offset, offset + count));
-    const bar = this.bars[region]!;
-    if (bar.memory) return Buffer.from(bar.memory.subarray(offset, offset + count));
-    const value = bar.description.read!(offset, count);
-    return value instanceof Promise ? value.then((v) => encodeValue(v, count)) : encodeValue(value, count);
+    return this.bars[region]!.read(offset, count);
   }
 
   write(region: number, offset: number, data: Buffer): void | Promise<void> {
-    if (region === Region.CONFIG) return this.config.write(offset, data);
+    if (region === Region.CONFIG) {
+      this.config.write(offset, data);
+      if (!this.resetDue) return;
+      this.resetDue = false;
+      return this.reset();
+    }
     if (region === Region.ROM) return;
-    const bar = this.bars[region]!;
-    bar.memory?.set(data, offset);
-    return bar.description.write?.(offset, data);
+    return this.bars[region]!.write(offset, data);
   }
 
+  /**
+   * INTx is MASKABLE | AUTOMASKED (a level interrupt, as VFIO reports it).
+   * MSI and MSI-X are MASKABLE: SET_IRQS MASK/UNMASK holds vectors pending
+   * like the guest's own mask bits. Not NORESIZE: eventfds can be wired to
+   * any vector at any time, so a VMM may grow the set without disabling it.
+   */
   irqInfo(index: number): { count: number; flags: number } {
-    const flags = index === IrqIndex.INTX
-      ? IrqInfoFlags.EVENTFD | IrqInfoFlags.MASKABLE | IrqInfoFlags.AUTOMASKED
-      : IrqInfoFlags.EVENTFD;
-    return { count: this.interrupts.count(index), flags };
+    const count = this.interrupts.count(index);
+    let flags: number = IrqInfoFlags.EVENTFD;
+    if (index === IrqIndex.INTX) flags |= IrqInfoFlags.MASKABLE | IrqInfoFlags.AUTOMASKED;
+    else if ((index === IrqIndex.MSI || index === IrqIndex.MSIX) && count > 0) flags |= IrqInfoFlags.MASKABLE;
+    return { count, flags };
   }
 
   setIrqs(request: SetIrqs, fds: number[]): void {
-    this.interrupts.apply(request, fds, (index, vector) => this.interrupts.trigger(index, vector));
-    if (request.index === IrqIndex.INTX && this.intxAsserted && !this.interrupts.isMasked(IrqIndex.INTX, 0)) {
-      // Unmasked with the line still high: a level interrupt fires again.
-      this.interrupts.trigger(IrqIndex.INTX);
-    }
+    this.interrupts.apply(request, fds);
+    this.irq.clientChanged(request.index);
   }
 
+  /** DEVICE_RESET, FLR and soft reset: power-on config space and interrupt state, then the device's hook. */
   async reset(): Promise<void> {
     this.config.reset();
-    this.deassertIntx();
-    for (const bar of this.bars) bar?.memory?.fill(0);
+    for (const bar of this.bars) bar?.reset();
+    this.irq.reset();
     await this.description.reset?.();
   }
 
+  /**
+   * Config space is answered natively unless a vendor capability computes
+   * registers on read (`read` hook): then every config read goes to JS.
+   * Plain-memory BARs are always native, MSI-X table and PBA included (their
+   * bytes are kept current); handler-backed BARs go to JS.
+   */
   nativeReads(maxCount: number): NativeRegionReads {
     const reads = new native.NativeRegionReads(maxCount);
-    reads.set(Region.CONFIG, this.config.bytes);
+    if (!this.config.hasReadHooks) reads.set(Region.CONFIG, this.config.bytes);
     this.bars.forEach((bar, i) => {
       if (bar?.memory) reads.set(i, bar.memory);
     });
@@ -294,3 +285,18 @@ export class PciDevice implements VfioUserDevice {
   }
 }
 
+/** An optional list field, checked to be an array with at most one of each single capability. */
+function listOf<T extends { kind: string }>(value: T[] | undefined, field: string): T[] {
+  if (value === undefined) return [];
+  if (!Array.isArray(value)) throw new InvalidDeviceError(field, 'must be an array');
+  const seen = new Map<string, number>();
+  value.forEach((c, i) => {
+    if (typeof c !== 'object' || c === null) throw new InvalidDeviceError(`${field}[${i}]`, 'must be an object');
+    const first = seen.get(c.kind);
+    if (first !== undefined && SINGLE.includes(c.kind)) {
+      throw new InvalidDeviceError(`${field}[${i}].kind`, `a second ${c.kind} capability (the first is ${field}[${first}])`);
+    }
+    if (first === undefined) seen.set(c.kind, i);
+  });
+  return value;
+}

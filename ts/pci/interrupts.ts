@@ -1,14 +1,32 @@
 /**
- * Interrupt lines: the client's eventfds per IRQ index and vector, with
- * masking and pending state, as SET_IRQS wires them (§6.8).
+ * Interrupt lines: the client's eventfds per IRQ index and vector, with the
+ * client's (VFIO-level) masks, as SET_IRQS wires them (§6.8). INTx, ERR and
+ * REQ keep their pending state here; MSI and MSI-X are routed to their
+ * capability, which owns the guest-visible mask and pending bits.
  */
 import { closeFds, native } from '../native.js';
 import { IrqIndex, SetIrqsFlags, type SetIrqs } from '../protocol/index.js';
+
+/**
+ * What became of one interrupt: signalled on its eventfd, held pending
+ * behind a mask (delivered on unmask), or dropped (no eventfd wired, or the
+ * guest left the device no way to interrupt).
+ */
+export type Delivery = 'sent' | 'pending' | 'dropped';
+
+/** A capability that owns an index's masking (MSI, MSI-X). */
+export interface VectorRouter {
+  /** The client's loopback TRIGGER. */
+  trigger(vector: number): Delivery;
+  /** The client unmasked `vector`: deliver it if it is pending and nothing else masks it. */
+  unmasked(vector: number): void;
+}
 
 class Vectors {
   fds: number[];
   masked: boolean[];
   pending: boolean[];
+  router: VectorRouter | undefined;
 
   constructor(readonly count: number) {
     this.fds = new Array<number>(count).fill(-1);
@@ -31,36 +49,51 @@ export class Interrupts {
     return this.indexes[index]?.count ?? 0;
   }
 
+  /** Hands an index's triggers and unmasks to the capability that owns its masking. */
+  route(index: number, router: VectorRouter): void {
+    this.indexes[index].router = router;
+  }
+
   /** Whether the client wired an eventfd to this vector. */
   connected(index: number, vector: number): boolean {
     return (this.indexes[index]?.fds[vector] ?? -1) >= 0;
   }
 
+  /** Whether the client masked this vector with SET_IRQS. */
   isMasked(index: number, vector: number): boolean {
     return this.indexes[index]?.masked[vector] ?? false;
   }
 
+  /** INTx/ERR/REQ: fired while masked. (MSI/MSI-X pending bits live in their capability.) */
   isPending(index: number, vector: number): boolean {
     return this.indexes[index]?.pending[vector] ?? false;
   }
 
+  /** Signals the vector's eventfd, ignoring masks: the caller has decided to deliver. */
+  signal(index: number, vector: number): Delivery {
+    const fd = this.indexes[index]?.fds[vector] ?? -1;
+    if (fd < 0) return 'dropped';
+    native.eventfdSignal(fd);
+    this.delivered[index]++;
+    return 'sent';
+  }
+
   /**
-   * Fires a vector: signals its eventfd, or holds it pending while masked.
-   * INTx masks itself on delivery (AUTOMASKED), as VFIO does for a level
-   * interrupt; the client unmasks it once the guest has handled it.
+   * Fires a vector of an index without a capability (INTx, ERR, REQ):
+   * signals its eventfd, or holds it pending while masked. INTx masks itself
+   * on delivery (AUTOMASKED), as VFIO does for a level interrupt; the client
+   * unmasks it once the guest has handled it.
    */
-  trigger(index: number, vector = 0): boolean {
+  trigger(index: number, vector = 0): Delivery {
     const v = this.indexes[index];
-    if (!v || vector >= v.count) return false;
+    if (!v || vector >= v.count) return 'dropped';
     if (v.masked[vector]) {
       v.pending[vector] = true;
-      return false;
+      return 'pending';
     }
-    if (v.fds[vector] < 0) return false;
-    native.eventfdSignal(v.fds[vector]);
-    this.delivered[index]++;
-    if (index === IrqIndex.INTX) v.masked[vector] = true;
-    return true;
+    const delivery = this.signal(index, vector);
+    if (delivery === 'sent' && index === IrqIndex.INTX) v.masked[vector] = true;
+    return delivery;
   }
 
   mask(index: number, vector: number): void {
@@ -73,7 +106,9 @@ export class Interrupts {
     const v = this.indexes[index];
     if (!v || vector >= v.count) return;
     v.masked[vector] = false;
-    if (v.pending[vector]) {
+    if (v.router) {
+      v.router.unmasked(vector);
+    } else if (v.pending[vector]) {
       v.pending[vector] = false;
       this.trigger(index, vector);
     }
@@ -85,11 +120,13 @@ export class Interrupts {
     if (v && vector < v.count) v.pending[vector] = false;
   }
 
-  /**
-   * Applies a SET_IRQS the session has validated; owns `fds` from here on.
-   * `fire` lets the device route loopback triggers (INTx level, MSI masks).
-   */
-  apply(req: SetIrqs, fds: number[], fire: (index: number, vector: number) => void): void {
+  /** A device reset: pending events are lost; eventfds and client masks are the client's and stay. */
+  clearAllPending(): void {
+    for (const v of this.indexes) v.pending.fill(false);
+  }
+
+  /** Applies a SET_IRQS the session has validated; owns `fds` from here on. */
+  apply(req: SetIrqs, fds: number[]): void {
     const v = this.indexes[req.index];
     const data = req.flags & SetIrqsFlags.DATA_TYPE_MASK;
     const action = req.flags & SetIrqsFlags.ACTION_TYPE_MASK;
@@ -97,17 +134,18 @@ export class Interrupts {
       this.release(req.index, 0, v.count);
       return;
     }
-    const vectors = Array.from({ length: req.count }, (_, i) => req.start + i);
     if (data === SetIrqsFlags.DATA_EVENTFD) {
       this.release(req.index, req.start, req.count);
       fds.forEach((fd, i) => (v.fds[req.start + i] = fd));
       return;
     }
-    const selected = vectors.filter((_, i) => data !== SetIrqsFlags.DATA_BOOL || req.bools?.[i]);
-    for (const vector of selected) {
+    for (let i = 0; i < req.count; i++) {
+      if (data === SetIrqsFlags.DATA_BOOL && !req.bools?.[i]) continue;
+      const vector = req.start + i;
       if (action === SetIrqsFlags.ACTION_MASK) this.mask(req.index, vector);
       else if (action === SetIrqsFlags.ACTION_UNMASK) this.unmask(req.index, vector);
-      else fire(req.index, vector);
+      else if (v.router) v.router.trigger(vector);
+      else this.trigger(req.index, vector);
     }
   }
 

@@ -1,0 +1,198 @@
+/**
+ * The declarative description of a PCI device: what a user writes to get a
+ * device. Everything here is data plus optional handlers; `PciDevice` checks
+ * it at construction and throws `InvalidDeviceError` naming the bad field.
+ */
+import { UsageError } from '../errors.js';
+
+/** What a register read may return: a number/bigint (little-endian) or the bytes. */
+export type RegisterValue = number | bigint | Uint8Array;
+
+export interface BarHandlers {
+  /** Reads `size` bytes at `offset`. Without it, reads return the BAR's memory. */
+  read?(offset: number, size: number): RegisterValue | Promise<RegisterValue>;
+  /** A write of `data` at `offset` (after it is stored, for memory-backed BARs). */
+  write?(offset: number, data: Buffer): void | Promise<void>;
+}
+
+export interface IoBar extends BarHandlers {
+  kind: 'io';
+  /** Bytes; a power of two, at least 4. */
+  size: number;
+}
+
+export interface MemoryBar extends BarHandlers {
+  kind: 'memory';
+  /** Bytes; a power of two, at least 16. */
+  size: number;
+  /** 64-bit BARs take the next BAR slot as their upper half. */
+  width?: 32 | 64;
+  prefetchable?: boolean;
+}
+
+export type BarDescription = IoBar | MemoryBar;
+export type BarIndex = 0 | 1 | 2 | 3 | 4 | 5;
+export type InterruptPin = 'A' | 'B' | 'C' | 'D';
+
+/** A place in a BAR (the MSI-X table and PBA). `offset` is 8-byte aligned. */
+export interface BarLocation {
+  bar: BarIndex;
+  offset: number;
+}
+
+/** A capability's offset in config space; omit it to have the library place it. */
+interface Placement {
+  /** Dword-aligned; 0x40-0xFF for capabilities, 0x100-0xFFF for extended ones. */
+  at?: number;
+}
+
+/**
+ * Registers a device defines inside a vendor capability (standard or
+ * extended). The library stores the bytes and applies the writable mask;
+ * handlers add behaviour.
+ */
+export interface DeviceRegisters {
+  /** Initial contents of the registers after the capability's own header. */
+  data: Uint8Array;
+  /** Bits the guest may write, byte for byte over `data`; `true` for every bit. Default: read-only. */
+  writable?: Uint8Array | true;
+  /**
+   * Computes registers when the guest reads them (offset relative to `data`).
+   * Config reads then go through JS instead of the native fast path: see
+   * `PciDevice.nativeReads`.
+   */
+  read?(offset: number, size: number): RegisterValue;
+  /** Sees every guest write to the registers, after the writable bits are stored. */
+  write?(offset: number, data: Buffer): void;
+}
+
+export type PowerState = 'D0' | 'D1' | 'D2' | 'D3hot';
+
+/** Power Management (ID 0x01): PMCSR power state and No_Soft_Reset. */
+export interface PowerManagementCapability extends Placement {
+  kind: 'pm';
+  /** Whether the optional D1 / D2 states exist; writes of a missing state are discarded. */
+  d1?: boolean;
+  d2?: boolean;
+  /**
+   * No_Soft_Reset (default true): D3hot to D0 keeps the device's state. When
+   * false, that transition resets the device as DEVICE_RESET does.
+   */
+  noSoftReset?: boolean;
+}
+
+export type MsiVectorCount = 1 | 2 | 4 | 8 | 16 | 32;
+
+/** MSI (ID 0x05). */
+export interface MsiCapability extends Placement {
+  kind: 'msi';
+  /** Multiple Message Capable: the vectors the device can use. */
+  vectors: MsiVectorCount;
+  /** 64-bit message address (default true). */
+  address64?: boolean;
+  /** Per-vector mask and pending bits (default false). */
+  perVectorMask?: boolean;
+}
+
+/** MSI-X (ID 0x11): the library emulates the table and PBA inside the named BARs. */
+export interface MsixCapability extends Placement {
+  kind: 'msix';
+  /** Table size, 1-2048. */
+  vectors: number;
+  table: BarLocation;
+  pba: BarLocation;
+}
+
+export type PcieDeviceType = 'endpoint' | 'legacy-endpoint' | 'integrated-endpoint';
+export type MaxPayload = 128 | 256 | 512 | 1024 | 2048 | 4096;
+
+/** PCI Express (ID 0x10), version 2, 60 bytes. Makes config space 4 KiB. */
+export interface PciExpressCapability extends Placement {
+  kind: 'pcie';
+  /** Default 'endpoint'. Integrated endpoints have no link registers. */
+  type?: PcieDeviceType;
+  /** Function Level Reset capable (default true): Initiate FLR resets the device. */
+  flr?: boolean;
+  /** Max_Payload_Size Supported (default 128). */
+  maxPayload?: MaxPayload;
+}
+
+/** Vendor-specific (ID 0x09): ID, next, length, then the device's registers. */
+export interface VendorCapability extends Placement, DeviceRegisters {
+  kind: 'vendor';
+}
+
+export type Capability =
+  | PowerManagementCapability
+  | MsiCapability
+  | MsixCapability
+  | PciExpressCapability
+  | VendorCapability;
+
+/** Device Serial Number (extended ID 0x0003). */
+export interface SerialNumberCapability extends Placement {
+  kind: 'dsn';
+  /** The 64-bit serial (an EUI-64 by convention). */
+  serial: bigint;
+}
+
+/** Vendor-Specific Extended (extended ID 0x000B): VSEC header, then the device's registers. */
+export interface VendorExtendedCapability extends Placement, DeviceRegisters {
+  kind: 'vsec';
+  /** VSEC ID, 16 bits, meaning defined by the vendor. */
+  vsecId: number;
+  /** VSEC Rev, 4 bits (default 0). */
+  vsecRevision?: number;
+}
+
+/** Advanced Error Reporting (extended ID 0x0001), endpoint registers with the usual defaults. */
+export interface AerCapability extends Placement {
+  kind: 'aer';
+}
+
+export type ExtendedCapability = SerialNumberCapability | VendorExtendedCapability | AerCapability;
+
+export interface PciDeviceDescription {
+  vendorId: number;
+  deviceId: number;
+  subsystemVendorId?: number;
+  subsystemId?: number;
+  revision?: number;
+  /** 24 bits: base class << 16 | subclass << 8 | programming interface. */
+  classCode: number;
+  bars?: Partial<Record<BarIndex, BarDescription>>;
+  /** Expansion ROM contents (sized up to a power of two, at least 2 KiB). */
+  rom?: Uint8Array;
+  /** The INTx pin the device uses; omit for none. */
+  intx?: InterruptPin;
+  /** Chained in ascending offset order; auto-placed ones take the lowest free slot, in array order. */
+  capabilities?: Capability[];
+  /** Needs a `pcie` capability. The one at the lowest offset must sit at 0x100. */
+  extendedCapabilities?: ExtendedCapability[];
+  /** Called on DEVICE_RESET and FLR (after config space is back to its defaults). */
+  reset?(): void | Promise<void>;
+}
+
+/** A description that cannot describe a real device; `field` names the culprit. */
+export class InvalidDeviceError extends UsageError {
+  constructor(readonly field: string, problem: string) {
+    super(`${field}: ${problem}`);
+  }
+}
+
+export const isPowerOfTwo = (n: number): boolean => Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
+
+/** Throws unless `value` (when given) is an unsigned integer of `bits` bits. */
+export function checkUint(field: string, value: number | undefined, bits: number): void {
+  if (value !== undefined && !(Number.isInteger(value) && value >= 0 && value < 2 ** bits)) {
+    throw new InvalidDeviceError(field, `${value} is not a ${bits}-bit unsigned integer`);
+  }
+}
+
+/** Encodes a handler's answer as exactly `size` little-endian bytes. */
+export function encodeValue(value: RegisterValue, size: number): Uint8Array {
+  if (value instanceof Uint8Array) return value;
+  const out = Buffer.alloc(Math.max(size, 8));
+  out.writeBigUInt64LE(BigInt.asUintN(64, typeof value === 'bigint' ? value : BigInt(Math.trunc(value))), 0);
+  return out.subarray(0, size);
+}

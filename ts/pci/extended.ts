@@ -1,0 +1,96 @@
+/**
+ * PCIe extended capabilities (§10.4): Device Serial Number, Vendor-Specific
+ * Extended and Advanced Error Reporting. Their headers (ID, version, next)
+ * are written by `chainExtended`; this module defines what follows.
+ */
+import { ExtendedCapabilityId } from './capabilities.js';
+import type { ConfigSpace } from './config.js';
+import {
+  checkUint,
+  InvalidDeviceError,
+  type ExtendedCapability,
+  type VendorExtendedCapability,
+} from './description.js';
+import { checkRegisters, defineRegisters } from './registers.js';
+
+const HEADER = 4;
+const VSEC_HEADER = 8;
+/** VSEC Length is 12 bits and counts both headers. */
+const MAX_VSEC = 0xfff;
+const DSN_SIZE = 12;
+/** AER version 2 with the TLP prefix log: 0x48 bytes, as QEMU and Linux size it. */
+const AER_SIZE = 0x48;
+
+export const extendedId: Record<ExtendedCapability['kind'], number> = {
+  aer: ExtendedCapabilityId.AER,
+  dsn: ExtendedCapabilityId.SERIAL_NUMBER,
+  vsec: ExtendedCapabilityId.VENDOR,
+};
+
+/** Capability Version field of each header. */
+export const extendedVersion: Record<ExtendedCapability['kind'], number> = { aer: 2, dsn: 1, vsec: 1 };
+
+export function extendedSize(c: ExtendedCapability): number {
+  switch (c.kind) {
+    case 'dsn': return DSN_SIZE;
+    case 'aer': return AER_SIZE;
+    case 'vsec': return VSEC_HEADER + c.data.length;
+  }
+}
+
+export function checkExtended(c: ExtendedCapability, field: string): void {
+  switch (c.kind) {
+    case 'dsn':
+      if (typeof c.serial !== 'bigint' || BigInt.asUintN(64, c.serial) !== c.serial) {
+        throw new InvalidDeviceError(`${field}.serial`, `${String(c.serial)} is not a 64-bit unsigned bigint`);
+      }
+      return;
+    case 'vsec':
+      checkUint(`${field}.vsecId`, c.vsecId, 16);
+      checkUint(`${field}.vsecRevision`, c.vsecRevision, 4);
+      checkRegisters(c, field, MAX_VSEC - VSEC_HEADER);
+      return;
+    case 'aer':
+      return;
+    default:
+      throw new InvalidDeviceError(`${field}.kind`, `${String((c as { kind: unknown }).kind)} is not one of dsn, vsec, aer`);
+  }
+}
+
+export function defineExtended(config: ConfigSpace, at: number, c: ExtendedCapability): void {
+  switch (c.kind) {
+    case 'dsn':
+      config.define(at + 4, 4, Number(c.serial & 0xffffffffn));
+      config.define(at + 8, 4, Number(c.serial >> 32n));
+      return;
+    case 'vsec':
+      defineVsec(config, at, c);
+      return;
+    case 'aer':
+      defineAer(config, at);
+      return;
+  }
+}
+
+function defineVsec(config: ConfigSpace, at: number, c: VendorExtendedCapability): void {
+  const length = VSEC_HEADER + c.data.length;
+  config.define(at + HEADER, 4, (c.vsecId | ((c.vsecRevision ?? 0) << 16) | (length << 20)) >>> 0);
+  defineRegisters(config, at + VSEC_HEADER, c);
+}
+
+/** Uncorrectable error bits an endpoint may implement (data link protocol ... poisoned TLP egress). */
+const AER_UNCORRECTABLE = 0x07fff030;
+/** Power-on severity: data link protocol, surprise down, flow control, receiver overflow, malformed TLP are fatal. */
+const AER_SEVERITY_DEFAULT = 0x00062030;
+const AER_CORRECTABLE = 0xf1c1;
+/** Advisory non-fatal errors are masked at power-on. */
+const AER_CORRECTABLE_MASK_DEFAULT = 0x2000;
+
+function defineAer(config: ConfigSpace, at: number): void {
+  config.define(at + 0x04, 4, 0, 0, AER_UNCORRECTABLE); // uncorrectable status, RW1C
+  config.define(at + 0x08, 4, 0, AER_UNCORRECTABLE); // uncorrectable mask
+  config.define(at + 0x0c, 4, AER_SEVERITY_DEFAULT, AER_UNCORRECTABLE); // uncorrectable severity
+  config.define(at + 0x10, 4, 0, 0, AER_CORRECTABLE); // correctable status, RW1C
+  config.define(at + 0x14, 4, AER_CORRECTABLE_MASK_DEFAULT, AER_CORRECTABLE); // correctable mask
+  // Capabilities and control (no ECRC), header log and prefix log: read-only, 0.
+}

@@ -1,0 +1,123 @@
+/**
+ * The device's side of interrupts: one `trigger(vector)` that uses whichever
+ * mode the guest enabled (MSI-X, else MSI, else the INTx pin), the INTx
+ * line's level semantics, and ERR/REQ.
+ */
+import { UsageError } from '../errors.js';
+import { IrqIndex } from '../protocol/index.js';
+import { Cfg, Command, Status, type ConfigSpace, type ConfigWrite } from './config.js';
+import type { Delivery, Interrupts } from './interrupts.js';
+import type { Msi } from './msi.js';
+import type { Msix } from './msix.js';
+
+/** How the guest lets the device interrupt it right now. */
+export type IrqMode = 'msix' | 'msi' | 'intx' | 'none';
+
+export class DeviceIrq {
+  private asserted = false;
+
+  constructor(
+    private readonly config: ConfigSpace,
+    private readonly interrupts: Interrupts,
+    private readonly hasPin: boolean,
+    private readonly msi: Msi | undefined,
+    private readonly msix: Msix | undefined,
+  ) {
+    config.onWrite({ start: Cfg.COMMAND, end: Cfg.COMMAND + 2, apply: (write) => this.commandWritten(write) });
+  }
+
+  get mode(): IrqMode {
+    if (this.msix?.enabled) return 'msix';
+    if (this.msi?.enabled) return 'msi';
+    return this.hasPin ? 'intx' : 'none';
+  }
+
+  /**
+   * Raises interrupt `vector` in the guest's mode. MSI-X and MSI are edges:
+   * a masked vector is held pending (PBA / pending bits) and delivered on
+   * unmask; without Bus Master Enable the function cannot write the message,
+   * so it is dropped. INTx is a level: the line stays asserted until
+   * `deassert()`, and every vector shares it.
+   */
+  trigger(vector = 0): Delivery {
+    const vectors = Math.max(1, this.msi?.vectors.count ?? 0, this.msix?.vectors.count ?? 0);
+    if (!Number.isInteger(vector) || vector < 0 || vector >= vectors) {
+      throw new UsageError(`vector ${vector} is not in 0-${vectors - 1}`);
+    }
+    switch (this.mode) {
+      case 'msix':
+        if (vector >= this.msix!.vectors.count) throw new UsageError(`vector ${vector} is past the MSI-X table (${this.msix!.vectors.count} entries)`);
+        return this.busMaster ? this.msix!.fire(vector) : 'dropped';
+      case 'msi':
+        return this.busMaster ? this.msi!.fire(vector) : 'dropped';
+      case 'intx':
+        return this.assertIntx();
+      case 'none':
+        return 'dropped';
+    }
+  }
+
+  /** Ends a level interrupt raised in INTx mode; message interrupts are edges and need nothing. */
+  deassert(): void {
+    if (this.asserted) this.deassertIntx();
+  }
+
+  /** Raises the INTx line (level): delivered unless INTx is disabled or masked. */
+  assertIntx(): Delivery {
+    if (!this.hasPin) throw new UsageError('the device declares no INTx pin');
+    this.config.setBits16(Cfg.STATUS, Status.INTX, true);
+    // An asserted line has already been offered: the guest sees it when it unmasks.
+    if (this.asserted) return 'pending';
+    this.asserted = true;
+    return this.intxDisabled ? 'pending' : this.interrupts.trigger(IrqIndex.INTX);
+  }
+
+  deassertIntx(): void {
+    this.asserted = false;
+    this.config.setBits16(Cfg.STATUS, Status.INTX, false);
+    this.interrupts.clearPending(IrqIndex.INTX, 0);
+  }
+
+  get intxAsserted(): boolean {
+    return this.asserted;
+  }
+
+  /** Reports an error to the client (ERR index, e.g. for AER). */
+  signalError(): Delivery {
+    return this.interrupts.trigger(IrqIndex.ERR);
+  }
+
+  /** Asks the client to release the device (REQ index). */
+  requestRelease(): Delivery {
+    return this.interrupts.trigger(IrqIndex.REQ);
+  }
+
+  /** After a SET_IRQS: an INTx line unmasked while still high fires again (level). */
+  clientChanged(index: number): void {
+    if (index === IrqIndex.INTX && this.asserted && !this.intxDisabled && !this.interrupts.isMasked(IrqIndex.INTX, 0)) {
+      this.interrupts.trigger(IrqIndex.INTX);
+    }
+  }
+
+  /** Device reset: the line drops and every pending event is forgotten. */
+  reset(): void {
+    this.deassertIntx();
+    this.msi?.reset();
+    this.msix?.reset();
+    this.interrupts.clearAllPending();
+  }
+
+  private get busMaster(): boolean {
+    return (this.config.u16(Cfg.COMMAND) & Command.BUS_MASTER) !== 0;
+  }
+
+  private get intxDisabled(): boolean {
+    return (this.config.u16(Cfg.COMMAND) & Command.INTX_DISABLE) !== 0;
+  }
+
+  /** INTx disable gates delivery: clearing it offers a line that is still asserted. */
+  private commandWritten(write: ConfigWrite): void {
+    const wasDisabled = (write.previous(Cfg.COMMAND, 2) & Command.INTX_DISABLE) !== 0;
+    if (wasDisabled && !this.intxDisabled && this.asserted) this.interrupts.trigger(IrqIndex.INTX);
+  }
+}

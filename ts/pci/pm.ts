@@ -1,0 +1,58 @@
+/**
+ * Power Management capability (ID 0x01, 8 bytes, §10.3): PMC says version 3
+ * and which of D1/D2 exist; PMCSR holds the power state. PME is not
+ * supported (PME_Support 0), so PME_En and PME_Status stay 0.
+ */
+import type { ConfigSpace, ConfigWrite } from './config.js';
+import type { PowerManagementCapability, PowerState } from './description.js';
+
+export const PM_SIZE = 8;
+
+const PMC = 2;
+const PMCSR = 4;
+const PMC_VERSION_3 = 0x3;
+const PMC_D1 = 1 << 9;
+const PMC_D2 = 1 << 10;
+const PMCSR_STATE = 0x3;
+const PMCSR_NO_SOFT_RESET = 1 << 3;
+
+const STATES: readonly PowerState[] = ['D0', 'D1', 'D2', 'D3hot'];
+
+export class PowerManagement {
+  private readonly supported: ReadonlySet<PowerState>;
+
+  constructor(
+    private readonly config: ConfigSpace,
+    private readonly at: number,
+    description: PowerManagementCapability,
+    /** A reset is due once the write completes (D3hot to D0 without No_Soft_Reset). */
+    requestReset: () => void,
+  ) {
+    this.supported = new Set<PowerState>(['D0', 'D3hot', ...(description.d1 ? ['D1' as const] : []), ...(description.d2 ? ['D2' as const] : [])]);
+    const noSoftReset = description.noSoftReset ?? true;
+    config.define(at + PMC, 2, PMC_VERSION_3 | (description.d1 ? PMC_D1 : 0) | (description.d2 ? PMC_D2 : 0));
+    config.define(at + PMCSR, 2, noSoftReset ? PMCSR_NO_SOFT_RESET : 0, PMCSR_STATE);
+    config.onWrite({
+      start: at + PMCSR,
+      end: at + PMCSR + 1,
+      apply: (write) => {
+        if (this.stateWritten(write) === 'reset' && !noSoftReset) requestReset();
+      },
+    });
+  }
+
+  get state(): PowerState {
+    return STATES[this.config.u16(this.at + PMCSR) & PMCSR_STATE];
+  }
+
+  /** Discards a write of a state the device lacks (the spec's rule); reports D3hot to D0. */
+  private stateWritten(write: ConfigWrite): 'reset' | undefined {
+    const before = STATES[write.previous(this.at + PMCSR, 2) & PMCSR_STATE];
+    if (!this.supported.has(this.state)) {
+      const pmcsr = this.config.u16(this.at + PMCSR);
+      this.config.setU16(this.at + PMCSR, (pmcsr & ~PMCSR_STATE) | STATES.indexOf(before));
+      return undefined;
+    }
+    return before === 'D3hot' && this.state === 'D0' ? 'reset' : undefined;
+  }
+}
