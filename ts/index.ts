@@ -9,6 +9,7 @@ export {
   connect,
   VfioUserClient,
   GuestMemory,
+  type GuestMemoryOptions,
   type ConnectOptions,
   type DmaMapOptions,
   type IrqAction,

@@ -8,7 +8,7 @@ import { EventEmitter } from 'node:events';
 import { Channel, type Message } from '../channel.js';
 import { closeFds, native } from '../native.js';
 import { ConnectionClosedError, UsageError } from '../errors.js';
-import { GuestMemory } from './memory.js';
+import { GuestMemory, type GuestMemoryOptions } from './memory.js';
 import {
   Command,
   DEFAULT_CAPABILITIES,
@@ -407,4 +407,4 @@ export async function connect(path: string, options: ConnectOptions = {}): Promi
   return client;
 }
 
-export { GuestMemory };
+export { GuestMemory, type GuestMemoryOptions };

@@ -5,15 +5,26 @@
 import { native, type NativeMapping } from '../native.js';
 import { UsageError } from '../errors.js';
 
+export interface GuestMemoryOptions {
+  /** The memfd's name (shown in /proc/PID/fd). */
+  name?: string;
+  /**
+   * Seal the size (F_SEAL_SHRINK | F_SEAL_GROW), as QEMU does for guest RAM:
+   * the server can then touch it with plain loads and stores, since no page
+   * can disappear. Default true.
+   */
+  sealSize?: boolean;
+}
+
 export class GuestMemory {
   /** The memfd; owned by this object until close(). */
   readonly fd: number;
   readonly size: number;
   private readonly mapping: NativeMapping;
 
-  constructor(size: number, name = 'vfio-user-guest') {
+  constructor(size: number, options: GuestMemoryOptions = {}) {
     if (!Number.isSafeInteger(size) || size <= 0) throw new UsageError(`guest memory size ${size} must be a positive integer`);
-    this.fd = native.memfdCreate(name, BigInt(size));
+    this.fd = native.memfdCreate(options.name ?? 'vfio-user-guest', BigInt(size), options.sealSize ?? true);
     try {
       this.mapping = new native.NativeMapping(this.fd, 0n, BigInt(size), true, true);
     } catch (error) {

@@ -21,7 +21,7 @@ import { UsageError } from '../errors.js';
 import { Errno } from '../protocol/index.js';
 import { AsyncDmaRequiredError, DmaAccessError, DmaViewError } from './errors.js';
 import type { MessageDma } from './messages.js';
-import type { DmaWindow } from './space.js';
+import type { DmaWindow, FastAccess } from './space.js';
 
 /** One element of a scatter-gather list. */
 export interface SgEntry {
@@ -68,14 +68,30 @@ export abstract class GuestMemoryAccess {
   }
 
   readInto(iova: bigint, target: Uint8Array): void {
-    const w = this.whole(iova, target.length, 'readable');
-    if (w) check(w.mapping!.readInto(Number(iova - w.iova), target), iova, target.length);
+    // The common case first, with as little bigint arithmetic as possible.
+    const w = this.windowAt(iova);
+    const fast = w && fastAccess(w);
+    if (fast) {
+      const at = Number(iova - w.iova);
+      if (at + target.length <= fast.bytes.length) return target.set(slice(fast, at, target.length));
+    }
+    const whole = this.whole(iova, target.length, 'readable');
+    if (whole) check(whole.mapping!.readInto(Number(iova - whole.iova), target), iova, target.length);
     else this.copyPieces(this.pieces(iova, target.length, 'readable'), target, iova, 'read');
   }
 
   write(iova: bigint, data: Uint8Array): void {
-    const w = this.whole(iova, data.length, 'writable');
-    if (w) check(w.mapping!.writeFrom(Number(iova - w.iova), data), iova, data.length);
+    const w = this.windowAt(iova);
+    const fast = w && fastAccess(w);
+    if (fast) {
+      const at = Number(iova - w.iova);
+      if (at + data.length <= fast.bytes.length) {
+        fast.bytes.set(data, at);
+        return markDirty(fast.dirty, at, data.length);
+      }
+    }
+    const whole = this.whole(iova, data.length, 'writable');
+    if (whole) check(whole.mapping!.writeFrom(Number(iova - whole.iova), data), iova, data.length);
     else this.copyPieces(this.pieces(iova, data.length, 'writable'), data, iova, 'write');
   }
 
@@ -147,7 +163,13 @@ export abstract class GuestMemoryAccess {
       const a = src[s];
       const b = dst[d];
       const n = Math.min(a.length - sDone, b.length - dDone);
-      check(a.window.mapping!.copyTo(a.offset + sDone, b.window.mapping!, b.offset + dDone, n), iova, n);
+      const [from, to] = [fastAccess(a.window), fastAccess(b.window)];
+      if (from && to) {
+        to.bytes.set(slice(from, a.offset + sDone, n), b.offset + dDone);
+        markDirty(to.dirty, b.offset + dDone, n);
+      } else {
+        check(a.window.mapping!.copyTo(a.offset + sDone, b.window.mapping!, b.offset + dDone, n), iova, n);
+      }
       sDone += n;
       dDone += n;
       if (sDone === a.length) [s, sDone] = [s + 1, 0];
@@ -168,7 +190,7 @@ export abstract class GuestMemoryAccess {
     }
     const w = this.windowAt(iova);
     if (!w) throw new DmaAccessError(Errno.EFAULT, iova, length, 'no DMA window there');
-    if (iova + BigInt(length) > w.iova + w.size) {
+    if (iova + BigInt(length) > w.end) {
       this.pieces(iova, length, 'readable'); // EFAULT if part of it is not mapped at all
       throw new DmaViewError('spans-windows', iova, 'the range crosses into another DMA window');
     }
@@ -200,7 +222,7 @@ export abstract class GuestMemoryAccess {
     for (const w of this.windowsIn(iova, end)) {
       if (!w.mapping) continue;
       const from = iova > w.iova ? iova : w.iova;
-      const to = end < w.iova + w.size ? end : w.iova + w.size;
+      const to = end < w.end ? end : w.end;
       w.mapping.dirtyScan(Number(from - w.iova), Number(to - from), clear, report, Number((from - iova) / page));
     }
     return report;
@@ -252,7 +274,7 @@ export abstract class GuestMemoryAccess {
   /** The window when [iova, iova + length) is all inside one fd-backed window allowing `need`. */
   private whole(iova: bigint, length: number, need: Need): DmaWindow | undefined {
     const w = this.windowAt(iova);
-    return w && w.mapping && w[need] && iova + BigInt(length) <= w.iova + w.size ? w : undefined;
+    return w && w.mapping && w[need] && iova + BigInt(length) <= w.end ? w : undefined;
   }
 
   /** Splits an access at window boundaries; throws if any byte is unmapped or not allowed. */
@@ -283,9 +305,7 @@ export abstract class GuestMemoryAccess {
     for (const p of pieces) if (!p.window.mapping) throw new AsyncDmaRequiredError(p.window.iova + BigInt(p.offset));
     let at = 0;
     for (const p of pieces) {
-      const part = buffer.subarray(at, at + p.length);
-      const m = p.window.mapping!;
-      check(direction === 'read' ? m.readInto(p.offset, part) : m.writeFrom(p.offset, part), iova, buffer.length);
+      copyMapped(p, buffer.subarray(at, at + p.length), direction, iova, buffer.length);
       at += p.length;
     }
   }
@@ -298,9 +318,8 @@ export abstract class GuestMemoryAccess {
       for (const p of pieces) {
         const part = buffer.subarray(at, at + p.length);
         at += p.length;
-        const m = p.window.mapping;
-        if (m) {
-          check(direction === 'read' ? m.readInto(p.offset, part) : m.writeFrom(p.offset, part), iova, buffer.length);
+        if (p.window.mapping) {
+          copyMapped(p, part, direction, iova, buffer.length);
           continue;
         }
         const messages = this.messages;
@@ -315,6 +334,47 @@ export abstract class GuestMemoryAccess {
     }
     await Promise.all(pending);
   }
+}
+
+/**
+ * The window's plain-memory access, fetched once: only windows whose file is
+ * sealed against shrinking get one, so these loads and stores cannot fault.
+ * A JS copy costs no native call, which is what small and 64 KiB copies pay
+ * most for.
+ */
+function fastAccess(w: DmaWindow): FastAccess | null {
+  if (!w.mapping) return null;
+  if (w.fast === undefined) {
+    const raw = w.mapping!.fastAccess();
+    w.fast = raw && { bytes: new Uint8Array(raw.bytes), dirty: new Uint32Array(raw.dirty) };
+  }
+  return w.fast;
+}
+
+/** Copies between `part` and a piece of an fd-backed window. */
+function copyMapped(p: Piece, part: Uint8Array, direction: 'read' | 'write', iova: bigint, total: number): void {
+  const fast = fastAccess(p.window);
+  if (!fast) {
+    const m = p.window.mapping!;
+    return check(direction === 'read' ? m.readInto(p.offset, part) : m.writeFrom(p.offset, part), iova, total);
+  }
+  if (direction === 'read') {
+    part.set(slice(fast, p.offset, part.length));
+  } else {
+    fast.bytes.set(part, p.offset);
+    markDirty(fast.dirty, p.offset, part.length);
+  }
+}
+
+/** A view of `length` bytes at `offset` (a plain Uint8Array: cheaper to make than a Buffer slice). */
+function slice(fast: FastAccess, offset: number, length: number): Uint8Array {
+  return new Uint8Array(fast.bytes.buffer, offset, length);
+}
+
+function markDirty(dirty: Uint32Array, offset: number, length: number): void {
+  if (length === 0) return;
+  const last = Math.floor((offset + length - 1) / DIRTY_PAGE_SIZE);
+  for (let page = Math.floor(offset / DIRTY_PAGE_SIZE); page <= last; page++) dirty[page >>> 5] |= 1 << (page & 31);
 }
 
 /** Turns a native copy's errno into a typed error. */

@@ -12,12 +12,27 @@ import type { MessageDma } from './messages.js';
 export interface DmaWindow {
   readonly iova: bigint;
   readonly size: bigint;
+  /** iova + size, kept so lookups allocate no bigint. */
+  readonly end: bigint;
   readonly readable: boolean;
   readonly writable: boolean;
   /** Present when the client passed an fd; absent for message-based windows. */
   readonly mapping?: NativeMapping;
   /** File offset of the fd the window was mapped from (to spot exact repeats). */
   readonly fileOffset: bigint;
+  /** Plain-memory access, looked up on first use (see GuestMemoryAccess). */
+  fast?: FastAccess | null;
+}
+
+/**
+ * The whole window as a Buffer plus its dirty bitmap, for windows whose file
+ * cannot shrink (sealed, as QEMU seals guest RAM): no access can fault, so
+ * copies need no native call.
+ */
+export interface FastAccess {
+  readonly bytes: Uint8Array;
+  /** Bit p % 32 of word p / 32 is page p of the window. */
+  readonly dirty: Uint32Array;
 }
 
 export interface MapRequest {
@@ -36,6 +51,7 @@ const U64_MAX = (1n << 64n) - 1n;
 export class DmaSpace extends GuestMemoryAccess {
   /** Sorted by IOVA; windows never overlap. */
   private windows: DmaWindow[] = [];
+  private recent: DmaWindow | undefined;
   private transport: MessageDma | undefined;
 
   constructor(readonly maxWindows: number) {
@@ -52,14 +68,19 @@ export class DmaSpace extends GuestMemoryAccess {
   }
 
   protected windowAt(iova: bigint): DmaWindow | undefined {
+    // Device code tends to stay in one window: try the last one hit first.
+    const recent = this.recent;
+    if (recent && iova >= recent.iova && iova < recent.end) return recent;
     const w = this.windows[this.lowerBound(iova + 1n) - 1];
-    return w && iova < w.iova + w.size ? w : undefined;
+    if (!w || iova >= w.end) return undefined;
+    this.recent = w;
+    return w;
   }
 
   protected *windowsIn(iova: bigint, end: bigint): Iterable<DmaWindow> {
     for (let at = Math.max(0, this.lowerBound(iova + 1n) - 1); at < this.windows.length && this.windows[at].iova < end; at++) {
       const w = this.windows[at];
-      if (w.iova + w.size > iova) yield w;
+      if (w.end > iova) yield w;
     }
   }
 
@@ -98,7 +119,9 @@ export class DmaSpace extends GuestMemoryAccess {
         throw fail(Errno.EINVAL, (error as Error).message);
       }
     }
-    const window: DmaWindow = { iova: req.iova, size: req.size, readable: req.readable, writable: req.writable, mapping, fileOffset: req.fileOffset };
+    const window: DmaWindow = {
+      iova: req.iova, size: req.size, end: req.iova + req.size, readable: req.readable, writable: req.writable, mapping, fileOffset: req.fileOffset,
+    };
     this.windows.splice(at, 0, window);
   }
 
@@ -110,18 +133,20 @@ export class DmaSpace extends GuestMemoryAccess {
       throw new ProtocolError(Errno.ENOENT, Command.DMA_UNMAP, 'no window matches exactly');
     }
     this.windows.splice(at, 1);
+    if (this.recent === w) this.recent = undefined;
     w.mapping?.unmap();
   }
 
   unmapAll(): void {
     for (const w of this.windows) w.mapping?.unmap();
     this.windows = [];
+    this.recent = undefined;
   }
 
   /** The window holding [iova, iova + length), or undefined. */
   find(iova: bigint, length: number): DmaWindow | undefined {
     const w = this.windowAt(iova);
-    return w && iova + BigInt(length) <= w.iova + w.size ? w : undefined;
+    return w && iova + BigInt(length) <= w.end ? w : undefined;
   }
 
   /** First index whose iova is >= `iova`. */
@@ -138,5 +163,5 @@ export class DmaSpace extends GuestMemoryAccess {
 }
 
 function overlaps(w: DmaWindow, iova: bigint, size: bigint): boolean {
-  return iova < w.iova + w.size && w.iova < iova + size;
+  return iova < w.end && w.iova < iova + size;
 }

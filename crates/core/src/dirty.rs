@@ -33,6 +33,13 @@ impl DirtyBitmap {
         self.pages
     }
 
+    /// The words as bytes, for a caller on the owning thread that marks pages
+    /// itself (the binding's fast path): little-endian u64 words, so bit
+    /// `p % 32` of u32 `p / 32` is page `p`.
+    pub fn as_mut_ptr(&self) -> (*mut u8, usize) {
+        (self.words.as_ptr() as *mut u8, self.words.len() * 8)
+    }
+
     /// Marks every page that `[offset, offset + len)` touches. The range must
     /// lie inside the covered bytes (the mapping checks accesses first).
     pub fn mark(&self, offset: u64, len: u64) {

@@ -2,7 +2,7 @@
 //! (guest RAM on the client side, shareable BARs on the server side).
 
 use rustix::fd::OwnedFd;
-use rustix::fs::{fstat, ftruncate, memfd_create, MemfdFlags};
+use rustix::fs::{fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags};
 use rustix::io;
 
 /// A close-on-exec memfd of `size` bytes, zero-filled.
@@ -10,6 +10,17 @@ pub fn create(name: &str, size: u64) -> io::Result<OwnedFd> {
     let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
     ftruncate(&fd, size)?;
     Ok(fd)
+}
+
+/// Fixes the size for good (F_SEAL_SHRINK | F_SEAL_GROW), as QEMU does for
+/// guest RAM: a peer that maps the file can then never be hit by SIGBUS.
+pub fn seal_size(fd: impl rustix::fd::AsFd) -> io::Result<()> {
+    fcntl_add_seals(fd, SealFlags::SHRINK | SealFlags::GROW)
+}
+
+/// Whether the file behind `fd` can no longer shrink.
+pub fn cannot_shrink(fd: impl rustix::fd::AsFd) -> bool {
+    fcntl_get_seals(fd).is_ok_and(|seals| seals.contains(SealFlags::SHRINK))
 }
 
 /// The current size of the file behind `fd`.
@@ -25,5 +36,17 @@ mod tests {
     fn creates_a_file_of_the_requested_size() {
         let fd = create("test", 3 * 4096).unwrap();
         assert_eq!(file_size(&fd).unwrap(), 3 * 4096);
+    }
+
+    #[test]
+    fn a_sealed_size_cannot_change() {
+        let fd = create("test", 4096).unwrap();
+        assert!(!cannot_shrink(&fd));
+        seal_size(&fd).unwrap();
+        assert!(cannot_shrink(&fd));
+        assert!(ftruncate(&fd, 0).is_err());
+        assert!(ftruncate(&fd, 8192).is_err());
+        let (r, _w) = rustix::pipe::pipe().unwrap();
+        assert!(!cannot_shrink(&r));
     }
 }

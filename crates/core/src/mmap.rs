@@ -56,6 +56,9 @@ pub struct Mapping {
     len: usize,
     prot: Protection,
     dirty: DirtyBitmap,
+    /// The file was sealed against shrinking when mapped, so no page of the
+    /// mapping can ever fault: plain loads and stores are safe.
+    size_sealed: bool,
 }
 
 // SAFETY: the mapping is plain shared memory; it is owned (unmapped once) by
@@ -83,6 +86,7 @@ impl Mapping {
         if prot.write {
             flags |= ProtFlags::WRITE;
         }
+        let size_sealed = crate::memfd::cannot_shrink(&fd);
         // SAFETY: a fresh shared mapping at an address of the kernel's choice
         // aliases no Rust object.
         let ptr = unsafe {
@@ -94,6 +98,7 @@ impl Mapping {
             len,
             prot,
             dirty: DirtyBitmap::new(size),
+            size_sealed,
         })
     }
 
@@ -107,6 +112,11 @@ impl Mapping {
 
     pub fn protection(&self) -> Protection {
         self.prot
+    }
+
+    /// Whether the backing file can never shrink under this mapping.
+    pub fn size_sealed(&self) -> bool {
+        self.size_sealed
     }
 
     /// The first byte of the requested range.

@@ -158,16 +158,58 @@ impl NativeMapping {
         if start.checked_add(len).is_none_or(|end| end > m.len() as u64) {
             return Err(Error::new(Status::InvalidArg, format!("view of {len} bytes at {start} is outside the {}-byte mapping", m.len())));
         }
-        // SAFETY: in bounds; the finalizer hint keeps the mapping alive for
-        // as long as the ArrayBuffer exists, and unmap() detaches it first.
+        // SAFETY: in bounds.
         let ptr = unsafe { m.as_ptr().add(start as usize) };
         m.dirty().mark(start, len);
         drop(guard);
+        let value = self.external(env.raw(), ptr, len as usize)?;
+        Ok(unsafe { Unknown::from_raw_unchecked(env.raw(), value) })
+    }
+
+    /// Whether the backing file was sealed against shrinking when mapped.
+    #[napi(getter)]
+    pub fn size_sealed(&self) -> bool {
+        self.mapping.borrow().as_ref().is_some_and(|m| m.size_sealed())
+    }
+
+    /// For the library's own copies: the whole mapping and its dirty bitmap
+    /// as ArrayBuffers, so small and large copies cost no native call. Only
+    /// for readable, writable mappings whose file cannot shrink (no access
+    /// can fault); `null` otherwise, and the SIGBUS-safe copies are used.
+    /// The caller marks the pages it writes (bit `p % 32` of u32 `p / 32`).
+    /// Both buffers are detached on unmap like any view.
+    #[napi(ts_return_type = "{ bytes: ArrayBuffer; dirty: ArrayBuffer } | null")]
+    pub fn fast_access(&mut self, env: Env) -> Result<Unknown<'_>> {
+        let raw = env.raw();
+        let guard = self.mapping.borrow();
+        let m = guard.as_ref().ok_or_else(unmapped)?;
+        let usable = m.size_sealed() && m.protection().read && m.protection().write;
+        if !usable {
+            let mut null = null_mut();
+            unsafe { sys::napi_get_null(raw, &mut null) };
+            return Ok(unsafe { Unknown::from_raw_unchecked(raw, null) });
+        }
+        let (bytes_ptr, bytes_len) = (m.as_ptr(), m.len());
+        let (dirty_ptr, dirty_len) = m.dirty().as_mut_ptr();
+        drop(guard);
+        let bytes = self.external(raw, bytes_ptr, bytes_len)?;
+        let dirty = self.external(raw, dirty_ptr, dirty_len)?;
+        let mut object = null_mut();
+        unsafe {
+            sys::napi_create_object(raw, &mut object);
+            sys::napi_set_named_property(raw, object, c"bytes".as_ptr(), bytes);
+            sys::napi_set_named_property(raw, object, c"dirty".as_ptr(), dirty);
+        }
+        Ok(unsafe { Unknown::from_raw_unchecked(raw, object) })
+    }
+
+    /// An external ArrayBuffer over memory this mapping owns, tracked so that
+    /// unmap() detaches it; its finalizer keeps the mapping alive until then.
+    fn external(&mut self, raw: sys::napi_env, ptr: *mut u8, len: usize) -> Result<sys::napi_value> {
         let hint = Box::into_raw(Box::new(self.mapping.clone()));
         let mut value = null_mut();
-        let raw = env.raw();
         let status = unsafe {
-            sys::napi_create_external_arraybuffer(raw, ptr.cast(), len as usize, Some(release_view), hint.cast(), &mut value)
+            sys::napi_create_external_arraybuffer(raw, ptr.cast(), len, Some(release_view), hint.cast(), &mut value)
         };
         if status != sys::Status::napi_ok {
             // SAFETY: not handed to N-API.
@@ -180,7 +222,7 @@ impl NativeMapping {
         let mut weak = null_mut();
         check(unsafe { sys::napi_create_reference(raw, value, 0, &mut weak) }, "napi_create_reference")?;
         self.views.push(weak);
-        Ok(unsafe { Unknown::from_raw_unchecked(raw, value) })
+        Ok(value)
     }
 
     /// Detaches every view, then unmaps. Idempotent.
