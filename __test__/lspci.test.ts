@@ -28,6 +28,8 @@ import { formatJson, formatSize, formatText } from '../ts/lspci/format.js';
 import type { Capability } from '../ts/lspci/caps.js';
 import type { ExtendedCapability } from '../ts/lspci/ext-caps.js';
 import { lspci } from '../ts/cli/lspci.js';
+import { DoorbellDevice } from '../examples/msix-device.js';
+import { QueueCard } from '../examples/nvme-doorbell.js';
 import { serve, tempSocketPath, until } from './helpers.js';
 
 const root = join(__dirname, '..');
@@ -507,6 +509,27 @@ describe('served devices (golden output)', () => {
     }
   });
 
+  test('the PCI model with every capability it emulates (examples/msix-device.ts)', async () => {
+    const served = await serve(new DoorbellDevice());
+    try {
+      expectGolden('lspci-msix-device.txt', await lspci(served.path));
+      expectGolden('lspci-msix-device.json', await lspci(served.path, { json: true }));
+    } finally {
+      await served.close();
+    }
+  });
+
+  test('a shared BAR with a sparse doorbell page and MSI-X in its trapped pages (examples/nvme-doorbell.ts)', async () => {
+    const served = await serve(new QueueCard());
+    try {
+      expectGolden('lspci-nvme-doorbell.txt', await lspci(served.path));
+      expectGolden('lspci-nvme-doorbell.json', await lspci(served.path, { json: true }));
+    } finally {
+      await served.close();
+      served.device.close();
+    }
+  });
+
   test('a server with a looping chain is described, not hung on', async () => {
     const config = chainConfig(0x40, 4096);
     cap(config, 0x40, 0x05, 0x40);
@@ -552,6 +575,21 @@ describe('vfio-user lspci', () => {
       const json = await run(['lspci', socket.path, '--json']);
       expect(json.code).toBe(0);
       expect(JSON.parse(json.stdout)).toMatchObject({ vendorId: 0x494f, deviceId: 0x0dc8 });
+    } finally {
+      server.kill('SIGTERM');
+      await new Promise((r) => server.on('exit', r));
+      socket.cleanup();
+    }
+  });
+
+  test('serves the shared-BAR example (its poll timer must not get in the way) and matches the golden text', async () => {
+    const socket = tempSocketPath();
+    const server = spawn(tsx, [main, 'serve', join(root, 'examples/nvme-doorbell.ts'), '--socket', socket.path], { stdio: 'ignore' });
+    try {
+      await until(() => existsSync(socket.path), 15000);
+      const text = await run(['lspci', socket.path]);
+      expect([text.code, text.stderr]).toEqual([0, '']);
+      expect(text.stdout).toBe(readFileSync(join(GOLDEN, 'lspci-nvme-doorbell.txt'), 'utf8'));
     } finally {
       server.kill('SIGTERM');
       await new Promise((r) => server.on('exit', r));

@@ -17,9 +17,12 @@ export {
   type SetIrqsOptions,
 } from './client/client.js';
 export { PciDevice } from './pci/device.js';
+export type { PciBar } from './pci/bars.js';
+export { IoEventfd } from './pci/ioeventfds.js';
 export {
   InvalidDeviceError,
   type AerCapability,
+  type BarArea,
   type BarDescription,
   type BarHandlers,
   type BarIndex,
@@ -29,6 +32,7 @@ export {
   type ExtendedCapability,
   type InterruptPin,
   type IoBar,
+  type IoEventfdDescription,
   type MaxPayload,
   type MemoryBar,
   type MsiCapability,

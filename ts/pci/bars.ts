@@ -1,17 +1,24 @@
 /**
  * BARs: their config-space registers (sizing masks, type bits) and their
- * contents, either plain memory or the device's handlers. Ranges the library
- * emulates itself (the MSI-X table and PBA) are overlays: accesses inside
- * them go to the emulation, the rest to memory or the handlers.
+ * contents: plain memory, the device's handlers, or shared memory the client
+ * may mmap in part. Ranges the library serves itself (the MSI-X table and
+ * PBA, and the mappable areas of a shared BAR with handlers) are overlays:
+ * accesses inside them go to the overlay, the rest to memory or handlers.
  */
+import { SharedMemory } from '../dma/shared-memory.js';
+import { RegionInfoFlags } from '../protocol/index.js';
+import type { RegionDescription, RegionIoFd } from '../device.js';
 import { Cfg, type ConfigSpace } from './config.js';
 import {
   encodeValue,
   InvalidDeviceError,
   isPowerOfTwo,
+  type BarArea,
   type BarDescription,
   type BarIndex,
 } from './description.js';
+import { checkIoEventfds, IoEventfd } from './ioeventfds.js';
+import { checkSharing } from './shared-bar.js';
 
 /** A range of a BAR emulated by the library; offsets are relative to `start`. */
 export interface BarOverlay {
@@ -21,6 +28,23 @@ export interface BarOverlay {
   write(offset: number, data: Buffer): void;
 }
 
+/** A BAR as device code sees it (`PciDevice.bar(index)`). */
+export interface PciBar {
+  readonly index: BarIndex;
+  readonly size: number;
+  /**
+   * The BAR's memory, for plain-memory and shared BARs (undefined for a BAR
+   * whose reads a handler computes and which is not shared). Stores show in
+   * guest reads at once; for a shared BAR the client's mappings see the same
+   * bytes, so doorbells written by the guest appear here without a message.
+   */
+  readonly bytes: Uint8Array | undefined;
+  /** The memfd behind a shared BAR. */
+  readonly shared: SharedMemory | undefined;
+  /** The BAR's ioeventfds, in description order. */
+  readonly ioeventfds: readonly IoEventfd[];
+}
+
 /** Memory BAR type bits (§10.2). */
 const MEMORY_64 = 0x4;
 const PREFETCHABLE = 0x8;
@@ -28,22 +52,78 @@ const IO_SPACE = 0x1;
 const MAX_IO_BAR = 256;
 const MAX_32BIT_BAR = 2 ** 31;
 
-export class Bar {
-  /** Backing bytes for BARs read without a handler (shared with the native layer). */
-  readonly memory: Buffer | undefined;
+export class Bar implements PciBar {
+  readonly bytes: Buffer | undefined;
+  readonly shared: SharedMemory | undefined;
+  readonly ioeventfds: readonly IoEventfd[];
+  /** The REGION_INFO answer, built once: the session asks for it on every access. */
+  readonly region: RegionDescription;
+  /** The GET_REGION_IO_FDS entries. */
+  readonly ioFds: readonly RegionIoFd[];
+  private readonly ownsShared: boolean;
   private readonly overlays: BarOverlay[] = [];
 
-  constructor(readonly description: BarDescription) {
-    this.memory = description.read ? undefined : Buffer.alloc(description.size);
+  constructor(
+    readonly index: BarIndex,
+    readonly description: BarDescription,
+    /** Areas the client may mmap (shared BARs only). */
+    private readonly mappable: readonly BarArea[],
+  ) {
+    const shared = description.kind === 'memory' ? description.shared : undefined;
+    this.ownsShared = shared === true;
+    this.shared = shared === true ? new SharedMemory(description.size, `vfio-user-bar${index}`) : shared;
+    this.bytes = this.shared
+      ? Buffer.from(this.shared.bytes.buffer, this.shared.bytes.byteOffset, this.shared.size)
+      : description.read ? undefined : Buffer.alloc(description.size);
+    this.region = this.shared
+      ? this.shared.region({ mmap: mappable.map((a) => ({ offset: BigInt(a.offset), size: BigInt(a.size) })) })
+      : { size: BigInt(description.size), flags: RegionInfoFlags.READ | RegionInfoFlags.WRITE };
+    this.ioeventfds = (description.ioeventfds ?? []).map((e) => new IoEventfd(e));
+    this.ioFds = this.ioeventfds.map((e) => e.entry(description.kind === 'io'));
+    // REGION_READ/WRITE of a mapped area must agree with the client's mapping, so they skip the handlers.
+    if (this.shared && (description.read || description.write)) {
+      const bytes = this.bytes!;
+      for (const a of mappable) {
+        this.addOverlay({
+          start: a.offset,
+          end: a.offset + a.size,
+          read: (offset, count) => Buffer.from(bytes.subarray(a.offset + offset, a.offset + offset + count)),
+          write: (offset, data) => bytes.set(data, a.offset + offset),
+        });
+      }
+    }
   }
 
   get size(): number {
     return this.description.size;
   }
 
+  /** The bytes trapped accesses read and store: set when no `read` handler computes them (so reads can be native). */
+  get memory(): Buffer | undefined {
+    return this.description.read ? undefined : this.bytes;
+  }
+
   addOverlay(overlay: BarOverlay): void {
     this.overlays.push(overlay);
     this.overlays.sort((a, b) => a.start - b.start);
+  }
+
+  /**
+   * Why [start, end) cannot hold a range the library must see every access
+   * to (the MSI-X table and PBA): a mappable area (QEMU traps those ranges
+   * itself, other clients would not) or an ioeventfd (its writes never come).
+   */
+  conflict(start: number, end: number): string | undefined {
+    const field = `bars[${this.index}]`;
+    const overlaps = (offset: number, size: number) => offset < end && start < offset + Math.max(size, 1);
+    const area = this.mappable.findIndex((a) => overlaps(a.offset, a.size));
+    if (area >= 0) {
+      const description = this.description.kind === 'memory' ? this.description : undefined;
+      return description?.mmap ? `${field}.mmap[${area}] is mappable` : `${field} is mappable as a whole (no mmap areas given)`;
+    }
+    const fd = this.ioeventfds.findIndex((e) => overlaps(e.offset, e.size));
+    if (fd >= 0) return `${field}.ioeventfds[${fd}] takes writes there`;
+    return undefined;
   }
 
   read(offset: number, count: number): Uint8Array | Promise<Uint8Array> {
@@ -55,6 +135,12 @@ export class Bar {
   }
 
   write(offset: number, data: Buffer): void | Promise<void> {
+    // What KVM would have signalled, had the client wired the eventfd.
+    const ioeventfd = this.ioeventfds.find((e) => e.matches(offset, data));
+    if (ioeventfd) {
+      ioeventfd.signal();
+      return;
+    }
     const pending: Promise<void>[] = [];
     for (const { start, end, overlay } of this.split(offset, data.length)) {
       const part = data.subarray(start - offset, end - offset);
@@ -69,9 +155,15 @@ export class Bar {
     if (pending.length > 0) return Promise.all(pending).then(() => undefined);
   }
 
-  /** Power-on contents: memory BARs are zeroed (overlays restore their own state after). */
+  /** Power-on contents: plain and shared memory is zeroed (overlays restore their own state after). */
   reset(): void {
-    this.memory?.fill(0);
+    this.bytes?.fill(0);
+  }
+
+  /** Frees the eventfds and the shared memory the BAR created; a caller's SharedMemory stays open. */
+  close(): void {
+    for (const e of this.ioeventfds) e.close();
+    if (this.ownsShared) this.shared!.close();
   }
 
   private readPlain(offset: number, count: number): Uint8Array | Promise<Uint8Array> {
@@ -99,7 +191,7 @@ export class Bar {
 
 /** Checks the BAR descriptions and defines their registers; returns the BARs by slot. */
 export function defineBars(config: ConfigSpace, bars: Partial<Record<BarIndex, BarDescription>>): (Bar | undefined)[] {
-  const out: (Bar | undefined)[] = new Array(6).fill(undefined);
+  const checked: { index: BarIndex; bar: BarDescription; mappable: BarArea[] }[] = [];
   for (let i = 0; i < 6; i++) {
     const bar = bars[i as BarIndex];
     if (!bar) continue;
@@ -132,8 +224,13 @@ export function defineBars(config: ConfigSpace, bars: Partial<Record<BarIndex, B
       config.define(offset, 4, type, Number(sizeMask & 0xfffffff0n));
       if (wide) config.define(offset + 4, 4, 0, Number(sizeMask >> 32n));
     }
-    out[i] = new Bar(bar);
+    const mappable = checkSharing(bar, field);
+    checkIoEventfds(bar.ioeventfds, `${field}.ioeventfds`, bar.size, mappable);
+    checked.push({ index: i as BarIndex, bar, mappable });
   }
+  // Created only once every BAR is valid: a later bad one must not leak memfds and eventfds.
+  const out: (Bar | undefined)[] = new Array(6).fill(undefined);
+  for (const { index, bar, mappable } of checked) out[index] = new Bar(index, bar, mappable);
   return out;
 }
 

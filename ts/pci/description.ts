@@ -4,6 +4,7 @@
  * it at construction and throws `InvalidDeviceError` naming the bad field.
  */
 import { UsageError } from '../errors.js';
+import type { SharedMemory } from '../dma/shared-memory.js';
 
 /** What a register read may return: a number/bigint (little-endian) or the bytes. */
 export type RegisterValue = number | bigint | Uint8Array;
@@ -13,6 +14,30 @@ export interface BarHandlers {
   read?(offset: number, size: number): RegisterValue | Promise<RegisterValue>;
   /** A write of `data` at `offset` (after it is stored, for memory-backed BARs). */
   write?(offset: number, data: Buffer): void | Promise<void>;
+  /**
+   * Guest writes the client may turn into eventfd signals (GET_REGION_IO_FDS):
+   * KVM then signals without exiting and the write never reaches the device.
+   * The device creates the eventfds; device code reads them with
+   * `device.bar(i).ioeventfds[n].take()`. A matching write that is trapped
+   * after all (a client that did not wire the fd) signals the same eventfd
+   * instead of reaching the handlers, so device code has one path.
+   */
+  ioeventfds?: IoEventfdDescription[];
+}
+
+/** One ioeventfd: writes of `size` bytes at `offset` (and of value `datamatch`, when given). */
+export interface IoEventfdDescription {
+  offset: number;
+  /** Access size to match; 0 matches any size (then no `datamatch`). */
+  size: 0 | 1 | 2 | 4 | 8;
+  /** Only writes of this value (little-endian, `size` bytes) signal. */
+  datamatch?: number | bigint;
+}
+
+/** A byte range of a BAR (`offset` and `size` in bytes). */
+export interface BarArea {
+  offset: number;
+  size: number;
 }
 
 export interface IoBar extends BarHandlers {
@@ -28,6 +53,23 @@ export interface MemoryBar extends BarHandlers {
   /** 64-bit BARs take the next BAR slot as their upper half. */
   width?: 32 | 64;
   prefetchable?: boolean;
+  /**
+   * Backs the BAR with memory the client may mmap (a memfd): `true` for one
+   * the device creates and frees in `close()`, or a `SharedMemory` of exactly
+   * `size` bytes that stays the caller's. Device code sees the bytes as
+   * `device.bar(i).bytes`; guest stores to mapped areas land there directly.
+   * At least 4096 bytes (mmaps are whole pages).
+   */
+  shared?: true | SharedMemory;
+  /**
+   * With `shared`: the areas the client may map (sparse mmap), whole 4 KiB
+   * pages, never overlapping; default the whole BAR. Accesses elsewhere are
+   * trapped and behave as in a plain BAR: without a `read` handler they read
+   * the shared bytes (natively) and writes are stored before `write` sees
+   * them. REGION_READ/WRITE inside mapped areas use the bytes, never the
+   * handlers, as the client's own mapping would.
+   */
+  mmap?: BarArea[];
 }
 
 export type BarDescription = IoBar | MemoryBar;

@@ -7,7 +7,7 @@
  */
 import { native, type NativeRegionReads } from '../native.js';
 import { UsageError } from '../errors.js';
-import type { DeviceAttachment, RegionDescription, VfioUserDevice } from '../device.js';
+import type { DeviceAttachment, RegionDescription, RegionIoFd, VfioUserDevice } from '../device.js';
 import type { DmaSpace } from '../dma/space.js';
 import {
   DeviceInfoFlags,
@@ -19,7 +19,7 @@ import {
   RegionInfoFlags,
   type SetIrqs,
 } from '../protocol/index.js';
-import { defineBars, defineRom, type Bar } from './bars.js';
+import { defineBars, defineRom, type Bar, type PciBar } from './bars.js';
 import {
   CapabilityId,
   chainExtended,
@@ -32,6 +32,7 @@ import {
 import { Cfg, Command, CONFIG_SIZE, ConfigSpace, EXTENDED_CONFIG_SIZE } from './config.js';
 import {
   InvalidDeviceError,
+  type BarIndex,
   type Capability,
   type ExtendedCapability,
   type MsiCapability,
@@ -61,6 +62,7 @@ const CAPABILITY_ID: Record<Capability['kind'], number> = {
 const VENDOR_HEADER = 3;
 /** Capabilities a function has at most one of. */
 const SINGLE: readonly string[] = ['pm', 'msi', 'msix', 'pcie', 'dsn', 'aer'];
+const NO_REGION: RegionDescription = { size: 0n, flags: 0 };
 
 export class PciDevice implements VfioUserDevice {
   readonly flags = DeviceInfoFlags.PCI | DeviceInfoFlags.RESET;
@@ -80,6 +82,7 @@ export class PciDevice implements VfioUserDevice {
   /** Set by a config write that resets the function (FLR, D3hot to D0); runs once the write is stored. */
   private resetDue = false;
   private attachment: DeviceAttachment | undefined;
+  private closed = false;
 
   constructor(description: PciDeviceDescription) {
     this.description = description;
@@ -93,19 +96,48 @@ export class PciDevice implements VfioUserDevice {
     this.config = new ConfigSpace(express ? EXTENDED_CONFIG_SIZE : CONFIG_SIZE);
     defineHeader(this.config, description, express);
     this.bars = defineBars(this.config, description.bars ?? {});
-    if (description.rom) this.rom = defineRom(this.config, description.rom);
-    // Checked before anything is sized from them (the vector counts).
-    const slots = caps.map((c, i) => {
-      const field = `capabilities[${i}]`;
-      return { field, at: c.at, size: this.checkCapability(c, field) };
-    });
-    const msi = caps.find((c): c is MsiCapability => c.kind === 'msi');
-    const msix = caps.find((c): c is MsixCapability => c.kind === 'msix');
-    this.interrupts = new Interrupts([description.intx ? 1 : 0, msi?.vectors ?? 0, msix?.vectors ?? 0, 1, 1]);
-    this.defineCapabilities(caps, slots);
-    this.defineExtendedCapabilities(extended);
-    this.irq = new DeviceIrq(this.config, this.interrupts, description.intx !== undefined, this.msi, this.msix);
-    this.config.seal();
+    try {
+      if (description.rom) this.rom = defineRom(this.config, description.rom);
+      // Checked before anything is sized from them (the vector counts).
+      const slots = caps.map((c, i) => {
+        const field = `capabilities[${i}]`;
+        return { field, at: c.at, size: this.checkCapability(c, field) };
+      });
+      const msi = caps.find((c): c is MsiCapability => c.kind === 'msi');
+      const msix = caps.find((c): c is MsixCapability => c.kind === 'msix');
+      this.interrupts = new Interrupts([description.intx ? 1 : 0, msi?.vectors ?? 0, msix?.vectors ?? 0, 1, 1]);
+      this.defineCapabilities(caps, slots);
+      this.defineExtendedCapabilities(extended);
+      this.irq = new DeviceIrq(this.config, this.interrupts, description.intx !== undefined, this.msi, this.msix);
+      this.config.seal();
+    } catch (error) {
+      // The BARs' memfds and eventfds exist by now; nobody else could free them.
+      this.close();
+      throw error;
+    }
+  }
+
+  /**
+   * BAR `index` for device code: its memory (`bytes`, shared with the
+   * client's mappings for a shared BAR) and its ioeventfds.
+   */
+  bar(index: BarIndex): PciBar {
+    const bar = this.bars[index];
+    if (!bar) throw new UsageError(`BAR${index} is not declared`);
+    return bar;
+  }
+
+  /**
+   * Frees what the device allocated: its BARs' ioeventfds and the memfds of
+   * `shared: true` BARs (a SharedMemory passed in stays the caller's). Call
+   * it once the device is no longer served: a session answers reads of a
+   * shared BAR natively from its memory. Idempotent.
+   */
+  close(): void {
+    if (this.attachment) throw new UsageError('a client is attached: close the server before the device');
+    if (this.closed) return;
+    this.closed = true;
+    for (const bar of this.bars) bar?.close();
   }
 
   /** Guest memory of the attached client (throws when none is attached). */
@@ -205,14 +237,15 @@ export class PciDevice implements VfioUserDevice {
   // ---- VfioUserDevice ----
 
   regionInfo(index: number): RegionDescription {
-    const rw = RegionInfoFlags.READ | RegionInfoFlags.WRITE;
-    if (index <= Region.BAR5) {
-      const bar = this.bars[index];
-      return bar ? { size: BigInt(bar.size), flags: rw } : { size: 0n, flags: 0 };
-    }
-    if (index === Region.ROM) return this.rom ? { size: BigInt(this.rom.length), flags: RegionInfoFlags.READ } : { size: 0n, flags: 0 };
-    if (index === Region.CONFIG) return { size: BigInt(this.config.size), flags: rw };
-    return { size: 0n, flags: 0 };
+    if (index <= Region.BAR5) return this.bars[index]?.region ?? NO_REGION;
+    if (index === Region.ROM) return this.rom ? { size: BigInt(this.rom.length), flags: RegionInfoFlags.READ } : NO_REGION;
+    if (index === Region.CONFIG) return { size: BigInt(this.config.size), flags: RegionInfoFlags.READ | RegionInfoFlags.WRITE };
+    return NO_REGION;
+  }
+
+  /** The BAR's ioeventfds (the session sends dups; the device keeps its own). */
+  regionIoFds(index: number): readonly RegionIoFd[] {
+    return index <= Region.BAR5 ? this.bars[index]?.ioFds ?? [] : [];
   }
 
   read(region: number, offset: number, count: number): Uint8Array | Promise<Uint8Array> {
@@ -262,8 +295,9 @@ export class PciDevice implements VfioUserDevice {
   /**
    * Config space is answered natively unless a vendor capability computes
    * registers on read (`read` hook): then every config read goes to JS.
-   * Plain-memory BARs are always native, MSI-X table and PBA included (their
-   * bytes are kept current); handler-backed BARs go to JS.
+   * Plain-memory BARs and shared BARs without a `read` handler are always
+   * native, MSI-X table and PBA included (their bytes are kept current);
+   * BARs with a `read` handler go to JS.
    */
   nativeReads(maxCount: number): NativeRegionReads {
     const reads = new native.NativeRegionReads(maxCount);

@@ -55,6 +55,8 @@ export function checkMsix(d: MsixCapability, field: string, bars: readonly (Bar 
     if (where.offset + size > bar.size) {
       throw new InvalidDeviceError(`${field}.${what}.offset`, `${size} bytes at ${where.offset} run past BAR${where.bar}'s ${bar.size} bytes`);
     }
+    const conflict = bar.conflict(where.offset, where.offset + size);
+    if (conflict) throw new InvalidDeviceError(`${field}.${what}.offset`, `the ${what} must be trapped, but ${conflict}`);
   };
   check('table', d.table, tableBytes(d.vectors));
   check('pba', d.pba, pbaBytes(d.vectors));

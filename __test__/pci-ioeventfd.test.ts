@@ -1,0 +1,173 @@
+/** Per-BAR ioeventfds: GET_REGION_IO_FDS, signalling, trapped writes, validation, lifetime. */
+import { writeSync } from 'node:fs';
+import { afterEach, describe, expect, test } from 'vitest';
+import {
+  InvalidDeviceError,
+  IrqIndex,
+  native,
+  PciDevice,
+  Region,
+  type IoEventfdDescription,
+  type PciDeviceDescription,
+} from '../ts/index.js';
+import { IoFdType, KvmIoeventfdFlags } from '../ts/protocol/index.js';
+import { openFdCount, serve, until, type Served } from './helpers.js';
+
+const base = { vendorId: 0x1234, deviceId: 0x5678, classCode: 0 } as const;
+
+let served: Served<PciDevice> | undefined;
+afterEach(async () => {
+  await served?.close();
+  served?.device.close();
+  served = undefined;
+});
+
+/** BAR0 (memory) with a doorbell at 0x10 and a datamatch pair at 0x20; BAR2 (I/O) with one at 0. */
+function kickable(write?: (offset: number, data: Buffer) => void): PciDevice {
+  return new PciDevice({
+    ...base,
+    bars: {
+      0: {
+        kind: 'memory',
+        size: 4096,
+        write,
+        ioeventfds: [{ offset: 0x10, size: 4 }, { offset: 0x20, size: 2, datamatch: 1 }, { offset: 0x20, size: 2, datamatch: 2 }],
+      },
+      2: { kind: 'io', size: 8, ioeventfds: [{ offset: 0, size: 0 }] },
+    },
+  });
+}
+
+/** What KVM does when the guest write matches: add 1 to the counter (8 bytes, native endian). */
+function kvmSignal(fd: number): void {
+  const one = Buffer.alloc(8);
+  one.writeBigUInt64LE(1n);
+  writeSync(fd, one);
+}
+
+describe('GET_REGION_IO_FDS', () => {
+  test('returns the entries and an fd each; a write to a received copy is seen by the device', async () => {
+    served = await serve(kickable());
+    const client = await served.client();
+    const before = openFdCount();
+    const reply = await client.getRegionIoFds(Region.BAR0);
+    expect(reply.count).toBe(3);
+    expect(reply.entries.map((e) => [e.offset, e.size, e.fdIndex, e.type, e.flags, e.datamatch])).toEqual([
+      [0x10n, 4n, 0, IoFdType.IOEVENTFD, 0, 0n],
+      [0x20n, 2n, 1, IoFdType.IOEVENTFD, KvmIoeventfdFlags.DATAMATCH, 1n],
+      [0x20n, 2n, 2, IoFdType.IOEVENTFD, KvmIoeventfdFlags.DATAMATCH, 2n],
+    ]);
+    expect(reply.fds).toHaveLength(3);
+    const kicks = served.device.bar(0).ioeventfds;
+    expect(reply.fds.every((fd) => native.isEventfd(fd) && !kicks.some((k) => k.fd === fd))).toBe(true);
+    kvmSignal(reply.fds[1]);
+    kvmSignal(reply.fds[1]);
+    expect(kicks.map((k) => k.take())).toEqual([0, 2, 0]);
+    expect(kicks[1].take()).toBe(0); // take() clears
+    reply.fds.forEach((fd) => native.closeFd(fd));
+    expect(openFdCount()).toBe(before);
+  });
+
+  test('I/O BARs say PIO; BARs without ioeventfds and non-BAR regions answer none', async () => {
+    served = await serve(kickable());
+    const client = await served.client();
+    const io = await client.getRegionIoFds(Region.BAR2);
+    expect(io.entries.map((e) => [e.offset, e.size, e.flags])).toEqual([[0n, 0n, KvmIoeventfdFlags.PIO]]);
+    io.fds.forEach((fd) => native.closeFd(fd));
+    for (const region of [Region.BAR1, Region.CONFIG]) {
+      const none = await client.getRegionIoFds(region);
+      expect([none.count, none.fds.length]).toEqual([0, 0]);
+    }
+  });
+});
+
+describe('trapped writes', () => {
+  test('a trapped write KVM would have signalled signals the same eventfd instead of reaching the BAR', async () => {
+    const writes: [number, number[]][] = [];
+    served = await serve(kickable((offset, data) => { writes.push([offset, [...data]]); }));
+    const client = await served.client();
+    const [doorbell, one, two] = served.device.bar(0).ioeventfds;
+    await client.regionWrite(Region.BAR0, 0x10n, Buffer.from([7, 0, 0, 0]));
+    await client.regionWrite(Region.BAR0, 0x20n, Buffer.from([2, 0]));
+    expect([doorbell.take(), one.take(), two.take()]).toEqual([1, 0, 1]);
+    expect(served.device.bar(0).bytes![0x10]).toBe(0);
+    // Another value, another size: not what KVM matches, so an ordinary write.
+    await client.regionWrite(Region.BAR0, 0x20n, Buffer.from([3, 0]));
+    await client.regionWrite(Region.BAR0, 0x10n, Buffer.from([7, 0]));
+    expect(writes).toEqual([[0x20, [3, 0]], [0x10, [7, 0]]]);
+    expect([doorbell.take(), one.take(), two.take()]).toEqual([0, 0, 0]);
+    // Size 0 matches any width.
+    await client.regionWrite(Region.BAR2, 0n, Buffer.from([1]));
+    await client.regionWrite(Region.BAR2, 0n, Buffer.from([1, 2, 3, 4]));
+    expect(served.device.bar(2).ioeventfds[0].take()).toBe(2);
+  });
+});
+
+describe('lifetime', () => {
+  test('a client leaving keeps the eventfds (the device owns them); close() frees them', async () => {
+    const start = openFdCount();
+    const device = kickable();
+    expect(openFdCount()).toBe(start + 4);
+    served = await serve(device);
+    const before = openFdCount();
+    const client = await served.client();
+    const reply = await client.getRegionIoFds(Region.BAR0);
+    reply.fds.forEach((fd) => native.closeFd(fd));
+    client.close();
+    await until(() => served!.server.session === undefined);
+    expect(openFdCount()).toBe(before);
+    expect(native.isEventfd(device.bar(0).ioeventfds[0].fd)).toBe(true);
+    await served.close();
+    served = undefined;
+    device.close();
+    expect(openFdCount()).toBe(start);
+  });
+
+  test('SET_IRQS eventfds and ioeventfds are separate: detaching drops only the client\'s', async () => {
+    served = await serve(new PciDevice({ ...base, intx: 'A', bars: { 0: { kind: 'memory', size: 16, ioeventfds: [{ offset: 0, size: 4 }] } } }));
+    const client = await served.client();
+    const irq = native.eventfdCreate();
+    await client.setIrqs({ index: IrqIndex.INTX, eventfds: [irq] });
+    native.closeFd(irq);
+    client.close();
+    await until(() => served!.server.session === undefined);
+    expect(native.isEventfd(served.device.bar(0).ioeventfds[0].fd)).toBe(true);
+  });
+});
+
+function fieldOf(description: PciDeviceDescription): string {
+  try {
+    new PciDevice(description).close();
+  } catch (error) {
+    expect(error).toBeInstanceOf(InvalidDeviceError);
+    return (error as InvalidDeviceError).field;
+  }
+  throw new Error('the description was accepted');
+}
+
+describe('invalid ioeventfds throw InvalidDeviceError naming the field', () => {
+  const on = (ioeventfds: IoEventfdDescription[], extra: Partial<PciDeviceDescription> = {}): PciDeviceDescription => ({
+    ...base,
+    bars: { 0: { kind: 'memory', size: 8192, shared: true, mmap: [{ offset: 4096, size: 4096 }], ioeventfds } },
+    ...extra,
+  });
+  const cases: [string, PciDeviceDescription, string][] = [
+    ['not an array', on({} as never), 'bars[0].ioeventfds'],
+    ['a size of 3', on([{ offset: 0, size: 3 as never }]), 'bars[0].ioeventfds[0].size'],
+    ['past the BAR', on([{ offset: 8190, size: 4 }]), 'bars[0].ioeventfds[0].offset'],
+    ['a negative offset', on([{ offset: -4, size: 4 }]), 'bars[0].ioeventfds[0].offset'],
+    ['in a mappable area', on([{ offset: 0, size: 4 }, { offset: 4096, size: 4 }]), 'bars[0].ioeventfds[1].offset'],
+    ['datamatch with size 0', on([{ offset: 0, size: 0, datamatch: 1 }]), 'bars[0].ioeventfds[0].datamatch'],
+    ['datamatch too wide', on([{ offset: 0, size: 1, datamatch: 0x100 }]), 'bars[0].ioeventfds[0].datamatch'],
+    ['a fractional datamatch', on([{ offset: 0, size: 4, datamatch: 1.5 }]), 'bars[0].ioeventfds[0].datamatch'],
+    ['a repeat', on([{ offset: 0, size: 4, datamatch: 5n }, { offset: 0, size: 4, datamatch: 5 }]), 'bars[0].ioeventfds[1]'],
+    [
+      'over the MSI-X table',
+      on([{ offset: 0x20, size: 4 }], { capabilities: [{ kind: 'msix', vectors: 4, table: { bar: 0, offset: 0 }, pba: { bar: 0, offset: 0x800 } }] }),
+      'capabilities[0].table.offset',
+    ],
+  ];
+  test.each(cases)('%s', (_name, description, field) => {
+    expect(fieldOf(description)).toBe(field);
+  });
+});

@@ -1,0 +1,91 @@
+/**
+ * Per-BAR ioeventfds: eventfds the device creates and offers through
+ * GET_REGION_IO_FDS, so a VMM can have KVM signal them on guest writes
+ * instead of forwarding the writes over the socket.
+ */
+import { native } from '../native.js';
+import { KvmIoeventfdFlags } from '../protocol/index.js';
+import type { RegionIoFd } from '../device.js';
+import { InvalidDeviceError, type BarArea, type IoEventfdDescription } from './description.js';
+
+const SIZES: readonly number[] = [0, 1, 2, 4, 8];
+
+/** Checks one BAR's ioeventfds against its size and its mappable areas (where writes never trap). */
+export function checkIoEventfds(list: unknown, field: string, barSize: number, mappable: readonly BarArea[]): void {
+  if (list === undefined) return;
+  if (!Array.isArray(list)) throw new InvalidDeviceError(field, 'must be an array');
+  // KVM refuses a second ioeventfd for the same address, length and match.
+  const seen = new Map<string, number>();
+  list.forEach((e: IoEventfdDescription, i) => {
+    const at = `${field}[${i}]`;
+    if (!SIZES.includes(e.size)) throw new InvalidDeviceError(`${at}.size`, `${String(e.size)} is not one of ${SIZES.join(', ')}`);
+    const span = Math.max(e.size, 1);
+    if (!Number.isInteger(e.offset) || e.offset < 0 || e.offset + span > barSize) {
+      throw new InvalidDeviceError(`${at}.offset`, `${e.offset} is not inside the ${barSize}-byte BAR`);
+    }
+    const area = mappable.findIndex((a) => e.offset < a.offset + a.size && a.offset < e.offset + span);
+    if (area >= 0) throw new InvalidDeviceError(`${at}.offset`, `inside mappable area ${area}: stores there never trap, so nothing would signal`);
+    const match = datamatchOf(e, at);
+    const key = `${e.offset}/${e.size}/${match ?? '*'}`;
+    const first = seen.get(key);
+    if (first !== undefined) throw new InvalidDeviceError(at, `repeats ${field}[${first}]`);
+    seen.set(key, i);
+  });
+}
+
+/** The checked `datamatch` as a bigint; KVM only compares values of a known width. */
+function datamatchOf(e: IoEventfdDescription, at: string): bigint | undefined {
+  if (e.datamatch === undefined) return undefined;
+  if (e.size === 0) throw new InvalidDeviceError(`${at}.datamatch`, 'needs a size of 1, 2, 4 or 8');
+  const value = typeof e.datamatch === 'bigint' ? e.datamatch : Number.isSafeInteger(e.datamatch) ? BigInt(e.datamatch) : -1n;
+  if (value < 0n || value >= 1n << BigInt(8 * e.size)) {
+    throw new InvalidDeviceError(`${at}.datamatch`, `${String(e.datamatch)} is not an unsigned ${8 * e.size}-bit integer`);
+  }
+  return value;
+}
+
+/** An ioeventfd of a BAR, owned by the device (closed by `PciDevice.close()`). */
+export class IoEventfd {
+  readonly fd: number;
+  readonly offset: number;
+  readonly size: number;
+  readonly datamatch: bigint | undefined;
+
+  constructor(description: IoEventfdDescription) {
+    this.offset = description.offset;
+    this.size = description.size;
+    this.datamatch = description.datamatch === undefined ? undefined : BigInt(description.datamatch);
+    this.fd = native.eventfdCreate();
+  }
+
+  /** Reads and clears the counter: how many matching writes happened since the last take (0: none). */
+  take(): number {
+    return native.eventfdTake(this.fd);
+  }
+
+  /** Whether KVM would have turned this write into a signal. */
+  matches(offset: number, data: Buffer): boolean {
+    if (offset !== this.offset || (this.size !== 0 && data.length !== this.size)) return false;
+    return this.datamatch === undefined || littleEndian(data) === this.datamatch;
+  }
+
+  signal(): void {
+    native.eventfdSignal(this.fd);
+  }
+
+  /** The GET_REGION_IO_FDS entry; `pio` for an I/O BAR (KVM registers those on the port bus). */
+  entry(pio: boolean): RegionIoFd {
+    const flags = (this.datamatch === undefined ? 0 : KvmIoeventfdFlags.DATAMATCH) | (pio ? KvmIoeventfdFlags.PIO : 0);
+    return { offset: BigInt(this.offset), size: BigInt(this.size), fd: this.fd, flags, datamatch: this.datamatch };
+  }
+
+  close(): void {
+    native.closeFd(this.fd);
+  }
+}
+
+function littleEndian(bytes: Uint8Array): bigint {
+  let value = 0n;
+  for (let i = bytes.length - 1; i >= 0; i--) value = (value << 8n) | BigInt(bytes[i]);
+  return value;
+}
