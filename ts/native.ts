@@ -32,3 +32,18 @@ export function closeFds(fds: readonly number[]): void {
     }
   }
 }
+
+/**
+ * A new memfd of `size` bytes and a read-write mapping of it (the caller owns
+ * both). `sealSize` fixes the size for good, as QEMU seals guest RAM, so no
+ * mapping of it can ever fault.
+ */
+export function mapNewMemfd(name: string, size: number, sealSize: boolean): { fd: number; mapping: NativeMapping } {
+  const fd = native.memfdCreate(name, BigInt(size), sealSize);
+  try {
+    return { fd, mapping: new native.NativeMapping(fd, 0n, BigInt(size), true, true) };
+  } catch (error) {
+    native.closeFd(fd);
+    throw error;
+  }
+}

@@ -2,7 +2,7 @@
  * Guest memory on the client side: a memfd the client maps and can share
  * with the server by fd (DMA_MAP), or serve through DMA_READ/DMA_WRITE.
  */
-import { native, type NativeMapping } from '../native.js';
+import { mapNewMemfd, native, type NativeMapping } from '../native.js';
 import { UsageError } from '../errors.js';
 
 export interface GuestMemoryOptions {
@@ -24,13 +24,7 @@ export class GuestMemory {
 
   constructor(size: number, options: GuestMemoryOptions = {}) {
     if (!Number.isSafeInteger(size) || size <= 0) throw new UsageError(`guest memory size ${size} must be a positive integer`);
-    this.fd = native.memfdCreate(options.name ?? 'vfio-user-guest', BigInt(size), options.sealSize ?? true);
-    try {
-      this.mapping = new native.NativeMapping(this.fd, 0n, BigInt(size), true, true);
-    } catch (error) {
-      native.closeFd(this.fd);
-      throw error;
-    }
+    ({ fd: this.fd, mapping: this.mapping } = mapNewMemfd(options.name ?? 'vfio-user-guest', size, options.sealSize ?? true));
     this.size = size;
   }
 

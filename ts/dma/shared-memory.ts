@@ -6,7 +6,7 @@
  * classic use: an NVMe BAR whose doorbell page the guest writes directly
  * while the register page still reaches device code.
  */
-import { native, type NativeMapping } from '../native.js';
+import { mapNewMemfd, native, type NativeMapping } from '../native.js';
 import { UsageError } from '../errors.js';
 import { RegionCapId, RegionInfoFlags, type SparseMmapArea } from '../protocol/index.js';
 import type { RegionDescription } from '../device.js';
@@ -33,11 +33,12 @@ export class SharedMemory {
     if (!Number.isSafeInteger(size) || size <= 0 || size % MMAP_PAGE_SIZE !== 0) {
       throw new UsageError(`shared memory size ${size} must be a positive multiple of ${MMAP_PAGE_SIZE}`);
     }
-    this.fd = native.memfdCreate(name, BigInt(size));
+    // Sealed: the client maps it, and a fixed size means its mapping can never fault.
+    ({ fd: this.fd, mapping: this.mapping } = mapNewMemfd(name, size, true));
     try {
-      this.mapping = new native.NativeMapping(this.fd, 0n, BigInt(size), true, true);
       this.bytes = new Uint8Array(this.mapping.view(0, size));
     } catch (error) {
+      this.mapping.unmap();
       native.closeFd(this.fd);
       throw error;
     }
