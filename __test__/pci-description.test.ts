@@ -1,19 +1,8 @@
 /** Checking descriptions at construction, and where capabilities end up. */
 import { describe, expect, test } from 'vitest';
-import { InvalidDeviceError, PciDevice, type PciDeviceDescription } from '../ts/index.js';
-
-const base = { vendorId: 0x1234, deviceId: 0x5678, classCode: 0 } as const;
+import { PciDevice, type PciDeviceDescription } from '../ts/index.js';
+import { base, fieldOf } from './pci-helpers.js';
 const bar4 = { 4: { kind: 'memory', size: 4096 } } as const;
-
-function fieldOf(description: PciDeviceDescription): string {
-  try {
-    new PciDevice(description);
-  } catch (error) {
-    expect(error).toBeInstanceOf(InvalidDeviceError);
-    return (error as InvalidDeviceError).field;
-  }
-  throw new Error('the description was accepted');
-}
 
 describe('invalid descriptions throw InvalidDeviceError naming the field', () => {
   const cases: [string, PciDeviceDescription, string][] = [

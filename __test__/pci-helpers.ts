@@ -1,5 +1,29 @@
-/** Guest-side config and BAR access for the PCI tests, as a guest's PCI core does it. */
-import { native, Region, type VfioUserClient } from '../ts/index.js';
+/** Set-up shared by the PCI tests: guest-side config and BAR access as a guest's PCI core does it, eventfds, descriptions. */
+import { writeSync } from 'node:fs';
+import { expect } from 'vitest';
+import { InvalidDeviceError, native, PciDevice, Region, type PciDeviceDescription, type VfioUserClient } from '../ts/index.js';
+import { Cap, Cfg, Command, CONFIG_SIZE, ExtCap, Status } from '../ts/pci/spec.js';
+
+/** The least a description needs. */
+export const base = { vendorId: 0x1234, deviceId: 0x5678, classCode: 0 } as const;
+
+/** The field an invalid description's InvalidDeviceError names (fails if the description is accepted). */
+export function fieldOf(description: PciDeviceDescription): string {
+  try {
+    new PciDevice(description).close();
+  } catch (error) {
+    expect(error).toBeInstanceOf(InvalidDeviceError);
+    return (error as InvalidDeviceError).field;
+  }
+  throw new Error('the description was accepted');
+}
+
+/** What KVM does when a guest write matches an ioeventfd: add 1 to the counter (8 bytes, native endian). */
+export function kvmSignal(fd: number): void {
+  const one = Buffer.alloc(8);
+  one.writeBigUInt64LE(1n);
+  writeSync(fd, one);
+}
 
 export interface Guest {
   cfg8(offset: number): Promise<number>;
@@ -32,21 +56,21 @@ export function guest(client: VfioUserClient): Guest {
     setBar32: (r, o, v) => write(r, o, 4, v),
     async capabilities() {
       const found = new Map<number, number>();
-      if (!((await g.cfg16(0x06)) & 0x10)) return found;
-      for (let at = await g.cfg8(0x34); at !== 0; at = await g.cfg8(at + 1)) {
+      if (!((await g.cfg16(Cfg.STATUS)) & Status.CAPABILITIES)) return found;
+      for (let at = await g.cfg8(Cfg.CAPABILITIES); at !== 0; at = await g.cfg8(at + Cap.NEXT)) {
         if (found.size > 48) throw new Error('capability list loops');
-        found.set(await g.cfg8(at), at);
+        found.set(await g.cfg8(at + Cap.ID), at);
       }
       return found;
     },
     async extendedCapabilities() {
       const found = new Map<number, number>();
-      for (let at = 0x100; at !== 0;) {
+      for (let at = CONFIG_SIZE; at !== 0;) {
         const header = await g.cfg32(at);
         if (header === 0) break;
         if (found.size > 64) throw new Error('extended list loops');
-        found.set(header & 0xffff, at);
-        at = header >>> 20;
+        found.set(header & ExtCap.ID_MASK, at);
+        at = header >>> ExtCap.NEXT_SHIFT;
       }
       return found;
     },
@@ -69,4 +93,4 @@ export class Eventfds {
   }
 }
 
-export const COMMAND_MEMORY_BUS_MASTER = 0x0006;
+export const COMMAND_MEMORY_BUS_MASTER = Command.MEMORY | Command.BUS_MASTER;

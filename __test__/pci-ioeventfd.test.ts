@@ -1,8 +1,6 @@
 /** Per-BAR ioeventfds: GET_REGION_IO_FDS, signalling, trapped writes, validation, lifetime. */
-import { writeSync } from 'node:fs';
 import { afterEach, describe, expect, test } from 'vitest';
 import {
-  InvalidDeviceError,
   IrqIndex,
   native,
   PciDevice,
@@ -12,8 +10,7 @@ import {
 } from '../ts/index.js';
 import { IoFdType, KvmIoeventfdFlags } from '../ts/protocol/index.js';
 import { openFdCount, serve, until, type Served } from './helpers.js';
-
-const base = { vendorId: 0x1234, deviceId: 0x5678, classCode: 0 } as const;
+import { base, fieldOf, kvmSignal } from './pci-helpers.js';
 
 let served: Served<PciDevice> | undefined;
 afterEach(async () => {
@@ -36,13 +33,6 @@ function kickable(write?: (offset: number, data: Buffer) => void): PciDevice {
       2: { kind: 'io', size: 8, ioeventfds: [{ offset: 0, size: 0 }] },
     },
   });
-}
-
-/** What KVM does when the guest write matches: add 1 to the counter (8 bytes, native endian). */
-function kvmSignal(fd: number): void {
-  const one = Buffer.alloc(8);
-  one.writeBigUInt64LE(1n);
-  writeSync(fd, one);
 }
 
 describe('GET_REGION_IO_FDS', () => {
@@ -134,16 +124,6 @@ describe('lifetime', () => {
     expect(native.isEventfd(served.device.bar(0).ioeventfds[0].fd)).toBe(true);
   });
 });
-
-function fieldOf(description: PciDeviceDescription): string {
-  try {
-    new PciDevice(description).close();
-  } catch (error) {
-    expect(error).toBeInstanceOf(InvalidDeviceError);
-    return (error as InvalidDeviceError).field;
-  }
-  throw new Error('the description was accepted');
-}
 
 describe('invalid ioeventfds throw InvalidDeviceError naming the field', () => {
   const on = (ioeventfds: IoEventfdDescription[], extra: Partial<PciDeviceDescription> = {}): PciDeviceDescription => ({

@@ -1,12 +1,10 @@
 /** The NVMe-pattern example end to end: mapped doorbells, ioeventfd kicks, MSI-X in trapped pages. */
-import { writeSync } from 'node:fs';
 import { afterEach, describe, expect, test } from 'vitest';
-import { IrqIndex, native, Region, RegionInfoFlags, type NativeMapping, type VfioUserClient } from '../ts/index.js';
-import { CapabilityId } from '../ts/pci/capabilities.js';
+import { CapabilityId, IrqIndex, native, Region, RegionInfoFlags, type NativeMapping, type VfioUserClient } from '../ts/index.js';
 import { RegionCapId } from '../ts/protocol/index.js';
 import { BAR_SIZE, DOORBELL_PAGE, MSIX_PBA, MSIX_TABLE, QUEUE_CARD_ID, QUEUE_REGISTERS, QueueCard, QUEUES } from '../examples/nvme-doorbell.js';
 import { openFdCount, serve, until, type Served } from './helpers.js';
-import { COMMAND_MEMORY_BUS_MASTER, Eventfds, guest } from './pci-helpers.js';
+import { COMMAND_MEMORY_BUS_MASTER, Eventfds, guest, kvmSignal } from './pci-helpers.js';
 
 let served: Served<QueueCard> | undefined;
 const eventfds = new Eventfds();
@@ -52,13 +50,6 @@ async function drive(): Promise<Driver> {
   };
 }
 
-/** KVM's signal for a matching guest write. */
-function signal(fd: number): void {
-  const one = Buffer.alloc(8);
-  one.writeBigUInt64LE(1n);
-  writeSync(fd, one);
-}
-
 describe('the queue card', () => {
   test('only the doorbell page is mappable; registers and MSI-X stay trapped', async () => {
     const d = await drive();
@@ -79,7 +70,7 @@ describe('the queue card', () => {
     const d = await drive();
     d.doorbells.write(4 * 2, Buffer.from([5, 0, 0, 0])); // queue 2's tail: no message
     expect(served!.device.poll()).toBe(0); // not kicked: not looked at
-    signal(d.kicks[2]);
+    kvmSignal(d.kicks[2]);
     expect(served!.device.poll()).toBe(1);
     expect(served!.device.entries).toBe(5);
     expect(d.vectors.map((fd) => native.eventfdTake(fd))).toEqual([0, 0, 1, 0]);
@@ -100,9 +91,9 @@ describe('the queue card', () => {
   test('reset zeroes the doorbells the client mapped, the count, and pending kicks', async () => {
     const d = await drive();
     d.doorbells.write(0, Buffer.from([9, 0, 0, 0]));
-    signal(d.kicks[0]);
+    kvmSignal(d.kicks[0]);
     served!.device.poll();
-    signal(d.kicks[3]);
+    kvmSignal(d.kicks[3]);
     await d.client.reset();
     expect([...d.doorbells.read(0, 4), served!.device.entries, served!.device.poll()]).toEqual([0, 0, 0, 0, 0, 0]);
     d.close();

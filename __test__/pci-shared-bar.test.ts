@@ -12,9 +12,9 @@ import {
 } from '../ts/index.js';
 import { RegionCapId } from '../ts/protocol/index.js';
 import { openFdCount, serve, until, type Served } from './helpers.js';
+import { base, fieldOf } from './pci-helpers.js';
 
 const PAGE = 4096;
-const base = { vendorId: 0x1234, deviceId: 0x5678, classCode: 0 } as const;
 
 let served: Served<PciDevice> | undefined;
 afterEach(async () => {
@@ -174,16 +174,6 @@ describe('reset and lifetime', () => {
     expect(device.bar(2).bytes).toBeUndefined();
   });
 });
-
-function fieldOf(description: PciDeviceDescription): string {
-  try {
-    new PciDevice(description).close();
-  } catch (error) {
-    expect(error).toBeInstanceOf(InvalidDeviceError);
-    return (error as InvalidDeviceError).field;
-  }
-  throw new Error('the description was accepted');
-}
 
 describe('invalid shared BARs throw InvalidDeviceError naming the field', () => {
   const onePage = new SharedMemory(PAGE);

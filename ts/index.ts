@@ -48,8 +48,8 @@ export {
   type VendorCapability,
   type VendorExtendedCapability,
 } from './pci/description.js';
-export { CapabilityId, ExtendedCapabilityId } from './pci/capabilities.js';
-export { ConfigSpace, ConfigWrite, Cfg } from './pci/config.js';
+export { Cfg, CapabilityId, ExtendedCapabilityId } from './pci/spec.js';
+export { ConfigSpace, ConfigWrite } from './pci/config.js';
 export { Interrupts, type Delivery } from './pci/interrupts.js';
 export { DeviceIrq, type IrqMode } from './pci/irq.js';
 export {

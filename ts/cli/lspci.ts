@@ -11,7 +11,7 @@ import { closeFds } from '../native.js';
 import { Region, type IrqInfo, type RegionInfo } from '../protocol/index.js';
 import { decode, type Answer, type DeviceSnapshot } from '../lspci/decode.js';
 import { formatJson, formatText } from '../lspci/format.js';
-import { CONFIG_SIZE, EXTENDED_CONFIG_SIZE } from '../lspci/registers.js';
+import { CONFIG_SIZE, EXTENDED_CONFIG_SIZE } from '../pci/spec.js';
 
 /**
  * QEMU refuses devices with more than 100 regions or 50 IRQ types; asking a

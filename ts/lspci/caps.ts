@@ -6,9 +6,12 @@
  * on bad device data: a broken server is something to show, not a crash.
  */
 import {
-  Cap, CAP_ID_BROKEN, CapId, CONFIG_SIZE, DEVCAP_FLAGS, DevCap, DevCtl, DEVCTL_ERROR_FLAGS, DEVCTL_FLAGS, DEVSTA_FLAGS,
-  Express, field, FIRST_CAPABILITY, Header, LNKCAP_FLAGS, LnkCap, LnkCtl, LNKCTL_FLAGS, LNKSTA_FLAGS, Msi, MsiX,
-  Pm, PMC_FLAGS, PMC_PME_FLAGS, PMCSR_FLAGS, PortType, register, Status, Vendor, type Flags, type Register,
+  Cap, CAP_ID_BROKEN, CapabilityId, Cfg, CONFIG_HEADER_END, CONFIG_SIZE, DevCap, DevCtl, Express, LnkCap, LnkCtl, Msi, MsiX,
+  Pm, PortType, Status, Vendor,
+} from '../pci/spec.js';
+import {
+  DEVCAP_FLAGS, DEVCTL_ERROR_FLAGS, DEVCTL_FLAGS, DEVSTA_FLAGS, field, LNKCAP_FLAGS, LNKCTL_FLAGS, LNKSTA_FLAGS,
+  PMC_FLAGS, PMC_PME_FLAGS, PMCSR_FLAGS, register, type Flags, type Register,
 } from './registers.js';
 import {
   aspmControl, aspmSupport, capabilityName, l0sLatency, l1Latency, linkSpeed, PM_AUX_CURRENT_MA, portTypeName, SLOT_POWER_SCALES,
@@ -126,7 +129,7 @@ function powerManagement(c: Buffer, at: number): PowerManagementCap {
   return {
     kind: 'power-management',
     offset: at,
-    id: CapId.PM,
+    id: CapabilityId.POWER_MANAGEMENT,
     version: pmc & Pm.VERSION_MASK,
     pmc: register(pmc, PMC_FLAGS),
     auxCurrentMa: PM_AUX_CURRENT_MA[field(pmc, Pm.AUX_CURRENT_SHIFT, Pm.AUX_CURRENT_MASK)],
@@ -147,7 +150,7 @@ function msi(c: Buffer, at: number): MsiCap {
   const cap: MsiCap = {
     kind: 'msi',
     offset: at,
-    id: CapId.MSI,
+    id: CapabilityId.MSI,
     control,
     enabled: (control & Msi.ENABLE) !== 0,
     vectorsCapable: 1 << field(control, Msi.CAPABLE_SHIFT, Msi.LOG2_MASK),
@@ -173,7 +176,7 @@ function msiX(c: Buffer, at: number): MsiXCap {
   return {
     kind: 'msi-x',
     offset: at,
-    id: CapId.MSIX,
+    id: CapabilityId.MSIX,
     control,
     enabled: (control & MsiX.ENABLE) !== 0,
     functionMasked: (control & MsiX.FUNCTION_MASK) !== 0,
@@ -221,7 +224,7 @@ function express(c: Buffer, at: number): ExpressCap {
   return {
     kind: 'express',
     offset: at,
-    id: CapId.EXPRESS,
+    id: CapabilityId.PCI_EXPRESS,
     version: flags & Express.VERSION_MASK,
     portType,
     portTypeName: portTypeName(portType),
@@ -252,11 +255,11 @@ export function decodeCapability(c: Buffer, at: number): Capability {
   const id = c[at + Cap.ID];
   try {
     switch (id) {
-      case CapId.PM: return powerManagement(c, at);
-      case CapId.MSI: return msi(c, at);
-      case CapId.MSIX: return msiX(c, at);
-      case CapId.EXPRESS: return express(c, at);
-      case CapId.VENDOR: return { kind: 'vendor', offset: at, id, length: c.readUInt8(at + Vendor.LENGTH) };
+      case CapabilityId.POWER_MANAGEMENT: return powerManagement(c, at);
+      case CapabilityId.MSI: return msi(c, at);
+      case CapabilityId.MSIX: return msiX(c, at);
+      case CapabilityId.PCI_EXPRESS: return express(c, at);
+      case CapabilityId.VENDOR: return { kind: 'vendor', offset: at, id, length: c.readUInt8(at + Vendor.LENGTH) };
       default: return { kind: 'other', offset: at, id, name: capabilityName(id), flags: c.readUInt16LE(at + Cap.FLAGS) };
     }
   } catch (error) {
@@ -273,11 +276,11 @@ export function decodeCapability(c: Buffer, at: number): Capability {
  */
 export function walkCapabilities(c: Buffer): CapabilityChain<Capability> {
   const items: Capability[] = [];
-  if (!(c.readUInt16LE(Header.STATUS) & Status.CAPABILITIES)) return { items };
+  if (!(c.readUInt16LE(Cfg.STATUS) & Status.CAPABILITIES)) return { items };
   const end = Math.min(c.length, CONFIG_SIZE);
   const seen = new Set<number>();
-  for (let at = c[Header.CAPABILITIES] & Cap.POINTER_MASK; at !== 0; at = c[at + Cap.NEXT] & Cap.POINTER_MASK) {
-    if (at < FIRST_CAPABILITY || at + Cap.HEADER_SIZE > end) return { items, problem: { at, reason: 'out of range' } };
+  for (let at = c[Cfg.CAPABILITIES] & Cap.POINTER_MASK; at !== 0; at = c[at + Cap.NEXT] & Cap.POINTER_MASK) {
+    if (at < CONFIG_HEADER_END || at + Cap.HEADER_SIZE > end) return { items, problem: { at, reason: 'out of range' } };
     if (seen.has(at)) return { items, problem: { at, reason: 'looped' } };
     seen.add(at);
     if (c[at + Cap.ID] === CAP_ID_BROKEN) return { items, problem: { at, reason: 'broken' } };

@@ -9,10 +9,8 @@
  * type bits and the address the guest assigned.
  */
 import { DeviceInfoFlags, IrqInfoFlags, Region, RegionCapId, RegionInfoFlags, type DeviceInfo, type IrqInfo, type RegionInfo } from '../protocol/index.js';
-import {
-  Bar, Command, COMMAND_FLAGS, CONFIG_SIZE, decodeFlags, field, Header, HeaderType, NUM_BARS, register, Rom, Status,
-  STATUS_FLAGS, type Flags, type FlagTable, type Register,
-} from './registers.js';
+import { BarBits, Cfg, Command, CONFIG_HEADER_END, CONFIG_SIZE, HeaderType, NUM_BARS, Rom, Status } from '../pci/spec.js';
+import { COMMAND_FLAGS, decodeFlags, field, register, STATUS_FLAGS, type Flags, type FlagTable, type Register } from './registers.js';
 import { className, devselTiming, IRQ_NAMES, REGION_NAMES } from './names.js';
 import { walkCapabilities, type Capability, type CapabilityChain } from './caps.js';
 import { walkExtendedCapabilities, type ExtendedCapability } from './ext-caps.js';
@@ -125,22 +123,22 @@ function decodeBars(snapshot: DeviceSnapshot, command: number): BarReport[] {
   const c = snapshot.config;
   const bars: BarReport[] = [];
   for (let i = 0; i < NUM_BARS; i++) {
-    const raw = c.readUInt32LE(Header.BAR0 + 4 * i);
+    const raw = c.readUInt32LE(Cfg.BAR0 + 4 * i);
     const size = regionSize(snapshot, i);
     if (raw === 0 && size === 0n) continue;
-    if (raw & Bar.IO_SPACE) {
-      bars.push({ index: i, kind: 'io', address: BigInt((raw & Bar.IO_ADDRESS_MASK) >>> 0), size, enabled: (command & Command.IO) !== 0 });
+    if (raw & BarBits.IO_SPACE) {
+      bars.push({ index: i, kind: 'io', address: BigInt((raw & BarBits.IO_ADDRESS_MASK) >>> 0), size, enabled: (command & Command.IO) !== 0 });
       continue;
     }
-    const type = field(raw, Bar.MEM_TYPE_SHIFT, Bar.MEM_TYPE_MASK);
-    const wide = type === Bar.MEM_TYPE_64 && i + 1 < NUM_BARS;
-    const high = wide ? BigInt(c.readUInt32LE(Header.BAR0 + 4 * (i + 1))) : 0n;
+    const type = field(raw, BarBits.MEM_TYPE_SHIFT, BarBits.MEM_TYPE_MASK);
+    const wide = type === BarBits.MEM_TYPE_64 && i + 1 < NUM_BARS;
+    const high = wide ? BigInt(c.readUInt32LE(Cfg.BAR0 + 4 * (i + 1))) : 0n;
     bars.push({
       index: i,
       kind: 'memory',
       memoryType: MEMORY_TYPES[type],
-      prefetchable: (raw & Bar.MEM_PREFETCHABLE) !== 0,
-      address: (high << 32n) | BigInt((raw & Bar.MEM_ADDRESS_MASK) >>> 0),
+      prefetchable: (raw & BarBits.MEM_PREFETCHABLE) !== 0,
+      address: (high << 32n) | BigInt((raw & BarBits.MEM_ADDRESS_MASK) >>> 0),
       size,
       enabled: (command & Command.MEMORY) !== 0,
     });
@@ -151,7 +149,7 @@ function decodeBars(snapshot: DeviceSnapshot, command: number): BarReport[] {
 }
 
 function decodeRom(snapshot: DeviceSnapshot): RomReport | undefined {
-  const raw = snapshot.config.readUInt32LE(Header.ROM_ADDRESS);
+  const raw = snapshot.config.readUInt32LE(Cfg.ROM_ADDRESS);
   const size = regionSize(snapshot, Region.ROM);
   const address = (raw & Rom.ADDRESS_MASK) >>> 0;
   if (address === 0 && size === 0n) return undefined;
@@ -187,30 +185,30 @@ function decodeIrq(answer: Answer<IrqInfo>): IrqReport {
 /** Decodes a snapshot; config must hold at least the 64-byte header. */
 export function decode(snapshot: DeviceSnapshot): LspciReport {
   const c = snapshot.config;
-  if (c.length < Header.SIZE) throw new RangeError(`config space is ${c.length} bytes, shorter than the ${Header.SIZE}-byte header`);
-  const command = c.readUInt16LE(Header.COMMAND);
-  const status = c.readUInt16LE(Header.STATUS);
-  const headerType = c[Header.HEADER_TYPE];
+  if (c.length < CONFIG_HEADER_END) throw new RangeError(`config space is ${c.length} bytes, shorter than the ${CONFIG_HEADER_END}-byte header`);
+  const command = c.readUInt16LE(Cfg.COMMAND);
+  const status = c.readUInt16LE(Cfg.STATUS);
+  const headerType = c[Cfg.HEADER_TYPE];
   const layout = headerType & HeaderType.LAYOUT_MASK;
   const normal = layout === HeaderType.NORMAL;
-  const [base, sub, progIf] = [c[Header.BASE_CLASS], c[Header.SUBCLASS], c[Header.PROG_IF]];
+  const [base, sub, progIf] = [c[Cfg.BASE_CLASS], c[Cfg.SUBCLASS], c[Cfg.CLASS_PROG_IF]];
   const names = className(base, sub, progIf);
-  const pin = c[Header.INTERRUPT_PIN];
+  const pin = c[Cfg.INTERRUPT_PIN];
   const warnings = [...snapshot.warnings];
   if (!normal) warnings.push(`header type ${layout} is not a type-0 header: BARs, ROM and subsystem are not decoded`);
   return {
-    vendorId: c.readUInt16LE(Header.VENDOR_ID),
-    deviceId: c.readUInt16LE(Header.DEVICE_ID),
-    subsystem: normal ? { vendorId: c.readUInt16LE(Header.SUBSYSTEM_VENDOR_ID), deviceId: c.readUInt16LE(Header.SUBSYSTEM_ID) } : undefined,
+    vendorId: c.readUInt16LE(Cfg.VENDOR_ID),
+    deviceId: c.readUInt16LE(Cfg.DEVICE_ID),
+    subsystem: normal ? { vendorId: c.readUInt16LE(Cfg.SUBSYSTEM_VENDOR_ID), deviceId: c.readUInt16LE(Cfg.SUBSYSTEM_ID) } : undefined,
     class: { base, sub, progIf, name: names.name, progIfName: names.progIf },
-    revision: c[Header.REVISION],
+    revision: c[Cfg.REVISION],
     headerType: { raw: headerType, layout, multifunction: (headerType & HeaderType.MULTIFUNCTION) !== 0 },
     command: register(command, COMMAND_FLAGS),
     status: { ...register(status, STATUS_FLAGS), devsel: devselTiming(field(status, Status.DEVSEL_SHIFT, Status.DEVSEL_MASK)) },
-    latencyTimer: c[Header.LATENCY_TIMER],
+    latencyTimer: c[Cfg.LATENCY_TIMER],
     // The register counts dwords.
-    cacheLineBytes: c[Header.CACHE_LINE_SIZE] * 4,
-    interrupt: { pin, pinName: INTERRUPT_PINS[pin - 1], line: c[Header.INTERRUPT_LINE] },
+    cacheLineBytes: c[Cfg.CACHE_LINE_SIZE] * 4,
+    interrupt: { pin, pinName: INTERRUPT_PINS[pin - 1], line: c[Cfg.INTERRUPT_LINE] },
     bars: normal ? decodeBars(snapshot, command) : [],
     rom: normal ? decodeRom(snapshot) : undefined,
     capabilities: walkCapabilities(c),

@@ -4,10 +4,8 @@
  * IDs are named when known. Like caps.ts, bad device data ends the walk with
  * a `problem` rather than an exception.
  */
-import {
-  Aer, AER_CAP_FLAGS, AER_CE_FLAGS, AER_UE_FLAGS, CONFIG_SIZE, Dsn, ExtCap, ExtCapId, field, register, Vsec,
-  type Register,
-} from './registers.js';
+import { Aer, CONFIG_SIZE, Dsn, ExtCap, ExtendedCapabilityId, Vsec } from '../pci/spec.js';
+import { AER_CAP_FLAGS, AER_CE_FLAGS, AER_UE_FLAGS, field, register, type Register } from './registers.js';
 import { extendedCapabilityName } from './names.js';
 import type { CapabilityChain } from './caps.js';
 
@@ -86,9 +84,9 @@ export function decodeExtendedCapability(c: Buffer, at: number): ExtendedCapabil
   const base: ExtendedBase = { offset: at, id: header & ExtCap.ID_MASK, version: field(header, ExtCap.VERSION_SHIFT, ExtCap.VERSION_MASK) };
   try {
     switch (base.id) {
-      case ExtCapId.AER: return aer(c, base);
-      case ExtCapId.DSN: return { ...base, kind: 'serial-number', serial: c.readBigUInt64LE(at + Dsn.SERIAL) };
-      case ExtCapId.VSEC: return vendor(c, base);
+      case ExtendedCapabilityId.AER: return aer(c, base);
+      case ExtendedCapabilityId.SERIAL_NUMBER: return { ...base, kind: 'serial-number', serial: c.readBigUInt64LE(at + Dsn.SERIAL) };
+      case ExtendedCapabilityId.VENDOR: return vendor(c, base);
       default: return { ...base, kind: 'other', name: extendedCapabilityName(base.id) };
     }
   } catch (error) {

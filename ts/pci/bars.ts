@@ -8,7 +8,7 @@
 import { SharedMemory } from '../dma/shared-memory.js';
 import { RegionInfoFlags } from '../protocol/index.js';
 import type { RegionDescription, RegionIoFd } from '../device.js';
-import { Cfg, type ConfigSpace } from './config.js';
+import type { ConfigSpace } from './config.js';
 import {
   encodeValue,
   InvalidDeviceError,
@@ -19,6 +19,7 @@ import {
 } from './description.js';
 import { checkIoEventfds, IoEventfd } from './ioeventfds.js';
 import { checkSharing } from './shared-bar.js';
+import { BarBits, Cfg, NUM_BARS, Rom } from './spec.js';
 
 /** A range of a BAR emulated by the library; offsets are relative to `start`. */
 export interface BarOverlay {
@@ -45,10 +46,6 @@ export interface PciBar {
   readonly ioeventfds: readonly IoEventfd[];
 }
 
-/** Memory BAR type bits (§10.2). */
-const MEMORY_64 = 0x4;
-const PREFETCHABLE = 0x8;
-const IO_SPACE = 0x1;
 const MAX_IO_BAR = 256;
 const MAX_32BIT_BAR = 2 ** 31;
 
@@ -192,7 +189,7 @@ export class Bar implements PciBar {
 /** Checks the BAR descriptions and defines their registers; returns the BARs by slot. */
 export function defineBars(config: ConfigSpace, bars: Partial<Record<BarIndex, BarDescription>>): (Bar | undefined)[] {
   const checked: { index: BarIndex; bar: BarDescription; mappable: BarArea[] }[] = [];
-  for (let i = 0; i < 6; i++) {
+  for (let i = 0; i < NUM_BARS; i++) {
     const bar = bars[i as BarIndex];
     if (!bar) continue;
     const field = `bars[${i}]`;
@@ -210,7 +207,7 @@ export function defineBars(config: ConfigSpace, bars: Partial<Record<BarIndex, B
     const offset = Cfg.BAR0 + 4 * i;
     if (bar.kind === 'io') {
       if (bar.size > MAX_IO_BAR) throw new InvalidDeviceError(`${field}.size`, `I/O BARs are at most ${MAX_IO_BAR} bytes`);
-      config.define(offset, 4, IO_SPACE, ~(bar.size - 1) & 0xfffffffc);
+      config.define(offset, 4, BarBits.IO_SPACE, ~(bar.size - 1) & BarBits.IO_ADDRESS_MASK);
     } else {
       if (bar.width !== undefined && bar.width !== 32 && bar.width !== 64) {
         throw new InvalidDeviceError(`${field}.width`, `${String(bar.width)} is neither 32 nor 64`);
@@ -218,10 +215,10 @@ export function defineBars(config: ConfigSpace, bars: Partial<Record<BarIndex, B
       const wide = bar.width === 64;
       if (wide && i === 5) throw new InvalidDeviceError(`${field}.width`, 'a 64-bit BAR cannot sit in BAR5 (it needs BAR6 as its upper half)');
       if (!wide && bar.size > MAX_32BIT_BAR) throw new InvalidDeviceError(`${field}.size`, '32-bit BARs are at most 2 GiB');
-      const type = (wide ? MEMORY_64 : 0) | (bar.prefetchable ? PREFETCHABLE : 0);
+      const type = (wide ? BarBits.MEM_TYPE_64 << BarBits.MEM_TYPE_SHIFT : 0) | (bar.prefetchable ? BarBits.MEM_PREFETCHABLE : 0);
       // Address bits above the size are writable; sizing reads back ~(size - 1), both halves.
       const sizeMask = BigInt.asUintN(64, ~(BigInt(bar.size) - 1n));
-      config.define(offset, 4, type, Number(sizeMask & 0xfffffff0n));
+      config.define(offset, 4, type, Number(sizeMask & BigInt(BarBits.MEM_ADDRESS_MASK)));
       if (wide) config.define(offset + 4, 4, 0, Number(sizeMask >> 32n));
     }
     const mappable = checkSharing(bar, field);
@@ -229,14 +226,12 @@ export function defineBars(config: ConfigSpace, bars: Partial<Record<BarIndex, B
     checked.push({ index: i as BarIndex, bar, mappable });
   }
   // Created only once every BAR is valid: a later bad one must not leak memfds and eventfds.
-  const out: (Bar | undefined)[] = new Array(6).fill(undefined);
+  const out: (Bar | undefined)[] = new Array(NUM_BARS).fill(undefined);
   for (const { index, bar, mappable } of checked) out[index] = new Bar(index, bar, mappable);
   return out;
 }
 
-/** ROM BAR: address bits 31:11 above the size, and the enable bit (§10.2). */
-const ROM_ADDRESS_MASK = 0xfffff800;
-const ROM_ENABLE = 0x1;
+/** The ROM BAR's address bits start at bit 11 (§10.2). */
 const MIN_ROM = 2048;
 
 /** Pads the ROM image to its BAR size and defines the ROM BAR register. */
@@ -244,6 +239,6 @@ export function defineRom(config: ConfigSpace, image: Uint8Array): Buffer {
   const size = Math.max(MIN_ROM, 2 ** Math.ceil(Math.log2(Math.max(1, image.length))));
   const rom = Buffer.alloc(size);
   rom.set(image);
-  config.define(Cfg.ROM_ADDRESS, 4, 0, (~(size - 1) & ROM_ADDRESS_MASK) | ROM_ENABLE);
+  config.define(Cfg.ROM_ADDRESS, 4, 0, (~(size - 1) & Rom.ADDRESS_MASK) | Rom.ENABLE);
   return rom;
 }

@@ -3,22 +3,9 @@
  * lowest free dword-aligned slot) and chaining them, for the standard list
  * (0x40-0xFF, §10.3) and the extended one (0x100-0xFFF, §10.4).
  */
-import { Cfg, CONFIG_HEADER_END, CONFIG_SIZE, EXTENDED_CONFIG_SIZE, Status, type ConfigSpace } from './config.js';
+import type { ConfigSpace } from './config.js';
 import { InvalidDeviceError } from './description.js';
-
-export const CapabilityId = {
-  POWER_MANAGEMENT: 0x01,
-  MSI: 0x05,
-  VENDOR: 0x09,
-  PCI_EXPRESS: 0x10,
-  MSIX: 0x11,
-} as const;
-
-export const ExtendedCapabilityId = {
-  AER: 0x0001,
-  SERIAL_NUMBER: 0x0003,
-  VENDOR: 0x000b,
-} as const;
+import { Cap, Cfg, CONFIG_HEADER_END, CONFIG_SIZE, EXTENDED_CONFIG_SIZE, ExtCap, Status } from './spec.js';
 
 /** One capability to place: `field` names it in errors. */
 export interface Slot {
@@ -80,8 +67,8 @@ export function chainStandard(config: ConfigSpace, caps: readonly { at: number; 
   if (caps.length === 0) return;
   const sorted = [...caps].sort((a, b) => a.at - b.at);
   sorted.forEach((cap, i) => {
-    config.define(cap.at, 1, cap.id);
-    config.define(cap.at + 1, 1, sorted[i + 1]?.at ?? 0);
+    config.define(cap.at + Cap.ID, 1, cap.id);
+    config.define(cap.at + Cap.NEXT, 1, sorted[i + 1]?.at ?? 0);
   });
   config.define(Cfg.CAPABILITIES, 1, sorted[0].at);
   config.setBits16(Cfg.STATUS, Status.CAPABILITIES, true);
@@ -99,6 +86,6 @@ export function chainExtended(
   }
   sorted.forEach((cap, i) => {
     const next = sorted[i + 1]?.at ?? 0;
-    config.define(cap.at, 4, (cap.id | (cap.version << 16) | (next << 20)) >>> 0);
+    config.define(cap.at, 4, (cap.id | (cap.version << ExtCap.VERSION_SHIFT) | (next << ExtCap.NEXT_SHIFT)) >>> 0);
   });
 }

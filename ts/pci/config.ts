@@ -3,47 +3,7 @@
  * are the single source of truth: the native layer answers config reads from
  * them directly, so every emulated effect is applied at write time.
  */
-
-/** Offsets of the type-0 header registers (§10.1). */
-export const Cfg = {
-  VENDOR_ID: 0x00,
-  DEVICE_ID: 0x02,
-  COMMAND: 0x04,
-  STATUS: 0x06,
-  REVISION: 0x08,
-  CLASS_PROG_IF: 0x09,
-  CACHE_LINE_SIZE: 0x0c,
-  LATENCY_TIMER: 0x0d,
-  HEADER_TYPE: 0x0e,
-  BAR0: 0x10,
-  SUBSYSTEM_VENDOR_ID: 0x2c,
-  SUBSYSTEM_ID: 0x2e,
-  ROM_ADDRESS: 0x30,
-  CAPABILITIES: 0x34,
-  INTERRUPT_LINE: 0x3c,
-  INTERRUPT_PIN: 0x3d,
-} as const;
-
-/** Where the capability list may live, and where the extended list starts. */
-export const CONFIG_HEADER_END = 0x40;
-export const CONFIG_SIZE = 256;
-export const EXTENDED_CONFIG_SIZE = 4096;
-
-export const Command = {
-  IO: 1 << 0,
-  MEMORY: 1 << 1,
-  BUS_MASTER: 1 << 2,
-  PARITY: 1 << 6,
-  SERR: 1 << 8,
-  INTX_DISABLE: 1 << 10,
-} as const;
-
-export const Status = {
-  INTX: 1 << 3,
-  CAPABILITIES: 1 << 4,
-  /** Error bits software clears by writing 1. */
-  ERRORS_W1C: 0xf900,
-} as const;
+import type { CONFIG_SIZE, EXTENDED_CONFIG_SIZE } from './spec.js';
 
 /** One guest write, as write hooks see it: the raw bytes and the register values before. */
 export class ConfigWrite {

@@ -21,7 +21,6 @@ import {
 } from '../protocol/index.js';
 import { defineBars, defineRom, type Bar, type PciBar } from './bars.js';
 import {
-  CapabilityId,
   chainExtended,
   chainStandard,
   EXTENDED_SPACE,
@@ -29,7 +28,7 @@ import {
   STANDARD_SPACE,
   type Slot,
 } from './capabilities.js';
-import { Cfg, Command, CONFIG_SIZE, ConfigSpace, EXTENDED_CONFIG_SIZE } from './config.js';
+import { ConfigSpace } from './config.js';
 import {
   InvalidDeviceError,
   type BarIndex,
@@ -45,10 +44,11 @@ import { checkIds, defineHeader } from './header.js';
 import { Interrupts, type Delivery } from './interrupts.js';
 import { DeviceIrq } from './irq.js';
 import { checkMsi, Msi, msiSize } from './msi.js';
-import { checkMsix, Msix, MSIX_SIZE } from './msix.js';
-import { checkPcie, definePciExpress, PCIE_SIZE } from './pcie.js';
-import { PM_SIZE, PowerManagement } from './pm.js';
+import { checkMsix, Msix } from './msix.js';
+import { checkPcie, definePciExpress } from './pcie.js';
+import { PowerManagement } from './pm.js';
 import { checkRegisters, defineRegisters } from './registers.js';
+import { CapabilityId, Cfg, Command, CONFIG_SIZE, EXTENDED_CONFIG_SIZE, Express, MsiX, Pm, Vendor } from './spec.js';
 
 const CAPABILITY_ID: Record<Capability['kind'], number> = {
   pm: CapabilityId.POWER_MANAGEMENT,
@@ -58,8 +58,6 @@ const CAPABILITY_ID: Record<Capability['kind'], number> = {
   vendor: CapabilityId.VENDOR,
 };
 
-/** Vendor capability header: ID, next, length. */
-const VENDOR_HEADER = 3;
 /** Capabilities a function has at most one of. */
 const SINGLE: readonly string[] = ['pm', 'msi', 'msix', 'pcie', 'dsn', 'aer'];
 const NO_REGION: RegionDescription = { size: 0n, flags: 0 };
@@ -198,8 +196,8 @@ export class PciDevice implements VfioUserDevice {
         case 'msix': this.msix = new Msix(this.config, at, c, this.bars, this.interrupts); break;
         case 'pcie': definePciExpress(this.config, at, c, requestReset); break;
         case 'vendor':
-          this.config.define(at + 2, 1, VENDOR_HEADER + c.data.length);
-          defineRegisters(this.config, at + VENDOR_HEADER, c);
+          this.config.define(at + Vendor.LENGTH, 1, Vendor.HEADER_SIZE + c.data.length);
+          defineRegisters(this.config, at + Vendor.HEADER_SIZE, c);
           break;
       }
     });
@@ -211,13 +209,13 @@ export class PciDevice implements VfioUserDevice {
   /** Validates one capability; returns its size in bytes. */
   private checkCapability(c: Capability, field: string): number {
     switch (c.kind) {
-      case 'pm': return PM_SIZE;
+      case 'pm': return Pm.SIZE;
       case 'msi': checkMsi(c, field); return msiSize(c);
-      case 'msix': checkMsix(c, field, this.bars); return MSIX_SIZE;
-      case 'pcie': checkPcie(c, field); return PCIE_SIZE;
+      case 'msix': checkMsix(c, field, this.bars); return MsiX.SIZE;
+      case 'pcie': checkPcie(c, field); return Express.SIZE_V2;
       case 'vendor':
-        checkRegisters(c, field, 0xff - VENDOR_HEADER);
-        return VENDOR_HEADER + c.data.length;
+        checkRegisters(c, field, 0xff - Vendor.HEADER_SIZE);
+        return Vendor.HEADER_SIZE + c.data.length;
       default:
         throw new InvalidDeviceError(`${field}.kind`, `${String((c as { kind: unknown }).kind)} is not one of ${Object.keys(CAPABILITY_ID).join(', ')}`);
     }

@@ -3,7 +3,6 @@
  * Extended and Advanced Error Reporting. Their headers (ID, version, next)
  * are written by `chainExtended`; this module defines what follows.
  */
-import { ExtendedCapabilityId } from './capabilities.js';
 import type { ConfigSpace } from './config.js';
 import {
   checkUint,
@@ -12,14 +11,7 @@ import {
   type VendorExtendedCapability,
 } from './description.js';
 import { checkRegisters, defineRegisters } from './registers.js';
-
-const HEADER = 4;
-const VSEC_HEADER = 8;
-/** VSEC Length is 12 bits and counts both headers. */
-const MAX_VSEC = 0xfff;
-const DSN_SIZE = 12;
-/** AER version 2 with the TLP prefix log: 0x48 bytes, as QEMU and Linux size it. */
-const AER_SIZE = 0x48;
+import { Aer, Dsn, ExtendedCapabilityId, Vsec } from './spec.js';
 
 export const extendedId: Record<ExtendedCapability['kind'], number> = {
   aer: ExtendedCapabilityId.AER,
@@ -32,9 +24,10 @@ export const extendedVersion: Record<ExtendedCapability['kind'], number> = { aer
 
 export function extendedSize(c: ExtendedCapability): number {
   switch (c.kind) {
-    case 'dsn': return DSN_SIZE;
-    case 'aer': return AER_SIZE;
-    case 'vsec': return VSEC_HEADER + c.data.length;
+    case 'dsn': return Dsn.SIZE;
+    // Version 2 with the TLP prefix log, as QEMU and Linux size it.
+    case 'aer': return Aer.SIZE_V2;
+    case 'vsec': return Vsec.HEADERS_SIZE + c.data.length;
   }
 }
 
@@ -48,7 +41,7 @@ export function checkExtended(c: ExtendedCapability, field: string): void {
     case 'vsec':
       checkUint(`${field}.vsecId`, c.vsecId, 16);
       checkUint(`${field}.vsecRevision`, c.vsecRevision, 4);
-      checkRegisters(c, field, MAX_VSEC - VSEC_HEADER);
+      checkRegisters(c, field, Vsec.MAX_LENGTH - Vsec.HEADERS_SIZE);
       return;
     case 'aer':
       return;
@@ -60,8 +53,8 @@ export function checkExtended(c: ExtendedCapability, field: string): void {
 export function defineExtended(config: ConfigSpace, at: number, c: ExtendedCapability): void {
   switch (c.kind) {
     case 'dsn':
-      config.define(at + 4, 4, Number(c.serial & 0xffffffffn));
-      config.define(at + 8, 4, Number(c.serial >> 32n));
+      config.define(at + Dsn.SERIAL, 4, Number(c.serial & 0xffffffffn));
+      config.define(at + Dsn.SERIAL + 4, 4, Number(c.serial >> 32n));
       return;
     case 'vsec':
       defineVsec(config, at, c);
@@ -73,9 +66,9 @@ export function defineExtended(config: ConfigSpace, at: number, c: ExtendedCapab
 }
 
 function defineVsec(config: ConfigSpace, at: number, c: VendorExtendedCapability): void {
-  const length = VSEC_HEADER + c.data.length;
-  config.define(at + HEADER, 4, (c.vsecId | ((c.vsecRevision ?? 0) << 16) | (length << 20)) >>> 0);
-  defineRegisters(config, at + VSEC_HEADER, c);
+  const length = Vsec.HEADERS_SIZE + c.data.length;
+  config.define(at + Vsec.HEADER, 4, (c.vsecId | ((c.vsecRevision ?? 0) << Vsec.REV_SHIFT) | (length << Vsec.LENGTH_SHIFT)) >>> 0);
+  defineRegisters(config, at + Vsec.HEADERS_SIZE, c);
 }
 
 /** Uncorrectable error bits an endpoint may implement (data link protocol ... poisoned TLP egress). */
@@ -87,10 +80,10 @@ const AER_CORRECTABLE = 0xf1c1;
 const AER_CORRECTABLE_MASK_DEFAULT = 0x2000;
 
 function defineAer(config: ConfigSpace, at: number): void {
-  config.define(at + 0x04, 4, 0, 0, AER_UNCORRECTABLE); // uncorrectable status, RW1C
-  config.define(at + 0x08, 4, 0, AER_UNCORRECTABLE); // uncorrectable mask
-  config.define(at + 0x0c, 4, AER_SEVERITY_DEFAULT, AER_UNCORRECTABLE); // uncorrectable severity
-  config.define(at + 0x10, 4, 0, 0, AER_CORRECTABLE); // correctable status, RW1C
-  config.define(at + 0x14, 4, AER_CORRECTABLE_MASK_DEFAULT, AER_CORRECTABLE); // correctable mask
+  config.define(at + Aer.UE_STATUS, 4, 0, 0, AER_UNCORRECTABLE); // RW1C
+  config.define(at + Aer.UE_MASK, 4, 0, AER_UNCORRECTABLE);
+  config.define(at + Aer.UE_SEVERITY, 4, AER_SEVERITY_DEFAULT, AER_UNCORRECTABLE);
+  config.define(at + Aer.CE_STATUS, 4, 0, 0, AER_CORRECTABLE); // RW1C
+  config.define(at + Aer.CE_MASK, 4, AER_CORRECTABLE_MASK_DEFAULT, AER_CORRECTABLE);
   // Capabilities and control (no ECRC), header log and prefix log: read-only, 0.
 }

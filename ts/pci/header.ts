@@ -1,6 +1,7 @@
 /** The type-0 config header (§10.1): IDs, command/status semantics, interrupt pin. */
-import { Cfg, Command, Status, type ConfigSpace } from './config.js';
+import type { ConfigSpace } from './config.js';
 import { checkUint, InvalidDeviceError, type InterruptPin, type PciDeviceDescription } from './description.js';
+import { Cfg, Command, Status } from './spec.js';
 
 const PINS: readonly InterruptPin[] = ['A', 'B', 'C', 'D'];
 
@@ -29,7 +30,7 @@ export function defineHeader(c: ConfigSpace, d: PciDeviceDescription, express: b
   c.define(Cfg.STATUS, 2, 0, 0, Status.ERRORS_W1C);
   c.define(Cfg.REVISION, 1, d.revision ?? 0);
   c.define(Cfg.CLASS_PROG_IF, 1, d.classCode & 0xff);
-  c.define(Cfg.CLASS_PROG_IF + 1, 2, d.classCode >>> 8);
+  c.define(Cfg.SUBCLASS, 2, d.classCode >>> 8);
   c.define(Cfg.CACHE_LINE_SIZE, 1, 0, 0xff);
   c.define(Cfg.LATENCY_TIMER, 1, 0, express ? 0 : 0xff);
   c.define(Cfg.SUBSYSTEM_VENDOR_ID, 2, d.subsystemVendorId ?? d.vendorId);

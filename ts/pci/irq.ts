@@ -5,10 +5,11 @@
  */
 import { UsageError } from '../errors.js';
 import { IrqIndex } from '../protocol/index.js';
-import { Cfg, Command, Status, type ConfigSpace, type ConfigWrite } from './config.js';
+import type { ConfigSpace, ConfigWrite } from './config.js';
 import type { Delivery, Interrupts } from './interrupts.js';
 import type { Msi } from './msi.js';
 import type { Msix } from './msix.js';
+import { Cfg, Command, Status } from './spec.js';
 
 /** How the guest lets the device interrupt it right now. */
 export type IrqMode = 'msix' | 'msi' | 'intx' | 'none';

@@ -9,16 +9,11 @@ import type { ConfigSpace } from './config.js';
 import type { MsiCapability } from './description.js';
 import { InvalidDeviceError } from './description.js';
 import type { Delivery, Interrupts } from './interrupts.js';
+import { Msi as MsiReg } from './spec.js';
 import { BitArray, MessageVectors } from './vectors.js';
 
-const CONTROL = 2;
-const ADDRESS_LO = 4;
-const ENABLE = 1 << 0;
-const MMC_SHIFT = 1;
-const MME_SHIFT = 4;
-const MME_MASK = 0x7 << MME_SHIFT;
-const ADDRESS_64 = 1 << 7;
-const PER_VECTOR_MASK = 1 << 8;
+/** Multiple Message Enable, in place. */
+const MME_MASK = MsiReg.LOG2_MASK << MsiReg.ENABLED_SHIFT;
 
 const VECTOR_COUNTS = [1, 2, 4, 8, 16, 32];
 
@@ -45,35 +40,36 @@ export class Msi {
     const wide = description.address64 ?? true;
     const count = description.vectors;
     const mmc = Math.log2(count);
-    config.define(at + CONTROL, 2, (mmc << MMC_SHIFT) | (wide ? ADDRESS_64 : 0) | (description.perVectorMask ? PER_VECTOR_MASK : 0), ENABLE | MME_MASK);
-    config.define(at + ADDRESS_LO, 4, 0, 0xfffffffc);
-    if (wide) config.define(at + ADDRESS_LO + 4, 4, 0, 0xffffffff);
-    const data = at + (wide ? 12 : 8);
-    config.define(data, 2, 0, 0xffff);
+    config.define(at + MsiReg.CONTROL, 2,
+      (mmc << MsiReg.CAPABLE_SHIFT) | (wide ? MsiReg.ADDRESS_64 : 0) | (description.perVectorMask ? MsiReg.MASKABLE : 0), MsiReg.ENABLE | MME_MASK);
+    config.define(at + MsiReg.ADDRESS_LO, 4, 0, 0xfffffffc);
+    if (wide) config.define(at + MsiReg.ADDRESS_HI_64, 4, 0, 0xffffffff);
+    config.define(at + (wide ? MsiReg.DATA_64 : MsiReg.DATA_32), 2, 0, 0xffff);
     // Without per-vector masking only the client can mask, so pending bits are private.
     let pending: BitArray;
     if (description.perVectorMask) {
-      this.maskOffset = data + 4;
+      this.maskOffset = at + (wide ? MsiReg.MASK_64 : MsiReg.MASK_32);
       config.define(this.maskOffset, 4, 0, count === 32 ? 0xffffffff : (1 << count) - 1);
-      pending = new BitArray(config.bytes.subarray(this.maskOffset + 4, this.maskOffset + 8));
+      const pendingOffset = at + (wide ? MsiReg.PENDING_64 : MsiReg.PENDING_32);
+      pending = new BitArray(config.bytes.subarray(pendingOffset, pendingOffset + 4));
     } else {
       this.internalPending = Buffer.alloc(4);
       pending = new BitArray(this.internalPending);
     }
     this.vectors = new MessageVectors(IrqIndex.MSI, count, interrupts, pending, (v) => this.guestMasked(v));
-    config.onWrite({ start: at + CONTROL, end: at + CONTROL + 2, apply: () => this.controlWritten(mmc) });
+    config.onWrite({ start: at + MsiReg.CONTROL, end: at + MsiReg.CONTROL + 2, apply: () => this.controlWritten(mmc) });
     if (this.maskOffset !== undefined) {
       config.onWrite({ start: this.maskOffset, end: this.maskOffset + 4, apply: () => this.vectors.release() });
     }
   }
 
   get enabled(): boolean {
-    return (this.config.u16(this.at + CONTROL) & ENABLE) !== 0;
+    return (this.config.u16(this.at + MsiReg.CONTROL) & MsiReg.ENABLE) !== 0;
   }
 
   /** Vectors the guest enabled (Multiple Message Enable). */
   get enabledVectors(): number {
-    return 1 << ((this.config.u16(this.at + CONTROL) & MME_MASK) >> MME_SHIFT);
+    return 1 << ((this.config.u16(this.at + MsiReg.CONTROL) & MME_MASK) >> MsiReg.ENABLED_SHIFT);
   }
 
   /**
@@ -97,9 +93,9 @@ export class Msi {
   }
 
   private controlWritten(mmc: number): void {
-    const control = this.config.u16(this.at + CONTROL);
+    const control = this.config.u16(this.at + MsiReg.CONTROL);
     // Software must not enable more than capable; clamp rather than store a lie.
-    if ((control & MME_MASK) >> MME_SHIFT > mmc) this.config.setU16(this.at + CONTROL, (control & ~MME_MASK) | (mmc << MME_SHIFT));
+    if ((control & MME_MASK) >> MsiReg.ENABLED_SHIFT > mmc) this.config.setU16(this.at + MsiReg.CONTROL, (control & ~MME_MASK) | (mmc << MsiReg.ENABLED_SHIFT));
     this.vectors.release();
   }
 }

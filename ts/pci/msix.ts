@@ -20,23 +20,13 @@ import type { Bar, BarOverlay } from './bars.js';
 import type { ConfigSpace } from './config.js';
 import { InvalidDeviceError, type BarLocation, type MsixCapability } from './description.js';
 import type { Delivery, Interrupts } from './interrupts.js';
+import { MsiX } from './spec.js';
 import { BitArray, MessageVectors } from './vectors.js';
 
-export const MSIX_SIZE = 12;
-const MAX_MSIX_VECTORS = 2048;
+/** The table size field holds vectors - 1. */
+const MAX_MSIX_VECTORS = MsiX.TABLE_SIZE_MASK + 1;
 
-const CONTROL = 2;
-const TABLE = 4;
-const PBA = 8;
-const FUNCTION_MASK = 1 << 14;
-const ENABLE = 1 << 15;
-
-/** Table entries: address lo, address hi, data, vector control (bit 0 = masked). */
-const MSIX_ENTRY_SIZE = 16;
-const VECTOR_CONTROL = 12;
-const ENTRY_MASKED = 0x1;
-
-const tableBytes = (vectors: number) => vectors * MSIX_ENTRY_SIZE;
+const tableBytes = (vectors: number) => vectors * MsiX.ENTRY_SIZE;
 /** One pending bit per vector, in whole u64 words. */
 const pbaBytes = (vectors: number) => Math.ceil(vectors / 64) * 8;
 
@@ -82,9 +72,9 @@ export class Msix {
     interrupts: Interrupts,
   ) {
     const count = description.vectors;
-    config.define(at + CONTROL, 2, count - 1, FUNCTION_MASK | ENABLE);
-    config.define(at + TABLE, 4, description.table.offset | description.table.bar);
-    config.define(at + PBA, 4, description.pba.offset | description.pba.bar);
+    config.define(at + MsiX.CONTROL, 2, count - 1, MsiX.FUNCTION_MASK | MsiX.ENABLE);
+    config.define(at + MsiX.TABLE, 4, description.table.offset | description.table.bar);
+    config.define(at + MsiX.PBA, 4, description.pba.offset | description.pba.bar);
     this.table = this.store(bars[description.table.bar]!, description.table.offset, tableBytes(count), {
       read: (offset, n) => Buffer.from(this.table.subarray(offset, offset + n)),
       write: (offset, data) => this.writeTable(offset, data),
@@ -94,21 +84,21 @@ export class Msix {
       write: () => {}, // read-only: the guest cannot set or clear pending bits
     });
     this.vectors = new MessageVectors(IrqIndex.MSIX, count, interrupts, new BitArray(this.pba), (v) => this.guestMasked(v));
-    config.onWrite({ start: at + CONTROL, end: at + CONTROL + 2, apply: () => this.vectors.release() });
+    config.onWrite({ start: at + MsiX.CONTROL, end: at + MsiX.CONTROL + 2, apply: () => this.vectors.release() });
     this.reset();
   }
 
   get enabled(): boolean {
-    return (this.config.u16(this.at + CONTROL) & ENABLE) !== 0;
+    return (this.config.u16(this.at + MsiX.CONTROL) & MsiX.ENABLE) !== 0;
   }
 
   get functionMasked(): boolean {
-    return (this.config.u16(this.at + CONTROL) & FUNCTION_MASK) !== 0;
+    return (this.config.u16(this.at + MsiX.CONTROL) & MsiX.FUNCTION_MASK) !== 0;
   }
 
   /** The entry's mask bit as the guest reads it. */
   entryMasked(vector: number): boolean {
-    return (this.table[vector * MSIX_ENTRY_SIZE + VECTOR_CONTROL] & ENTRY_MASKED) !== 0;
+    return (this.table[vector * MsiX.ENTRY_SIZE + MsiX.ENTRY_VECTOR_CONTROL] & MsiX.ENTRY_MASKED) !== 0;
   }
 
   fire(vector: number): Delivery {
@@ -118,7 +108,7 @@ export class Msix {
   /** Power-on table (every entry masked, address and data 0) and no pending bits. */
   reset(): void {
     this.table.fill(0);
-    for (let v = 0; v < this.vectors.count; v++) this.table[v * MSIX_ENTRY_SIZE + VECTOR_CONTROL] = ENTRY_MASKED;
+    for (let v = 0; v < this.vectors.count; v++) this.table[v * MsiX.ENTRY_SIZE + MsiX.ENTRY_VECTOR_CONTROL] = MsiX.ENTRY_MASKED;
     this.pba.fill(0);
     this.tableDriven = false;
   }
@@ -138,12 +128,12 @@ export class Msix {
   private writeTable(offset: number, data: Buffer): void {
     for (let i = 0; i < data.length; i++) {
       const at = offset + i;
-      const field = at % MSIX_ENTRY_SIZE;
+      const field = at % MsiX.ENTRY_SIZE;
       // Vector control: only the mask bit is writable; the rest is reserved.
-      if (field < VECTOR_CONTROL) this.table[at] = data[i];
-      else if (field === VECTOR_CONTROL) this.table[at] = data[i] & ENTRY_MASKED;
+      if (field < MsiX.ENTRY_VECTOR_CONTROL) this.table[at] = data[i];
+      else if (field === MsiX.ENTRY_VECTOR_CONTROL) this.table[at] = data[i] & MsiX.ENTRY_MASKED;
     }
     this.tableDriven = true;
-    this.vectors.release(Math.floor(offset / MSIX_ENTRY_SIZE), Math.ceil((offset + data.length) / MSIX_ENTRY_SIZE));
+    this.vectors.release(Math.floor(offset / MsiX.ENTRY_SIZE), Math.ceil((offset + data.length) / MsiX.ENTRY_SIZE));
   }
 }

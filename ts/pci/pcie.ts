@@ -6,26 +6,14 @@
  */
 import type { ConfigSpace } from './config.js';
 import { InvalidDeviceError, type MaxPayload, type PciExpressCapability, type PcieDeviceType } from './description.js';
+import { DevCap, DevCtl, Express, LnkCap, LnkCap2, PortType } from './spec.js';
 
-export const PCIE_SIZE = 60;
-
-const CAPABILITIES = 0x02;
-const DEVICE_CAPABILITIES = 0x04;
-const DEVICE_CONTROL = 0x08;
-const DEVICE_STATUS = 0x0a;
-const LINK_CAPABILITIES = 0x0c;
-const LINK_CONTROL = 0x10;
-const LINK_STATUS = 0x12;
-const LINK_CAPABILITIES_2 = 0x2c;
-const LINK_CONTROL_2 = 0x30;
-
-const VERSION_2 = 0x2;
-const DEVICE_TYPE: Record<PcieDeviceType, number> = { 'endpoint': 0x0, 'legacy-endpoint': 0x1, 'integrated-endpoint': 0x9 };
+const DEVICE_TYPE: Record<PcieDeviceType, number> = {
+  'endpoint': PortType.ENDPOINT,
+  'legacy-endpoint': PortType.LEGACY_ENDPOINT,
+  'integrated-endpoint': PortType.RC_INTEGRATED_ENDPOINT,
+};
 const PAYLOADS: readonly MaxPayload[] = [128, 256, 512, 1024, 2048, 4096];
-
-/** Device Capabilities: role-based error reporting is mandatory since PCIe 1.1. */
-const DEVCAP_ROLE_BASED_ERRORS = 1 << 15;
-const DEVCAP_FLR = 1 << 28;
 
 /**
  * Device Control: error reporting enables (3:0), relaxed ordering (4),
@@ -34,18 +22,15 @@ const DEVCAP_FLR = 1 << 28;
  * is acted on and always reads 0.
  */
 const DEVCTL_WRITABLE = 0x7fff;
-const DEVCTL_INITIATE_FLR = 1 << 15;
 /** Power-on: relaxed ordering and no snoop enabled, 512-byte read requests. */
-const DEVCTL_DEFAULT = (1 << 4) | (1 << 11) | (2 << 12);
+const DEVCTL_DEFAULT = DevCtl.RELAXED_ORDERING | DevCtl.NO_SNOOP | (2 << DevCtl.READ_REQUEST_SHIFT);
 /** Device Status: correctable, non-fatal, fatal, unsupported request detected. */
 const DEVSTA_ERRORS_W1C = 0xf;
 
-const SPEED_2_5GT = 0x1;
-const WIDTH_X1 = 0x1 << 4;
+/** One 2.5 GT/s lane, in Link Capabilities and Link Status. */
+const LINK_X1_2_5GT = LnkCap.SPEED_2_5GT | (1 << LnkCap.WIDTH_SHIFT);
 /** Link Control: ASPM (1:0), RCB (3), common clock (6), extended synch (7), clock PM (8), HW autonomous width disable (9), bandwidth interrupts (11:10). */
 const LNKCTL_WRITABLE = 0x0fcb;
-/** Link Capabilities 2: supported speeds vector, bit 1 = 2.5 GT/s. */
-const LNKCAP2_2_5GT = 1 << 1;
 
 export function checkPcie(d: PciExpressCapability, field: string): void {
   if (d.type !== undefined && !(d.type in DEVICE_TYPE)) {
@@ -60,25 +45,26 @@ export function checkPcie(d: PciExpressCapability, field: string): void {
 export function definePciExpress(config: ConfigSpace, at: number, description: PciExpressCapability, requestReset: () => void): void {
   const type = description.type ?? 'endpoint';
   const flr = description.flr ?? true;
-  config.define(at + CAPABILITIES, 2, VERSION_2 | (DEVICE_TYPE[type] << 4));
-  config.define(at + DEVICE_CAPABILITIES, 4,
-    PAYLOADS.indexOf(description.maxPayload ?? 128) | DEVCAP_ROLE_BASED_ERRORS | (flr ? DEVCAP_FLR : 0));
-  config.define(at + DEVICE_CONTROL, 2, DEVCTL_DEFAULT, DEVCTL_WRITABLE);
-  config.define(at + DEVICE_STATUS, 2, 0, 0, DEVSTA_ERRORS_W1C);
+  config.define(at + Express.FLAGS, 2, Express.VERSION_2 | (DEVICE_TYPE[type] << Express.TYPE_SHIFT));
+  config.define(at + Express.DEVCAP, 4,
+    PAYLOADS.indexOf(description.maxPayload ?? 128) | DevCap.ROLE_BASED_ERRORS | (flr ? DevCap.FLR : 0));
+  config.define(at + Express.DEVCTL, 2, DEVCTL_DEFAULT, DEVCTL_WRITABLE);
+  config.define(at + Express.DEVSTA, 2, 0, 0, DEVSTA_ERRORS_W1C);
   // Root-complex integrated endpoints have no link: its registers are reserved.
   if (type !== 'integrated-endpoint') {
-    config.define(at + LINK_CAPABILITIES, 4, SPEED_2_5GT | WIDTH_X1);
-    config.define(at + LINK_CONTROL, 2, 0, LNKCTL_WRITABLE);
-    config.define(at + LINK_STATUS, 2, SPEED_2_5GT | WIDTH_X1);
-    config.define(at + LINK_CAPABILITIES_2, 4, LNKCAP2_2_5GT);
-    config.define(at + LINK_CONTROL_2, 2, SPEED_2_5GT);
+    config.define(at + Express.LNKCAP, 4, LINK_X1_2_5GT);
+    config.define(at + Express.LNKCTL, 2, 0, LNKCTL_WRITABLE);
+    config.define(at + Express.LNKSTA, 2, LINK_X1_2_5GT);
+    config.define(at + Express.LNKCAP2, 4, LnkCap2.SPEED_2_5GT);
+    // Target Link Speed (3:0) uses the LnkCap speed codes.
+    config.define(at + Express.LNKCTL2, 2, LnkCap.SPEED_2_5GT);
   }
   if (flr) {
     config.onWrite({
-      start: at + DEVICE_CONTROL,
-      end: at + DEVICE_CONTROL + 2,
+      start: at + Express.DEVCTL,
+      end: at + Express.DEVCTL + 2,
       apply: (write) => {
-        if (write.written(at + DEVICE_CONTROL, 2) & DEVCTL_INITIATE_FLR) requestReset();
+        if (write.written(at + Express.DEVCTL, 2) & DevCtl.INITIATE_FLR) requestReset();
       },
     });
   }

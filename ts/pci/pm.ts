@@ -5,16 +5,7 @@
  */
 import type { ConfigSpace, ConfigWrite } from './config.js';
 import type { PowerManagementCapability, PowerState } from './description.js';
-
-export const PM_SIZE = 8;
-
-const PMC = 2;
-const PMCSR = 4;
-const PMC_VERSION_3 = 0x3;
-const PMC_D1 = 1 << 9;
-const PMC_D2 = 1 << 10;
-const PMCSR_STATE = 0x3;
-const PMCSR_NO_SOFT_RESET = 1 << 3;
+import { Pm } from './spec.js';
 
 const STATES: readonly PowerState[] = ['D0', 'D1', 'D2', 'D3hot'];
 
@@ -30,11 +21,11 @@ export class PowerManagement {
   ) {
     this.supported = new Set<PowerState>(['D0', 'D3hot', ...(description.d1 ? ['D1' as const] : []), ...(description.d2 ? ['D2' as const] : [])]);
     const noSoftReset = description.noSoftReset ?? true;
-    config.define(at + PMC, 2, PMC_VERSION_3 | (description.d1 ? PMC_D1 : 0) | (description.d2 ? PMC_D2 : 0));
-    config.define(at + PMCSR, 2, noSoftReset ? PMCSR_NO_SOFT_RESET : 0, PMCSR_STATE);
+    config.define(at + Pm.PMC, 2, Pm.PMC_VERSION_3 | (description.d1 ? Pm.PMC_D1 : 0) | (description.d2 ? Pm.PMC_D2 : 0));
+    config.define(at + Pm.PMCSR, 2, noSoftReset ? Pm.PMCSR_NO_SOFT_RESET : 0, Pm.STATE_MASK);
     config.onWrite({
-      start: at + PMCSR,
-      end: at + PMCSR + 1,
+      start: at + Pm.PMCSR,
+      end: at + Pm.PMCSR + 1,
       apply: (write) => {
         if (this.stateWritten(write) === 'reset' && !noSoftReset) requestReset();
       },
@@ -42,15 +33,15 @@ export class PowerManagement {
   }
 
   get state(): PowerState {
-    return STATES[this.config.u16(this.at + PMCSR) & PMCSR_STATE];
+    return STATES[this.config.u16(this.at + Pm.PMCSR) & Pm.STATE_MASK];
   }
 
   /** Discards a write of a state the device lacks (the spec's rule); reports D3hot to D0. */
   private stateWritten(write: ConfigWrite): 'reset' | undefined {
-    const before = STATES[write.previous(this.at + PMCSR, 2) & PMCSR_STATE];
+    const before = STATES[write.previous(this.at + Pm.PMCSR, 2) & Pm.STATE_MASK];
     if (!this.supported.has(this.state)) {
-      const pmcsr = this.config.u16(this.at + PMCSR);
-      this.config.setU16(this.at + PMCSR, (pmcsr & ~PMCSR_STATE) | STATES.indexOf(before));
+      const pmcsr = this.config.u16(this.at + Pm.PMCSR);
+      this.config.setU16(this.at + Pm.PMCSR, (pmcsr & ~Pm.STATE_MASK) | STATES.indexOf(before));
       return undefined;
     }
     return before === 'D3hot' && this.state === 'D0' ? 'reset' : undefined;
