@@ -159,12 +159,13 @@ describe('config space header', () => {
   });
 
   test('DEVICE_RESET restores config space and calls the reset hook', async () => {
-    served = await serve();
+    const gpio = await serve();
+    served = gpio;
     const client = await served.client();
     await client.regionWrite(Region.CONFIG, 4n, Buffer.from([0x07, 0x00]));
     await client.regionWrite(Region.BAR2, 0n, Buffer.from([0xee]));
     await client.reset();
     expect((await client.regionRead(Region.CONFIG, 4n, 2)).readUInt16LE(0)).toBe(0);
-    expect(served.device.outputs).toBe(0);
+    expect(gpio.device.outputs).toBe(0);
   });
 });
