@@ -230,14 +230,21 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     let argsz = REGION_INFO_SIZE;
     for (;;) {
       const reply = await this.request(Command.DEVICE_GET_REGION_INFO, encodeRegionInfoRequest({ index, argsz }));
-      const info = decodeRegionInfoReply(reply.payload);
-      if (info.argsz <= argsz || reply.payload.length >= info.argsz) {
-        const [fd, ...extra] = reply.fds;
-        closeFds(extra);
-        return fd === undefined ? info : { ...info, fd };
+      // §6.5: a reply whose argsz exceeds ours is truncated (no capabilities, no fd): retry
+      // before decoding, since such a reply may still carry a cap_offset pointing past its
+      // end (rust-vmm's Server sets cap_offset 32 and CAPS; QEMU also retries first).
+      const needed = reply.payload.length >= REGION_INFO_SIZE ? reply.payload.readUInt32LE(0) : 0;
+      if (needed > argsz && reply.payload.length < needed) {
+        closeFds(reply.fds);
+        // One retry with what the server asked for; a server that keeps moving the goalposts is broken.
+        if (argsz !== REGION_INFO_SIZE) throw new ProtocolError(Errno.EPROTO, Command.DEVICE_GET_REGION_INFO, `the reply is still truncated at argsz ${argsz}`);
+        argsz = needed;
+        continue;
       }
-      closeFds(reply.fds);
-      argsz = info.argsz;
+      const info = decodeRegionInfoReply(reply.payload);
+      const [fd, ...extra] = reply.fds;
+      closeFds(extra);
+      return fd === undefined ? info : { ...info, fd };
     }
   }
 
