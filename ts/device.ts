@@ -36,6 +36,46 @@ export interface RegionIoFd {
   datamatch?: bigint;
 }
 
+/** Which save a unit of migration data comes from (docs/migration.md). */
+export type MigrationPhase = 'precopy' | 'stopcopy';
+
+/** Identifies one unit of migration data: one `save()` call on the source, one `load()` on the destination. */
+export interface MigrationUnit {
+  readonly phase: MigrationPhase;
+  /**
+   * The unit's place in its save session, from 0. Unit 0 must stand alone;
+   * later units may be deltas against the earlier ones, which the destination
+   * loads first and in order.
+   */
+  readonly index: number;
+}
+
+/**
+ * What `save()` returns: the bytes at once, or chunks that are pulled as the
+ * client reads (a generator keeps large state out of memory).
+ */
+export type MigrationData = Uint8Array | Iterable<Uint8Array> | AsyncIterable<Uint8Array>;
+
+/**
+ * Live migration (migration v2) for a device; see docs/migration.md. The
+ * session runs the state machine and frames the data stream; the device only
+ * stops, starts, saves and loads. Each hook should throw before changing
+ * anything: a hook that throws fails the transition and leaves the device in
+ * the state it was in.
+ */
+export interface DeviceMigration {
+  /** Offer PRE_COPY: `save({ phase: 'precopy' })` is then called while the device runs. */
+  readonly preCopy?: boolean;
+  /** Stop acting on its own: no DMA, no interrupts, no timers. Not needed by devices that never do. */
+  stop?(): void | Promise<void>;
+  /** Undo `stop()`; also called when DEVICE_RESET brings the device out of ERROR. */
+  start?(): void | Promise<void>;
+  /** The device's state (or what changed since the last unit of the session). */
+  save(unit: MigrationUnit): MigrationData | Promise<MigrationData>;
+  /** Applies a unit saved by a device of the same kind, in the order they were saved. */
+  load(data: Uint8Array, unit: MigrationUnit): void | Promise<void>;
+}
+
 /** What a connected client gives the device while it is attached. */
 export interface DeviceAttachment {
   /** Guest memory the client declared. */
@@ -63,4 +103,6 @@ export interface VfioUserDevice {
   attach(attachment: DeviceAttachment): void;
   /** The client is gone: drop its interrupt fds; keep device state. */
   detach(): void;
+  /** Live migration; without it DEVICE_FEATURE and MIG_DATA_* answer ENOTSUP. */
+  readonly migration?: DeviceMigration;
 }

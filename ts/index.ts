@@ -16,6 +16,7 @@ export {
   type RegionInfoWithFd,
   type SetIrqsOptions,
 } from './client/client.js';
+export { migrate, MigrationClient, type MigrationResult } from './client/migration.js';
 export { PciDevice } from './pci/device.js';
 export type { PciBar } from './pci/bars.js';
 export { IoEventfd } from './pci/ioeventfds.js';
@@ -67,13 +68,23 @@ export {
   type SgList,
   type SharedRegionOptions,
 } from './dma/index.js';
-export type { VfioUserDevice, RegionDescription, RegionIoFd, DeviceAttachment } from './device.js';
+export type {
+  VfioUserDevice,
+  RegionDescription,
+  RegionIoFd,
+  DeviceAttachment,
+  DeviceMigration,
+  MigrationData,
+  MigrationPhase,
+  MigrationUnit,
+} from './device.js';
 export { ConnectionClosedError, PeerProtocolError, TimeoutError, UsageError, VfioUserError } from './errors.js';
 export * as protocol from './protocol/index.js';
 export {
   Command,
   Errno,
   IrqIndex,
+  MigrationFlags,
   MigrationState,
   ProtocolError,
   Region,

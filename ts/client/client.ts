@@ -9,6 +9,7 @@ import { Channel, type Message } from '../channel.js';
 import { closeFds, native } from '../native.js';
 import { ConnectionClosedError, UsageError } from '../errors.js';
 import { GuestMemory, type GuestMemoryOptions } from './memory.js';
+import { MigrationClient } from './migration.js';
 import {
   Command,
   DEFAULT_CAPABILITIES,
@@ -121,6 +122,8 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   readonly timeoutMs: number;
   readonly maxDataXferSize: number;
   private readonly offerTwinSocket: boolean;
+  /** Live migration: device state, its data stream and dirty logging (docs/migration.md). */
+  readonly migration: MigrationClient = new MigrationClient(this);
 
   /** Use `connect()`; this wraps an already connected fd. */
   constructor(fd: number, options: ConnectOptions = {}) {

@@ -9,6 +9,7 @@ import { DmaSpace } from '../dma/space.js';
 import { MessageDma } from '../dma/messages.js';
 import { ConnectionClosedError } from '../errors.js';
 import type { VfioUserDevice } from '../device.js';
+import { MigrationSession, migrationStateOf } from './migration.js';
 import {
   allocRegionReadReplyMessage,
   Command,
@@ -79,12 +80,18 @@ export class ServerSession {
   private negotiated: Version | undefined;
   readonly dma = new DmaSpace(SERVER_CAPABILITIES.maxDmaMaps);
   private readonly scratch: RegionAccess = { offset: 0n, region: 0, count: 0 };
+  /** Present when the device supports live migration. */
+  private readonly migration: MigrationSession | undefined;
 
   constructor(
     fd: number,
     readonly device: VfioUserDevice,
     private readonly events: SessionEvents,
   ) {
+    const { migration } = device;
+    this.migration = migration
+      ? new MigrationSession(migrationStateOf(device, migration), this.dma, SERVER_CAPABILITIES.maxDataXferSize)
+      : undefined;
     this.channel = new Channel(fd, {
       onCommand: (message) => this.receive(message),
       onClose: (error) => this.finish(error),
@@ -182,6 +189,7 @@ export class ServerSession {
     if (!this.negotiated && header.command !== Command.VERSION) {
       throw fail(Errno.EINVAL, header.command, 'VERSION must come first');
     }
+    this.migration?.check(header.command);
     switch (header.command) {
       case Command.VERSION: return this.version(message);
       case Command.DMA_MAP: return this.dmaMap(message);
@@ -195,10 +203,9 @@ export class ServerSession {
       case Command.REGION_WRITE: return this.regionWrite(message);
       case Command.REGION_WRITE_MULTI: return this.regionWriteMulti(message);
       case Command.DEVICE_RESET: return this.reset(message);
-      case Command.DEVICE_FEATURE:
-      case Command.MIG_DATA_READ:
-      case Command.MIG_DATA_WRITE:
-        throw fail(Errno.ENOTSUP, header.command, 'the device does not support migration');
+      case Command.DEVICE_FEATURE: return this.migrating(message).feature(message.payload).then((payload) => ({ payload }));
+      case Command.MIG_DATA_READ: return this.migrating(message).dataRead(message.payload).then((payload) => ({ payload }));
+      case Command.MIG_DATA_WRITE: return this.migrating(message).dataWrite(message.payload);
       default:
         // DMA_READ/DMA_WRITE go server to client; 14 was removed; the rest are unknown.
         throw fail(Errno.ENOSYS, header.command, `${commandName(header.command)} is not a command a server handles`);
@@ -207,6 +214,13 @@ export class ServerSession {
 
   private noFds(message: Message): void {
     if (message.fds.length > 0) throw fail(Errno.EINVAL, message.header.command, 'unexpected fds');
+  }
+
+  /** The migration commands' handler; ENOTSUP for devices without migration. */
+  private migrating(message: Message): MigrationSession {
+    this.noFds(message);
+    if (!this.migration) throw fail(Errno.ENOTSUP, message.header.command, 'the device does not support migration');
+    return this.migration;
   }
 
   // ---- commands ----
@@ -400,6 +414,7 @@ export class ServerSession {
     this.noFds(message);
     if (message.payload.length !== 0) throw fail(Errno.EINVAL, Command.DEVICE_RESET, 'DEVICE_RESET has no payload');
     await this.device.reset();
+    await this.migration?.afterReset();
   }
 
   // ---- end ----
@@ -415,6 +430,7 @@ export class ServerSession {
     // Detaches every view before anything else can run.
     this.dma.unmapAll();
     if (this.negotiated) this.device.detach();
+    this.migration?.end().catch((failure: Error) => this.events.onDeviceError(failure, Command.DEVICE_FEATURE));
     this.events.onClose(this, error);
   }
 }
