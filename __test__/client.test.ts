@@ -1,7 +1,7 @@
 /** The client against our server: the commands the GPIO card does not support, timeouts, closing. */
 import { createServer as createNetServer } from 'node:net';
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, connect, ConnectionClosedError, Errno, protocol, TimeoutError } from '../ts/index.js';
+import { Command, connect, ConnectionClosedError, Errno, PciDevice, protocol, TimeoutError } from '../ts/index.js';
 import { serve, tempSocketPath, type Served } from './helpers.js';
 
 let served: Served;
@@ -9,12 +9,16 @@ afterEach(async () => served?.close());
 
 describe('client', () => {
   test('DEVICE_FEATURE and migration data on a device without migration are ENOTSUP', async () => {
-    served = await serve();
-    const client = await served.client();
-    const get = protocol.DeviceFeatureFlags.GET | protocol.FeatureIndex.MIGRATION;
-    await expect(client.deviceFeature(get, undefined, 16)).rejects.toMatchObject({ errno: Errno.ENOTSUP, command: Command.DEVICE_FEATURE });
-    await expect(client.migDataRead(4096)).rejects.toMatchObject({ errno: Errno.ENOTSUP, command: Command.MIG_DATA_READ });
-    await expect(client.migDataWrite(Buffer.alloc(16))).rejects.toMatchObject({ errno: Errno.ENOTSUP, command: Command.MIG_DATA_WRITE });
+    const plain = await serve(new PciDevice({ vendorId: 0x1234, deviceId: 0x5678, classCode: 0, migration: false }));
+    try {
+      const client = await plain.client();
+      const get = protocol.DeviceFeatureFlags.GET | protocol.FeatureIndex.MIGRATION;
+      await expect(client.deviceFeature(get, undefined, 16)).rejects.toMatchObject({ errno: Errno.ENOTSUP, command: Command.DEVICE_FEATURE });
+      await expect(client.migDataRead(4096)).rejects.toMatchObject({ errno: Errno.ENOTSUP, command: Command.MIG_DATA_READ });
+      await expect(client.migDataWrite(Buffer.alloc(16))).rejects.toMatchObject({ errno: Errno.ENOTSUP, command: Command.MIG_DATA_WRITE });
+    } finally {
+      await plain.close();
+    }
   });
 
   test('a server that never answers times out with TimeoutError', async () => {

@@ -1,6 +1,6 @@
 /** Migration v2 state machine (§7) and DEVICE_FEATURE rules (§6.14), against CounterDevice over real sockets. */
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, Errno, MigrationFlags, MigrationState as S, protocol, Region, type VfioUserClient } from '../ts/index.js';
+import { Command, Errno, MigrationFlags, MigrationState as S, PciDevice, protocol, Region, type VfioUserClient } from '../ts/index.js';
 import { migrationPath } from '../ts/server/migration.js';
 import { serve, until, type Served } from './helpers.js';
 import { CounterDevice, SCRATCH } from './migration-device.js';
@@ -306,7 +306,7 @@ describe('a client leaving mid-migration', () => {
 });
 
 test('devices without migration answer ENOTSUP, and the client says so', async () => {
-  const gpio = await serve();
+  const gpio = await serve(new PciDevice({ vendorId: 0x1234, deviceId: 0x5678, classCode: 0, migration: false }));
   try {
     const client = await gpio.client();
     expect(await client.migration.supported()).toBe(false);

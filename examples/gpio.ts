@@ -13,6 +13,8 @@
  *
  * Reads of +2 and +3 have side effects, so BAR2 is handled in TS (the other
  * end of the benchmark from config space, which is answered natively).
+ * The registers live in fields, so the card migrates them through the
+ * `saveState`/`loadState` hooks; the library migrates the rest.
  */
 import { PciDevice } from '../ts/pci/device.js';
 
@@ -57,7 +59,30 @@ export class PciIdio16 extends PciDevice {
         this.filtersActive = false;
         this.changed = 0;
       },
+      // The registers live in fields: they travel in saveState (config space,
+      // the INTx line and the rest are the library's).
+      migration: {
+        saveState: () => this.saveRegisters(),
+        loadState: (data) => this.loadRegisters(data),
+      },
     });
+  }
+
+  /** Version 1: out 0-7, out 8-15, inputs (u16), flags (1 IRQ enabled, 2 filters), changed. */
+  private saveRegisters(): Uint8Array {
+    const flags = (this.irqEnabled ? 1 : 0) | (this.filtersActive ? 2 : 0);
+    return Uint8Array.of(1, this.out[0], this.out[1], this.inputs & 0xff, this.inputs >> 8, flags, this.changed);
+  }
+
+  /** Checks everything before changing anything, as the hook must. */
+  private loadRegisters(data: Uint8Array): void {
+    if (data.length !== 7 || data[0] !== 1) throw new Error(`not version-1 PCI-IDIO-16 registers (${data.length} bytes)`);
+    if (data[5] & ~3 || data[6] & ~3) throw new Error('PCI-IDIO-16 registers: reserved bits set');
+    this.out = [data[1], data[2]];
+    this.inputs = data[3] | (data[4] << 8);
+    this.irqEnabled = (data[5] & 1) !== 0;
+    this.filtersActive = (data[5] & 2) !== 0;
+    this.changed = data[6];
   }
 
   /** The 16 output lines as the guest last drove them. */

@@ -15,6 +15,9 @@
  * the guest enabled; in INTx mode the line stays asserted while STATUS is
  * non-zero (level semantics).
  *
+ * The registers are fields, migrated through `saveState`/`loadState`; config
+ * space, the MSI-X table and PBA and interrupt state are the library's.
+ *
  * The IDs borrow Red Hat's QEMU vendor ID with a device ID QEMU does not
  * use: fine for experiments, not for anything shipped.
  */
@@ -88,7 +91,30 @@ export class DoorbellDevice extends PciDevice {
         this.status = 0;
         this.scratch = 0;
       },
+      // The registers live in fields, not in BAR memory: they travel in saveState.
+      migration: {
+        saveState: () => this.saveRegisters(),
+        loadState: (data) => this.loadRegisters(data),
+      },
     });
+  }
+
+  /** Version 1: COUNTER, STATUS, SCRATCH (u32 each) after a version byte. */
+  private saveRegisters(): Uint8Array {
+    const state = Buffer.alloc(13);
+    state[0] = 1;
+    state.writeUInt32LE(this.counter, 1);
+    state.writeUInt32LE(this.status, 5);
+    state.writeUInt32LE(this.scratch, 9);
+    return state;
+  }
+
+  private loadRegisters(data: Uint8Array): void {
+    if (data.length !== 13 || data[0] !== 1) throw new Error(`not version-1 doorbell registers (${data.length} bytes)`);
+    const state = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+    this.counter = state.readUInt32LE(1);
+    this.status = state.readUInt32LE(5);
+    this.scratch = state.readUInt32LE(9);
   }
 
   get rings(): number {

@@ -74,6 +74,23 @@ export class QueueCard extends PciDevice {
         this.completed = 0;
         for (const kick of this.bar(0).ioeventfds) kick.take();
       },
+      // Doorbells, the MSI-X table and un-taken kicks are the library's; the
+      // queue heads and the counter travel in saveState.
+      migration: {
+        saveState: () => {
+          const state = Buffer.alloc(1 + 4 * (QUEUES + 1));
+          state[0] = 1;
+          this.heads.forEach((head, q) => state.writeUInt32LE(head, 1 + 4 * q));
+          state.writeUInt32LE(this.completed, 1 + 4 * QUEUES);
+          return state;
+        },
+        loadState: (data) => {
+          if (data.length !== 1 + 4 * (QUEUES + 1) || data[0] !== 1) throw new Error(`not version-1 queue card state (${data.length} bytes)`);
+          const state = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+          this.heads.forEach((_, q) => (this.heads[q] = state.readUInt32LE(1 + 4 * q)));
+          this.completed = state.readUInt32LE(1 + 4 * QUEUES);
+        },
+      },
     });
   }
 
@@ -84,6 +101,8 @@ export class QueueCard extends PciDevice {
 
   /** Serves every queue kicked since the last call; returns how many were. */
   poll(): number {
+    // Stopped for migration: kicks stay in their eventfds, saved with the device.
+    if (this.stopped) return 0;
     let served = 0;
     this.bar(0).ioeventfds.forEach((kick, q) => {
       if (kick.take() === 0) return;

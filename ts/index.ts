@@ -40,6 +40,7 @@ export {
   type MsiVectorCount,
   type MsixCapability,
   type PciDeviceDescription,
+  type PciMigration,
   type PciExpressCapability,
   type PcieDeviceType,
   type PowerManagementCapability,

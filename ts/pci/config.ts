@@ -117,6 +117,15 @@ export class ConfigSpace {
     if (this.defaults) this.defaults.copy(this.bytes);
   }
 
+  /**
+   * What fixes the layout of this config space: the power-on bytes and the
+   * RW and RW1C masks. Two devices with equal layouts come from equivalent
+   * descriptions (IDs, capabilities and their places, BAR types and sizes).
+   */
+  layout(): Buffer {
+    return Buffer.concat([this.defaults ?? this.bytes, this.writable, this.clearOnOne]);
+  }
+
   read(offset: number, count: number): Buffer {
     const end = offset + count;
     for (const hook of this.readHooks) {

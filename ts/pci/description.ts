@@ -194,6 +194,33 @@ export interface AerCapability extends Placement {
 
 export type ExtendedCapability = SerialNumberCapability | VendorExtendedCapability | AerCapability;
 
+/**
+ * Live migration of a PCI device (docs/pci-model.md, "Migration"). The
+ * library saves and restores config space, BAR memory, the MSI/MSI-X and
+ * INTx state and ioeventfd counts itself; these hooks cover what only device
+ * code knows.
+ */
+export interface PciMigration {
+  /**
+   * The state device code keeps outside the library (handler registers,
+   * queues, timers' progress), as bytes. Called in STOP_COPY, after `stop`.
+   * Put a version in it.
+   */
+  saveState?(): Uint8Array;
+  /**
+   * Applies what `saveState` returned on the source. Called on the
+   * destination after the library has restored config space, BARs and
+   * interrupt state (so it may read them); if it throws, the library puts
+   * them back and the load fails (a ProtocolError chooses the errno, else EIO).
+   * Check the data before changing anything.
+   */
+  loadState?(data: Uint8Array): void;
+  /** Stop acting on your own: timers, DMA, work in flight. Interrupts are held by the library. */
+  stop?(): void | Promise<void>;
+  /** Undo `stop`; on the destination, start the device from the loaded state. */
+  start?(): void | Promise<void>;
+}
+
 export interface PciDeviceDescription {
   vendorId: number;
   deviceId: number;
@@ -213,6 +240,15 @@ export interface PciDeviceDescription {
   extendedCapabilities?: ExtendedCapability[];
   /** Called on DEVICE_RESET and FLR (after config space is back to its defaults). */
   reset?(): void | Promise<void>;
+  /**
+   * Live migration. Omitted: the device migrates when the library holds all
+   * of its state, i.e. the description has no BAR or register handlers, no
+   * ioeventfds and no `reset` hook; otherwise it is not migratable (state in
+   * handlers would be lost silently), until this says how. `true`: migrate
+   * what the library holds; device code keeps nothing else. Hooks: that,
+   * plus device code's own state. `false`: never.
+   */
+  migration?: boolean | PciMigration;
 }
 
 /** A description that cannot describe a real device; `field` names the culprit. */

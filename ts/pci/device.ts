@@ -7,7 +7,7 @@
  */
 import { native, type NativeRegionReads } from '../native.js';
 import { UsageError } from '../errors.js';
-import type { DeviceAttachment, RegionDescription, RegionIoFd, VfioUserDevice } from '../device.js';
+import type { DeviceAttachment, DeviceMigration, RegionDescription, RegionIoFd, VfioUserDevice } from '../device.js';
 import type { DmaSpace } from '../dma/space.js';
 import {
   DeviceInfoFlags,
@@ -44,6 +44,7 @@ import { checkIds, defineHeader } from './header.js';
 import { Interrupts, type Delivery } from './interrupts.js';
 import { DeviceIrq } from './irq.js';
 import { checkMsi, Msi, msiSize } from './msi.js';
+import { checkMigration, migrationBlocker, pciMigration } from './migration.js';
 import { checkMsix, Msix } from './msix.js';
 import { checkPcie, definePciExpress } from './pcie.js';
 import { PowerManagement } from './pm.js';
@@ -71,6 +72,13 @@ export class PciDevice implements VfioUserDevice {
   readonly interrupts: Interrupts;
   /** Raising interrupts from device code. */
   readonly irq: DeviceIrq;
+  /**
+   * Live migration (docs/pci-model.md, "Migration"): set unless the
+   * description rules it out; `migrationBlocker` then says why.
+   */
+  readonly migration?: DeviceMigration;
+  /** Why the device does not migrate (undefined when it does). */
+  readonly migrationBlocker: string | undefined;
   private readonly bars: (Bar | undefined)[];
   private readonly rom: Buffer | undefined;
   private readonly description: PciDeviceDescription;
@@ -85,6 +93,7 @@ export class PciDevice implements VfioUserDevice {
   constructor(description: PciDeviceDescription) {
     this.description = description;
     checkIds(description);
+    checkMigration(description.migration);
     const caps = listOf<Capability>(description.capabilities, 'capabilities');
     const extended = listOf<ExtendedCapability>(description.extendedCapabilities, 'extendedCapabilities');
     const express = caps.some((c) => c.kind === 'pcie');
@@ -108,6 +117,11 @@ export class PciDevice implements VfioUserDevice {
       this.defineExtendedCapabilities(extended);
       this.irq = new DeviceIrq(this.config, this.interrupts, description.intx !== undefined, this.msi, this.msix);
       this.config.seal();
+      this.migrationBlocker = migrationBlocker(description);
+      if (this.migrationBlocker === undefined) {
+        const hooks = typeof description.migration === 'object' ? description.migration : {};
+        this.migration = pciMigration({ config: this.config, bars: this.bars, msi: this.msi, msix: this.msix, irq: this.irq, intx: description.intx !== undefined }, hooks);
+      }
     } catch (error) {
       // The BARs' memfds and eventfds exist by now; nobody else could free them.
       this.close();
@@ -162,6 +176,14 @@ export class PciDevice implements VfioUserDevice {
   /** Bus Master Enable: without it the device must not DMA, and MSI/MSI-X are dropped. */
   get busMaster(): boolean {
     return (this.config.u16(Cfg.COMMAND) & Command.BUS_MASTER) !== 0;
+  }
+
+  /**
+   * Stopped for migration (STOP, STOP_COPY, RESUMING): interrupts are held
+   * pending, and device code must not DMA or change state on its own.
+   */
+  get stopped(): boolean {
+    return this.irq.held;
   }
 
   /** PMCSR power state; D0 for a device without a PM capability. */

@@ -16,6 +16,10 @@ export type IrqMode = 'msix' | 'msi' | 'intx' | 'none';
 
 export class DeviceIrq {
   private asserted = false;
+  /** Stopped for migration: nothing is signalled; message vectors set pending bits, INTx is held. */
+  private stopped = false;
+  /** The INTx line was to be offered while stopped (or was restored high): offered on start(). */
+  private heldIntx = false;
 
   constructor(
     private readonly config: ConfigSpace,
@@ -70,11 +74,12 @@ export class DeviceIrq {
     // An asserted line has already been offered: the guest sees it when it unmasks.
     if (this.asserted) return 'pending';
     this.asserted = true;
-    return this.intxDisabled ? 'pending' : this.interrupts.trigger(IrqIndex.INTX);
+    return this.intxDisabled ? 'pending' : this.offerIntx();
   }
 
   deassertIntx(): void {
     this.asserted = false;
+    this.heldIntx = false;
     this.config.setBits16(Cfg.STATUS, Status.INTX, false);
     this.interrupts.clearPending(IrqIndex.INTX, 0);
   }
@@ -96,8 +101,52 @@ export class DeviceIrq {
   /** After a SET_IRQS: an INTx line unmasked while still high fires again (level). */
   clientChanged(index: number): void {
     if (index === IrqIndex.INTX && this.asserted && !this.intxDisabled && !this.interrupts.isMasked(IrqIndex.INTX, 0)) {
-      this.interrupts.trigger(IrqIndex.INTX);
+      this.offerIntx();
     }
+  }
+
+  /** Whether the device is stopped for migration (interrupts are held, not signalled). */
+  get held(): boolean {
+    return this.stopped;
+  }
+
+  /**
+   * Migration stop: from here on no interrupt reaches the client. MSI/MSI-X
+   * fires set their pending bits (PBA, MSI pending) and an INTx assertion is
+   * held, so the state saved in STOP_COPY has them and nothing is lost.
+   * ERR and REQ go to the VMM, not the guest, and are not held.
+   */
+  stop(): void {
+    this.stopped = true;
+    for (const m of [this.msi, this.msix]) if (m) m.vectors.held = true;
+  }
+
+  /** Undoes stop(): pending vectors no mask holds are delivered, a held INTx line is offered. */
+  start(): void {
+    this.stopped = false;
+    for (const m of [this.msi, this.msix]) {
+      if (!m) continue;
+      m.vectors.held = false;
+      m.vectors.release();
+    }
+    if (this.heldIntx) {
+      this.heldIntx = false;
+      if (this.asserted && !this.intxDisabled) this.interrupts.trigger(IrqIndex.INTX);
+    }
+  }
+
+  /**
+   * Migration load: the INTx line as the source left it; `held` has start()
+   * offer it (a destination's client has never seen the line go high).
+   */
+  restoreIntx(asserted: boolean, held: boolean): void {
+    this.asserted = asserted;
+    this.heldIntx = asserted && held;
+  }
+
+  /** An asserted INTx line not yet offered to the client because the device was stopped. */
+  get intxHeld(): boolean {
+    return this.heldIntx;
   }
 
   /** Device reset: the line drops and every pending event is forgotten. */
@@ -119,6 +168,13 @@ export class DeviceIrq {
   /** INTx disable gates delivery: clearing it offers a line that is still asserted. */
   private commandWritten(write: ConfigWrite): void {
     const wasDisabled = (write.previous(Cfg.COMMAND, 2) & Command.INTX_DISABLE) !== 0;
-    if (wasDisabled && !this.intxDisabled && this.asserted) this.interrupts.trigger(IrqIndex.INTX);
+    if (wasDisabled && !this.intxDisabled && this.asserted) this.offerIntx();
+  }
+
+  /** Signals the INTx line, or holds it for start() while stopped. */
+  private offerIntx(): Delivery {
+    if (!this.stopped) return this.interrupts.trigger(IrqIndex.INTX);
+    this.heldIntx = true;
+    return 'pending';
   }
 }

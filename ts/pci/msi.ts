@@ -81,6 +81,18 @@ export class Msi {
     return this.vectors.fire(vector % this.enabledVectors);
   }
 
+  /**
+   * Pending bits kept outside config space (MSI without per-vector masking,
+   * where only the client can mask), as a u32; 0 when they live in config space.
+   */
+  get privatePending(): number {
+    return this.internalPending?.readUInt32LE(0) ?? 0;
+  }
+
+  set privatePending(bits: number) {
+    this.internalPending?.writeUInt32LE(bits >>> 0, 0);
+  }
+
   /** Config space is restored by the caller; this forgets privately held pending bits. */
   reset(): void {
     this.internalPending?.fill(0);

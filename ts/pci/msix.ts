@@ -105,6 +105,18 @@ export class Msix {
     return this.vectors.fire(vector);
   }
 
+  /** The table bytes, the PBA bytes and whether entry masks gate delivery: what migration saves. */
+  get state(): { table: Buffer; pba: Buffer; tableDriven: boolean } {
+    return { table: this.table, pba: this.pba, tableDriven: this.tableDriven };
+  }
+
+  /** Restores a saved state (sizes already checked); delivery is re-derived by the caller. */
+  restore(table: Uint8Array, pba: Uint8Array, tableDriven: boolean): void {
+    this.table.set(table);
+    this.pba.set(pba);
+    this.tableDriven = tableDriven;
+  }
+
   /** Power-on table (every entry masked, address and data 0) and no pending bits. */
   reset(): void {
     this.table.fill(0);

@@ -21,6 +21,13 @@ export class BitArray {
 }
 
 export class MessageVectors implements VectorRouter {
+  /**
+   * Set while the device is stopped for migration: every vector counts as
+   * masked, so a fire sets its pending bit (saved with the device state) and
+   * nothing is signalled until `held` is cleared and `release()` runs.
+   */
+  held = false;
+
   constructor(
     private readonly index: number,
     readonly count: number,
@@ -31,7 +38,7 @@ export class MessageVectors implements VectorRouter {
   ) {}
 
   masked(vector: number): boolean {
-    return this.guestMasked(vector) || this.interrupts.isMasked(this.index, vector);
+    return this.held || this.guestMasked(vector) || this.interrupts.isMasked(this.index, vector);
   }
 
   isPending(vector: number): boolean {
