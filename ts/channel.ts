@@ -55,6 +55,9 @@ export class Channel {
   private readonly pending = new Map<number, Pending>();
   private nextId = 0;
   private closedWith: Error | undefined;
+  /** Inside onCommand: a reply sent now is held in `held` (see send()). */
+  private receiving = false;
+  private held: Buffer | undefined;
 
   constructor(
     fd: number,
@@ -127,18 +130,36 @@ export class Channel {
   }
 
   /**
-   * Sends a fully encoded message (the hot path builds its own). A socket
-   * error means the peer is gone: the channel closes and reports it through
-   * onClose, so a reply to a vanished client never throws into a handler.
+   * Sends a fully encoded message (the hot path builds its own). A reply sent
+   * while a command is being received is held and handed back to the native
+   * layer as onMessage's return value, which spares a native call per
+   * message; anything else sent meanwhile releases it first, keeping order.
    */
   send(message: Buffer, fds?: number[]): void {
     if (this.closedWith) throw this.closedWith;
+    if (this.receiving && this.held === undefined && !fds?.length) {
+      this.held = message;
+      return;
+    }
+    this.release();
+    this.sendNow(message, fds);
+  }
+
+  /** A socket error means the peer is gone: close and report it through onClose, never throw into a handler. */
+  private sendNow(message: Buffer, fds?: number[]): void {
     try {
       this.conn.send(message, fds);
     } catch (error) {
       this.conn.close();
       this.ended(new ConnectionClosedError(`connection lost: ${(error as Error).message}`), true);
     }
+  }
+
+  private release(): void {
+    const held = this.held;
+    if (held === undefined) return;
+    this.held = undefined;
+    this.sendNow(held);
   }
 
   /** A command for which onCommand returned true has been handled. */
@@ -149,6 +170,7 @@ export class Channel {
   /** Closes after queued replies are sent; pending requests reject. */
   close(reason = 'the connection was closed'): void {
     if (this.closedWith) return;
+    this.release();
     this.conn.close();
     this.ended(new ConnectionClosedError(reason), false, false);
   }
@@ -160,7 +182,8 @@ export class Channel {
     return this.nextId;
   }
 
-  private receive(bytes: Buffer, fds: number[], fdsTruncated: boolean): boolean {
+  /** Returns true if the command finishes later, or the reply to send now. */
+  private receive(bytes: Buffer, fds: number[], fdsTruncated: boolean): boolean | Buffer {
     const header = decodeHeader(bytes);
     if (!isValidType(header.flags)) {
       // A message of no known type: the stream cannot be trusted (§2).
@@ -173,7 +196,19 @@ export class Channel {
       this.settle(message);
       return false;
     }
-    return this.handlers.onCommand(message) === true;
+    let busy = false;
+    this.receiving = true;
+    try {
+      busy = this.handlers.onCommand(message) === true;
+    } finally {
+      this.receiving = false;
+    }
+    const held = this.held;
+    if (held === undefined || this.closedWith) return busy;
+    this.held = undefined;
+    if (!busy) return held;
+    this.sendNow(held);
+    return true;
   }
 
   private settle(message: Message): void {

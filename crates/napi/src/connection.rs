@@ -65,11 +65,12 @@ impl NativeConnection {
     /// `onMessage(buffer, offset, length, fds, fdsTruncated)` gets the message
     /// as a view of a shared ArrayBuffer (never overwritten) and owns the fds
     /// (the peer sent more than fit when `fdsTruncated`); it returns `true`
-    /// when it finishes the message later, and then calls `complete()`; `onClose(error?)` runs once when
+    /// when it finishes the message later (and then calls `complete()`), or
+    /// the bytes of a reply to send now, without fds; `onClose(error?)` runs once when
     /// the peer goes away or the stream breaks, not after a local `close()`.
     #[napi(
         constructor,
-        ts_args_type = "fd: number, maxFrame: number, onMessage: (buffer: ArrayBuffer, offset: number, length: number, fds: number[] | undefined, fdsTruncated: boolean) => boolean | void, onClose: (error?: string) => void"
+        ts_args_type = "fd: number, maxFrame: number, onMessage: (buffer: ArrayBuffer, offset: number, length: number, fds: number[] | undefined, fdsTruncated: boolean) => boolean | Uint8Array | void, onClose: (error?: string) => void"
     )]
     pub fn new(
         env: Env,
@@ -281,8 +282,18 @@ impl Conn {
                 let fds = if raw.is_empty() { js::undefined(env) } else { js::int_array(env, &raw) };
                 vec![buffer, js::int(env, offset as i32), js::int(env, len as i32), fds, js::boolean(env, truncated)]
             });
-            if result.is_some_and(|r| js::is_true(self.env, r)) {
+            let Some(result) = result else { continue };
+            if js::is_true(self.env, result) {
                 self.state.borrow_mut().busy += 1;
+            } else if let Some(reply) = js::bytes_of(self.env, result) {
+                // The reply came back as the return value: sent here, it spares
+                // JS a native call per message.
+                let mut state = self.state.borrow_mut();
+                if let Some(frames) = state.frames.as_mut() {
+                    // A failed send surfaces on the read side, as for native replies.
+                    let _ = frames.send(reply, &[]);
+                }
+                state.watch();
             }
         }
     }

@@ -123,6 +123,26 @@ pub fn call(env: sys::napi_env, func: sys::napi_value, args: &[sys::napi_value])
     }
 }
 
+/// The bytes of a Uint8Array (or Buffer) `value`, valid while it is reachable
+/// from the open handle scope; `None` for anything else.
+pub fn bytes_of<'a>(env: sys::napi_env, value: sys::napi_value) -> Option<&'a [u8]> {
+    let mut is_typed = false;
+    // SAFETY: plain N-API queries on a live value.
+    unsafe {
+        sys::napi_is_typedarray(env, value, &mut is_typed);
+        if !is_typed {
+            return None;
+        }
+        let (mut kind, mut length, mut data) = (0, 0usize, null_mut());
+        let (mut buffer, mut offset) = (null_mut(), 0usize);
+        sys::napi_get_typedarray_info(env, value, &mut kind, &mut length, &mut data, &mut buffer, &mut offset);
+        if kind != sys::TypedarrayType::uint8_array || data.is_null() {
+            return None;
+        }
+        Some(std::slice::from_raw_parts(data.cast::<u8>(), length))
+    }
+}
+
 pub fn is_true(env: sys::napi_env, value: sys::napi_value) -> bool {
     let mut b = false;
     // SAFETY: a non-boolean gives an error status and leaves `b` false.
