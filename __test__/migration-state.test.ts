@@ -1,7 +1,7 @@
 /** Migration v2 state machine (§7) and DEVICE_FEATURE rules (§6.14), against CounterDevice over real sockets. */
 import { afterEach, describe, expect, test } from 'vitest';
 import { Command, Errno, MigrationFlags, MigrationState as S, PciDevice, protocol, Region, type VfioUserClient } from '../ts/index.js';
-import { migrationPath } from '../ts/server/migration.js';
+import { migrationPath } from '../ts/server/migration/index.js';
 import { serve, until, type Served } from './helpers.js';
 import { CounterDevice, SCRATCH } from './migration-device.js';
 

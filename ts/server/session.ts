@@ -9,7 +9,7 @@ import { DmaSpace } from '../dma/space.js';
 import { MessageDma } from '../dma/messages.js';
 import { ConnectionClosedError } from '../errors.js';
 import type { VfioUserDevice } from '../device.js';
-import { MigrationSession, migrationStateOf } from './migration.js';
+import { MigrationSession, migrationStateOf } from './migration/index.js';
 import {
   allocRegionReadReplyMessage,
   Command,

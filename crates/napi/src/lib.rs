@@ -1,7 +1,7 @@
 //! The N-API binding of `vfio-user`: thin wrappers over `vfio-user-core`
 //! plus the event-loop hook. No protocol decisions are made here.
 
-mod bench;
+pub mod bench;
 mod connection;
 mod js;
 mod listener;
