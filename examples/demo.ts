@@ -1,12 +1,12 @@
 /**
  * `npm run demo`: serves the PCI-IDIO-16 GPIO card on a UNIX socket and
  * drives it with the package's own client, the way a VMM and a guest driver
- * would, printing each step.
+ * would, printing each step; then migrates the card live to a second server.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { connect, createServer, GuestMemory, IrqIndex, native, Region } from '../ts/index.js';
+import { connect, createServer, GuestMemory, IrqIndex, migrate, native, Region } from '../ts/index.js';
 import { IDIO16, PciIdio16 } from './gpio.js';
 
 const hex = (n: number | bigint, width = 2) => `0x${n.toString(16).padStart(width, '0')}`;
@@ -59,6 +59,19 @@ async function main(): Promise<void> {
 
   await client.reset();
   console.log(`client: reset the device; outputs are back to ${hex(card.outputs, 4)}`);
+
+  // Live migration: a second card on a second socket takes over the first one's state.
+  await client.regionWrite(Region.BAR2, BigInt(IDIO16.OUT0_7), Buffer.from([0x5a]));
+  const twin = new PciIdio16();
+  const twinServer = createServer(twin);
+  const twinPath = join(dir, 'gpio-2.sock');
+  await twinServer.listen(twinPath);
+  const twinClient = await connect(twinPath);
+  const moved = await migrate(client, twinClient);
+  const out = (await twinClient.regionRead(Region.BAR2, BigInt(IDIO16.OUT0_7), 1))[0];
+  console.log(`client: migrated the card to ${twinPath} (${moved.stopCopyBytes} bytes); it outputs ${hex(out)} there`);
+  twinClient.close();
+  await twinServer.close();
 
   client.close();
   ram.close();
