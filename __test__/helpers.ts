@@ -65,23 +65,43 @@ export async function until(predicate: () => boolean, timeoutMs = 3000): Promise
   }
 }
 
-/** Reads whole messages from a raw socket: resolves with the next one. */
-export function nextMessage(s: Socket, timeoutMs = 3000): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    let buf = Buffer.alloc(0);
-    const timer = setTimeout(() => { s.off('data', onData); reject(new Error('no message in time')); }, timeoutMs);
-    const onData = (chunk: Buffer) => {
-      buf = Buffer.concat([buf, chunk]);
-      if (buf.length >= 16 && buf.length >= buf.readUInt32LE(4)) {
-        clearTimeout(timer);
-        s.off('data', onData);
-        const size = buf.readUInt32LE(4);
-        if (buf.length > size) s.unshift(buf.subarray(size));
-        resolve(buf.subarray(0, size));
+interface MessageReader {
+  buffered: Buffer;
+  messages: Buffer[];
+  waiting?: () => void;
+}
+const readers = new WeakMap<Socket, MessageReader>();
+
+/** Reads whole messages from a raw socket (one reader per socket, so pipelined replies are never lost). */
+function readerOf(s: Socket): MessageReader {
+  let reader = readers.get(s);
+  if (!reader) {
+    const r: MessageReader = { buffered: Buffer.alloc(0), messages: [] };
+    s.on('data', (chunk: Buffer) => {
+      r.buffered = Buffer.concat([r.buffered, chunk]);
+      while (r.buffered.length >= 16 && r.buffered.length >= r.buffered.readUInt32LE(4)) {
+        const size = r.buffered.readUInt32LE(4);
+        r.messages.push(r.buffered.subarray(0, size));
+        r.buffered = r.buffered.subarray(size);
       }
-    };
-    s.on('data', onData);
-  });
+      if (r.messages.length > 0) r.waiting?.();
+    });
+    readers.set(s, r);
+    reader = r;
+  }
+  return reader;
+}
+
+/** Resolves with the next whole message the server sent on a raw socket. */
+export async function nextMessage(s: Socket, timeoutMs = 3000): Promise<Buffer> {
+  const reader = readerOf(s);
+  if (reader.messages.length === 0) {
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => { reader.waiting = undefined; reject(new Error('no message in time')); }, timeoutMs);
+      reader.waiting = () => { clearTimeout(timer); reader.waiting = undefined; resolve(); };
+    });
+  }
+  return reader.messages.shift()!;
 }
 
 /** Resolves when the peer closes the raw socket. */
