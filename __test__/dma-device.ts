@@ -4,24 +4,16 @@
  * whose second page (doorbells) the client may mmap. Trapped writes go to
  * `onWrite`, which tests set to whatever DMA behaviour they exercise.
  */
-import { closeFds } from '../ts/native.js';
-import { native, SharedMemory, type DeviceAttachment, type DmaSpace, type RegionIoFd, type VfioUserDevice } from '../ts/index.js';
+import { SharedMemory, type DmaSpace, type RegionIoFd } from '../ts/index.js';
+import { BareDevice } from './bare-device.js';
 
 export const PAGE = 4096;
 
-export class DmaTestDevice implements VfioUserDevice {
-  readonly flags = 0;
+export class DmaTestDevice extends BareDevice {
   readonly numRegions = 1;
-  readonly numIrqs = 0;
   readonly bar = new SharedMemory(2 * PAGE);
   onWrite: (offset: number, data: Buffer, dma: DmaSpace) => void | Promise<void> = () => {};
   ioFds: RegionIoFd[] = [];
-  private attachment: DeviceAttachment | undefined;
-
-  get dma(): DmaSpace {
-    if (!this.attachment) throw new Error('no client');
-    return this.attachment.dma;
-  }
 
   regionInfo() {
     return this.bar.region({ mmap: [{ offset: BigInt(PAGE), size: BigInt(PAGE) }] });
@@ -41,27 +33,5 @@ export class DmaTestDevice implements VfioUserDevice {
       return;
     }
     return this.onWrite(offset, data, this.dma);
-  }
-
-  irqInfo() {
-    return { count: 0, flags: 0 };
-  }
-
-  setIrqs(_request: unknown, fds: number[]): void {
-    closeFds(fds);
-  }
-
-  reset(): void {}
-
-  nativeReads(maxCount: number) {
-    return new native.NativeRegionReads(maxCount);
-  }
-
-  attach(attachment: DeviceAttachment): void {
-    this.attachment = attachment;
-  }
-
-  detach(): void {
-    this.attachment = undefined;
   }
 }

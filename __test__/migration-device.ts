@@ -7,27 +7,16 @@
  * generators, so the stream is pulled as the client reads. Every migration
  * hook is logged in `calls`; names in `failing` make that hook throw.
  */
-import { closeFds } from '../ts/native.js';
-import {
-  native,
-  Region,
-  RegionInfoFlags,
-  type DeviceAttachment,
-  type DeviceMigration,
-  type DmaSpace,
-  type MigrationUnit,
-  type VfioUserDevice,
-} from '../ts/index.js';
+import { native, Region, RegionInfoFlags, type DeviceMigration, type MigrationUnit } from '../ts/index.js';
+import { BareDevice } from './bare-device.js';
 
 export const BAR_SIZE = 64 * 1024;
 export const BAR_PAGE = 4096;
 export const SCRATCH = 0x40;
 const MAGIC = 'CNTR';
 
-export class CounterDevice implements VfioUserDevice {
-  readonly flags = 0;
+export class CounterDevice extends BareDevice {
   readonly numRegions = Region.CONFIG + 1;
-  readonly numIrqs = 0;
   readonly config = Buffer.alloc(256);
   readonly bar = Buffer.alloc(BAR_SIZE);
   running = true;
@@ -36,9 +25,9 @@ export class CounterDevice implements VfioUserDevice {
   readonly failing = new Set<string>();
   readonly migration: DeviceMigration;
   private dirty = new Set<number>();
-  private attachment: DeviceAttachment | undefined;
 
   constructor(options: { preCopy?: boolean } = {}) {
+    super();
     this.config.writeUInt32LE(0x5a5a1af4, 0);
     const device = this;
     this.migration = {
@@ -57,11 +46,6 @@ export class CounterDevice implements VfioUserDevice {
 
   get counter(): number {
     return this.bar.readUInt32LE(0);
-  }
-
-  get dma(): DmaSpace {
-    if (!this.attachment) throw new Error('no client');
-    return this.attachment.dma;
   }
 
   /** Everything a migration must carry, for comparing two devices. */
@@ -130,28 +114,10 @@ export class CounterDevice implements VfioUserDevice {
     for (let page = Math.floor(offset / BAR_PAGE); page * BAR_PAGE < offset + data.length; page++) this.dirty.add(page);
   }
 
-  irqInfo() {
-    return { count: 0, flags: 0 };
-  }
-
-  setIrqs(_request: unknown, fds: number[]): void {
-    closeFds(fds);
-  }
-
-  reset(): void {}
-
   /** Config space has no read side effects: served natively, in every migration state. */
   nativeReads(maxCount: number) {
     const reads = new native.NativeRegionReads(maxCount);
     reads.set(Region.CONFIG, this.config);
     return reads;
-  }
-
-  attach(attachment: DeviceAttachment): void {
-    this.attachment = attachment;
-  }
-
-  detach(): void {
-    this.attachment = undefined;
   }
 }
