@@ -1,5 +1,7 @@
 /** `vfio-user serve`: a device module served to any client until a signal. */
 import { spawn } from 'node:child_process';
+import { renameSync } from 'node:fs';
+import { createServer as createNetServer } from 'node:net';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
@@ -27,6 +29,35 @@ describe('vfio-user serve', () => {
       expect(code).toBe(0);
       expect(existsSync(socket.path)).toBe(false);
       expect(stderr).toMatch(/serving .*gpio\.ts/);
+    } finally {
+      child.kill('SIGKILL');
+      socket.cleanup();
+    }
+  });
+
+  test('serves on a listening socket handed over as --fd, the backend convention', async () => {
+    const socket = tempSocketPath();
+    // A socket some other program bound: Node's server unlinks its path on close,
+    // so it listens under another name that is then renamed into place.
+    const outside = createNetServer();
+    await new Promise<void>((r) => outside.listen(`${socket.path}.bound`, r));
+    renameSync(`${socket.path}.bound`, socket.path);
+    const listening = (outside as unknown as { _handle: { fd: number } })._handle.fd;
+    // Node itself with tsx's loader: the tsx launcher would not pass fd 3 on to its child.
+    const args = ['--import', 'tsx', join(root, 'ts/cli/main.ts'), 'serve', join(root, 'examples/gpio.ts'), '--fd=3'];
+    const child = spawn(process.execPath, args, { cwd: root, stdio: ['ignore', 'ignore', 'pipe', listening] });
+    outside.close();
+    let stderr = '';
+    child.stderr!.on('data', (d) => (stderr += d));
+    try {
+      await until(() => stderr.includes('serving') || child.exitCode !== null, 15000);
+      expect(stderr).toMatch(/serving/);
+      const client = await connect(socket.path);
+      expect((await client.regionRead(Region.CONFIG, 0n, 4)).readUInt32LE(0)).toBe(0x0dc8494f);
+      client.close();
+      child.kill('SIGTERM');
+      expect(await new Promise<number | null>((r) => child.on('exit', r))).toBe(0);
+      expect(stderr).toMatch(/serving .*gpio\.ts on fd 3/);
     } finally {
       child.kill('SIGKILL');
       socket.cleanup();

@@ -1,7 +1,8 @@
 /** Server lifecycle: the socket file, one client at a time, state across clients. */
-import { statSync, existsSync, writeFileSync } from 'node:fs';
+import { existsSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { afterEach, describe, expect, test } from 'vitest';
-import { connect, createServer, Region, UsageError } from '../ts/index.js';
+import { createServer as createNetServer } from 'node:net';
+import { connect, createServer, native, Region, UsageError } from '../ts/index.js';
 import { PciIdio16 } from '../examples/gpio.js';
 import { serve, tempSocketPath, until, type Served } from './helpers.js';
 
@@ -26,6 +27,32 @@ describe('listening', () => {
     await expect(other.listen(socket.path)).rejects.toThrow(/EADDRINUSE|E98/);
     await server.close();
     socket.cleanup();
+  });
+
+  test('serves on a listening socket passed by fd, and leaves its file alone on close', async () => {
+    const socket = tempSocketPath();
+    // A socket some other program bound: Node's server unlinks its path on close,
+    // so it listens under another name that is then renamed into place.
+    const outside = createNetServer();
+    await new Promise<void>((r) => outside.listen(`${socket.path}.bound`, r));
+    renameSync(`${socket.path}.bound`, socket.path);
+    const fd = native.dupFd((outside as unknown as { _handle: { fd: number } })._handle.fd);
+    outside.close();
+    const server = createServer(new PciIdio16());
+    await server.listen({ fd });
+    expect(server.address()).toBeUndefined();
+    const client = await connect(socket.path);
+    expect((await client.regionRead(Region.CONFIG, 0n, 2)).readUInt16LE(0)).toBe(0x494f);
+    client.close();
+    await server.close();
+    expect(native.openFds()).not.toContain(fd);
+    socket.cleanup();
+  });
+
+  test('an fd that is not a listening UNIX socket is refused', async () => {
+    const [a, b] = native.socketPair();
+    await expect(createServer(new PciIdio16()).listen({ fd: a })).rejects.toThrow(/not a listening UNIX stream socket/);
+    native.closeFd(b);
   });
 
   test('a regular file at the path is never replaced', async () => {

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 /**
  * The `vfio-user` command.
- *   vfio-user serve MODULE --socket PATH [--mode 0600]
+ *   vfio-user serve MODULE (--socket PATH | --socket-path=PATH | --fd=N) [--mode 0600]
  * serves the device a module exports (TS or JS) until SIGINT or SIGTERM, so
  * any vfio-user client (QEMU, libvfio-user's samples) can be pointed at it.
  *   vfio-user lspci SOCKET [--json]
@@ -12,9 +12,10 @@ import { serve } from './serve.js';
 import { lspci } from './lspci.js';
 
 const USAGE = `usage:
-  vfio-user serve MODULE --socket PATH [--mode MODE]
+  vfio-user serve MODULE (--socket PATH | --socket-path=PATH | --fd=N) [--mode MODE]
       Serve the device MODULE exports (default export: a device, or a
-      function returning one) until SIGINT or SIGTERM.
+      function returning one) until SIGINT or SIGTERM, on a new socket at
+      PATH (owner-only unless --mode) or on the listening socket fd N.
   vfio-user lspci SOCKET [--json]
       Connect to the vfio-user server at SOCKET and describe its device like
       lspci -vv (IDs, command/status, BARs, capabilities, extended
@@ -29,14 +30,22 @@ async function main(argv: string[]): Promise<number> {
     const { values, positionals } = parseArgs({
       args: rest,
       allowPositionals: true,
-      options: { socket: { type: 'string', short: 's' }, mode: { type: 'string' } },
+      options: {
+        socket: { type: 'string', short: 's' },
+        // The vhost-user style backend conventions (§2 of the protocol digest).
+        'socket-path': { type: 'string' },
+        fd: { type: 'string' },
+        mode: { type: 'string' },
+      },
     });
-    if (positionals.length !== 1 || !values.socket) {
+    const path = values.socket ?? values['socket-path'];
+    const fd = values.fd === undefined ? undefined : Number(values.fd);
+    if (positionals.length !== 1 || (path === undefined) === (fd === undefined) || (fd !== undefined && !Number.isInteger(fd))) {
       console.error(USAGE);
       return 2;
     }
     const mode = values.mode === undefined ? undefined : parseInt(values.mode, 8);
-    await serve(positionals[0], values.socket, { mode });
+    await serve(positionals[0], path ?? { fd: fd! }, { mode });
     return 0;
   }
   if (command === 'lspci') {

@@ -41,14 +41,14 @@ export async function loadDevice(file: string): Promise<VfioUserDevice> {
   return device;
 }
 
-export async function serve(file: string, socket: string, options: { mode?: number } = {}): Promise<void> {
+export async function serve(file: string, socket: string | { fd: number }, options: { mode?: number } = {}): Promise<void> {
   const device = await loadDevice(file);
   const server = createServer(device);
   server.on('connection', () => console.error('vfio-user: client connected'));
   server.on('disconnect', (_s, error) => console.error(`vfio-user: client disconnected${error ? ` (${error.message})` : ''}`));
   server.on('deviceError', (error, command) => console.error(`vfio-user: device error in ${commandName(command)}: ${error.stack ?? error.message}`));
   await server.listen(socket, { mode: options.mode });
-  console.error(`vfio-user: serving ${file} on ${socket}`);
+  console.error(`vfio-user: serving ${file} on ${typeof socket === 'string' ? socket : `fd ${socket.fd}`}`);
   await new Promise<void>((done) => {
     const stop = () => {
       process.off('SIGINT', stop);

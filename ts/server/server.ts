@@ -16,7 +16,8 @@ export interface ListenOptions {
 }
 
 export interface VfioUserServerEvents {
-  listening: [path: string];
+  /** Listening on a socket path, or "fd N" for an adopted socket. */
+  listening: [where: string];
   /** A client connected (negotiation follows). */
   connection: [session: ServerSession];
   /** The client left; `error` says why when it was not a clean disconnect. */
@@ -30,25 +31,40 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
   private listener: InstanceType<typeof native.NativeListener> | undefined;
   private current: ServerSession | undefined;
   private socketPath: string | undefined;
+  /** What we listen on, for messages: the path or "fd N". */
+  private where: string | undefined;
   private keepAlive = true;
 
   constructor(readonly device: VfioUserDevice) {
     super();
   }
 
-  /** Starts listening at `path`; resolves once clients can connect. */
-  async listen(path: string, options: ListenOptions = {}): Promise<this> {
-    if (this.listener) throw new UsageError(`already listening on ${this.socketPath}`);
-    const mode = options.mode ?? 0o600;
-    if (!Number.isInteger(mode) || mode < 0 || mode > 0o777) throw new UsageError(`mode ${mode} is not a file mode`);
-    this.listener = new native.NativeListener(path, mode, (fd) => this.accept(fd));
+  /**
+   * Starts listening at a socket path, or on an already listening UNIX socket
+   * passed as `{ fd }` (the backend `--fd` convention; the server then owns
+   * the fd and leaves its file alone). Resolves once clients can connect.
+   */
+  async listen(target: string | { fd: number }, options: ListenOptions = {}): Promise<this> {
+    if (this.listener) throw new UsageError(`already listening on ${this.where}`);
+    const onConnection = (fd: number) => this.accept(fd);
+    if (typeof target === 'string') {
+      const mode = options.mode ?? 0o600;
+      if (!Number.isInteger(mode) || mode < 0 || mode > 0o777) throw new UsageError(`mode ${mode} is not a file mode`);
+      this.listener = new native.NativeListener(target, mode, onConnection);
+      this.socketPath = target;
+    } else {
+      if (!Number.isInteger(target.fd) || target.fd < 0) throw new UsageError(`fd ${target.fd} is not a file descriptor`);
+      if (options.mode !== undefined) throw new UsageError('mode applies to a socket path, not to an fd');
+      this.listener = native.NativeListener.adopt(target.fd, onConnection);
+    }
     this.listener.setKeepAlive(this.keepAlive);
-    this.socketPath = path;
-    setImmediate(() => this.emit('listening', path));
+    this.where = typeof target === 'string' ? target : `fd ${target.fd}`;
+    const where = this.where;
+    setImmediate(() => this.emit('listening', where));
     return this;
   }
 
-  /** The socket path, or undefined when not listening. */
+  /** The socket path, or undefined when not listening on a path. */
   address(): string | undefined {
     return this.socketPath;
   }
@@ -77,6 +93,7 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
     this.listener.close();
     this.listener = undefined;
     this.socketPath = undefined;
+    this.where = undefined;
     this.current?.close();
     this.emit('close');
   }

@@ -48,6 +48,19 @@ pub fn listen(path: &Path, mode: u32, backlog: i32) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Takes over a listening UNIX stream socket created by someone else (a
+/// management layer passing `--fd`): checks that it is one, then makes it
+/// non-blocking and close-on-exec like our own.
+pub fn adopt_listener(fd: OwnedFd) -> io::Result<OwnedFd> {
+    use rustix::net::sockopt::{socket_acceptconn, socket_domain, socket_type};
+    if socket_domain(&fd)? != AddressFamily::UNIX || socket_type(&fd)? != SocketType::STREAM || !socket_acceptconn(&fd)? {
+        return Err(Errno::INVAL);
+    }
+    rustix::io::ioctl_fionbio(&fd, true)?;
+    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
+    Ok(fd)
+}
+
 /// Accepts one pending connection; `Ok(None)` when there is none.
 pub fn accept(listener: impl AsFd) -> io::Result<Option<OwnedFd>> {
     match accept_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
@@ -105,6 +118,18 @@ mod tests {
         assert_eq!(listen(&path, 0o600, 4).unwrap_err(), Errno::ADDRINUSE);
         drop(first);
         let _second = listen(&path, 0o600, 4).unwrap();
+    }
+
+    #[test]
+    fn adopts_listening_unix_sockets_only() {
+        let path = temp_path("adopt");
+        let l = adopt_listener(listen(&path, 0o600, 4).unwrap()).unwrap();
+        let _c = connect_unix(&path).unwrap();
+        assert!(accept(&l).unwrap().is_some());
+        let (a, _b) = pair().unwrap();
+        assert_eq!(adopt_listener(a).unwrap_err(), Errno::INVAL);
+        let (r, _w) = rustix::pipe::pipe().unwrap();
+        assert!(adopt_listener(r).is_err());
     }
 
     #[test]

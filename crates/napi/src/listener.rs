@@ -12,9 +12,9 @@ use std::rc::Rc;
 
 struct Listening {
     fd: Option<OwnedFd>,
-    path: PathBuf,
-    /// The socket file we created, so close() never unlinks a replacement.
-    inode: u64,
+    /// The socket file we created and its inode, so close() removes it and
+    /// never a replacement; none for an adopted socket (not ours to remove).
+    file: Option<(PathBuf, u64)>,
     poll: Option<Poll>,
     js: Option<Rc<Callbacks>>,
     paused: bool,
@@ -36,12 +36,30 @@ impl NativeListener {
             Error::new(Status::GenericFailure, format!("E{}: cannot listen on {}: {}", e.raw_os_error(), path.display(), std::io::Error::from(e)))
         })?;
         let inode = std::fs::metadata(&path).map(|m| m.ino()).unwrap_or(0);
+        Self::start(env, fd, Some((path, inode)), on_connection)
+    }
+
+    /// Serves on an already listening UNIX socket `fd` (the `--fd` backend
+    /// convention), taking ownership of it; close() leaves its file alone.
+    #[napi(factory, ts_args_type = "fd: number, onConnection: (fd: number) => void")]
+    pub fn adopt(env: Env, fd: i32, on_connection: Function<'_>) -> Result<Self> {
+        if fd < 0 {
+            return Err(Error::new(Status::InvalidArg, format!("{fd} is not a file descriptor")));
+        }
+        // SAFETY: the caller hands over ownership of the fd.
+        let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let fd = vfio_user_core::socket::adopt_listener(owned).map_err(|e| {
+            Error::new(Status::InvalidArg, format!("E{}: fd {fd} is not a listening UNIX stream socket: {}", e.raw_os_error(), std::io::Error::from(e)))
+        })?;
+        Self::start(env, fd, None, on_connection)
+    }
+
+    fn start(env: Env, fd: OwnedFd, file: Option<(PathBuf, u64)>, on_connection: Function<'_>) -> Result<Self> {
         let raw = env.raw();
         let raw_fd = fd.as_raw_fd();
         let inner = Rc::new(RefCell::new(Listening {
             fd: Some(fd),
-            path,
-            inode,
+            file,
             poll: None,
             js: Some(Callbacks::new(raw, "VfioUserListener", &[on_connection.raw()])?),
             paused: false,
@@ -86,8 +104,10 @@ impl NativeListener {
         if let Some(poll) = l.poll.take() {
             poll.close();
         }
-        if l.fd.take().is_some() && std::fs::metadata(&l.path).is_ok_and(|m| m.ino() == l.inode) {
-            let _ = std::fs::remove_file(&l.path);
+        if let (Some(_), Some((path, inode))) = (l.fd.take(), l.file.as_ref()) {
+            if std::fs::metadata(path).is_ok_and(|m| m.ino() == *inode) {
+                let _ = std::fs::remove_file(path);
+            }
         }
         l.js.take();
     }
