@@ -1,8 +1,7 @@
 /** `vfio-user serve`: a device module served to any client until a signal. */
 import { spawn } from 'node:child_process';
-import { renameSync } from 'node:fs';
+import { existsSync, renameSync } from 'node:fs';
 import { createServer as createNetServer } from 'node:net';
-import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
 import { connect, Region } from '../ts/index.js';
