@@ -4,7 +4,7 @@
  * the device state intact for the next client.
  */
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, Errno, native, protocol, Region } from '../ts/index.js';
+import { Command, Errno, native, PciDevice, protocol, Region } from '../ts/index.js';
 import { Channel } from '../ts/channel.js';
 import { closedBy, nextMessage, openFdCount, qemuVersion, rawConnect, rawMessage, serve, type Served } from './helpers.js';
 
@@ -103,6 +103,29 @@ describe('malformed messages', () => {
     }
     const reply = await nextMessage(s);
     expect(reply.readUInt32LE(32)).toBe(0x0dc8494f);
+  });
+});
+
+describe('a flooding peer', () => {
+  test('more than 64 MiB queued behind a pending handler ends the session, not the server', async () => {
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const device = new PciDevice({
+      vendorId: 1, deviceId: 2, classCode: 0,
+      bars: { 0: { kind: 'memory', size: 1 << 20 }, 2: { kind: 'io', size: 4, read: async () => { await gate; return 0; } } },
+    });
+    served = await serve(device) as unknown as Served;
+    const client = await served.client();
+    const closed = new Promise<Error | undefined>((r) => client.on('close', r));
+    const pending = client.regionRead(Region.BAR2, 0n, 1).catch((e: Error) => e);
+    const chunk = Buffer.alloc(1 << 20, 7);
+    for (let i = 0; i < 70 && !client.closed; i++) await client.regionWrite(Region.BAR0, 0n, chunk, { posted: true }).catch(() => {});
+    await closed; // the server hung up (with unread data behind, the client may see a reset)
+    expect(client.closed).toBe(true);
+    expect(await pending).toBeInstanceOf(Error);
+    release();
+    const next = await served.client();
+    expect((await next.regionRead(Region.CONFIG, 0n, 2)).readUInt16LE(0)).toBe(1);
   });
 });
 

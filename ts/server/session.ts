@@ -7,7 +7,7 @@ import { Channel, INITIAL_MAX_FRAME, type Message } from '../channel.js';
 import { closeFds, native } from '../native.js';
 import { DmaSpace } from '../dma/space.js';
 import { MessageDma } from '../dma/messages.js';
-import { ConnectionClosedError } from '../errors.js';
+import { ConnectionClosedError, PeerProtocolError } from '../errors.js';
 import type { VfioUserDevice } from '../device.js';
 import { MigrationSession, migrationStateOf } from './migration/index.js';
 import {
@@ -59,6 +59,9 @@ export const SERVER_CAPABILITIES = {
   writeMultiple: true,
 } as const;
 
+/** Commands may wait behind a pending (async) handler; past this many payload bytes the client is cut off. */
+const MAX_QUEUED_BYTES = 64 * 1024 * 1024;
+
 /** A handler's answer: a payload (and fds) for the reply, or a whole prebuilt message. */
 type Reply = { payload?: Uint8Array; fds?: number[]; message?: undefined } | { message: Buffer } | void;
 
@@ -76,6 +79,8 @@ export class ServerSession {
   /** The twin socket (§4): server-to-client DMA travels here when negotiated. */
   private twin: Channel | undefined;
   private readonly queue: Message[] = [];
+  /** Payload bytes in `queue`. */
+  private queued = 0;
   private running = false;
   private negotiated: Version | undefined;
   readonly dma = new DmaSpace(SERVER_CAPABILITIES.maxDmaMaps);
@@ -126,6 +131,14 @@ export class ServerSession {
 
   private receive(message: Message): boolean {
     if (this.running || this.queue.length > 0) {
+      this.queued += message.payload.length;
+      if (this.queued > MAX_QUEUED_BYTES) {
+        // A client that keeps sending while a handler is pending would grow the queue without bound.
+        closeFds(message.fds);
+        this.channel.close(`more than ${MAX_QUEUED_BYTES} bytes queued behind a pending handler`);
+        this.finish(new PeerProtocolError(`the client queued more than ${MAX_QUEUED_BYTES} bytes behind a pending handler`));
+        return false;
+      }
       this.queue.push(message);
       return true;
     }
@@ -160,6 +173,7 @@ export class ServerSession {
   private drain(): void {
     while (!this.running && this.queue.length > 0 && !this.channel.closed) {
       const next = this.queue.shift()!;
+      this.queued -= next.payload.length;
       if (!this.run(next)) this.channel.done();
     }
   }
