@@ -33,7 +33,7 @@ export type SgList = readonly SgEntry[];
 /** Dirty tracking granule (bytes): bit i of a dirty report is page i of the range. */
 export const DIRTY_PAGE_SIZE = 4096;
 /** Longest zero-copy view: the largest Buffer/ArrayBuffer this runtime makes. */
-export const MAX_VIEW_LENGTH = bufferConstants.MAX_LENGTH;
+export const MAX_VIEW_LENGTH = Math.min(bufferConstants.MAX_LENGTH, 2 ** 32);
 
 type Need = 'readable' | 'writable';
 

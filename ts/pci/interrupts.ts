@@ -137,6 +137,8 @@ export class Interrupts {
     if (data === SetIrqsFlags.DATA_EVENTFD) {
       this.release(req.index, req.start, req.count);
       fds.forEach((fd, i) => (v.fds[req.start + i] = fd));
+      // A vector that fired while it had no eventfd is delivered now that it has one.
+      if (v.router) fds.forEach((_, i) => v.router!.unmasked(req.start + i));
       return;
     }
     for (let i = 0; i < req.count; i++) {

@@ -53,10 +53,14 @@ export class MessageVectors implements VectorRouter {
     return this.interrupts.signal(this.index, vector);
   }
 
-  /** Delivers every vector in [from, to) that is pending and no longer masked. */
+  /**
+   * Delivers every vector in [from, to) that is pending and no longer masked.
+   * One without an eventfd stays pending (its PBA bit set) until the client
+   * wires one: QEMU forwards the guest's unmask before it sends SET_IRQS.
+   */
   release(from = 0, to = this.count): void {
     for (let v = from; v < to; v++) {
-      if (this.pending.get(v) && !this.masked(v)) {
+      if (this.pending.get(v) && !this.masked(v) && this.interrupts.connected(this.index, v)) {
         this.pending.set(v, false);
         this.interrupts.signal(this.index, v);
       }

@@ -375,8 +375,9 @@ export class ServerSession {
       throw fail(Errno.EINVAL, C, 'eventfds can only be attached for TRIGGER');
     }
     if (!message.fds.every((fd) => native.isEventfd(fd))) throw fail(Errno.EINVAL, C, 'every fd must be an eventfd');
-    const fds = message.fds.splice(0);
-    this.device.setIrqs(req, fds);
+    // The device owns the fds once setIrqs returns; if it throws, they are still ours to close.
+    this.device.setIrqs(req, [...message.fds]);
+    message.fds.length = 0;
   }
 
   /** Validates an access against the region and the transfer limit. */

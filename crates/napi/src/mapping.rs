@@ -183,7 +183,8 @@ impl NativeMapping {
         let raw = env.raw();
         let guard = self.mapping.borrow();
         let m = guard.as_ref().ok_or_else(unmapped)?;
-        let usable = m.size_sealed() && m.protection().read && m.protection().write;
+        // Windows too large for one ArrayBuffer keep the native copies.
+        let usable = m.size_sealed() && m.protection().read && m.protection().write && m.len() <= MAX_EXTERNAL;
         if !usable {
             let mut null = null_mut();
             unsafe { sys::napi_get_null(raw, &mut null) };
@@ -206,14 +207,18 @@ impl NativeMapping {
     /// An external ArrayBuffer over memory this mapping owns, tracked so that
     /// unmap() detaches it; its finalizer keeps the mapping alive until then.
     fn external(&mut self, raw: sys::napi_env, ptr: *mut u8, len: usize) -> Result<sys::napi_value> {
+        if len > MAX_EXTERNAL {
+            return Err(Error::new(Status::InvalidArg, format!("{len} bytes exceed the {MAX_EXTERNAL}-byte ArrayBuffer limit; view a smaller window")));
+        }
         let hint = Box::into_raw(Box::new(self.mapping.clone()));
         let mut value = null_mut();
         let status = unsafe {
             sys::napi_create_external_arraybuffer(raw, ptr.cast(), len, Some(release_view), hint.cast(), &mut value)
         };
         if status != sys::Status::napi_ok {
-            // SAFETY: not handed to N-API.
-            drop(unsafe { Box::from_raw(hint) });
+            // The hint is not freed here: Node may already have run the
+            // finalizer (it does when V8 refuses the buffer), and a double free
+            // is worse than keeping one mapping alive in a path that fails.
             // Electron and other runtimes without external buffers land here:
             // a copy would silently lose device writes, so refuse instead.
             return Err(Error::new(Status::GenericFailure, "this runtime refuses external ArrayBuffers; zero-copy views are unavailable"));
@@ -257,6 +262,10 @@ impl NativeMapping {
 }
 
 const EFAULT: i32 = rustix::io::Errno::FAULT.raw_os_error();
+
+/// The largest ArrayBuffer Node 20 makes (buffer.constants.MAX_LENGTH, 4 GiB);
+/// larger views are refused up front rather than by V8.
+const MAX_EXTERNAL: usize = 1 << 32;
 
 fn unmapped() -> Error {
     Error::new(Status::GenericFailure, "the mapping has been unmapped")
