@@ -1,6 +1,8 @@
 /** Server lifecycle: the socket file, one client at a time, state across clients. */
 import { existsSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { afterEach, describe, expect, test } from 'vitest';
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
 import { createServer as createNetServer } from 'node:net';
 import { connect, createServer, native, Region, UsageError } from '../ts/index.js';
 import { PciIdio16 } from '../examples/gpio.js';
@@ -60,6 +62,27 @@ describe('listening', () => {
     writeFileSync(socket.path, 'precious');
     await expect(createServer(new PciIdio16()).listen(socket.path)).rejects.toThrow();
     socket.cleanup();
+  });
+});
+
+describe('out of file descriptors', () => {
+  test('an accept that fails with EMFILE is reported and retried, not spun on', async () => {
+    const socket = tempSocketPath();
+    const script = join(__dirname, 'fixtures/emfile-server.ts');
+    const child = spawn('prlimit', ['--nofile=256:256', process.execPath, '--import', 'tsx', script, socket.path], { cwd: join(__dirname, '..') });
+    let out = '';
+    child.stdout.on('data', (d) => (out += d));
+    try {
+      await until(() => out.includes('ready'), 15000);
+      const client = await connect(socket.path);
+      expect((await client.regionRead(Region.CONFIG, 0n, 2)).readUInt16LE(0)).toBe(0x494f);
+      client.close();
+      expect(out).toMatch(/acceptError accept failed: errno 24|acceptError accept failed: EMFILE/);
+      expect(out).toContain('connection');
+    } finally {
+      child.kill('SIGKILL');
+      socket.cleanup();
+    }
   });
 });
 

@@ -48,6 +48,18 @@ describe('DMA_MAP and DMA_UNMAP', () => {
     expect(served.device.dma.count).toBe(0);
   });
 
+  test('the same range backed by another file is not a repeat: EEXIST, and the first mapping stays', async () => {
+    served = await serve();
+    const client = await served.client();
+    const first = memory(8192);
+    const second = memory(8192);
+    first.write(0, Buffer.from('first'));
+    second.write(0, Buffer.from('other'));
+    await client.dmaMap({ iova: 0x40000n, memory: first });
+    await expect(client.dmaMap({ iova: 0x40000n, memory: second })).rejects.toMatchObject({ errno: Errno.EEXIST, command: Command.DMA_MAP });
+    expect(served.device.dma.read(0x40000n, 5).toString()).toBe('first');
+  });
+
   test('bad ranges are refused with EINVAL: size 0, wrap-around, unaligned, past the file', async () => {
     served = await serve();
     const client = await served.client();

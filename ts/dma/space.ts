@@ -18,8 +18,9 @@ export interface DmaWindow {
   readonly writable: boolean;
   /** Present when the client passed an fd; absent for message-based windows. */
   readonly mapping?: NativeMapping;
-  /** File offset of the fd the window was mapped from (to spot exact repeats). */
+  /** File offset and identity ("device:inode") of the fd the window was mapped from, to spot exact repeats. */
   readonly fileOffset: bigint;
+  readonly file?: string;
   /** Plain-memory access, looked up on first use (see GuestMemoryAccess). */
   fast?: FastAccess | null;
 }
@@ -103,10 +104,12 @@ export class DmaSpace extends GuestMemoryAccess {
     if (req.iova + req.size - 1n > U64_MAX) throw fail(Errno.EINVAL, 'iova + size wraps past 2^64');
     if (req.iova % PAGE !== 0n || req.size % PAGE !== 0n) throw fail(Errno.EINVAL, 'iova and size must be 4 KiB aligned');
     const at = this.lowerBound(req.iova);
+    const file = req.fd === undefined ? undefined : native.fileIdentity(req.fd);
     for (const w of [this.windows[at - 1], this.windows[at]]) {
       if (!w || !overlaps(w, req.iova, req.size)) continue;
+      // The same file too: the same range backed by another file is a new mapping, not a repeat.
       const same = w.iova === req.iova && w.size === req.size && w.readable === req.readable &&
-        w.writable === req.writable && (w.mapping !== undefined) === (req.fd !== undefined) && w.fileOffset === req.fileOffset;
+        w.writable === req.writable && w.file === file && w.fileOffset === req.fileOffset;
       if (same) return;
       throw fail(Errno.EEXIST, `overlaps the window at 0x${w.iova.toString(16)}`);
     }
@@ -120,7 +123,7 @@ export class DmaSpace extends GuestMemoryAccess {
       }
     }
     const window: DmaWindow = {
-      iova: req.iova, size: req.size, end: req.iova + req.size, readable: req.readable, writable: req.writable, mapping, fileOffset: req.fileOffset,
+      iova: req.iova, size: req.size, end: req.iova + req.size, readable: req.readable, writable: req.writable, mapping, fileOffset: req.fileOffset, file,
     };
     this.windows.splice(at, 0, window);
   }

@@ -6,9 +6,13 @@
  */
 import { EventEmitter } from 'node:events';
 import { native } from '../native.js';
-import { UsageError } from '../errors.js';
+import { UsageError, VfioUserError } from '../errors.js';
+import { errnoName } from '../protocol/index.js';
 import type { VfioUserDevice } from '../device.js';
 import { ServerSession } from './session.js';
+
+/** How long to wait before accepting again after a failed accept. */
+const ACCEPT_RETRY_MS = 100;
 
 export interface ListenOptions {
   /** File mode of the socket; owner-only unless asked otherwise. */
@@ -22,6 +26,8 @@ export interface VfioUserServerEvents {
   connection: [session: ServerSession];
   /** The client left; `error` says why when it was not a clean disconnect. */
   disconnect: [session: ServerSession, error?: Error];
+  /** Accepting a client failed (out of fds, say); the server retries shortly. */
+  acceptError: [error: Error];
   /** A device handler threw or rejected; the client was answered EIO. */
   deviceError: [error: Error, command: number];
   close: [];
@@ -99,6 +105,16 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
   }
 
   private accept(fd: number): void {
+    if (fd < 0) {
+      // Out of fds (EMFILE...): the client waits in the backlog; try again shortly rather than spin.
+      this.emit('acceptError', new VfioUserError(`accept failed: ${errnoName(-fd)}`));
+      // While it waits the listener polls nothing, so the timer is what keeps a ref'd server alive.
+      const retry = setTimeout(() => {
+        if (!this.current) this.listener?.resume();
+      }, ACCEPT_RETRY_MS);
+      if (!this.keepAlive) retry.unref();
+      return;
+    }
     this.listener!.pause();
     const session = new ServerSession(fd, this.device, {
       onClose: (s, error) => this.ended(s, error),

@@ -23,6 +23,12 @@ pub fn cannot_shrink(fd: impl rustix::fd::AsFd) -> bool {
     fcntl_get_seals(fd).is_ok_and(|seals| seals.contains(SealFlags::SHRINK))
 }
 
+/// Which file `fd` refers to (device and inode): two fds of one file agree.
+pub fn file_identity(fd: impl rustix::fd::AsFd) -> io::Result<(u64, u64)> {
+    let st = fstat(fd)?;
+    Ok((st.st_dev as u64, st.st_ino as u64))
+}
+
 /// The current size of the file behind `fd`.
 pub fn file_size(fd: impl rustix::fd::AsFd) -> io::Result<u64> {
     Ok(fstat(fd)?.st_size as u64)
@@ -36,6 +42,15 @@ mod tests {
     fn creates_a_file_of_the_requested_size() {
         let fd = create("test", 3 * 4096).unwrap();
         assert_eq!(file_size(&fd).unwrap(), 3 * 4096);
+    }
+
+    #[test]
+    fn identity_follows_the_file_not_the_fd() {
+        let a = create("a", 4096).unwrap();
+        let b = create("b", 4096).unwrap();
+        let a2 = a.try_clone().unwrap();
+        assert_eq!(file_identity(&a).unwrap(), file_identity(&a2).unwrap());
+        assert_ne!(file_identity(&a).unwrap(), file_identity(&b).unwrap());
     }
 
     #[test]

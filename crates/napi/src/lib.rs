@@ -97,6 +97,13 @@ pub fn memfd_create(name: String, size: BigInt, seal_size: Option<bool>) -> Resu
     Ok(fd.into_raw_fd())
 }
 
+/// Which file `fd` refers to, as "device:inode" (equal for fds of one file).
+#[napi]
+pub fn file_identity(fd: i32) -> Result<String> {
+    let (dev, ino) = memfd::file_identity(borrow_fd(fd)?).map_err(|e| os_error("fstat", e))?;
+    Ok(format!("{dev}:{ino}"))
+}
+
 #[napi]
 pub fn file_size(fd: i32) -> Result<BigInt> {
     memfd::file_size(borrow_fd(fd)?).map(BigInt::from).map_err(|e| os_error("fstat", e))

@@ -28,8 +28,10 @@ pub struct NativeListener {
 #[napi]
 impl NativeListener {
     /// Listens at `path` (file mode `mode`); each accepted connection's fd is
-    /// handed to `onConnection(fd)`, which owns it from then on.
-    #[napi(constructor, ts_args_type = "path: string, mode: number, onConnection: (fd: number) => void")]
+    /// handed to `onConnection(fd)`, which owns it from then on. A failed
+    /// accept (EMFILE...) stops accepting and calls `onConnection(-errno)`;
+    /// `resume()` starts again.
+    #[napi(constructor, ts_args_type = "path: string, mode: number, onConnection: (fdOrErrno: number) => void")]
     pub fn new(env: Env, path: String, mode: u32, on_connection: Function<'_>) -> Result<Self> {
         let path = PathBuf::from(path);
         let fd = vfio_user_core::socket::listen(&path, mode, 16).map_err(|e| {
@@ -41,7 +43,7 @@ impl NativeListener {
 
     /// Serves on an already listening UNIX socket `fd` (the `--fd` backend
     /// convention), taking ownership of it; close() leaves its file alone.
-    #[napi(factory, ts_args_type = "fd: number, onConnection: (fd: number) => void")]
+    #[napi(factory, ts_args_type = "fd: number, onConnection: (fdOrErrno: number) => void")]
     pub fn adopt(env: Env, fd: i32, on_connection: Function<'_>) -> Result<Self> {
         if fd < 0 {
             return Err(Error::new(Status::InvalidArg, format!("{fd} is not a file descriptor")));
@@ -120,13 +122,22 @@ fn accept_ready(inner: &Rc<RefCell<Listening>>) {
             let (false, Some(fd), Some(js)) = (l.paused, l.fd.as_ref(), l.js.clone()) else { return };
             (js, vfio_user_core::socket::accept(fd))
         };
-        let fd = match accepted {
-            Ok(Some(fd)) => fd,
-            // EMFILE and friends: the client stays in the backlog; retried on
-            // the next readiness.
-            Ok(None) | Err(_) => return,
+        let raw = match accepted {
+            Ok(Some(fd)) => fd.into_raw_fd(),
+            Ok(None) => return,
+            // EMFILE and friends: the client stays in the backlog, and the
+            // level-triggered poll would retry at once, forever. Stop polling
+            // and tell JS (a negative errno), which resumes a little later.
+            Err(e) => {
+                if let Some(poll) = inner.borrow_mut().poll.as_mut() {
+                    poll.set_events(0);
+                }
+                -e.raw_os_error()
+            }
         };
-        let raw = fd.into_raw_fd();
         js.call(&mut js.scope(), 0, |env| vec![js::int(env, raw)]);
+        if raw < 0 {
+            return;
+        }
     }
 }
