@@ -218,9 +218,10 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     return this.channel.request(command, payload, fds, this.timeoutMs);
   }
 
-  /** Largest transfer the server accepts in one message. */
+  /** Largest transfer in one message: what the server accepts and what we can receive. */
   private get chunk(): number {
-    return this.server.capabilities.maxDataXferSize;
+    // Both limits bind: the server's for what it accepts, ours for the replies we can receive.
+    return Math.min(this.server.capabilities.maxDataXferSize, this.maxDataXferSize);
   }
 
   async getDeviceInfo(): Promise<DeviceInfo> {

@@ -180,9 +180,11 @@ export abstract class GuestMemoryAccess {
   /**
    * A zero-copy view of guest memory, inside one readable and writable
    * fd-backed window. It is detached (byteLength 0) when the window is
-   * unmapped or the client leaves. The whole range counts as dirty from now
-   * on: stores through a view cannot be observed. A view touching memory the
-   * client truncated kills the process with SIGBUS: see docs/dma.md.
+   * unmapped or the client leaves. Stores through a view cannot be observed,
+   * so its whole range counts as dirty in every dirty report (even after one
+   * that clears) for as long as the view is alive, i.e. until it is detached
+   * or garbage-collected; drop views you no longer need. A view touching
+   * memory the client truncated kills the process with SIGBUS: see docs/dma.md.
    */
   view(iova: bigint, length: number): Uint8Array {
     if (checkLength(length) > MAX_VIEW_LENGTH) {

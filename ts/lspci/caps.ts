@@ -235,9 +235,10 @@ function express(c: Buffer, at: number): ExpressCap {
       phantomFunctions: (1 << field(devCap, DevCap.PHANTOM_SHIFT, DevCap.PHANTOM_MASK)) - 1,
       l0sLatency: l0sLatency(field(devCap, DevCap.L0S_SHIFT, DevCap.LATENCY_MASK)),
       l1Latency: l1Latency(field(devCap, DevCap.L1_SHIFT, DevCap.LATENCY_MASK)),
-      slotPowerLimitW:
-        field(devCap, DevCap.POWER_VALUE_SHIFT, DevCap.POWER_VALUE_MASK) *
-        SLOT_POWER_SCALES[field(devCap, DevCap.POWER_SCALE_SHIFT, DevCap.POWER_SCALE_MASK)],
+      slotPowerLimitW: slotPowerLimit(
+        field(devCap, DevCap.POWER_VALUE_SHIFT, DevCap.POWER_VALUE_MASK),
+        field(devCap, DevCap.POWER_SCALE_SHIFT, DevCap.POWER_SCALE_MASK),
+      ),
     },
     deviceControl: {
       ...register(devCtl, devCtlFlags),
@@ -287,4 +288,14 @@ export function walkCapabilities(c: Buffer): CapabilityChain<Capability> {
     items.push(decodeCapability(c, at));
   }
   return { items };
+}
+
+/**
+ * Watts of a Slot Power Limit (value, scale). Since PCIe 4.0, scale 00b with
+ * values F0h-F2h means 250, 275 and 300 W; F3h and up mean more than 300 W
+ * and are reported as 300.
+ */
+function slotPowerLimit(value: number, scale: number): number {
+  if (scale === 0 && value >= 0xf0) return value >= 0xf2 ? 300 : 250 + 25 * (value - 0xf0);
+  return value * SLOT_POWER_SCALES[scale];
 }

@@ -19,9 +19,18 @@ type Shared = Rc<RefCell<Option<Mapping>>>;
 pub struct NativeMapping {
     mapping: Shared,
     size: f64,
-    /// Weak references to every view handed out, to detach them on unmap.
-    views: Vec<sys::napi_ref>,
+    /// Weak references to every buffer handed out, to detach them on unmap.
+    views: Vec<Tracked>,
     env: sys::napi_env,
+}
+
+/// A buffer handed out: a weak reference to it, and for a user view its
+/// `(offset, length)`, which counts as dirty in every report while the view
+/// is alive (stores through it cannot be observed). The fast-access buffers
+/// have no range: the library marks what it writes through them.
+struct Tracked {
+    weak: sys::napi_ref,
+    dirty: Option<(u64, u64)>,
 }
 
 fn mapping_error(e: impl std::fmt::Display) -> Error {
@@ -113,11 +122,12 @@ impl NativeMapping {
     /// ORs the dirty bits of the pages in `[offset, offset + length)` into
     /// `report`, page `i` of the range at bit `bit + i` (LE u64 words, as
     /// VFIO bitmaps are); clears them when `clear`. `offset` and `length`
-    /// are multiples of 4096.
+    /// are multiples of 4096. Pages under a live view always report dirty.
     #[napi]
-    pub fn dirty_scan(&self, offset: f64, length: f64, clear: bool, mut report: BigUint64ArraySlice<'_>, bit: f64) -> Result<()> {
+    pub fn dirty_scan(&mut self, offset: f64, length: f64, clear: bool, mut report: BigUint64ArraySlice<'_>, bit: f64) -> Result<()> {
         // SAFETY: JS cannot run during the scan.
         let report = unsafe { report.as_mut() };
+        self.prune_views();
         let guard = self.mapping.borrow();
         let m = guard.as_ref().ok_or_else(unmapped)?;
         let (offset, length, bit) = (offset_of(offset)?, offset_of(length)?, offset_of(bit)?);
@@ -127,6 +137,13 @@ impl NativeMapping {
         let pages = length / DIRTY_PAGE_SIZE;
         if bit + pages > report.len() as u64 * 64 {
             return Err(Error::new(Status::InvalidArg, "the report is too small for the range"));
+        }
+        // Views still alive may have been stored through since the last scan.
+        for (start, len) in self.views.iter().filter_map(|v| v.dirty) {
+            let (lo, hi) = (start.max(offset), (start + len).min(offset + length));
+            if lo < hi {
+                m.dirty().mark(lo, hi - lo);
+            }
         }
         m.dirty().scan(offset / DIRTY_PAGE_SIZE, pages, clear, report, bit);
         Ok(())
@@ -144,8 +161,9 @@ impl NativeMapping {
     /// A zero-copy ArrayBuffer over `length` bytes at `offset`. It is
     /// detached when the mapping is unmapped, so a stale view throws rather
     /// than touching freed memory. Read-only mappings give no views: a store
-    /// through one would kill the process. The whole range is marked dirty
-    /// now, since stores through the view cannot be observed.
+    /// through one would kill the process. Stores through the view cannot be
+    /// observed, so its whole range counts as dirty in every report until it
+    /// is detached or collected.
     #[napi(ts_return_type = "ArrayBuffer")]
     pub fn view(&mut self, env: Env, offset: f64, length: f64) -> Result<Unknown<'_>> {
         let guard = self.mapping.borrow();
@@ -162,7 +180,7 @@ impl NativeMapping {
         let ptr = unsafe { m.as_ptr().add(start as usize) };
         m.dirty().mark(start, len);
         drop(guard);
-        let value = self.external(env.raw(), ptr, len as usize)?;
+        let value = self.external(env.raw(), ptr, len as usize, Some((start, len)))?;
         Ok(unsafe { Unknown::from_raw_unchecked(env.raw(), value) })
     }
 
@@ -193,8 +211,8 @@ impl NativeMapping {
         let (bytes_ptr, bytes_len) = (m.as_ptr(), m.len());
         let (dirty_ptr, dirty_len) = m.dirty().as_mut_ptr();
         drop(guard);
-        let bytes = self.external(raw, bytes_ptr, bytes_len)?;
-        let dirty = self.external(raw, dirty_ptr, dirty_len)?;
+        let bytes = self.external(raw, bytes_ptr, bytes_len, None)?;
+        let dirty = self.external(raw, dirty_ptr, dirty_len, None)?;
         let mut object = null_mut();
         unsafe {
             sys::napi_create_object(raw, &mut object);
@@ -206,7 +224,8 @@ impl NativeMapping {
 
     /// An external ArrayBuffer over memory this mapping owns, tracked so that
     /// unmap() detaches it; its finalizer keeps the mapping alive until then.
-    fn external(&mut self, raw: sys::napi_env, ptr: *mut u8, len: usize) -> Result<sys::napi_value> {
+    /// `dirty` is the mapping range a user view covers (see `Tracked`).
+    fn external(&mut self, raw: sys::napi_env, ptr: *mut u8, len: usize, dirty: Option<(u64, u64)>) -> Result<sys::napi_value> {
         if len > MAX_EXTERNAL {
             return Err(Error::new(Status::InvalidArg, format!("{len} bytes exceed the {MAX_EXTERNAL}-byte ArrayBuffer limit; view a smaller window")));
         }
@@ -226,14 +245,14 @@ impl NativeMapping {
         self.prune_views();
         let mut weak = null_mut();
         check(unsafe { sys::napi_create_reference(raw, value, 0, &mut weak) }, "napi_create_reference")?;
-        self.views.push(weak);
+        self.views.push(Tracked { weak, dirty });
         Ok(value)
     }
 
     /// Detaches every view, then unmaps. Idempotent.
     #[napi]
     pub fn unmap(&mut self) {
-        for weak in self.views.drain(..) {
+        for Tracked { weak, .. } in self.views.drain(..) {
             let mut value = null_mut();
             // SAFETY: weak refs created in view(), on this thread.
             unsafe {
@@ -249,12 +268,12 @@ impl NativeMapping {
 
     fn prune_views(&mut self) {
         let env = self.env;
-        self.views.retain(|weak| {
+        self.views.retain(|&Tracked { weak, .. }| {
             let mut value = null_mut();
             // SAFETY: weak refs created in view(), on this thread.
-            unsafe { sys::napi_get_reference_value(env, *weak, &mut value) };
+            unsafe { sys::napi_get_reference_value(env, weak, &mut value) };
             if value.is_null() {
-                unsafe { sys::napi_delete_reference(env, *weak) };
+                unsafe { sys::napi_delete_reference(env, weak) };
             }
             !value.is_null()
         });
@@ -278,7 +297,7 @@ unsafe extern "C" fn release_view(_env: sys::napi_env, _data: *mut std::ffi::c_v
 impl Drop for NativeMapping {
     fn drop(&mut self) {
         // Views still alive keep the memory mapped through their own count.
-        for weak in self.views.drain(..) {
+        for Tracked { weak, .. } in self.views.drain(..) {
             // SAFETY: finalizers run on the JS thread with a live env.
             unsafe { sys::napi_delete_reference(self.env, weak) };
         }

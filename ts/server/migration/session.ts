@@ -46,19 +46,29 @@ interface DirtyLog {
   ranges: DmaLoggingRange[];
 }
 
-/** Forgets the writes recorded in [iova, iova + length). */
-function clearDirty(dma: DmaSpace, iova: bigint, length: bigint): void {
-  for (let at = 0n; at < length; at += SCAN_CHUNK) {
-    dma.dirtyPages(iova + at, Number(length - at < SCAN_CHUNK ? length - at : SCAN_CHUNK), true);
+/**
+ * The page-aligned parts of [iova, iova + length) that fd-backed windows map,
+ * a chunk at a time: only mapped memory has dirty bits, and a huge, mostly
+ * unmapped range must not cost a walk over all of it.
+ */
+function* mappedChunks(dma: DmaSpace, iova: bigint, length: bigint): Generator<[bigint, bigint]> {
+  const end = iova + length;
+  for (const w of dma.list()) {
+    if (!w.mapping || w.end <= iova || w.iova >= end) continue;
+    const from = w.iova > iova ? w.iova : iova;
+    const to = w.end < end ? w.end : end;
+    for (let at = from; at < to; at += SCAN_CHUNK) yield [at, to - at < SCAN_CHUNK ? to - at : SCAN_CHUNK];
   }
 }
 
-/** Takes (and clears) the dirty bits of [iova, iova + length) a chunk at a time: [chunk iova, 4 KiB bitmap]. */
+/** Forgets the writes recorded in [iova, iova + length). */
+function clearDirty(dma: DmaSpace, iova: bigint, length: bigint): void {
+  for (const [at, n] of mappedChunks(dma, iova, length)) dma.dirtyPages(at, Number(n), true);
+}
+
+/** Takes (and clears) the dirty bits of [iova, iova + length): [chunk iova, 4 KiB bitmap] per mapped chunk. */
 function* takeDirty(dma: DmaSpace, iova: bigint, length: bigint): Generator<[bigint, BigUint64Array]> {
-  for (let at = 0n; at < length; at += SCAN_CHUNK) {
-    const n = length - at < SCAN_CHUNK ? length - at : SCAN_CHUNK;
-    yield [iova + at, dma.dirtyPages(iova + at, Number(n), true)];
-  }
+  for (const [at, n] of mappedChunks(dma, iova, length)) yield [at, dma.dirtyPages(at, Number(n), true)];
 }
 
 // ---- DEVICE_FEATURE and MIG_DATA_* for one session ----
@@ -116,7 +126,7 @@ export class MigrationSession {
     if (req.flags & PROBE) return payload;
     if (ops === 0) throw fail(Errno.EINVAL, 'GET or SET is needed without PROBE');
     if (ops === GET) {
-      const data = await this.get(index, req.data);
+      const data = await this.get(index, req.data, req.argsz);
       const reply = encodeDeviceFeatureReply({ flags: req.flags, data });
       if (req.argsz < reply.length) throw fail(Errno.EINVAL, `argsz ${req.argsz} < the ${reply.length}-byte reply`);
       return reply;
@@ -126,11 +136,12 @@ export class MigrationSession {
     return payload;
   }
 
-  private async get(index: number, data: Buffer): Promise<Buffer> {
+  /** `argsz` is the room the client gave the reply: a report must fit before it clears anything. */
+  private async get(index: number, data: Buffer, argsz: number): Promise<Buffer> {
     switch (index) {
       case FeatureIndex.MIGRATION: return encodeMigrationFeature({ flags: BigInt(this.machine.flags) });
       case FeatureIndex.MIG_DEVICE_STATE: return encodeMigDeviceState({ deviceState: await this.machine.settledState() });
-      default: return this.report(data);
+      default: return this.report(data, argsz);
     }
   }
 
@@ -161,7 +172,7 @@ export class MigrationSession {
   }
 
   /** DMA_LOGGING_REPORT: the 24 request bytes, then the bitmap at the requested page size; clears what it reports. */
-  private report(data: Buffer): Buffer {
+  private report(data: Buffer, argsz: number): Buffer {
     const fail = (errno: number, why: string) => new ProtocolError(errno, Command.DEVICE_FEATURE, `DMA_LOGGING_REPORT: ${why}`);
     const req = decodeDmaLoggingReportRequest(data);
     const { iova, length, pageSize } = req;
@@ -173,6 +184,9 @@ export class MigrationSession {
     if (!covers(this.log.ranges, iova, iova + length)) throw fail(Errno.EINVAL, 'the range was not logged');
     const bitmapSize = dmaLoggingBitmapSize(length, pageSize);
     if (DEVICE_FEATURE_SIZE + DMA_LOGGING_REPORT_SIZE + bitmapSize > this.maxTransfer) throw fail(Errno.E2BIG, `a ${bitmapSize}-byte bitmap exceeds max_data_xfer_size`);
+    // Checked here, before the bits are taken: a refused report must not lose them.
+    const replySize = DEVICE_FEATURE_SIZE + DMA_LOGGING_REPORT_SIZE + bitmapSize;
+    if (argsz < replySize) throw fail(Errno.EINVAL, `argsz ${argsz} < the ${replySize}-byte reply`);
     const bitmap = Buffer.alloc(bitmapSize);
     const ratio = Number(pageSize / DIRTY_PAGE);
     for (const [at, words] of takeDirty(this.dma, iova, length)) {
