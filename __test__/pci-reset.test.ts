@@ -28,7 +28,7 @@ describe('Function Level Reset', () => {
     expect(await g.cfg16(DEVCTL)).toBe(0x28f0);
 
     await g.setCfg16(DEVCTL, 0x8000 | 0x28f0);
-    expect(await g.cfg16(DEVCTL)).toBe(0x2810); // Initiate FLR reads 0; MPS back to default
+    expect(await g.cfg16(DEVCTL)).toBe(0x28f0); // Initiate FLR reads 0; Max_Payload_Size kept by FLR (PCIe §6.6.2)
     expect(await g.cfg16(0x04)).toBe(0);
     expect(await g.cfg32(0x10)).toBe(0x4);
     expect(await g.cfg16(0x62)).toBe(7);

@@ -68,6 +68,11 @@ export class ConfigSpace {
   readonly writable: Buffer;
   /** Bits a write of 1 clears. */
   readonly clearOnOne: Buffer;
+  /**
+   * Bits reset() leaves alone: sticky registers (RWS, RW1CS) and the fields
+   * PCIe §6.6.2 says an FLR does not modify (Max_Payload_Size, link control).
+   */
+  readonly keptOnReset: Buffer;
   private defaults: Buffer | undefined;
   private readonly writeHooks: WriteHook[] = [];
   private readonly readHooks: ReadHook[] = [];
@@ -76,6 +81,7 @@ export class ConfigSpace {
     this.bytes = Buffer.alloc(size);
     this.writable = Buffer.alloc(size);
     this.clearOnOne = Buffer.alloc(size);
+    this.keptOnReset = Buffer.alloc(size);
   }
 
   get size(): number {
@@ -100,6 +106,17 @@ export class ConfigSpace {
     if (writableMask) this.writable.set(writableMask, offset);
   }
 
+  /**
+   * Marks bits of [offset, offset + width) as surviving reset(): sticky
+   * registers and fields an FLR does not modify. Their power-on value is
+   * what define() set.
+   */
+  keepOnReset(offset: number, width: 1 | 2 | 4, mask: number): void {
+    const bits = Buffer.alloc(width);
+    bits.writeUIntLE(mask >>> 0, 0, width);
+    for (let i = 0; i < width; i++) this.keptOnReset[offset + i] |= bits[i];
+  }
+
   onWrite(hook: WriteHook): void {
     this.writeHooks.push(hook);
   }
@@ -113,8 +130,18 @@ export class ConfigSpace {
     this.defaults = Buffer.from(this.bytes);
   }
 
+  /**
+   * Every reset the model has (DEVICE_RESET, FLR, D3hot to D0 soft reset):
+   * the power-on bytes, except the bits marked by keepOnReset(), which keep
+   * their current value (only a cold, power-on reset would clear them).
+   */
   reset(): void {
-    if (this.defaults) this.defaults.copy(this.bytes);
+    const defaults = this.defaults;
+    if (!defaults) return;
+    for (let i = 0; i < defaults.length; i++) {
+      const keep = this.keptOnReset[i];
+      this.bytes[i] = keep === 0 ? defaults[i] : (defaults[i] & ~keep) | (this.bytes[i] & keep);
+    }
   }
 
   /**

@@ -304,7 +304,11 @@ export class PciDevice implements VfioUserDevice {
     this.irq.clientChanged(request.index);
   }
 
-  /** DEVICE_RESET, FLR and soft reset: power-on config space and interrupt state, then the device's hook. */
+  /**
+   * DEVICE_RESET, FLR and soft reset: power-on config space (but for sticky
+   * bits and the link fields an FLR keeps: ConfigSpace.keepOnReset) and
+   * interrupt state, then the device's hook.
+   */
   async reset(): Promise<void> {
     this.config.reset();
     for (const bar of this.bars) bar?.reset();

@@ -85,5 +85,11 @@ function defineAer(config: ConfigSpace, at: number): void {
   config.define(at + Aer.UE_SEVERITY, 4, AER_SEVERITY_DEFAULT, AER_UNCORRECTABLE);
   config.define(at + Aer.CE_STATUS, 4, 0, 0, AER_CORRECTABLE); // RW1C
   config.define(at + Aer.CE_MASK, 4, AER_CORRECTABLE_MASK_DEFAULT, AER_CORRECTABLE);
+  // Status (RW1CS), mask and severity (RWS) are sticky: no reset the model has clears them.
+  config.keepOnReset(at + Aer.UE_STATUS, 4, AER_UNCORRECTABLE);
+  config.keepOnReset(at + Aer.UE_MASK, 4, AER_UNCORRECTABLE);
+  config.keepOnReset(at + Aer.UE_SEVERITY, 4, AER_UNCORRECTABLE);
+  config.keepOnReset(at + Aer.CE_STATUS, 4, AER_CORRECTABLE);
+  config.keepOnReset(at + Aer.CE_MASK, 4, AER_CORRECTABLE);
   // Capabilities and control (no ECRC), header log and prefix log: read-only, 0.
 }

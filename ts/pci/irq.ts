@@ -20,6 +20,8 @@ export class DeviceIrq {
   private stopped = false;
   /** The INTx line was to be offered while stopped (or was restored high): offered on start(). */
   private heldIntx = false;
+  /** The last config write gateWritten() saw. */
+  private lastGateWrite: ConfigWrite | undefined;
 
   constructor(
     private readonly config: ConfigSpace,
@@ -28,7 +30,11 @@ export class DeviceIrq {
     private readonly msi: Msi | undefined,
     private readonly msix: Msix | undefined,
   ) {
-    config.onWrite({ start: Cfg.COMMAND, end: Cfg.COMMAND + 2, apply: (write) => this.commandWritten(write) });
+    // What gates INTx: Interrupt Disable, and the MSI/MSI-X enable bits (the interrupt mode).
+    config.onWrite({ start: Cfg.COMMAND, end: Cfg.COMMAND + 2, apply: (write) => this.gateWritten(write) });
+    for (const m of [msi, msix]) {
+      if (m) config.onWrite({ start: m.control, end: m.control + 2, apply: (write) => this.gateWritten(write) });
+    }
   }
 
   get mode(): IrqMode {
@@ -67,14 +73,18 @@ export class DeviceIrq {
     if (this.asserted) this.deassertIntx();
   }
 
-  /** Raises the INTx line (level): delivered unless INTx is disabled or masked. */
+  /**
+   * Raises the INTx line (level): delivered unless INTx is disabled, masked,
+   * or the guest enabled MSI or MSI-X (then the function must not use INTx:
+   * the line is held internally and offered if the guest goes back to INTx).
+   */
   assertIntx(): Delivery {
     if (!this.hasPin) throw new UsageError('the device declares no INTx pin');
     this.config.setBits16(Cfg.STATUS, Status.INTX, true);
     // An asserted line has already been offered: the guest sees it when it unmasks.
     if (this.asserted) return 'pending';
     this.asserted = true;
-    return this.intxDisabled ? 'pending' : this.offerIntx();
+    return this.intxLive ? this.offerIntx() : 'pending';
   }
 
   deassertIntx(): void {
@@ -98,9 +108,13 @@ export class DeviceIrq {
     return this.interrupts.trigger(IrqIndex.REQ);
   }
 
-  /** After a SET_IRQS: an INTx line unmasked while still high fires again (level). */
+  /**
+   * After a SET_IRQS: an INTx line unmasked while still high fires again
+   * (level), but only in INTx mode: with MSI or MSI-X enabled the function
+   * does not use INTx (PCI 3.0 §6.8.1.3, MSI-X Enable), whatever the line does.
+   */
   clientChanged(index: number): void {
-    if (index === IrqIndex.INTX && this.asserted && !this.intxDisabled && !this.interrupts.isMasked(IrqIndex.INTX, 0)) {
+    if (index === IrqIndex.INTX && this.asserted && this.intxLive && !this.interrupts.isMasked(IrqIndex.INTX, 0)) {
       this.offerIntx();
     }
   }
@@ -131,7 +145,7 @@ export class DeviceIrq {
     }
     if (this.heldIntx) {
       this.heldIntx = false;
-      if (this.asserted && !this.intxDisabled) this.interrupts.trigger(IrqIndex.INTX);
+      if (this.asserted && this.intxLive) this.interrupts.trigger(IrqIndex.INTX);
     }
   }
 
@@ -165,10 +179,42 @@ export class DeviceIrq {
     return (this.config.u16(Cfg.COMMAND) & Command.INTX_DISABLE) !== 0;
   }
 
-  /** INTx disable gates delivery: clearing it offers a line that is still asserted. */
-  private commandWritten(write: ConfigWrite): void {
-    const wasDisabled = (write.previous(Cfg.COMMAND, 2) & Command.INTX_DISABLE) !== 0;
-    if (wasDisabled && !this.intxDisabled && this.asserted) this.offerIntx();
+  /**
+   * Whether INTx reaches the client: INTx mode (a pin, MSI and MSI-X
+   * disabled) and Interrupt Disable clear.
+   */
+  private get intxLive(): boolean {
+    return this.mode === 'intx' && !this.intxDisabled;
+  }
+
+  /** intxLive as it was before `write`. */
+  private intxLiveBefore(write: ConfigWrite): boolean {
+    if (!this.hasPin) return false;
+    if (this.msix?.enabledBefore(write) || this.msi?.enabledBefore(write)) return false;
+    return (write.previous(Cfg.COMMAND, 2) & Command.INTX_DISABLE) === 0;
+  }
+
+  /**
+   * A write to Command or an MSI/MSI-X control register. When INTx stops
+   * reaching the client (Interrupt Disable set, MSI or MSI-X enabled) an
+   * offer the client holds pending behind its mask is withdrawn, as a
+   * function deasserts its INTx message; when it starts again (Interrupt
+   * Disable cleared, MSI and MSI-X both disabled) a line still asserted is
+   * offered anew.
+   */
+  private gateWritten(write: ConfigWrite): void {
+    // A write spanning two of the hooked registers runs this once per hook.
+    if (write === this.lastGateWrite) return;
+    this.lastGateWrite = write;
+    const before = this.intxLiveBefore(write);
+    const now = this.intxLive;
+    if (before === now || !this.asserted) return;
+    if (now) {
+      this.offerIntx();
+    } else {
+      this.heldIntx = false;
+      this.interrupts.clearPending(IrqIndex.INTX, 0);
+    }
   }
 
   /** Signals the INTx line, or holds it for start() while stopped. */

@@ -5,7 +5,7 @@
  * stored: delivery goes to the client's eventfd for the vector.
  */
 import { IrqIndex } from '../protocol/index.js';
-import type { ConfigSpace } from './config.js';
+import type { ConfigSpace, ConfigWrite } from './config.js';
 import type { MsiCapability } from './description.js';
 import { InvalidDeviceError } from './description.js';
 import type { Delivery, Interrupts } from './interrupts.js';
@@ -65,6 +65,16 @@ export class Msi {
 
   get enabled(): boolean {
     return (this.config.u16(this.at + MsiReg.CONTROL) & MsiReg.ENABLE) !== 0;
+  }
+
+  /** Offset of Message Control in config space (its Enable bit selects the interrupt mode). */
+  get control(): number {
+    return this.at + MsiReg.CONTROL;
+  }
+
+  /** Whether the capability was enabled before `write` (a write hook's view). */
+  enabledBefore(write: ConfigWrite): boolean {
+    return (write.previous(this.at + MsiReg.CONTROL, 2) & MsiReg.ENABLE) !== 0;
   }
 
   /** Vectors the guest enabled (Multiple Message Enable). */

@@ -17,7 +17,7 @@
  */
 import { IrqIndex } from '../protocol/index.js';
 import type { Bar, BarOverlay } from './bars.js';
-import type { ConfigSpace } from './config.js';
+import type { ConfigSpace, ConfigWrite } from './config.js';
 import { InvalidDeviceError, type BarLocation, type MsixCapability } from './description.js';
 import type { Delivery, Interrupts } from './interrupts.js';
 import { MsiX } from './spec.js';
@@ -90,6 +90,16 @@ export class Msix {
 
   get enabled(): boolean {
     return (this.config.u16(this.at + MsiX.CONTROL) & MsiX.ENABLE) !== 0;
+  }
+
+  /** Offset of Message Control in config space (its Enable bit selects the interrupt mode). */
+  get control(): number {
+    return this.at + MsiX.CONTROL;
+  }
+
+  /** Whether the capability was enabled before `write` (a write hook's view). */
+  enabledBefore(write: ConfigWrite): boolean {
+    return (write.previous(this.at + MsiX.CONTROL, 2) & MsiX.ENABLE) !== 0;
   }
 
   get functionMasked(): boolean {

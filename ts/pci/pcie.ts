@@ -24,6 +24,12 @@ const PAYLOADS: readonly MaxPayload[] = [128, 256, 512, 1024, 2048, 4096];
 const DEVCTL_WRITABLE = 0x7fff;
 /** Power-on: relaxed ordering and no snoop enabled, 512-byte read requests. */
 const DEVCTL_DEFAULT = DevCtl.RELAXED_ORDERING | DevCtl.NO_SNOOP | (2 << DevCtl.READ_REQUEST_SHIFT);
+/**
+ * Device Control bits an FLR does not modify (PCIe §6.6.2): Max_Payload_Size
+ * controls the link's behavior. (Captured Slot Power Limit, also listed, is
+ * read-only 0 here.)
+ */
+const DEVCTL_KEPT_ON_FLR = DevCtl.SIZE_MASK << DevCtl.PAYLOAD_SHIFT;
 /** Device Status: correctable, non-fatal, fatal, unsupported request detected. */
 const DEVSTA_ERRORS_W1C = 0xf;
 
@@ -31,6 +37,13 @@ const DEVSTA_ERRORS_W1C = 0xf;
 const LINK_X1_2_5GT = LnkCap.SPEED_2_5GT | (1 << LnkCap.WIDTH_SHIFT);
 /** Link Control: ASPM (1:0), RCB (3), common clock (6), extended synch (7), clock PM (8), HW autonomous width disable (9), bandwidth interrupts (11:10). */
 const LNKCTL_WRITABLE = 0x0fcb;
+/**
+ * Link Control fields an FLR does not modify (PCIe §6.6.2): ASPM Control,
+ * RCB, Common Clock Configuration, Extended Synch, Enable Clock PM and
+ * Hardware Autonomous Width Disable. (Link Control 2, with Hardware
+ * Autonomous Speed Disable, is read-only here.)
+ */
+const LNKCTL_KEPT_ON_FLR = 0x03cb;
 
 export function checkPcie(d: PciExpressCapability, field: string): void {
   if (d.type !== undefined && !(d.type in DEVICE_TYPE)) {
@@ -49,11 +62,13 @@ export function definePciExpress(config: ConfigSpace, at: number, description: P
   config.define(at + Express.DEVCAP, 4,
     PAYLOADS.indexOf(description.maxPayload ?? 128) | DevCap.ROLE_BASED_ERRORS | (flr ? DevCap.FLR : 0));
   config.define(at + Express.DEVCTL, 2, DEVCTL_DEFAULT, DEVCTL_WRITABLE);
+  config.keepOnReset(at + Express.DEVCTL, 2, DEVCTL_KEPT_ON_FLR);
   config.define(at + Express.DEVSTA, 2, 0, 0, DEVSTA_ERRORS_W1C);
   // Root-complex integrated endpoints have no link: its registers are reserved.
   if (type !== 'integrated-endpoint') {
     config.define(at + Express.LNKCAP, 4, LINK_X1_2_5GT);
     config.define(at + Express.LNKCTL, 2, 0, LNKCTL_WRITABLE);
+    config.keepOnReset(at + Express.LNKCTL, 2, LNKCTL_KEPT_ON_FLR);
     config.define(at + Express.LNKSTA, 2, LINK_X1_2_5GT);
     config.define(at + Express.LNKCAP2, 4, LnkCap2.SPEED_2_5GT);
     // Target Link Speed (3:0) uses the LnkCap speed codes.
