@@ -76,17 +76,13 @@ const FLAG_TYPE_MASK: u32 = 0xf;
 const FLAG_REPLY: u32 = 1;
 const FLAG_ERROR: u32 = 1 << 5;
 
-// VFIO constants (digest §6.4, §6.5, §6.7, §6.8, §8).
-const VFIO_DEVICE_FLAGS_RESET: u32 = 1 << 0;
-const VFIO_DEVICE_FLAGS_PCI: u32 = 1 << 1;
-const VFIO_REGION_INFO_FLAG_READ: u32 = 1 << 0;
-const VFIO_REGION_INFO_FLAG_WRITE: u32 = 1 << 1;
-const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
-const VFIO_IRQ_INFO_EVENTFD: u32 = 1 << 0;
-const VFIO_IRQ_SET_DATA_NONE: u32 = 1 << 0;
-const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
-const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
-const VFIO_PCI_INTX_IRQ_INDEX: u32 = 0;
+// VFIO constants (digest §6.4, §6.5, §6.7, §6.8, §8), as the kernel headers define them.
+use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_EVENTFD,
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
+    VFIO_PCI_INTX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
+};
 
 // The GPIO card (examples/gpio.ts).
 const BAR2_REGION: u32 = 2;
