@@ -63,6 +63,21 @@ describe('vfio-user serve', () => {
     }
   });
 
+  test('arguments after -- reach the factory of a module given as a folder', async () => {
+    const socket = tempSocketPath();
+    const module = join(root, '__test__/fixtures/args-device');
+    const child = spawn(tsx, [join(root, 'ts/cli/main.ts'), 'serve', module, '--socket', socket.path, '--', '--device-id', '0xbeef'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    try {
+      await until(() => existsSync(socket.path), 15000);
+      const client = await connect(socket.path);
+      expect((await client.regionRead(Region.CONFIG, 0n, 4)).readUInt32LE(0)).toBe(0xbeef1234);
+      client.close();
+    } finally {
+      child.kill('SIGKILL');
+      socket.cleanup();
+    }
+  });
+
   test('a module without a device is a clear error', async () => {
     const socket = tempSocketPath();
     const child = spawn(tsx, [join(root, 'ts/cli/main.ts'), 'serve', join(root, 'ts/protocol/constants.ts'), '--socket', socket.path], { stdio: ['ignore', 'ignore', 'pipe'] });

@@ -106,3 +106,11 @@ export interface VfioUserDevice {
   /** Live migration; without it DEVICE_FEATURE and MIG_DATA_* answer ENOTSUP. */
   readonly migration?: DeviceMigration;
 }
+
+/**
+ * What a device module may default-export instead of a device: a function
+ * that builds one. `vfio-user serve MODULE -- ARGS...` calls it with the
+ * arguments after `--` (an empty array when there are none), so a module can
+ * take its own options, e.g. `-- --image disk.img`.
+ */
+export type DeviceFactory = (args: string[]) => VfioUserDevice | Promise<VfioUserDevice>;

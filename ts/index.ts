@@ -71,6 +71,7 @@ export {
 } from './dma/index.js';
 export type {
   VfioUserDevice,
+  DeviceFactory,
   RegionDescription,
   RegionIoFd,
   DeviceAttachment,

@@ -1,9 +1,10 @@
 #!/usr/bin/env node
 /**
  * The `vfio-user` command.
- *   vfio-user serve MODULE (--socket PATH | --socket-path=PATH | --fd=N) [--mode 0600]
+ *   vfio-user serve MODULE (--socket PATH | --socket-path=PATH | --fd=N) [--mode 0600] [-- ARGS...]
  * serves the device a module exports (TS or JS) until SIGINT or SIGTERM, so
- * any vfio-user client (QEMU, libvfio-user's samples) can be pointed at it.
+ * any vfio-user client (QEMU, libvfio-user's samples) can be pointed at it;
+ * ARGS reach the module's factory.
  *   vfio-user lspci SOCKET [--json]
  * describes the device any vfio-user server offers, like `lspci -vv`.
  */
@@ -12,10 +13,12 @@ import { serve } from './serve.js';
 import { lspci } from './lspci.js';
 
 const USAGE = `usage:
-  vfio-user serve MODULE (--socket PATH | --socket-path=PATH | --fd=N) [--mode MODE]
-      Serve the device MODULE exports (default export: a device, or a
-      function returning one) until SIGINT or SIGTERM, on a new socket at
-      PATH (owner-only unless --mode) or on the listening socket fd N.
+  vfio-user serve MODULE (--socket PATH | --socket-path=PATH | --fd=N) [--mode MODE] [-- ARGS...]
+      Serve the device MODULE exports until SIGINT or SIGTERM, on a new
+      socket at PATH (owner-only unless --mode) or on the listening socket
+      fd N. MODULE is a .ts or .js file, or a folder with an index module;
+      its default export is a device, or a factory (args: string[]) =>
+      device that is called with the ARGS after --.
   vfio-user lspci SOCKET [--json]
       Connect to the vfio-user server at SOCKET and describe its device like
       lspci -vv (IDs, command/status, BARs, capabilities, extended
@@ -27,8 +30,11 @@ const USAGE = `usage:
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   if (command === 'serve') {
+    // Everything after the first `--` belongs to the module, not to us.
+    const end = rest.indexOf('--');
+    const moduleArgs = end < 0 ? [] : rest.slice(end + 1);
     const { values, positionals } = parseArgs({
-      args: rest,
+      args: end < 0 ? rest : rest.slice(0, end),
       allowPositionals: true,
       options: {
         socket: { type: 'string', short: 's' },
@@ -45,7 +51,7 @@ async function main(argv: string[]): Promise<number> {
       return 2;
     }
     const mode = values.mode === undefined ? undefined : parseInt(values.mode, 8);
-    await serve(positionals[0], path ?? { fd: fd! }, { mode });
+    await serve(positionals[0], path ?? { fd: fd! }, { mode, args: moduleArgs });
     return 0;
   }
   if (command === 'lspci') {

@@ -1,18 +1,32 @@
 /** `vfio-user serve`: load a device module and serve it until a signal. */
-import { resolve } from 'node:path';
+import { existsSync, statSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { createServer } from '../server/server.js';
 import { UsageError } from '../errors.js';
 import { commandName } from '../protocol/index.js';
-import type { VfioUserDevice } from '../device.js';
+import type { DeviceFactory, VfioUserDevice } from '../device.js';
 
 function isDevice(value: unknown): value is VfioUserDevice {
   return typeof value === 'object' && value !== null && typeof (value as VfioUserDevice).regionInfo === 'function';
 }
 
-/** Imports `file` (TS through tsx, or JS) and returns the device it exports. */
-export async function loadDevice(file: string): Promise<VfioUserDevice> {
+/** A folder stands for its index module (`examples/nvme` → `examples/nvme/index.ts`). */
+function modulePath(file: string): string {
   const path = resolve(file);
+  if (!existsSync(path) || !statSync(path).isDirectory()) return path;
+  const index = ['index.ts', 'index.mts', 'index.js', 'index.mjs'].map((name) => join(path, name)).find((candidate) => existsSync(candidate));
+  if (index === undefined) throw new UsageError(`${file} is a folder without an index module (index.ts or index.js)`);
+  return index;
+}
+
+/**
+ * Imports `file` (TS through tsx, or JS; a folder means its index module) and
+ * returns the device it exports: the default export itself, or what that
+ * export returns when it is a `DeviceFactory`, called with `args`.
+ */
+export async function loadDevice(file: string, args: string[] = []): Promise<VfioUserDevice> {
+  const path = modulePath(file);
   let exported: unknown;
   if (/\.m[jt]s$/.test(path)) {
     const { register } = await import('tsx/esm/api');
@@ -36,13 +50,20 @@ export async function loadDevice(file: string): Promise<VfioUserDevice> {
   for (let i = 0; i < 2 && typeof exported === 'object' && exported !== null && 'default' in exported; i++) {
     exported = (exported as { default: unknown }).default;
   }
-  const device = typeof exported === 'function' ? await (exported as () => unknown)() : exported;
-  if (!isDevice(device)) throw new UsageError(`${file} must export a device (or a function returning one) as its default export`);
+  const device = typeof exported === 'function' ? await (exported as DeviceFactory)(args) : exported;
+  if (!isDevice(device)) throw new UsageError(`${file} must export a device (or a function (args: string[]) returning one) as its default export`);
   return device;
 }
 
-export async function serve(file: string, socket: string | { fd: number }, options: { mode?: number } = {}): Promise<void> {
-  const device = await loadDevice(file);
+export interface ServeOptions {
+  /** Permission bits of a new socket file (owner-only by default). */
+  mode?: number;
+  /** Passed to the module's factory: the command line after `--`. */
+  args?: string[];
+}
+
+export async function serve(file: string, socket: string | { fd: number }, options: ServeOptions = {}): Promise<void> {
+  const device = await loadDevice(file, options.args);
   const server = createServer(device);
   server.on('connection', () => console.error('vfio-user: client connected'));
   server.on('disconnect', (_s, error) => console.error(`vfio-user: client disconnected${error ? ` (${error.message})` : ''}`));
