@@ -9,6 +9,19 @@ import { tempSocketPath, until } from './helpers.js';
 
 const root = join(__dirname, '..');
 const tsx = join(root, 'node_modules', '.bin', 'tsx');
+/** The command from source: Node with tsx's loader (quicker than the tsx launcher). */
+const cli = ['--import', 'tsx', join(root, 'ts/cli/main.ts')];
+
+/** Runs the command to completion. */
+async function run(args: string[], command = cli): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const child = spawn(process.execPath, [...command, ...args], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => (stdout += d));
+  child.stderr.on('data', (d) => (stderr += d));
+  const code = await new Promise<number | null>((r) => child.on('exit', r));
+  return { code, stdout, stderr };
+}
 
 describe('vfio-user serve', () => {
   test('serves a TS device module and cleans up on SIGTERM', async () => {
@@ -87,5 +100,79 @@ describe('vfio-user serve', () => {
     expect(code).toBe(1);
     expect(stderr).toMatch(/must export a device/);
     socket.cleanup();
+  });
+
+  test('--example serves a device shipped in the built package', async () => {
+    const socket = tempSocketPath();
+    // The compiled command and examples, laid out as an installed package has them.
+    const child = spawn(process.execPath, [join(root, 'dist/ts/cli/main.js'), 'serve', '--example', 'gpio', '--socket', socket.path], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d) => (stderr += d));
+    try {
+      await until(() => existsSync(socket.path) || child.exitCode !== null, 15000);
+      const client = await connect(socket.path);
+      expect((await client.regionRead(Region.CONFIG, 0n, 4)).readUInt32LE(0)).toBe(0x0dc8494f);
+      client.close();
+      expect(stderr).toMatch(/serving .*dist\/examples\/gpio\.js/);
+    } finally {
+      child.kill('SIGKILL');
+      socket.cleanup();
+    }
+  });
+
+  test('--list-examples names every shipped device example', async () => {
+    const { code, stdout } = await run(['serve', '--list-examples'], [join(root, 'dist/ts/cli/main.js')]);
+    expect(code).toBe(0);
+    const names = stdout.trim().split('\n').map((line) => line.split(/\s+/)[0]);
+    expect(names).toEqual(expect.arrayContaining(['gpio', 'msix-device', 'nvme-doorbell']));
+    expect(names).not.toContain('demo');
+  });
+});
+
+describe('vfio-user command line', () => {
+  test('--help at the top and on every subcommand prints usage and exits 0', async () => {
+    const top = await run(['--help']);
+    expect(top.code).toBe(0);
+    expect(top.stdout).toMatch(/usage: vfio-user COMMAND/);
+    expect(top.stdout).toMatch(/exit status:/);
+    const commands = [...top.stdout.matchAll(/^ {2}([a-z]+) {2,}/gm)].map((match) => match[1]);
+    expect(commands).toEqual(expect.arrayContaining(['serve', 'lspci']));
+    for (const command of commands) {
+      const sub = await run([command, '-h']);
+      expect(sub.code, command).toBe(0);
+      expect(sub.stdout, command).toMatch(new RegExp(`usage:[\\s\\S]*vfio-user ${command}`));
+      expect(sub.stdout, command).toMatch(/2 +usage error/);
+    }
+  });
+
+  test('usage errors exit 2 and say what was wrong', async () => {
+    const cases: [string[], RegExp][] = [
+      [[], /usage: vfio-user COMMAND/],
+      [['frob'], /unknown command frob/],
+      [['serve', '--bogus'], /Unknown option '--bogus'/],
+      [['serve', 'a.ts'], /exactly one of --socket/],
+      [['serve', 'a.ts', 'b.ts', '--socket', 'x'], /give one MODULE/],
+      [['serve', 'a.ts', '--example', 'gpio', '--socket', 'x'], /not both/],
+      [['serve', '--example', 'nope', '--socket', 'x'], /no example called nope; the examples are: .*gpio/],
+      [['serve', 'a.ts', '--fd=x'], /--fd wants a file descriptor/],
+      [['serve', 'a.ts', '--socket', 'x', '--mode', '999'], /--mode wants octal/],
+      [['lspci'], /give one SOCKET/],
+    ];
+    for (const [args, message] of cases) {
+      const { code, stderr } = await run(args);
+      expect(code, args.join(' ')).toBe(2);
+      expect(stderr, args.join(' ')).toMatch(message);
+    }
+  });
+
+  test('a failure at run time exits 1', async () => {
+    const socket = tempSocketPath();
+    try {
+      const { code, stderr } = await run(['lspci', socket.path]);
+      expect(code).toBe(1);
+      expect(stderr).toMatch(/cannot connect/);
+    } finally {
+      socket.cleanup();
+    }
   });
 });

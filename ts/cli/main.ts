@@ -1,78 +1,181 @@
 #!/usr/bin/env node
 /**
- * The `vfio-user` command.
- *   vfio-user serve MODULE (--socket PATH | --socket-path=PATH | --fd=N) [--mode 0600] [-- ARGS...]
- * serves the device a module exports (TS or JS) until SIGINT or SIGTERM, so
- * any vfio-user client (QEMU, libvfio-user's samples) can be pointed at it;
- * ARGS reach the module's factory.
- *   vfio-user lspci SOCKET [--json]
- * describes the device any vfio-user server offers, like `lspci -vv`.
+ * The `vfio-user` command: `serve` a device module, describe a server's
+ * device with `lspci`. Every subcommand takes --help; the exit status is
+ * 0 on success, 1 when the work failed, 2 when the command line was wrong.
  */
-import { parseArgs } from 'node:util';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { serve } from './serve.js';
 import { lspci } from './lspci.js';
+import { examplePath, listExamples } from './examples.js';
 
-const USAGE = `usage:
-  vfio-user serve MODULE (--socket PATH | --socket-path=PATH | --fd=N) [--mode MODE] [-- ARGS...]
-      Serve the device MODULE exports until SIGINT or SIGTERM, on a new
-      socket at PATH (owner-only unless --mode) or on the listening socket
-      fd N. MODULE is a .ts or .js file, or a folder with an index module;
-      its default export is a device, or a factory (args: string[]) =>
-      device that is called with the ARGS after --.
-  vfio-user lspci SOCKET [--json]
-      Connect to the vfio-user server at SOCKET and describe its device like
-      lspci -vv (IDs, command/status, BARs, capabilities, extended
-      capabilities), then its regions and IRQs. Read-only: BAR sizes come
-      from the region info, not from sizing writes. --json prints one JSON
-      object instead; 64-bit values (sizes, offsets, addresses, serial
-      numbers) are "0x..." hex strings, everything else plain numbers.`;
+const Exit = { OK: 0, FAILURE: 1, USAGE: 2 } as const;
+
+const EXIT_STATUS = `exit status:
+  0  success (serve: stopped by SIGINT or SIGTERM)
+  1  failure: the module did not load or gave no device, a socket or
+     protocol error, the peer refused
+  2  usage error: unknown command or option, missing or extra argument`;
+
+/** The command line was wrong: exit 2 with a pointer to --help. */
+class CommandLineError extends Error {}
+
+type Options = NonNullable<ParseArgsConfig['options']>;
+type Values = ReturnType<typeof parseArgs>['values'];
+
+interface Subcommand {
+  summary: string;
+  help: string;
+  options: Options;
+  /** Whether what follows `--` is handed on (to the served module) instead of parsed. */
+  handsOnRest?: boolean;
+  /** `rest` is what followed `--` on the command line. */
+  run(values: Values, positionals: string[], rest: string[]): Promise<void>;
+}
+
+const help: Options = { help: { type: 'boolean', short: 'h' } };
+
+const commands: Record<string, Subcommand> = {
+  serve: {
+    summary: 'serve a device module (or a shipped example) on a UNIX socket',
+    help: `usage:
+  vfio-user serve MODULE SOCKET-OPTION [--mode MODE] [-- ARGS...]
+  vfio-user serve --example NAME SOCKET-OPTION [--mode MODE] [-- ARGS...]
+  vfio-user serve --list-examples
+
+Serve a device until SIGINT or SIGTERM. MODULE is a .ts or .js file, or a
+folder with an index module; its default export is a device, or a factory
+\`(args: string[]) => device\` (type DeviceFactory) that is called with the
+ARGS after --.
+
+options:
+  -s, --socket PATH      listen on a new socket at PATH (removed on exit)
+      --socket-path=PATH the same, as vhost-user style backends spell it
+      --fd=N             listen on the already listening socket fd N
+      --mode MODE        permissions of the new socket, octal (default 0600)
+      --example NAME     serve the example NAME shipped in the package
+      --list-examples    list the shipped examples and exit
+  -h, --help             show this help
+
+${EXIT_STATUS}`,
+    options: {
+      ...help,
+      socket: { type: 'string', short: 's' },
+      // The vhost-user style backend conventions (§2 of the protocol digest).
+      'socket-path': { type: 'string' },
+      fd: { type: 'string' },
+      mode: { type: 'string' },
+      example: { type: 'string' },
+      'list-examples': { type: 'boolean' },
+    },
+    handsOnRest: true,
+    async run(values, positionals, rest) {
+      if (values['list-examples']) {
+        const examples = listExamples();
+        const width = Math.max(...examples.map((example) => example.name.length));
+        for (const { name, summary } of examples) process.stdout.write(`${name.padEnd(width)}  ${summary}\n`);
+        return;
+      }
+      const example = values.example as string | undefined;
+      if (positionals.length !== (example === undefined ? 1 : 0)) {
+        throw new CommandLineError(example === undefined ? 'give one MODULE (or --example NAME)' : 'give either MODULE or --example NAME, not both');
+      }
+      const path = (values.socket ?? values['socket-path']) as string | undefined;
+      const fd = values.fd === undefined ? undefined : Number(values.fd);
+      if ((path === undefined) === (fd === undefined)) throw new CommandLineError('give exactly one of --socket PATH, --socket-path=PATH, --fd=N');
+      if (fd !== undefined && !(Number.isInteger(fd) && fd >= 0)) throw new CommandLineError(`--fd wants a file descriptor number, not ${values.fd}`);
+      const mode = values.mode as string | undefined;
+      if (mode !== undefined && !/^0?[0-7]{3}$/.test(mode)) throw new CommandLineError(`--mode wants octal permissions like 0660, not ${mode}`);
+      const module = example === undefined ? positionals[0] : examplePathOrUsage(example);
+      await serve(module, path ?? { fd: fd! }, { mode: mode === undefined ? undefined : parseInt(mode, 8), args: rest });
+    },
+  },
+  lspci: {
+    summary: "describe a vfio-user server's device like lspci -vv",
+    help: `usage: vfio-user lspci SOCKET [--json]
+
+Connect to the vfio-user server at SOCKET and describe its device like
+lspci -vv (IDs, command/status, BARs, capabilities, extended capabilities),
+then its regions and IRQs. Read-only: BAR sizes come from the region info,
+not from sizing writes.
+
+options:
+  --json       print one JSON object instead; 64-bit values (sizes, offsets,
+               addresses, serial numbers) are "0x..." hex strings, everything
+               else plain numbers
+  -h, --help   show this help
+
+${EXIT_STATUS}`,
+    options: { ...help, json: { type: 'boolean' } },
+    async run(values, positionals) {
+      if (positionals.length !== 1) throw new CommandLineError('give one SOCKET');
+      process.stdout.write(await lspci(positionals[0], { json: values.json === true }));
+    },
+  },
+};
+
+const USAGE = `usage: vfio-user COMMAND [OPTIONS]
+
+commands:
+${Object.entries(commands)
+  .map(([name, command]) => `  ${name.padEnd(7)}${command.summary}`)
+  .join('\n')}
+
+Run \`vfio-user COMMAND --help\` for a command's options.
+
+${EXIT_STATUS}`;
+
+function examplePathOrUsage(name: string): string {
+  try {
+    return examplePath(name);
+  } catch (error) {
+    throw new CommandLineError((error as Error).message);
+  }
+}
+
+/** parseArgs reports a bad command line as a TypeError with an ERR_PARSE_ARGS_* code. */
+const isParseError = (error: unknown): boolean =>
+  error instanceof TypeError && String((error as { code?: unknown }).code).startsWith('ERR_PARSE_ARGS_');
 
 async function main(argv: string[]): Promise<number> {
-  const [command, ...rest] = argv;
-  if (command === 'serve') {
-    // Everything after the first `--` belongs to the module, not to us.
-    const end = rest.indexOf('--');
-    const moduleArgs = end < 0 ? [] : rest.slice(end + 1);
-    const { values, positionals } = parseArgs({
-      args: end < 0 ? rest : rest.slice(0, end),
-      allowPositionals: true,
-      options: {
-        socket: { type: 'string', short: 's' },
-        // The vhost-user style backend conventions (§2 of the protocol digest).
-        'socket-path': { type: 'string' },
-        fd: { type: 'string' },
-        mode: { type: 'string' },
-      },
-    });
-    const path = values.socket ?? values['socket-path'];
-    const fd = values.fd === undefined ? undefined : Number(values.fd);
-    if (positionals.length !== 1 || (path === undefined) === (fd === undefined) || (fd !== undefined && !Number.isInteger(fd))) {
-      console.error(USAGE);
-      return 2;
-    }
-    const mode = values.mode === undefined ? undefined : parseInt(values.mode, 8);
-    await serve(positionals[0], path ?? { fd: fd! }, { mode, args: moduleArgs });
-    return 0;
+  const [name, ...args] = argv;
+  if (name === undefined || name === '--help' || name === '-h') {
+    (name === undefined ? process.stderr : process.stdout).write(`${USAGE}\n`);
+    return name === undefined ? Exit.USAGE : Exit.OK;
   }
-  if (command === 'lspci') {
-    const { values, positionals } = parseArgs({ args: rest, allowPositionals: true, options: { json: { type: 'boolean' } } });
-    if (positionals.length !== 1) {
-      console.error(USAGE);
-      return 2;
-    }
-    process.stdout.write(await lspci(positionals[0], { json: values.json }));
-    return 0;
+  const command = Object.hasOwn(commands, name) ? commands[name] : undefined;
+  if (command === undefined) {
+    process.stderr.write(`vfio-user: unknown command ${name}\n\n${USAGE}\n`);
+    return Exit.USAGE;
   }
-  console.error(command && command !== '--help' && command !== '-h' ? `unknown command: ${command}\n${USAGE}` : USAGE);
-  return command === '--help' || command === '-h' ? 0 : 2;
+  // Everything after the first `--` belongs to the module, not to us.
+  const end = command.handsOnRest ? args.indexOf('--') : -1;
+  const rest = end < 0 ? [] : args.slice(end + 1);
+  try {
+    const { values, positionals } = parseArgs({ args: end < 0 ? args : args.slice(0, end), options: command.options, allowPositionals: true, strict: true });
+    if (values.help) {
+      process.stdout.write(`${command.help}\n`);
+      return Exit.OK;
+    }
+    await command.run(values, positionals, rest);
+    return Exit.OK;
+  } catch (error) {
+    if (error instanceof CommandLineError || isParseError(error)) {
+      // Node's own messages go on with advice about `--` that does not apply here.
+      const reason = (error as Error).message.replace(/\. To specify a positional argument.*$/s, '');
+      process.stderr.write(`vfio-user ${name}: ${reason}\nRun \`vfio-user ${name} --help\` for usage.\n`);
+      return Exit.USAGE;
+    }
+    throw error;
+  }
 }
 
 main(process.argv.slice(2)).then(
   (code) => {
-    if (code !== 0) process.exitCode = code;
+    if (code !== Exit.OK) process.exitCode = code;
   },
   (error: Error) => {
-    console.error(`vfio-user: ${error.message}`);
-    process.exitCode = 1;
+    process.stderr.write(`vfio-user: ${error.message}\n`);
+    process.exitCode = Exit.FAILURE;
   },
 );
