@@ -1,0 +1,107 @@
+/**
+ * Where a request waits, and why: the server's ordering and backpressure.
+ *
+ * A client sees its commands take effect in the order it sent them: a
+ * command starts only once every earlier one has been answered. Three layers
+ * take part; this queue is the one that decides, the other two follow it:
+ *
+ * 1. The native connection (crates/napi/src/connection.rs) answers a
+ *    REGION_READ of a natively shared region itself, without entering JS,
+ *    but only while its `busy` count is 0. `busy` mirrors this queue: every
+ *    `receive()` that returns true (a message deferred: running or waiting
+ *    here) adds one, and every `channel.done()` takes one away. So while
+ *    anything runs or waits here, every message comes to JS and waits in
+ *    line; when the queue is empty, reads bypass it, which cannot reorder.
+ * 2. The channel (ts/channel.ts) sends a reply computed inside `receive()`
+ *    as the native callback's return value, and releases it before anything
+ *    else is sent: a saving of one native call, never a reordering.
+ * 3. This queue: one handler at a time; messages that arrive while a handler
+ *    is pending (a Promise) wait here in arrival order. What waits is bounded
+ *    (MAX_QUEUED_BYTES): a client that keeps sending behind a stalled handler
+ *    is cut off, not the server.
+ */
+import type { Channel, Message } from '../channel.js';
+import { PeerProtocolError } from '../errors.js';
+import { closeFds } from '../native.js';
+import type { Reply } from './handlers/index.js';
+
+/** Commands may wait behind a pending (async) handler; past this many payload bytes the client is cut off. */
+export const MAX_QUEUED_BYTES = 64 * 1024 * 1024;
+
+export interface RequestHandling {
+  /** Starts handling a message: its reply, or a Promise of it when it finishes later. */
+  dispatch(message: Message): Reply | Promise<Reply>;
+  /** Sends the reply (an error reply when `error` is set) and closes the message's fds. */
+  answer(message: Message, reply: Reply, error?: unknown): void;
+  /** The client overran what may wait: end the session with `error`. */
+  overflow(error: PeerProtocolError): void;
+}
+
+export class RequestQueue {
+  private readonly waiting: Message[] = [];
+  /** Payload bytes in `waiting`. */
+  private waitingBytes = 0;
+  /** A handler's Promise is pending. */
+  private running = false;
+
+  constructor(
+    private readonly channel: Pick<Channel, 'done' | 'closed'>,
+    private readonly handling: RequestHandling,
+  ) {}
+
+  /**
+   * Takes a message from the channel. Returns true when it is deferred (it
+   * runs or waits here): `channel.done()` then follows once it is answered.
+   */
+  receive(message: Message): boolean {
+    if (!this.running && this.waiting.length === 0) return this.run(message);
+    this.waitingBytes += message.payload.length;
+    if (this.waitingBytes > MAX_QUEUED_BYTES) {
+      // A client that keeps sending while a handler is pending would grow the queue without bound.
+      closeFds(message.fds);
+      this.handling.overflow(new PeerProtocolError(`the client queued more than ${MAX_QUEUED_BYTES} bytes behind a pending handler`));
+      return false;
+    }
+    this.waiting.push(message);
+    return true;
+  }
+
+  /** The session ended: what still waits is dropped, its fds closed. */
+  clear(): void {
+    for (const message of this.waiting.splice(0)) closeFds(message.fds);
+    this.waitingBytes = 0;
+  }
+
+  /** Handles one message; true if it finishes later (then `channel.done()` follows). */
+  private run(message: Message): boolean {
+    let result: Reply | Promise<Reply>;
+    try {
+      result = this.handling.dispatch(message);
+    } catch (error) {
+      this.handling.answer(message, undefined, error);
+      return false;
+    }
+    if (!(result instanceof Promise)) {
+      this.handling.answer(message, result);
+      return false;
+    }
+    this.running = true;
+    result.then(
+      (reply) => this.handling.answer(message, reply),
+      (error) => this.handling.answer(message, undefined, error),
+    ).finally(() => {
+      this.running = false;
+      this.channel.done();
+      this.drain();
+    });
+    return true;
+  }
+
+  private drain(): void {
+    while (!this.running && this.waiting.length > 0 && !this.channel.closed) {
+      const next = this.waiting.shift()!;
+      this.waitingBytes -= next.payload.length;
+      if (!this.run(next)) this.channel.done();
+    }
+  }
+}
