@@ -1,6 +1,9 @@
+import { fileURLToPath } from 'node:url';
 import { defineConfig } from 'vitest/config';
 
 export default defineConfig({
+  // Examples import the package by name, as users do (tsconfig.json's "paths").
+  resolve: { alias: [{ find: /^vfio-user$/, replacement: fileURLToPath(new URL('./ts/index.ts', import.meta.url)) }] },
   test: {
     include: ['__test__/**/*.test.ts'],
     testTimeout: 20000,

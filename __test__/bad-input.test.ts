@@ -4,7 +4,8 @@
  * the device state intact for the next client.
  */
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, Errno, native, PciDevice, protocol, Region } from '../ts/index.js';
+import { Command, Errno, PciDevice, protocol, Region } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { Channel } from '../ts/channel.js';
 import { closedBy, nextMessage, openFdCount, qemuVersion, rawConnect, rawMessage, serve, type Served } from './helpers.js';
 

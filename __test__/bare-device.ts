@@ -3,8 +3,8 @@
  * model share: no interrupts, nothing answered natively, and the attached
  * client's guest memory. Subclasses describe their regions and accesses.
  */
-import { closeFds } from '../ts/native.js';
-import { native, type DeviceAttachment, type DmaSpace, type RegionDescription, type VfioUserDevice } from '../ts/index.js';
+import { closeFds, native } from '../ts/native.js';
+import { type DeviceAttachment, type DmaSpace, type RegionDescription, type VfioUserDevice } from '../ts/index.js';
 
 export abstract class BareDevice implements VfioUserDevice {
   readonly flags: number = 0;

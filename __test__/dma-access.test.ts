@@ -6,10 +6,10 @@ import {
   Errno,
   GuestMemory,
   MAX_VIEW_LENGTH,
-  native,
   type DmaSpace,
   type SgList,
 } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { serve, until, type Served } from './helpers.js';
 import { DmaTestDevice, PAGE } from './dma-device.js';
 

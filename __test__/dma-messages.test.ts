@@ -1,6 +1,7 @@
 import { afterEach, describe, expect, test } from 'vitest';
 import { Channel } from '../ts/channel.js';
-import { Command, connect, Errno, GuestMemory, native, ProtocolError, VfioUserClient } from '../ts/index.js';
+import { Command, connect, Errno, GuestMemory, ProtocolError, VfioUserClient } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { encodeVersion as encode } from '../ts/protocol/index.js';
 import { openFdCount, serve, until, type Served } from './helpers.js';
 import { DmaTestDevice, PAGE } from './dma-device.js';

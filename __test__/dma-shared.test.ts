@@ -1,5 +1,6 @@
 import { afterEach, describe, expect, test } from 'vitest';
-import { native, RegionInfoFlags, SharedMemory, UsageError } from '../ts/index.js';
+import { RegionInfoFlags, SharedMemory, UsageError } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { KvmIoeventfdFlags, RegionCapId } from '../ts/protocol/index.js';
 import { openFdCount, serve, until, type Served } from './helpers.js';
 import { DmaTestDevice, PAGE } from './dma-device.js';

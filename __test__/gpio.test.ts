@@ -1,6 +1,7 @@
 /** The PCI-IDIO-16 example, driven through the client as its Linux driver would. */
 import { afterEach, describe, expect, test } from 'vitest';
-import { IrqIndex, native, Region } from '../ts/index.js';
+import { IrqIndex, Region } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { IDIO16, type PciIdio16 } from '../examples/gpio.js';
 import { serve, type Served } from './helpers.js';
 

@@ -4,7 +4,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createConnection, type Socket } from 'node:net';
 import { once } from 'node:events';
-import { connect, createServer, native, type VfioUserClient, type VfioUserDevice, type VfioUserServer } from '../ts/index.js';
+import { connect, createServer, type VfioUserClient, type VfioUserDevice, type VfioUserServer } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { PciIdio16 } from '../examples/gpio.js';
 
 export function tempSocketPath(name = 'dev.sock'): { path: string; cleanup(): void } {

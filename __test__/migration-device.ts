@@ -7,7 +7,8 @@
  * generators, so the stream is pulled as the client reads. Every migration
  * hook is logged in `calls`; names in `failing` make that hook throw.
  */
-import { native, Region, RegionInfoFlags, type DeviceMigration, type MigrationUnit } from '../ts/index.js';
+import { Region, RegionInfoFlags, type DeviceMigration, type MigrationUnit } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { BareDevice } from './bare-device.js';
 
 export const BAR_SIZE = 64 * 1024;

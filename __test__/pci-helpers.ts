@@ -1,7 +1,8 @@
 /** Set-up shared by the PCI tests: guest-side config and BAR access as a guest's PCI core does it, eventfds, descriptions. */
 import { writeSync } from 'node:fs';
 import { expect } from 'vitest';
-import { InvalidDeviceError, native, PciDevice, Region, type PciDeviceDescription, type VfioUserClient } from '../ts/index.js';
+import { InvalidDeviceError, PciDevice, Region, type PciDeviceDescription, type VfioUserClient } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { Cap, Cfg, Command, CONFIG_SIZE, ExtCap, Status } from '../ts/pci/spec.js';
 
 /** The least a description needs. */

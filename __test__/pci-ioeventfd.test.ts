@@ -2,12 +2,12 @@
 import { afterEach, describe, expect, test } from 'vitest';
 import {
   IrqIndex,
-  native,
   PciDevice,
   Region,
   type IoEventfdDescription,
   type PciDeviceDescription,
 } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { IoFdType, KvmIoeventfdFlags } from '../ts/protocol/index.js';
 import { openFdCount, serve, until, type Served } from './helpers.js';
 import { base, fieldOf, kvmSignal } from './pci-helpers.js';

@@ -8,7 +8,6 @@ import {
   IrqIndex,
   migrate,
   MigrationState as S,
-  native,
   PciDevice,
   ProtocolError,
   Region,
@@ -16,6 +15,7 @@ import {
   type VfioUserClient,
   type VfioUserDevice,
 } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { IDIO16, PciIdio16 } from '../examples/gpio.js';
 import { DOORBELL, DoorbellDevice, MSIX_PBA_OFFSET } from '../examples/msix-device.js';
 import { serve, type Served } from './helpers.js';

@@ -1,6 +1,7 @@
 /** MSI (with per-vector masking) and the INTx fallback, through one irq.trigger(). */
 import { afterEach, describe, expect, test } from 'vitest';
-import { IrqIndex, native, PciDevice, Region, type VfioUserClient } from '../ts/index.js';
+import { IrqIndex, PciDevice, Region, type VfioUserClient } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { DOORBELL, DoorbellDevice } from '../examples/msix-device.js';
 import { serve, type Served } from './helpers.js';
 import { COMMAND_MEMORY_BUS_MASTER, Eventfds, guest, type Guest } from './pci-helpers.js';

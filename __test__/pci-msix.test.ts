@@ -1,6 +1,7 @@
 /** MSI-X end to end: config writes, table writes through BAR4, eventfds, PBA. */
 import { afterEach, describe, expect, test } from 'vitest';
-import { IrqIndex, native, PciDevice, Region, type VfioUserClient } from '../ts/index.js';
+import { IrqIndex, PciDevice, Region, type VfioUserClient } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { DOORBELL, DoorbellDevice, MSIX_PBA_OFFSET } from '../examples/msix-device.js';
 import { serve, type Served } from './helpers.js';
 import { COMMAND_MEMORY_BUS_MASTER, Eventfds, guest, type Guest } from './pci-helpers.js';

@@ -1,6 +1,7 @@
 /** The NVMe-pattern example end to end: mapped doorbells, ioeventfd kicks, MSI-X in trapped pages. */
 import { afterEach, describe, expect, test } from 'vitest';
-import { CapabilityId, IrqIndex, native, Region, RegionInfoFlags, type VfioUserClient } from '../ts/index.js';
+import { CapabilityId, IrqIndex, Region, RegionInfoFlags, type VfioUserClient } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import type { NativeMapping } from '../ts/native.js';
 import { RegionCapId } from '../ts/protocol/index.js';
 import { BAR_SIZE, DOORBELL_PAGE, MSIX_PBA, MSIX_TABLE, QUEUE_CARD_ID, QUEUE_REGISTERS, QueueCard, QUEUES } from '../examples/nvme-doorbell.js';

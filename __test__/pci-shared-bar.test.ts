@@ -2,7 +2,6 @@
 import { afterAll, afterEach, describe, expect, test } from 'vitest';
 import {
   InvalidDeviceError,
-  native,
   PciDevice,
   RegionInfoFlags,
   SharedMemory,
@@ -10,6 +9,7 @@ import {
   type MemoryBar,
   type PciDeviceDescription,
 } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { RegionCapId } from '../ts/protocol/index.js';
 import { openFdCount, serve, until, type Served } from './helpers.js';
 import { base, fieldOf } from './pci-helpers.js';

@@ -4,12 +4,12 @@ import {
   Errno,
   GuestMemory,
   IrqIndex,
-  native,
   PciDevice,
   Region,
   protocol,
   type VfioUserClient,
 } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { DeviceFeatureFlags, FeatureIndex } from '../ts/protocol/index.js';
 import { serve, type Served } from './helpers.js';
 import { CounterDevice } from './migration-device.js';

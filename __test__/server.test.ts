@@ -4,7 +4,8 @@ import { afterEach, describe, expect, test } from 'vitest';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { createServer as createNetServer } from 'node:net';
-import { connect, createServer, native, Region, UsageError } from '../ts/index.js';
+import { connect, createServer, Region, UsageError } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { PciIdio16 } from '../examples/gpio.js';
 import { serve, tempSocketPath, until, type Served } from './helpers.js';
 

@@ -1,5 +1,6 @@
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, Errno, IrqIndex, native, Region } from '../ts/index.js';
+import { Command, Errno, IrqIndex, Region } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { openFdCount, serve, type Served } from './helpers.js';
 import type { PciIdio16 } from '../examples/gpio.js';
 

@@ -1,5 +1,6 @@
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, Errno, native, PciDevice, Region, RegionInfoFlags, type RegionDescription } from '../ts/index.js';
+import { Command, Errno, PciDevice, Region, RegionInfoFlags, type RegionDescription } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { openFdCount, serve, type Served } from './helpers.js';
 
 let served: Served<PciDevice>;

@@ -6,7 +6,8 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { connect, createServer, GuestMemory, IrqIndex, migrate, native, Region } from '../ts/index.js';
+import { connect, createServer, GuestMemory, IrqIndex, migrate, Region } from 'vfio-user';
+import { native } from '../ts/native.js';
 import { IDIO16, PciIdio16 } from './gpio.js';
 
 const hex = (n: number | bigint, width = 2) => `0x${n.toString(16).padStart(width, '0')}`;

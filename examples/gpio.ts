@@ -16,7 +16,7 @@
  * The registers live in fields, so the card migrates them through the
  * `saveState`/`loadState` hooks; the library migrates the rest.
  */
-import { PciDevice } from '../ts/pci/device.js';
+import { PciDevice } from 'vfio-user';
 
 export const IDIO16 = {
   OUT0_7: 0,

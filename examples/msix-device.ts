@@ -21,8 +21,7 @@
  * The IDs borrow Red Hat's QEMU vendor ID with a device ID QEMU does not
  * use: fine for experiments, not for anything shipped.
  */
-import { PciDevice } from '../ts/pci/device.js';
-import type { Delivery } from '../ts/pci/interrupts.js';
+import { PciDevice, type Delivery } from 'vfio-user';
 
 export const DOORBELL = {
   ID: 0x00,

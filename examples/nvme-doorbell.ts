@@ -21,7 +21,7 @@
  *
  * IDs as in msix-device.ts: Red Hat's QEMU vendor ID with an unused device ID.
  */
-import { PciDevice } from '../ts/pci/device.js';
+import { PciDevice } from 'vfio-user';
 
 export const QUEUE_REGISTERS = {
   ID: 0x00,

@@ -3,6 +3,9 @@
  * virtual machine monitors (QEMU's vfio-user-pci and others), or drive any
  * vfio-user server with the client.
  */
+// The public types use Node's (Buffer, EventEmitter): TypeScript 6 no longer
+// loads @types/node by itself, so the declarations ask for it.
+/// <reference types="node" preserve="true" />
 export { createServer, VfioUserServer, type ListenOptions, type VfioUserServerEvents } from './server/server.js';
 export { ServerSession } from './server/session.js';
 export {
@@ -94,4 +97,3 @@ export {
   commandName,
   errnoName,
 } from './protocol/index.js';
-export { native } from './native.js';

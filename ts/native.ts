@@ -1,26 +1,83 @@
 /**
- * The native addon, loaded from the package root whether this file runs from
- * `ts/` (tests) or `dist/ts/` (the built package).
+ * The native addon. An installed package loads it from the platform package
+ * npm installed as an optional dependency (`vfio-user-linux-x64-gnu` and its
+ * siblings, one per platform); a clone loads its own build from `native/`
+ * (`npm run build:native`). `NAPI_RS_NATIVE_LIBRARY_PATH` names a `.node` file
+ * to load instead, as in every napi-rs package.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
+import type * as NativeBinding from './native-binding.js';
 
-type Binding = typeof import('../native/index.js');
+const PACKAGE = 'vfio-user';
+
+const PREBUILT = ['linux-x64-gnu', 'linux-arm64-gnu', 'linux-x64-musl', 'linux-arm64-musl'];
+
+/** This machine's platform as napi-rs names it: `linux-x64-gnu`. */
+function platformName(): string {
+  // Node reports the glibc it runs on; a Node built for musl reports none.
+  const header = (process.report.getReport() as { header?: { glibcVersionRuntime?: string } }).header;
+  return `${process.platform}-${process.arch}${process.platform === 'linux' ? (header?.glibcVersionRuntime ? '-gnu' : '-musl') : ''}`;
+}
 
 function packageRoot(from: string): string {
   for (let dir = from; ; dir = dirname(dir)) {
     const manifest = join(dir, 'package.json');
-    if (existsSync(manifest) && JSON.parse(readFileSync(manifest, 'utf8')).name === 'vfio-user') return dir;
+    if (existsSync(manifest) && JSON.parse(readFileSync(manifest, 'utf8')).name === PACKAGE) return dir;
     if (dirname(dir) === dir) throw new Error(`vfio-user: cannot find the package root above ${from}`);
   }
 }
 
-// eslint-disable-next-line @typescript-eslint/no-require-imports
-export const native: Binding = require(join(packageRoot(__dirname), 'native', 'index.js'));
+function firstLine(error: unknown): string {
+  return (error instanceof Error ? error.message : String(error)).split('\n')[0];
+}
 
-export type NativeConnection = InstanceType<Binding['NativeConnection']>;
-export type NativeMapping = InstanceType<Binding['NativeMapping']>;
-export type NativeRegionReads = InstanceType<Binding['NativeRegionReads']>;
+function load(): typeof NativeBinding {
+  const override = process.env.NAPI_RS_NATIVE_LIBRARY_PATH;
+  if (override) return require(override);
+  const platform = platformName();
+  if (process.platform !== 'linux') {
+    throw new Error(`vfio-user runs on Linux only (vfio-user sockets carry Linux fds: eventfds, memfds); this is ${platform}.`);
+  }
+  if (!PREBUILT.includes(platform)) {
+    throw new Error(
+      `vfio-user: no prebuilt native addon for ${platform} (there are for ${PREBUILT.join(', ')}). ` +
+        `Build one from source in a clone of vfio-user with \`npm run build:native\` (needs Rust), ` +
+        `or point NAPI_RS_NATIVE_LIBRARY_PATH at a .node file you built.`,
+    );
+  }
+  const root = packageRoot(__dirname);
+  const { version } = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { version: string };
+  const localBuild = join(root, 'native', `${PACKAGE}.${platform}.node`);
+  if (existsSync(localBuild)) return require(localBuild);
+  const binaryPackage = `${PACKAGE}-${platform}`;
+  let manifest: string;
+  try {
+    manifest = require.resolve(`${binaryPackage}/package.json`, { paths: [root] });
+  } catch {
+    throw new Error(
+      `vfio-user: no native addon for ${platform}: the package ${binaryPackage} is not installed. ` +
+        `npm installs it with vfio-user as an optional dependency: reinstall without --omit=optional (or --no-optional), ` +
+        `or add it yourself with \`npm install ${binaryPackage}@${version}\`. ` +
+        `In a clone of vfio-user, build the addon from source with \`npm run build:native\` (needs Rust).`,
+    );
+  }
+  const installed = (JSON.parse(readFileSync(manifest, 'utf8')) as { version: string }).version;
+  if (installed !== version) {
+    throw new Error(`vfio-user: ${binaryPackage} is version ${installed} but vfio-user is ${version}: install the same version of both (\`npm install ${binaryPackage}@${version}\`).`);
+  }
+  try {
+    return require(dirname(manifest));
+  } catch (error) {
+    throw new Error(`vfio-user: the native addon in ${binaryPackage} (for ${platform}) failed to load: ${firstLine(error)}`, { cause: error });
+  }
+}
+
+export const native = load();
+
+export type NativeConnection = NativeBinding.NativeConnection;
+export type NativeMapping = NativeBinding.NativeMapping;
+export type NativeRegionReads = NativeBinding.NativeRegionReads;
 
 /** Closes every fd in `fds`, ignoring ones already closed. */
 export function closeFds(fds: readonly number[]): void {
