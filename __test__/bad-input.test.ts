@@ -4,7 +4,7 @@
  * the device state intact for the next client.
  */
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, Errno, PciDevice, protocol, Region } from '../ts/index.js';
+import { Command, commandName, Errno, PciDevice, protocol, Region } from '../ts/index.js';
 import { native } from '../ts/native.js';
 import { Channel } from '../ts/channel.js';
 import { closedBy, nextMessage, openFdCount, qemuVersion, rawConnect, rawMessage, serve, type Served } from './helpers.js';
@@ -71,6 +71,30 @@ describe('malformed messages', () => {
     expect(errorOf(await nextMessage(s))).toBe(Errno.EINVAL);
     s.write(rawMessage({ command: Command.DEVICE_GET_INFO }, Buffer.alloc(4)));
     expect(errorOf(await nextMessage(s))).toBe(Errno.EINVAL);
+  });
+
+  test('argsz below the fixed part of its request is EINVAL on every command that carries one', async () => {
+    served = await serve();
+    const s = await negotiated();
+    const withArgsz = (argsz: number, body: Buffer) => (body.writeUInt32LE(argsz, 0), body);
+    const requests: [number, Buffer][] = [
+      [Command.DMA_MAP, withArgsz(31, Buffer.alloc(32))],
+      [Command.DMA_UNMAP, withArgsz(0, Buffer.alloc(24))],
+      [Command.DEVICE_GET_INFO, withArgsz(15, Buffer.alloc(16))],
+      [Command.DEVICE_GET_REGION_INFO, withArgsz(31, Buffer.alloc(32))],
+      [Command.DEVICE_GET_REGION_IO_FDS, withArgsz(8, Buffer.alloc(16))],
+      [Command.DEVICE_GET_IRQ_INFO, withArgsz(15, Buffer.alloc(16))],
+      // A well-formed disable-all of INTx but for its argsz.
+      [Command.DEVICE_SET_IRQS, withArgsz(4, Buffer.from('0000000021000000000000000000000000000000', 'hex'))],
+      [Command.DEVICE_FEATURE, withArgsz(4, Buffer.from('0000000001000400', 'hex'))], // PROBE of migration
+      [Command.MIG_DATA_READ, withArgsz(7, Buffer.alloc(8))],
+      [Command.MIG_DATA_WRITE, withArgsz(8, Buffer.from('00000000010000007f', 'hex'))],
+    ];
+    for (const [command, body] of requests) {
+      s.write(rawMessage({ msgId: command, command }, body));
+      const reply = await nextMessage(s);
+      expect([commandName(command), errorOf(reply)]).toEqual([commandName(command), Errno.EINVAL]);
+    }
   });
 
   test('a message of unknown type is fatal; a stray reply is ignored', async () => {

@@ -63,6 +63,10 @@ describe('DMA_UNMAP', () => {
     expect(decodeDmaUnmapRequest(golden)).toEqual(value);
   });
 
+  it('rejects argsz < 24', () => {
+    expectEinval(() => decodeDmaUnmapRequest(hex('17000000 00000000 0000000001000000 0000200000000000')), C);
+  });
+
   it("decodes QEMU's unmap-all", () => {
     const r = decodeDmaUnmapRequest(hex('18000000 02000000 0000000000000000 0000000000000000'));
     expect(r.flags).toBe(DmaUnmapFlags.ALL);

@@ -55,6 +55,10 @@ describe('DEVICE_SET_IRQS', () => {
     expect(decodeSetIrqsRequest(golden)).toEqual({ argsz: 22, ...v });
   });
 
+  it('rejects argsz < 20', () => {
+    expectEinval(() => decodeSetIrqsRequest(hex('13000000 21000000 01000000 00000000 00000000')), C);
+  });
+
   it('decodes the disable-all form', () => {
     const r = decodeSetIrqsRequest(hex('14000000 21000000 01000000 00000000 00000000'));
     expect(r).toEqual({ argsz: 20, flags: F.DATA_NONE | F.ACTION_TRIGGER, index: 1, start: 0, count: 0 });

@@ -57,6 +57,10 @@ describe('MIG_DATA_WRITE', () => {
     expect(encodeMigDataWriteReply().length).toBe(0);
   });
 
+  it('rejects argsz < 8 + size', () => {
+    expectEinval(() => decodeMigDataWriteRequest(hex('09000000 02000000 cafe')), C);
+  });
+
   it('rejects a request shorter than size', () => {
     expectEinval(() => decodeMigDataWriteRequest(hex('0a000000 02000000 ca')), C);
     expectEinval(() => decodeMigDataWriteRequest(hex('0a000000')), C);

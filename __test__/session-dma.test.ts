@@ -75,6 +75,18 @@ describe('DMA_MAP and DMA_UNMAP', () => {
     expect(served.device.dma.count).toBe(0);
   });
 
+  test('a window without an fd that wraps past 2^64 is EINVAL; one ending at 2^64 is kept', async () => {
+    served = await serve();
+    const client = await served.client();
+    const send = (address: bigint, size: bigint) => (client as any).request(Command.DMA_MAP,
+      Buffer.concat([u32(32), u32(3), u64(0n), u64(address), u64(size)]));
+    await expect(send(0xfffffffffffff000n, 0x2000n)).rejects.toMatchObject({ errno: Errno.EINVAL, command: Command.DMA_MAP });
+    await expect(send(0x8000000000000000n, 0x8000000000001000n)).rejects.toMatchObject({ errno: Errno.EINVAL });
+    expect(served.device.dma.count).toBe(0);
+    await send(0xfffffffffffff000n, 0x1000n);
+    expect(served.device.dma.find(0xffffffffffffffffn, 1)?.end).toBe(1n << 64n);
+  });
+
   test('maps without an fd are kept as message-based windows', async () => {
     served = await serve();
     const client = await served.client();

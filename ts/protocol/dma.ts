@@ -99,8 +99,10 @@ export function encodeDmaUnmapRequest(
 export function decodeDmaUnmapRequest(payload: Buffer): DmaUnmapRequest {
   const C = Command.DMA_UNMAP;
   need(payload, DMA_UNMAP_SIZE, C, 'DMA_UNMAP request');
+  const argsz = payload.readUInt32LE(0);
+  if (argsz < DMA_UNMAP_SIZE) throw invalid(C, `argsz ${argsz} < ${DMA_UNMAP_SIZE}`);
   const req: DmaUnmapRequest = {
-    argsz: payload.readUInt32LE(0),
+    argsz,
     flags: payload.readUInt32LE(4),
     address: payload.readBigUInt64LE(8),
     size: payload.readBigUInt64LE(16),

@@ -54,7 +54,9 @@ export function encodeDeviceFeatureRequest(v: { argsz?: number; flags: number; d
 }
 
 export function decodeDeviceFeatureRequest(payload: Buffer): DeviceFeature {
-  return decodeFeature(payload, 'DEVICE_FEATURE request');
+  const req = decodeFeature(payload, 'DEVICE_FEATURE request');
+  if (req.argsz < DEVICE_FEATURE_SIZE) throw invalid(C, `argsz ${req.argsz} < ${DEVICE_FEATURE_SIZE}`);
+  return req;
 }
 
 /** SET/PROBE replies echo the request; GET replies append data. argsz defaults to the size. */

@@ -109,8 +109,10 @@ export function encodeSetIrqsRequest(v: Omit<SetIrqs, 'argsz'> & { argsz?: numbe
 export function decodeSetIrqsRequest(payload: Buffer): SetIrqs {
   const C = Command.DEVICE_SET_IRQS;
   need(payload, SET_IRQS_SIZE, C, 'SET_IRQS request');
+  const argsz = payload.readUInt32LE(0);
+  if (argsz < SET_IRQS_SIZE) throw invalid(C, `argsz ${argsz} < ${SET_IRQS_SIZE}`);
   const req: SetIrqs = {
-    argsz: payload.readUInt32LE(0),
+    argsz,
     flags: payload.readUInt32LE(4),
     index: payload.readUInt32LE(8),
     start: payload.readUInt32LE(12),

@@ -65,8 +65,12 @@ export function encodeMigDataWriteRequest(data: Uint8Array, argsz?: number): Buf
   return encodeMigData(data, argsz);
 }
 
+/** As libvfio-user: `argsz` must cover the request with its data. */
 export function decodeMigDataWriteRequest(payload: Buffer): MigData {
-  return decodeMigData(payload, Command.MIG_DATA_WRITE, 'MIG_DATA_WRITE request');
+  const C = Command.MIG_DATA_WRITE;
+  const req = decodeMigData(payload, C, 'MIG_DATA_WRITE request');
+  if (req.argsz < MIG_DATA_SIZE + req.size) throw invalid(C, `argsz ${req.argsz} < 8 + size ${req.size}`);
+  return req;
 }
 
 /** The WRITE reply has no payload. */

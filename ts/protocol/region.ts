@@ -229,6 +229,7 @@ export function encodeRegionIoFdsRequest(v: { index: number; argsz: number }): B
 export function decodeRegionIoFdsRequest(payload: Buffer): RegionIoFdsRequest {
   const C = Command.DEVICE_GET_REGION_IO_FDS;
   const r = readIoFdsHeader(payload, C, 'GET_REGION_IO_FDS request');
+  if (r.argsz < REGION_IO_FDS_SIZE) throw invalid(C, `argsz ${r.argsz} < ${REGION_IO_FDS_SIZE}`);
   if (r.flags !== 0 || r.count !== 0) throw invalid(C, 'request flags and count must be 0');
   return r;
 }
