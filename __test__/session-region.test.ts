@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, Errno, PciDevice, Region, RegionInfoFlags, type RegionDescription } from '../ts/index.js';
+import { Command, Errno, PciDevice, protocol, Region, RegionInfoFlags, type RegionDescription } from '../ts/index.js';
 import { native } from '../ts/native.js';
 import { openFdCount, serve, type Served } from './helpers.js';
 
@@ -73,6 +73,18 @@ describe('region read and write', () => {
     await expect(client.regionRead(Region.BAR1, 0n, 4)).rejects.toMatchObject({ errno: Errno.EINVAL });
     await expect(client.regionWrite(Region.ROM, 0n, Buffer.from([1]))).rejects.toMatchObject({ errno: Errno.EINVAL, command: Command.REGION_WRITE });
     expect((await client.regionRead(Region.ROM, 0n, 4)).toString()).toBe('ROM!');
+  });
+
+  test('REGION_WRITE_MULTI with one bad entry writes nothing', async () => {
+    served = await serve();
+    const client = await served.client();
+    await client.regionWrite(Region.BAR2, 0n, Buffer.from([0x11]));
+    const multi = protocol.encodeRegionWriteMultiRequest([
+      { region: Region.BAR2, offset: 0n, data: Buffer.from([0x22]) },
+      { region: Region.BAR2, offset: 8n, data: Buffer.from([0x33]) }, // past the 8-byte BAR
+    ]);
+    await expect((client as any).request(Command.REGION_WRITE_MULTI, multi)).rejects.toMatchObject({ errno: Errno.EINVAL, command: Command.REGION_WRITE_MULTI });
+    expect((await client.regionRead(Region.BAR2, 0n, 1))[0]).toBe(0x11);
   });
 
   test('a read larger than max_data_xfer_size is E2BIG', async () => {

@@ -98,9 +98,8 @@ export function regionWrite(session: HandlerContext, message: Message): Reply | 
 export async function regionWriteMulti(session: HandlerContext, message: Message): Promise<Reply> {
   noFds(message);
   const entries = decodeRegionWriteMultiRequest(message.payload);
-  for (const w of entries) {
-    const offset = checkAccess(session, Command.REGION_WRITE_MULTI, w.region, w.offset, w.count, RegionInfoFlags.WRITE);
-    await session.device.write(w.region, offset, w.data);
-  }
+  // All or nothing: a bad entry anywhere refuses the message before any write lands.
+  const offsets = entries.map((w) => checkAccess(session, Command.REGION_WRITE_MULTI, w.region, w.offset, w.count, RegionInfoFlags.WRITE));
+  for (const [i, w] of entries.entries()) await session.device.write(w.region, offsets[i], w.data);
   return { payload: encodeRegionWriteMultiReply(entries.length) };
 }
