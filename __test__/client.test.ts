@@ -1,7 +1,7 @@
 /** The client against our server: the commands the GPIO card does not support, timeouts, closing. */
 import { createServer as createNetServer } from 'node:net';
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, connect, ConnectionClosedError, Errno, PciDevice, protocol, TimeoutError } from '../ts/index.js';
+import { Command, connect, ConnectionClosedError, Errno, PciDevice, protocol, Region, TimeoutError, TooManyRequestsError } from '../ts/index.js';
 import { serve, tempSocketPath, type Served } from './helpers.js';
 
 let served: Served;
@@ -37,6 +37,23 @@ describe('client', () => {
     client.close();
     await expect(pending).rejects.toThrow(ConnectionClosedError);
     await expect(client.getIrqInfo(0)).rejects.toThrow(ConnectionClosedError);
+  });
+
+  test('with all 65 536 msg_ids awaiting replies, the next request rejects with TooManyRequestsError', async () => {
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    served = await serve(new PciDevice({
+      vendorId: 1, deviceId: 2, classCode: 0,
+      bars: { 2: { kind: 'io', size: 4, read: async () => { await gate; return 7; } } },
+    })) as unknown as Served;
+    const client = await served.client();
+    const stalled = client.regionRead(Region.BAR2, 0n, 1);
+    const behind = Array.from({ length: 0xffff }, () => client.regionRead(Region.CONFIG, 0n, 2));
+    await expect(client.getDeviceInfo()).rejects.toThrow(TooManyRequestsError);
+    release();
+    expect((await stalled)[0]).toBe(7);
+    expect((await Promise.all(behind)).every((b) => b.readUInt16LE(0) === 1)).toBe(true);
+    expect((await client.getDeviceInfo()).numRegions).toBe(9);
   });
 
   test('connecting to nothing fails with the errno in the message', async () => {

@@ -5,7 +5,7 @@
  * arrives until the owner takes it. Used by the server and the client alike.
  */
 import { closeFds, native, type NativeConnection, type NativeRegionReads } from './native.js';
-import { ConnectionClosedError, PeerProtocolError, TimeoutError } from './errors.js';
+import { ConnectionClosedError, PeerProtocolError, TimeoutError, TooManyRequestsError } from './errors.js';
 import {
   commandName,
   decodeHeader,
@@ -49,6 +49,9 @@ interface Pending {
 
 /** Frames larger than this are refused before negotiation raises the limit. */
 export const INITIAL_MAX_FRAME = 1024 * 1024 + 4096;
+
+/** msg_id is 16 bits. */
+const MAX_MSG_ID = 0xffff;
 
 export class Channel {
   private readonly conn: NativeConnection;
@@ -96,7 +99,12 @@ export class Channel {
   /** Sends a command and resolves with its reply; an error reply rejects with ProtocolError. */
   request(command: number, payload?: Uint8Array, fds?: number[], timeoutMs?: number): Promise<Message> {
     if (this.closedWith) return Promise.reject(this.closedWith);
-    const msgId = this.allocateId();
+    let msgId: number;
+    try {
+      msgId = this.allocateId();
+    } catch (error) {
+      return Promise.reject(error);
+    }
     return new Promise<Message>((resolve, reject) => {
       const entry: Pending = { command, resolve, reject };
       if (timeoutMs !== undefined && timeoutMs > 0) {
@@ -176,8 +184,11 @@ export class Channel {
   }
 
   private allocateId(): number {
+    if (this.pending.size > MAX_MSG_ID) {
+      throw new TooManyRequestsError(`all ${MAX_MSG_ID + 1} msg_ids are taken by requests awaiting replies`);
+    }
     // msg_ids are ours to choose; skip any still awaiting a reply.
-    do this.nextId = (this.nextId + 1) & 0xffff;
+    do this.nextId = (this.nextId + 1) & MAX_MSG_ID;
     while (this.pending.has(this.nextId));
     return this.nextId;
   }

@@ -19,6 +19,9 @@ export class ConnectionClosedError extends VfioUserError {}
 /** A request got no reply in time. */
 export class TimeoutError extends VfioUserError {}
 
+/** Every msg_id (16 bits) belongs to a request still awaiting its reply: wait for some to settle. */
+export class TooManyRequestsError extends VfioUserError {}
+
 /** The peer broke the protocol in a way that ends the connection. */
 export class PeerProtocolError extends VfioUserError {}
 

@@ -83,7 +83,7 @@ export type {
   MigrationPhase,
   MigrationUnit,
 } from './device.js';
-export { ConnectionClosedError, PeerProtocolError, TimeoutError, UsageError, VfioUserError } from './errors.js';
+export { ConnectionClosedError, PeerProtocolError, TimeoutError, TooManyRequestsError, UsageError, VfioUserError } from './errors.js';
 export * as protocol from './protocol/index.js';
 export {
   Command,
