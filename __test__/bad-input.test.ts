@@ -159,7 +159,7 @@ describe('fds from a misbehaving peer', () => {
     served = await serve();
     const before = openFdCount();
     const replies: Buffer[] = [];
-    const channel = new Channel(native.connectUnix(served.path), { onCommand: () => {}, onClose: () => {} });
+    const channel = new Channel(native.connectUnix(served.path), { side: 'client', onCommand: () => {}, onClose: () => {} });
     await channel.request(Command.VERSION, Buffer.from([0, 0, 0, 0]));
     const ev = native.eventfdCreate();
     const set = Buffer.alloc(20);

@@ -13,8 +13,8 @@ const tsx = join(root, 'node_modules', '.bin', 'tsx');
 const cli = ['--import', 'tsx', join(root, 'ts/cli/main.ts')];
 
 /** Runs the command to completion. */
-async function run(args: string[], command = cli): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const child = spawn(process.execPath, [...command, ...args], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
+async function run(args: string[], command = cli, env: NodeJS.ProcessEnv = process.env): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const child = spawn(process.execPath, [...command, ...args], { cwd: root, env, stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d) => (stdout += d));
@@ -114,6 +114,34 @@ describe('vfio-user serve', () => {
       expect((await client.regionRead(Region.CONFIG, 0n, 4)).readUInt32LE(0)).toBe(0x0dc8494f);
       client.close();
       expect(stderr).toMatch(/serving .*dist\/examples\/gpio\.js/);
+    } finally {
+      child.kill('SIGKILL');
+      socket.cleanup();
+    }
+  });
+
+  test('--verbose and DEBUG=vfio-user print every message decoded; without them nothing is printed', async () => {
+    const socket = tempSocketPath();
+    const child = spawn(process.execPath, [...cli, 'serve', '--example', 'gpio', '--socket', socket.path, '--verbose'], { cwd: root, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d) => (stderr += d));
+    try {
+      await until(() => existsSync(socket.path) || child.exitCode !== null, 15000);
+      const client = await connect(socket.path);
+      await client.regionRead(Region.BAR2, 6n, 1);
+      client.close();
+      await until(() => stderr.includes('REGION_READ reply'), 5000);
+      expect(stderr).toContain('vfio-user(server): client→server REGION_READ #2 region=BAR2 offset=0x6 count=1\n');
+      expect(stderr).toContain('vfio-user(server): server→client REGION_READ reply #2 region=BAR2 offset=0x6 count=1 data=00\n');
+
+      const { DEBUG: _, ...quiet } = process.env;
+      const silent = await run(['lspci', socket.path], cli, quiet);
+      expect(silent.code).toBe(0);
+      expect(silent.stderr).toBe('');
+      const debug = await run(['lspci', socket.path], cli, { ...quiet, DEBUG: 'vfio-user' });
+      expect(debug.stdout).toBe(silent.stdout);
+      expect(debug.stderr).toMatch(/^vfio-user\(client\): client→server VERSION #1 version=0\.2/);
+      expect(debug.stderr).toMatch(/vfio-user\(client\): server→client REGION_READ reply #\d+ region=CONFIG offset=0x0 count=256 data=\[256 bytes\] 4f49c80d/);
     } finally {
       child.kill('SIGKILL');
       socket.cleanup();

@@ -149,6 +149,7 @@ describe('twin socket negotiation, client side', () => {
   async function negotiateWith(capabilities: object, fds: number[]): Promise<unknown> {
     const [serverFd, clientFd] = native.socketPair();
     const server = new Channel(serverFd, {
+      side: 'server',
       onCommand: (m) => {
         server.reply(m.header, encode({ major: 0, minor: 0, capabilities: capabilities as any }), fds);
       },

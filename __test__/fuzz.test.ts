@@ -55,7 +55,7 @@ describe('fuzzed peers', () => {
     const before = openFdCount();
     const next = random(0xfeed);
     for (let round = 0; round < 20; round++) {
-      const channel = new Channel(native.connectUnix(served.path), { onCommand: () => {}, onClose: () => {} });
+      const channel = new Channel(native.connectUnix(served.path), { side: 'client', onCommand: () => {}, onClose: () => {} });
       await channel.request(Command.VERSION, Buffer.from([0, 0, 0, 0]));
       const garbage = Buffer.alloc(16 + Math.floor(next() * 256));
       for (let j = 0; j < garbage.length; j++) garbage[j] = Math.floor(next() * 256);

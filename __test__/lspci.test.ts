@@ -603,6 +603,6 @@ describe('vfio-user lspci', () => {
     expect(missing.stderr).toMatch(/^vfio-user: /);
     const usage = await run(['lspci']);
     expect(usage.code).toBe(2);
-    expect(usage.stderr).toMatch(/vfio-user lspci SOCKET/);
+    expect(usage.stderr).toMatch(/give one SOCKET\nRun `vfio-user lspci --help` for usage/);
   });
 });

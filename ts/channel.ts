@@ -5,6 +5,8 @@
  * arrives until the owner takes it. Used by the server and the client alike.
  */
 import { closeFds, native, type NativeConnection, type NativeRegionReads } from './native.js';
+import { debugRequested, messageLogger } from './debug.js';
+import type { Side } from './protocol/describe.js';
 import { ConnectionClosedError, PeerProtocolError, TimeoutError, TooManyRequestsError } from './errors.js';
 import {
   commandName,
@@ -34,6 +36,10 @@ export interface Message {
 }
 
 export interface ChannelHandlers {
+  /** Which end of the connection this channel is; observers name senders by it. */
+  side: Side;
+  /** This channel is a twin socket (§4), not the main one. */
+  twin?: boolean;
   /** A command from the peer. Return `true` if handling finishes later; then call `channel.done()`. */
   onCommand(message: Message): boolean | void;
   /** The peer closed (no error), the stream broke or the peer broke the protocol; not after close(). */
@@ -45,6 +51,34 @@ interface Pending {
   resolve(message: Message): void;
   reject(error: Error): void;
   timer?: NodeJS.Timeout;
+}
+
+/** One whole message as it crosses a channel, for a MessageObserver. */
+export interface MessageEvent {
+  /** One per socket: key per-connection state on it. */
+  channel: Channel;
+  /** The end that sent the message. */
+  from: Side;
+  /** The whole message, header included. */
+  message: Buffer;
+  /** How many fds travel with it. */
+  fds: number;
+}
+
+/** Sees every message each channel in the process sends or receives; must not throw. */
+export type MessageObserver = (event: MessageEvent) => void;
+
+let observer: MessageObserver | undefined = debugRequested() ? messageLogger() : undefined;
+
+/**
+ * Installs (or, with `undefined`, removes) the process-wide observer of every
+ * message sent and received, by servers and clients alike: `DEBUG=vfio-user`
+ * installs one that prints each message decoded to stderr. Install it before
+ * connections open: while an observer is set, region reads that would be
+ * answered natively go through JS so that they are seen too.
+ */
+export function setMessageObserver(next: MessageObserver | undefined): void {
+  observer = next;
 }
 
 /** Frames larger than this are refused before negotiation raises the limit. */
@@ -79,6 +113,18 @@ export class Channel {
     return this.closedWith !== undefined;
   }
 
+  get side(): Side {
+    return this.handlers.side;
+  }
+
+  get twin(): boolean {
+    return this.handlers.twin === true;
+  }
+
+  private get peer(): Side {
+    return this.handlers.side === 'client' ? 'server' : 'client';
+  }
+
   /** REGION_READs answered natively so far. */
   get nativeReads(): number {
     return this.conn.nativeReads;
@@ -89,7 +135,8 @@ export class Channel {
   }
 
   setRegionReads(reads: NativeRegionReads | null): void {
-    this.conn.setRegionReads(reads);
+    // Reads answered natively would never reach the observer.
+    this.conn.setRegionReads(observer === undefined ? reads : null);
   }
 
   setKeepAlive(keepAlive: boolean): void {
@@ -115,7 +162,9 @@ export class Channel {
       }
       this.pending.set(msgId, entry);
       try {
-        this.conn.send(encodeMessage({ msgId, command }, payload), fds);
+        const message = encodeMessage({ msgId, command }, payload);
+        if (observer !== undefined) observer({ channel: this, from: this.handlers.side, message, fds: fds?.length ?? 0 });
+        this.conn.send(message, fds);
       } catch (error) {
         this.pending.delete(msgId);
         clearTimeout(entry.timer);
@@ -145,6 +194,7 @@ export class Channel {
    */
   send(message: Buffer, fds?: number[]): void {
     if (this.closedWith) throw this.closedWith;
+    if (observer !== undefined) observer({ channel: this, from: this.handlers.side, message, fds: fds?.length ?? 0 });
     if (this.receiving && this.held === undefined && !fds?.length) {
       this.held = message;
       return;
@@ -195,6 +245,7 @@ export class Channel {
 
   /** Returns true if the command finishes later, or the reply to send now. */
   private receive(bytes: Buffer, fds: number[], fdsTruncated: boolean): boolean | Buffer {
+    if (observer !== undefined) observer({ channel: this, from: this.peer, message: bytes, fds: fds.length });
     const header = decodeHeader(bytes);
     if (!isValidType(header.flags)) {
       // A message of no known type: the stream cannot be trusted (§2).

@@ -8,6 +8,8 @@ import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { serve } from './serve.js';
 import { lspci } from './lspci.js';
 import { examplePath, listExamples } from './examples.js';
+import { setMessageObserver } from '../channel.js';
+import { messageLogger } from '../debug.js';
 
 const Exit = { OK: 0, FAILURE: 1, USAGE: 2 } as const;
 
@@ -34,6 +36,15 @@ interface Subcommand {
 }
 
 const help: Options = { help: { type: 'boolean', short: 'h' } };
+const verbose: Options = { verbose: { type: 'boolean', short: 'v' } };
+
+const VERBOSE_HELP = `  -v, --verbose          print every message decoded to stderr (as
+                         DEBUG=vfio-user does for any program)`;
+
+/** --verbose: every message decoded on stderr. */
+function applyVerbose(values: Values): void {
+  if (values.verbose) setMessageObserver(messageLogger());
+}
 
 const commands: Record<string, Subcommand> = {
   serve: {
@@ -55,11 +66,13 @@ options:
       --mode MODE        permissions of the new socket, octal (default 0600)
       --example NAME     serve the example NAME shipped in the package
       --list-examples    list the shipped examples and exit
+${VERBOSE_HELP}
   -h, --help             show this help
 
 ${EXIT_STATUS}`,
     options: {
       ...help,
+      ...verbose,
       socket: { type: 'string', short: 's' },
       // The vhost-user style backend conventions (§2 of the protocol digest).
       'socket-path': { type: 'string' },
@@ -87,12 +100,13 @@ ${EXIT_STATUS}`,
       const mode = values.mode as string | undefined;
       if (mode !== undefined && !/^0?[0-7]{3}$/.test(mode)) throw new CommandLineError(`--mode wants octal permissions like 0660, not ${mode}`);
       const module = example === undefined ? positionals[0] : examplePathOrUsage(example);
+      applyVerbose(values);
       await serve(module, path ?? { fd: fd! }, { mode: mode === undefined ? undefined : parseInt(mode, 8), args: rest });
     },
   },
   lspci: {
     summary: "describe a vfio-user server's device like lspci -vv",
-    help: `usage: vfio-user lspci SOCKET [--json]
+    help: `usage: vfio-user lspci SOCKET [--json] [--verbose]
 
 Connect to the vfio-user server at SOCKET and describe its device like
 lspci -vv (IDs, command/status, BARs, capabilities, extended capabilities),
@@ -100,15 +114,17 @@ then its regions and IRQs. Read-only: BAR sizes come from the region info,
 not from sizing writes.
 
 options:
-  --json       print one JSON object instead; 64-bit values (sizes, offsets,
-               addresses, serial numbers) are "0x..." hex strings, everything
-               else plain numbers
-  -h, --help   show this help
+      --json             print one JSON object instead; 64-bit values
+                         (sizes, offsets, addresses, serial numbers) are
+                         "0x..." hex strings, everything else plain numbers
+${VERBOSE_HELP}
+  -h, --help             show this help
 
 ${EXIT_STATUS}`,
-    options: { ...help, json: { type: 'boolean' } },
+    options: { ...help, ...verbose, json: { type: 'boolean' } },
     async run(values, positionals) {
       if (positionals.length !== 1) throw new CommandLineError('give one SOCKET');
+      applyVerbose(values);
       process.stdout.write(await lspci(positionals[0], { json: values.json === true }));
     },
   },
@@ -122,6 +138,10 @@ ${Object.entries(commands)
   .join('\n')}
 
 Run \`vfio-user COMMAND --help\` for a command's options.
+
+DEBUG=vfio-user in the environment of any program that uses the library
+(or --verbose) prints every message it sends and receives, decoded, to
+stderr; the library prints nothing otherwise.
 
 ${EXIT_STATUS}`;
 

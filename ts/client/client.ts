@@ -132,6 +132,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     this.maxDataXferSize = options.maxDataXferSize ?? DEFAULT_CAPABILITIES.maxDataXferSize;
     this.offerTwinSocket = options.twinSocket ?? false;
     this.channel = new Channel(fd, {
+      side: 'client',
       onCommand: (message) => this.serve(this.channel, message),
       onClose: (error) => {
         this.twin?.close('the main socket closed');
@@ -184,6 +185,8 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     const frame = this.maxDataXferSize + 64 * 1024;
     if (twinFd !== undefined) {
       this.twin = new Channel(twinFd, {
+        side: 'client',
+        twin: true,
         onCommand: (message) => this.serve(this.twin!, message),
         onClose: (error) => {
           if (this.channel.closed) return;

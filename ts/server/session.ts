@@ -62,6 +62,7 @@ export class ServerSession {
       close: () => this.close(),
     };
     this.channel = new Channel(fd, {
+      side: 'server',
       onCommand: (message) => this.requests.receive(message),
       onClose: (error) => this.finish(error),
     });
@@ -158,6 +159,8 @@ export class ServerSession {
   private openTwin(frame: number): number {
     const [ours, theirs] = native.socketPair();
     this.twin = new Channel(ours, {
+      side: 'server',
+      twin: true,
       onCommand: (message) => {
         closeFds(message.fds);
         if (wantsReply(message.header)) this.twin?.replyError(message.header, Errno.EINVAL);
