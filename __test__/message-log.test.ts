@@ -3,7 +3,8 @@ import { afterEach, describe, expect, test } from 'vitest';
 import { setMessageObserver } from '../ts/channel.js';
 import { debugRequested, messageLogger } from '../ts/debug.js';
 import { formatMessage, messageJson, MessageDescriber } from '../ts/protocol/describe.js';
-import { connect, GuestMemory, IrqIndex, native, Region, protocol } from '../ts/index.js';
+import { connect, GuestMemory, IrqIndex, Region, protocol } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { serve, type Served } from './helpers.js';
 import { DmaTestDevice, PAGE } from './dma-device.js';
 
