@@ -23,28 +23,21 @@
  *
  * Exit code: 0 whether or not the targets are met; 1 if any target crashed or could not run.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { connect } from '../ts/index.js';
+import {
+  describeExit, envInt, killAllNow, median, ROOT, runToEnd, scratchDir, startChild, stopChild, waitForAccept, waitForReadyLine,
+  type Child,
+} from './children.js';
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
 
-function envInt(name: string, def: number, min: number): number {
-  const raw = process.env[name];
-  if (raw === undefined || raw === '') return def;
-  const v = Number(raw);
-  if (!Number.isInteger(v) || v < min) throw new Error(`${name}=${raw}: expected an integer >= ${min}`);
-  return v;
-}
-
 const ITERATIONS = envInt('BENCH_ITERATIONS', 20000, 1);
 const ROUNDS = envInt('BENCH_ROUNDS', 5, 1);
 const WARMUP = envInt('BENCH_WARMUP', Math.min(1000, ITERATIONS), 0);
-const START_TIMEOUT_MS = envInt('BENCH_START_TIMEOUT_MS', 15000, 100);
 const CLIENT_TIMEOUT_MS = 120_000;
 
 const CONFIG_REGION = 7; // PCI config space: served natively, never enters JS
@@ -52,7 +45,6 @@ const GPIO_REGION = 2; // GPIO card's I/O BAR: handled by JS device code
 const READ_OFFSET = 0;
 const READ_COUNT = 4;
 
-const ROOT = path.resolve(__dirname, '..', '..'); // dist/bench -> package root
 const BENCH_CLIENT = path.join(ROOT, 'target', 'release', 'bench-client');
 const BENCH_FLOOR = path.join(ROOT, 'target', 'release', 'bench-floor');
 const NET_FLOOR = path.join(__dirname, 'net-floor.js');
@@ -76,161 +68,6 @@ function percentile(sorted: ArrayLike<number>, p: number): number {
   return sorted[Math.min(Math.max(rank, 1), n) - 1];
 }
 
-function median(values: number[]): number {
-  const s = [...values].sort((a, b) => a - b);
-  const n = s.length;
-  if (n === 0) return NaN;
-  return n % 2 === 1 ? s[(n - 1) / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Child processes (all tracked so they are killed on every way out)
-
-interface Child {
-  name: string;
-  proc: ChildProcess;
-  stdout: string;
-  stderr: string;
-  exited: boolean;
-  exitCode: number | null;
-  exitSignal: NodeJS.Signals | null;
-  exitPromise: Promise<void>;
-}
-
-const children = new Set<Child>();
-let tmpDir: string | null = null;
-
-const TAIL = 8192;
-function keepTail(s: string): string {
-  return s.length > TAIL ? s.slice(s.length - TAIL) : s;
-}
-
-function startChild(name: string, cmd: string, args: string[]): Child {
-  const proc = spawn(cmd, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-  let resolveExit!: () => void;
-  const child: Child = {
-    name,
-    proc,
-    stdout: '',
-    stderr: '',
-    exited: false,
-    exitCode: null,
-    exitSignal: null,
-    exitPromise: new Promise<void>((r) => (resolveExit = r)),
-  };
-  proc.stdout!.setEncoding('utf8').on('data', (d: string) => (child.stdout = keepTail(child.stdout + d)));
-  proc.stderr!.setEncoding('utf8').on('data', (d: string) => (child.stderr = keepTail(child.stderr + d)));
-  const onGone = (code: number | null, signal: NodeJS.Signals | null) => {
-    if (child.exited) return;
-    child.exited = true;
-    child.exitCode = code;
-    child.exitSignal = signal;
-    children.delete(child);
-    resolveExit();
-  };
-  proc.on('exit', onGone);
-  proc.on('error', (err) => {
-    child.stderr = keepTail(`${child.stderr}\nspawn failed: ${err.message}`);
-    onGone(null, null);
-  });
-  children.add(child);
-  return child;
-}
-
-function describeExit(c: Child): string {
-  const how = c.exitSignal ? `signal ${c.exitSignal}` : `code ${c.exitCode}`;
-  const err = c.stderr.trim();
-  return `${c.name} exited (${how})${err ? `:\n${indent(err)}` : ''}`;
-}
-
-function indent(s: string): string {
-  return s
-    .split('\n')
-    .map((l) => `    ${l}`)
-    .join('\n');
-}
-
-async function stopChild(c: Child, graceMs = 2000): Promise<void> {
-  if (c.exited) return;
-  c.proc.kill('SIGTERM');
-  const timer = setTimeout(() => {
-    if (!c.exited) c.proc.kill('SIGKILL');
-  }, graceMs);
-  await c.exitPromise;
-  clearTimeout(timer);
-}
-
-function killAllNow(): void {
-  for (const c of children) {
-    try {
-      c.proc.kill('SIGKILL');
-    } catch {
-      // already gone
-    }
-  }
-  if (tmpDir) {
-    try {
-      fs.rmSync(tmpDir, { recursive: true, force: true });
-    } catch {
-      // best effort
-    }
-    tmpDir = null;
-  }
-}
-
-process.on('exit', killAllNow);
-for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-  process.on(sig, () => {
-    process.stderr.write(`\nbench: ${sig}, stopping\n`);
-    killAllNow();
-    process.exit(130);
-  });
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-/** Resolves once `c` has printed a line `ready` and `socketPath` exists. */
-async function waitForReadyLine(c: Child, socketPath: string): Promise<void> {
-  const deadline = Date.now() + START_TIMEOUT_MS;
-  while (Date.now() < deadline) {
-    if (c.exited) throw new Error(describeExit(c));
-    if (/^ready$/m.test(c.stdout) && fs.existsSync(socketPath)) return;
-    await sleep(20);
-  }
-  throw new Error(`${c.name} did not become ready within ${START_TIMEOUT_MS} ms`);
-}
-
-function probeConnect(socketPath: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect(socketPath);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => {
-      s.destroy();
-      resolve(false);
-    });
-  });
-}
-
-/** Resolves once `socketPath` exists and accepts a connection (the connection is closed at once). */
-async function waitForAccept(c: Child, socketPath: string): Promise<void> {
-  const deadline = Date.now() + START_TIMEOUT_MS;
-  while (Date.now() < deadline) {
-    if (c.exited) throw new Error(describeExit(c));
-    if (fs.existsSync(socketPath) && (await probeConnect(socketPath))) {
-      await sleep(50); // let the server notice the probe went away before the real client arrives
-      if (c.exited) throw new Error(describeExit(c));
-      return;
-    }
-    await sleep(50);
-  }
-  throw new Error(`${c.name} did not accept a connection on ${socketPath} within ${START_TIMEOUT_MS} ms`);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Drivers
 
@@ -244,17 +81,12 @@ async function runBenchClient(socketPath: string, region: number): Promise<Sampl
     '--iterations', String(ITERATIONS),
     '--warmup', String(WARMUP),
   ];
-  const c = startChild(`bench-client (region ${region})`, BENCH_CLIENT, args);
-  const timer = setTimeout(() => c.proc.kill('SIGKILL'), CLIENT_TIMEOUT_MS);
-  await c.exitPromise;
-  clearTimeout(timer);
-  if (c.exitCode !== 0) throw new Error(describeExit(c));
-  const line = c.stdout.trim().split('\n').pop() ?? '';
+  const line = await runToEnd(`bench-client (region ${region})`, BENCH_CLIENT, args, CLIENT_TIMEOUT_MS);
   let j: { ops_per_sec?: unknown; p50_us?: unknown; p99_us?: unknown };
   try {
     j = JSON.parse(line) as typeof j;
   } catch {
-    throw new Error(`bench-client printed no JSON: ${JSON.stringify(c.stdout)}`);
+    throw new Error(`bench-client printed no JSON: ${JSON.stringify(line)}`);
   }
   if (typeof j.ops_per_sec !== 'number' || typeof j.p50_us !== 'number' || typeof j.p99_us !== 'number') {
     throw new Error(`bench-client JSON lacks fields: ${line}`);
@@ -402,7 +234,7 @@ async function main(): Promise<number> {
     }
   }
   const targets = makeTargets();
-  tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'vfio-user-bench-'));
+  const tmpDir = scratchDir();
 
   console.log(
     `vfio-user bench: ${READ_COUNT}-byte REGION_READ round trips, ${ROUNDS} rounds x ${ITERATIONS} iterations ` +

@@ -1,7 +1,9 @@
-//! Shared pieces of the two benchmark binaries: the vfio-user wire encoding they need
-//! (header, VERSION, REGION_READ), a percentile helper and a tiny argument parser.
+//! Shared pieces of the benchmark binaries: the vfio-user wire encoding they need
+//! (header, VERSION, REGION_READ, DMA_MAP, DMA_UNMAP), a percentile helper and a tiny
+//! argument parser.
 //!
-//! Only std is used so that the benchmark client costs the same against every target.
+//! Only std is used here (bench-dma-map adds rustix for memfds and SCM_RIGHTS), so that a
+//! benchmark client costs the same against every target.
 
 use std::fmt;
 
@@ -11,6 +13,16 @@ pub const HEADER_SIZE: usize = 16;
 pub const CMD_VERSION: u16 = 1;
 /// REGION_READ command number.
 pub const CMD_REGION_READ: u16 = 9;
+/// DMA_MAP command number.
+pub const CMD_DMA_MAP: u16 = 2;
+/// DMA_UNMAP command number.
+pub const CMD_DMA_UNMAP: u16 = 3;
+/// DMA_MAP request: header + argsz, flags, offset, address, size.
+pub const DMA_MAP_REQUEST_SIZE: usize = HEADER_SIZE + 32;
+/// DMA_UNMAP request (and its reply): header + argsz, flags, address, size.
+pub const DMA_UNMAP_REQUEST_SIZE: usize = HEADER_SIZE + 24;
+/// DMA_MAP flags: the window is readable and writable by the device.
+pub const DMA_MAP_READ_WRITE: u32 = 0b11;
 /// flags: type bits (0-3).
 pub const FLAG_TYPE_MASK: u32 = 0xf;
 /// flags type value for a reply.
@@ -101,6 +113,40 @@ pub fn encode_region_read(
     out[16..24].copy_from_slice(&offset.to_le_bytes());
     out[24..28].copy_from_slice(&region.to_le_bytes());
     out[28..32].copy_from_slice(&count.to_le_bytes());
+}
+
+/// Writes a DMA_MAP request for `[address, address + size)` backed by the attached fd at `offset`.
+pub fn encode_dma_map(out: &mut [u8; DMA_MAP_REQUEST_SIZE], msg_id: u16, offset: u64, address: u64, size: u64) {
+    Header {
+        msg_id,
+        command: CMD_DMA_MAP,
+        size: DMA_MAP_REQUEST_SIZE as u32,
+        flags: 0,
+        error: 0,
+    }
+    .encode(&mut out[..HEADER_SIZE]);
+    out[16..20].copy_from_slice(&32u32.to_le_bytes());
+    out[20..24].copy_from_slice(&DMA_MAP_READ_WRITE.to_le_bytes());
+    out[24..32].copy_from_slice(&offset.to_le_bytes());
+    out[32..40].copy_from_slice(&address.to_le_bytes());
+    out[40..48].copy_from_slice(&size.to_le_bytes());
+}
+
+/// Writes a DMA_UNMAP request for exactly `[address, address + size)`; argsz offers room for the
+/// 24-byte echo the reply carries.
+pub fn encode_dma_unmap(out: &mut [u8; DMA_UNMAP_REQUEST_SIZE], msg_id: u16, address: u64, size: u64) {
+    Header {
+        msg_id,
+        command: CMD_DMA_UNMAP,
+        size: DMA_UNMAP_REQUEST_SIZE as u32,
+        flags: 0,
+        error: 0,
+    }
+    .encode(&mut out[..HEADER_SIZE]);
+    out[16..20].copy_from_slice(&24u32.to_le_bytes());
+    out[20..24].copy_from_slice(&0u32.to_le_bytes());
+    out[24..32].copy_from_slice(&address.to_le_bytes());
+    out[32..40].copy_from_slice(&size.to_le_bytes());
 }
 
 /// Body of a REGION_READ/WRITE request or reply, as decoded from the first 16 body bytes.
@@ -372,6 +418,39 @@ mod tests {
         assert_eq!(
             check_reply_header(&cmd, 5, CMD_REGION_READ, None),
             Err(ReplyError::NotReply { flags: 0 })
+        );
+    }
+
+    #[test]
+    fn dma_map_and_unmap_layouts() {
+        let mut map = [0u8; DMA_MAP_REQUEST_SIZE];
+        encode_dma_map(&mut map, 7, 0x2000, 0x1_0000_0000, 0x1000);
+        assert_eq!(
+            Header::decode(&map),
+            Header { msg_id: 7, command: CMD_DMA_MAP, size: 48, flags: 0, error: 0 }
+        );
+        assert_eq!(
+            &map[16..],
+            &[
+                32, 0, 0, 0, 3, 0, 0, 0, // argsz, flags READ|WRITE
+                0, 0x20, 0, 0, 0, 0, 0, 0, // offset
+                0, 0, 0, 0, 1, 0, 0, 0, // address
+                0, 0x10, 0, 0, 0, 0, 0, 0, // size
+            ]
+        );
+        let mut unmap = [0u8; DMA_UNMAP_REQUEST_SIZE];
+        encode_dma_unmap(&mut unmap, 8, 0x1_0000_0000, 0x1000);
+        assert_eq!(
+            Header::decode(&unmap),
+            Header { msg_id: 8, command: CMD_DMA_UNMAP, size: 40, flags: 0, error: 0 }
+        );
+        assert_eq!(
+            &unmap[16..],
+            &[
+                24, 0, 0, 0, 0, 0, 0, 0, // argsz, flags
+                0, 0, 0, 0, 1, 0, 0, 0, // address
+                0, 0x10, 0, 0, 0, 0, 0, 0, // size
+            ]
         );
     }
 
