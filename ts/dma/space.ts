@@ -18,9 +18,8 @@ export interface DmaWindow {
   readonly writable: boolean;
   /** Present when the client passed an fd; absent for message-based windows. */
   readonly mapping?: NativeMapping;
-  /** File offset and identity ("device:inode") of the fd the window was mapped from, to spot exact repeats. */
+  /** File offset of the fd the window was mapped from, to spot exact repeats (with `mapping.file`). */
   readonly fileOffset: bigint;
-  readonly file?: string;
   /** Plain-memory access, looked up on first use (see GuestMemoryAccess). */
   fast?: FastAccess | null;
 }
@@ -104,13 +103,11 @@ export class DmaSpace extends GuestMemoryAccess {
     if (req.iova + req.size - 1n > U64_MAX) throw fail(Errno.EINVAL, 'iova + size wraps past 2^64');
     if (req.iova % PAGE !== 0n || req.size % PAGE !== 0n) throw fail(Errno.EINVAL, 'iova and size must be 4 KiB aligned');
     const at = this.lowerBound(req.iova);
-    const file = req.fd === undefined ? undefined : native.fileIdentity(req.fd);
-    for (const w of [this.windows[at - 1], this.windows[at]]) {
-      if (!w || !overlaps(w, req.iova, req.size)) continue;
-      // The same file too: the same range backed by another file is a new mapping, not a repeat.
-      const same = w.iova === req.iova && w.size === req.size && w.readable === req.readable &&
-        w.writable === req.writable && w.file === file && w.fileOffset === req.fileOffset;
-      if (same) return;
+    // Only the neighbours can overlap: windows never do.
+    for (let i = Math.max(0, at - 1); i <= at && i < this.windows.length; i++) {
+      const w = this.windows[i];
+      if (!overlaps(w, req.iova, req.size)) continue;
+      if (isRepeat(w, req)) return;
       throw fail(Errno.EEXIST, `overlaps the window at 0x${w.iova.toString(16)}`);
     }
     if (this.windows.length >= this.maxWindows) throw fail(Errno.ENOSPC, `${this.maxWindows} windows are mapped already`);
@@ -123,7 +120,7 @@ export class DmaSpace extends GuestMemoryAccess {
       }
     }
     const window: DmaWindow = {
-      iova: req.iova, size: req.size, end: req.iova + req.size, readable: req.readable, writable: req.writable, mapping, fileOffset: req.fileOffset, file,
+      iova: req.iova, size: req.size, end: req.iova + req.size, readable: req.readable, writable: req.writable, mapping, fileOffset: req.fileOffset,
     };
     this.windows.splice(at, 0, window);
   }
@@ -167,4 +164,17 @@ export class DmaSpace extends GuestMemoryAccess {
 
 function overlaps(w: DmaWindow, iova: bigint, size: bigint): boolean {
   return iova < w.end && w.iova < iova + size;
+}
+
+/**
+ * Whether `req` repeats `w` exactly: the same range, permissions and file offset, and the same
+ * file too (the same range backed by another file is a new mapping, not a repeat). The file is
+ * looked up only here, so a map that overlaps nothing costs no fstat of its own.
+ */
+function isRepeat(w: DmaWindow, req: MapRequest): boolean {
+  if (w.iova !== req.iova || w.size !== req.size || w.readable !== req.readable || w.writable !== req.writable || w.fileOffset !== req.fileOffset) {
+    return false;
+  }
+  if (req.fd === undefined || w.mapping === undefined) return req.fd === undefined && w.mapping === undefined;
+  return w.mapping.file === native.fileIdentity(req.fd);
 }

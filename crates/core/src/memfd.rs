@@ -23,15 +23,27 @@ pub fn cannot_shrink(fd: impl rustix::fd::AsFd) -> bool {
     fcntl_get_seals(fd).is_ok_and(|seals| seals.contains(SealFlags::SHRINK))
 }
 
+/// Which file an fd refers to and how large it is, from one fstat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStat {
+    /// Device and inode: two fds of one file agree.
+    pub identity: (u64, u64),
+    pub size: u64,
+}
+
+pub fn file_stat(fd: impl rustix::fd::AsFd) -> io::Result<FileStat> {
+    let st = fstat(fd)?;
+    Ok(FileStat { identity: (st.st_dev as u64, st.st_ino as u64), size: st.st_size as u64 })
+}
+
 /// Which file `fd` refers to (device and inode): two fds of one file agree.
 pub fn file_identity(fd: impl rustix::fd::AsFd) -> io::Result<(u64, u64)> {
-    let st = fstat(fd)?;
-    Ok((st.st_dev as u64, st.st_ino as u64))
+    Ok(file_stat(fd)?.identity)
 }
 
 /// The current size of the file behind `fd`.
 pub fn file_size(fd: impl rustix::fd::AsFd) -> io::Result<u64> {
-    Ok(fstat(fd)?.st_size as u64)
+    Ok(file_stat(fd)?.size)
 }
 
 #[cfg(test)]

@@ -59,6 +59,8 @@ pub struct Mapping {
     /// The file was sealed against shrinking when mapped, so no page of the
     /// mapping can ever fault: plain loads and stores are safe.
     size_sealed: bool,
+    /// Device and inode of the file mapped.
+    file: (u64, u64),
 }
 
 // SAFETY: the mapping is plain shared memory; it is owned (unmapped once) by
@@ -72,9 +74,11 @@ impl Mapping {
         if size == 0 {
             return Err(MappingError::Empty);
         }
-        let file_size = crate::memfd::file_size(&fd)?;
-        if offset.checked_add(size).is_none_or(|end| end > file_size) {
-            return Err(MappingError::BeyondFile { offset, size, file_size });
+        // One fstat serves the bounds check and the file's identity (a DMA_MAP costs this per I/O
+        // behind a vIOMMU).
+        let stat = crate::memfd::file_stat(&fd)?;
+        if offset.checked_add(size).is_none_or(|end| end > stat.size) {
+            return Err(MappingError::BeyondFile { offset, size, file_size: stat.size });
         }
         let page = rustix::param::page_size() as u64;
         let lead = offset % page;
@@ -99,6 +103,7 @@ impl Mapping {
             prot,
             dirty: DirtyBitmap::new(size),
             size_sealed,
+            file: stat.identity,
         })
     }
 
@@ -112,6 +117,11 @@ impl Mapping {
 
     pub fn protection(&self) -> Protection {
         self.prot
+    }
+
+    /// Device and inode of the file mapped (as `memfd::file_identity` gives them).
+    pub fn file_identity(&self) -> (u64, u64) {
+        self.file
     }
 
     /// Whether the backing file can never shrink under this mapping.
@@ -204,6 +214,15 @@ mod tests {
         let mut out = [0u8; 5];
         b.read_at(4096 + 10, &mut out).unwrap();
         assert_eq!(&out, b"hello");
+    }
+
+    #[test]
+    fn knows_which_file_it_maps() {
+        let fd = crate::memfd::create("t", 8192).unwrap();
+        let other = crate::memfd::create("u", 8192).unwrap();
+        let m = Mapping::new(&fd, 4096, 4096, RW).unwrap();
+        assert_eq!(m.file_identity(), crate::memfd::file_identity(&fd).unwrap());
+        assert_ne!(m.file_identity(), crate::memfd::file_identity(&other).unwrap());
     }
 
     #[test]

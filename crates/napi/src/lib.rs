@@ -100,8 +100,12 @@ pub fn memfd_create(name: String, size: BigInt, seal_size: Option<bool>) -> Resu
 /// Which file `fd` refers to, as "device:inode" (equal for fds of one file).
 #[napi]
 pub fn file_identity(fd: i32) -> Result<String> {
-    let (dev, ino) = memfd::file_identity(borrow_fd(fd)?).map_err(|e| os_error("fstat", e))?;
-    Ok(format!("{dev}:{ino}"))
+    memfd::file_identity(borrow_fd(fd)?).map(identity_string).map_err(|e| os_error("fstat", e))
+}
+
+/// A file's device and inode as JS compares them.
+pub(crate) fn identity_string((dev, ino): (u64, u64)) -> String {
+    format!("{dev}:{ino}")
 }
 
 #[napi]

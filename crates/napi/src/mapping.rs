@@ -19,6 +19,8 @@ type Shared = Rc<RefCell<Option<Mapping>>>;
 pub struct NativeMapping {
     mapping: Shared,
     size: f64,
+    /// Device and inode of the file mapped, kept past unmap.
+    file: (u64, u64),
     /// Weak references to every buffer handed out, to detach them on unmap.
     views: Vec<Tracked>,
     env: sys::napi_env,
@@ -58,7 +60,14 @@ impl NativeMapping {
         // SAFETY: the caller keeps fd open for the duration of the call.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
         let mapping = Mapping::new(fd, offset, size, Protection { read: readable, write: writable }).map_err(mapping_error)?;
-        Ok(NativeMapping { mapping: Rc::new(RefCell::new(Some(mapping))), size: size as f64, views: Vec::new(), env: env.raw() })
+        let file = mapping.file_identity();
+        Ok(NativeMapping { mapping: Rc::new(RefCell::new(Some(mapping))), size: size as f64, file, views: Vec::new(), env: env.raw() })
+    }
+
+    /// Which file is mapped, as "device:inode" (the form `fileIdentity(fd)` gives).
+    #[napi(getter)]
+    pub fn file(&self) -> String {
+        crate::identity_string(self.file)
     }
 
     #[napi(getter)]
