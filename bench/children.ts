@@ -146,6 +146,20 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
   });
 }
 
+/** Runs a script's `main`, then kills what is left and exits with its code (1 if it threw). */
+export function runMain(main: () => Promise<number>): void {
+  main()
+    .then((code) => {
+      killAllNow();
+      process.exit(code);
+    })
+    .catch((e: unknown) => {
+      process.stderr.write(`bench: ${(e as Error)?.stack ?? String(e)}\n`);
+      killAllNow();
+      process.exit(1);
+    });
+}
+
 export function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }

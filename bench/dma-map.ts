@@ -23,7 +23,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import {
-  describeExit, envInt, killAllNow, median, ROOT, runToEnd, scratchDir, startChild, stopChild, waitForAccept, waitForSocketFile,
+  describeExit, envInt, median, ROOT, runMain, runToEnd, scratchDir, startChild, stopChild, waitForAccept, waitForSocketFile,
   type Child,
 } from './children.js';
 
@@ -141,13 +141,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-main()
-  .then((code) => {
-    killAllNow();
-    process.exit(code);
-  })
-  .catch((e: unknown) => {
-    process.stderr.write(`bench: ${(e as Error)?.stack ?? String(e)}\n`);
-    killAllNow();
-    process.exit(1);
-  });
+runMain(main);

@@ -28,7 +28,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { connect } from '../ts/index.js';
 import {
-  describeExit, envInt, killAllNow, median, ROOT, runToEnd, scratchDir, startChild, stopChild, waitForAccept, waitForReadyLine,
+  describeExit, envInt, median, ROOT, runMain, runToEnd, scratchDir, startChild, stopChild, waitForAccept, waitForReadyLine,
   type Child,
 } from './children.js';
 
@@ -365,13 +365,4 @@ async function main(): Promise<number> {
   return crashed ? 1 : 0;
 }
 
-main()
-  .then((code) => {
-    killAllNow();
-    process.exit(code);
-  })
-  .catch((e: unknown) => {
-    process.stderr.write(`bench: ${(e as Error)?.stack ?? String(e)}\n`);
-    killAllNow();
-    process.exit(1);
-  });
+runMain(main);

@@ -275,6 +275,32 @@ pub fn encode_region_read_reply(
     out[HEADER_SIZE..HEADER_SIZE + REGION_ACCESS_SIZE].copy_from_slice(request_body);
 }
 
+/// A client binary's `main`: parse the arguments (exit 2 on a usage error), run, print the one
+/// JSON line `run` returns (exit 1 on a failure, with the reason on stderr).
+pub fn client_main<C>(
+    name: &str,
+    parse: impl FnOnce() -> Result<C, String>,
+    run: impl FnOnce(&C) -> Result<String, String>,
+) -> std::process::ExitCode {
+    let cfg = match parse() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(&cfg) {
+        Ok(line) => {
+            println!("{line}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Nearest-rank percentile of an ascending-sorted slice (`p` in 0..=100). Returns 0 for an empty slice.
 pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use vfio_user_bench::{
-    check_reply_header, encode_region_read, encode_version_request, percentile, Args, Header,
+    client_main,     check_reply_header, encode_region_read, encode_version_request, percentile, Args, Header,
     RegionAccess, CMD_REGION_READ, CMD_VERSION, HEADER_SIZE, MAX_DATA_XFER, REGION_ACCESS_SIZE,
     REGION_READ_REQUEST_SIZE,
 };
@@ -185,21 +185,5 @@ fn run(cfg: &Config) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let cfg = match parse_args() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("bench-client: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&cfg) {
-        Ok(line) => {
-            println!("{line}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("bench-client: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    client_main("bench-client", parse_args, run)
 }

@@ -22,7 +22,7 @@ use std::time::Instant;
 use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
 use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use vfio_user_bench::{
-    check_reply_header, encode_dma_map, encode_dma_unmap, encode_version_request, Args, Header,
+    client_main,     check_reply_header, encode_dma_map, encode_dma_unmap, encode_version_request, Args, Header,
     CMD_DMA_MAP, CMD_DMA_UNMAP, CMD_VERSION, DMA_MAP_REQUEST_SIZE, DMA_UNMAP_REQUEST_SIZE,
     HEADER_SIZE,
 };
@@ -217,21 +217,5 @@ fn run(cfg: &Config) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let cfg = match parse_args() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("bench-dma-map: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&cfg) {
-        Ok(line) => {
-            println!("{line}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("bench-dma-map: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    client_main("bench-dma-map", parse_args, run)
 }
