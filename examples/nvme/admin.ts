@@ -1,0 +1,396 @@
+/**
+ * Admin commands (§5): Identify, queue creation and deletion, features,
+ * log pages, asynchronous events, Abort and Keep Alive. Anything else is an
+ * Invalid Command Opcode; a bad field gets the status the spec names for it.
+ */
+import { CommandError, DEFERRED, prpSegments, Status, writeSegments, type Command } from './command.js';
+import type { NvmeController } from './controller.js';
+import { BLOCK_SHIFT, MDTS, NAMESPACE_ID } from './io.js';
+import { CompletionQueue, SubmissionQueue } from './queues.js';
+
+export const AdminOpcode = {
+  DELETE_IO_SQ: 0x00,
+  CREATE_IO_SQ: 0x01,
+  GET_LOG_PAGE: 0x02,
+  DELETE_IO_CQ: 0x04,
+  CREATE_IO_CQ: 0x05,
+  IDENTIFY: 0x06,
+  ABORT: 0x08,
+  SET_FEATURES: 0x09,
+  GET_FEATURES: 0x0a,
+  ASYNC_EVENT_REQUEST: 0x0c,
+  KEEP_ALIVE: 0x18,
+} as const;
+
+export const Feature = {
+  ARBITRATION: 0x01,
+  POWER_MANAGEMENT: 0x02,
+  TEMPERATURE_THRESHOLD: 0x04,
+  VOLATILE_WRITE_CACHE: 0x06,
+  NUMBER_OF_QUEUES: 0x07,
+  INTERRUPT_COALESCING: 0x08,
+  WRITE_ATOMICITY: 0x0a,
+  ASYNC_EVENT_CONFIG: 0x0b,
+  KEEP_ALIVE_TIMER: 0x0f,
+} as const;
+
+export const LogPage = { ERROR: 0x01, SMART: 0x02, FIRMWARE_SLOT: 0x03 } as const;
+
+/** Asynchronous event types and the information codes used here (§5.2). */
+export const AsyncEvent = {
+  ERROR: 0,
+  INVALID_DOORBELL_REGISTER: 0x00,
+  INVALID_DOORBELL_VALUE: 0x01,
+} as const;
+
+/** Red Hat's QEMU vendor ID (the device ID is ours: see controller.ts). */
+export const VENDOR_ID = 0x1b36;
+/** I/O queue pairs besides the admin pair; one MSI-X vector each, plus the admin queue's. */
+export const MAX_IO_QUEUES = 31;
+/** CAP.MQES + 1: the largest queue. */
+export const MAX_QUEUE_ENTRIES = 1024;
+/** AERL + 1 and ACL + 1. */
+const AER_LIMIT = 4;
+const ABORT_LIMIT = 4;
+const ERROR_LOG_ENTRIES = 16;
+const IDENTIFY_SIZE = 4096;
+const LOG_PAGE_SIZE = 512;
+const FIRMWARE_REVISION = '1.0';
+/** 40 °C and the default over-temperature threshold, in kelvins. */
+const TEMPERATURE = 313;
+const OVER_TEMPERATURE = 343;
+
+/** The values Set Features stores; Number of Queues is the pairs allocated (1-based here). */
+export class Features {
+  values = new Map<number, number>();
+  ioQueues = MAX_IO_QUEUES;
+
+  constructor() {
+    this.reset();
+  }
+
+  reset(): void {
+    this.values = new Map([
+      [Feature.ARBITRATION, 0],
+      [Feature.POWER_MANAGEMENT, 0],
+      [Feature.TEMPERATURE_THRESHOLD, OVER_TEMPERATURE],
+      [Feature.VOLATILE_WRITE_CACHE, 1],
+      [Feature.INTERRUPT_COALESCING, 0],
+      [Feature.WRITE_ATOMICITY, 0],
+      [Feature.ASYNC_EVENT_CONFIG, 0],
+      [Feature.KEEP_ALIVE_TIMER, 0],
+    ]);
+    this.ioQueues = MAX_IO_QUEUES;
+  }
+
+  get writeCacheEnabled(): boolean {
+    return (this.values.get(Feature.VOLATILE_WRITE_CACHE)! & 1) === 1;
+  }
+}
+
+/** A completed command that failed, for the Error Information log. */
+export interface ErrorEntry {
+  count: number;
+  sqid: number;
+  cid: number;
+  status: number;
+}
+
+export function executeAdmin(ctrl: NvmeController, command: Command): number {
+  switch (command.opcode) {
+    case AdminOpcode.IDENTIFY: return identify(ctrl, command);
+    case AdminOpcode.CREATE_IO_CQ: return createCompletionQueue(ctrl, command);
+    case AdminOpcode.CREATE_IO_SQ: return createSubmissionQueue(ctrl, command);
+    case AdminOpcode.DELETE_IO_SQ: return deleteSubmissionQueue(ctrl, command);
+    case AdminOpcode.DELETE_IO_CQ: return deleteCompletionQueue(ctrl, command);
+    case AdminOpcode.GET_FEATURES: return getFeatures(ctrl, command);
+    case AdminOpcode.SET_FEATURES: return setFeatures(ctrl, command);
+    case AdminOpcode.GET_LOG_PAGE: return getLogPage(ctrl, command);
+    case AdminOpcode.ASYNC_EVENT_REQUEST:
+      if (ctrl.events.requests.length >= AER_LIMIT) return Status.AER_LIMIT_EXCEEDED;
+      ctrl.events.requests.push(command.cid);
+      ctrl.deliverEvents();
+      return DEFERRED;
+    case AdminOpcode.ABORT:
+      // Commands run to completion as they are fetched: there is never one to abort (dword 0 bit 0: not aborted).
+      command.result = 1;
+      return Status.SUCCESS;
+    case AdminOpcode.KEEP_ALIVE:
+      return Status.SUCCESS;
+    default:
+      return Status.INVALID_OPCODE;
+  }
+}
+
+// ---- Identify (§5.15) ----
+
+const Cns = { NAMESPACE: 0x00, CONTROLLER: 0x01, ACTIVE_NAMESPACES: 0x02, NAMESPACE_DESCRIPTORS: 0x03 } as const;
+
+function identify(ctrl: NvmeController, command: Command): number {
+  const cns = command.dw(10) & 0xff;
+  let data: Buffer;
+  switch (cns) {
+    case Cns.CONTROLLER: data = identifyController(ctrl); break;
+    case Cns.NAMESPACE:
+      if (command.nsid !== NAMESPACE_ID) return Status.INVALID_NAMESPACE;
+      data = identifyNamespace(ctrl);
+      break;
+    case Cns.ACTIVE_NAMESPACES:
+      data = Buffer.alloc(IDENTIFY_SIZE);
+      // Namespace IDs greater than the one given; 0xFFFFFFFE and up are invalid here.
+      if (command.nsid >= 0xfffffffe) return Status.INVALID_NAMESPACE;
+      if (command.nsid < NAMESPACE_ID) data.writeUInt32LE(NAMESPACE_ID, 0);
+      break;
+    case Cns.NAMESPACE_DESCRIPTORS:
+      if (command.nsid !== NAMESPACE_ID) return Status.INVALID_NAMESPACE;
+      data = namespaceDescriptors(ctrl);
+      break;
+    default:
+      return Status.INVALID_FIELD;
+  }
+  writeSegments(ctrl.dma, prpSegments(ctrl.dma, command, IDENTIFY_SIZE), data);
+  return Status.SUCCESS;
+}
+
+function ascii(into: Buffer, offset: number, length: number, text: string): void {
+  into.fill(0x20, offset, offset + length);
+  into.write(text.slice(0, length), offset, 'ascii');
+}
+
+function identifyController(ctrl: NvmeController): Buffer {
+  const d = Buffer.alloc(IDENTIFY_SIZE);
+  d.writeUInt16LE(VENDOR_ID, 0); // VID
+  d.writeUInt16LE(VENDOR_ID, 2); // SSVID
+  ascii(d, 4, 20, ctrl.serial); // SN
+  ascii(d, 24, 40, 'vfio-user TypeScript NVMe'); // MN
+  ascii(d, 64, 8, FIRMWARE_REVISION); // FR
+  d[72] = 6; // RAB
+  d[77] = MDTS;
+  d.writeUInt16LE(0, 78); // CNTLID
+  d.writeUInt32LE(0x00010400, 80); // VER 1.4
+  d[111] = 1; // CNTRLTYPE: I/O controller
+  d.writeUInt16LE(0, 256); // OACS: no optional admin commands
+  d[258] = ABORT_LIMIT - 1; // ACL
+  d[259] = AER_LIMIT - 1; // AERL
+  d[260] = 0x03; // FRMW: one slot, read-only
+  d[262] = ERROR_LOG_ENTRIES - 1; // ELPE
+  d.writeUInt16LE(OVER_TEMPERATURE, 266); // WCTEMP
+  d.writeUInt16LE(OVER_TEMPERATURE + 20, 268); // CCTEMP
+  d.writeUInt16LE(1, 320); // KAS: 100 ms granularity
+  d[512] = 0x66; // SQES: 64 bytes
+  d[513] = 0x44; // CQES: 16 bytes
+  d.writeUInt16LE(MAX_QUEUE_ENTRIES, 514); // MAXCMD
+  d.writeUInt32LE(1, 516); // NN
+  d.writeUInt16LE(0x000c, 520); // ONCS: Dataset Management, Write Zeroes
+  d[525] = 1; // VWC: a volatile write cache (the page cache), flushed by Flush
+  d.write(`nqn.2026-12.io.github.vfio-user:nvme:${ctrl.serial}`, 768, 'ascii'); // SUBNQN
+  return d;
+}
+
+function identifyNamespace(ctrl: NvmeController): Buffer {
+  const d = Buffer.alloc(IDENTIFY_SIZE);
+  const blocks = BigInt(ctrl.blocks);
+  d.writeBigUInt64LE(blocks, 0); // NSZE
+  d.writeBigUInt64LE(blocks, 8); // NCAP
+  d.writeBigUInt64LE(blocks, 16); // NUSE
+  d[25] = 0; // NLBAF: one format
+  d[26] = 0; // FLBAS: format 0
+  d[33] = 0x01; // DLFEAT: deallocated blocks read as zeros
+  ctrl.nguid.copy(d, 104); // NGUID
+  d.writeUInt32LE(BLOCK_SHIFT << 16, 128); // LBAF0: no metadata, 2^9-byte blocks
+  return d;
+}
+
+function namespaceDescriptors(ctrl: NvmeController): Buffer {
+  const d = Buffer.alloc(IDENTIFY_SIZE);
+  // NIDT 2 (NGUID) and 3 (UUID), 16 bytes each.
+  d[0] = 2; d[1] = 16; ctrl.nguid.copy(d, 4);
+  d[20] = 3; d[21] = 16; ctrl.nguid.copy(d, 24);
+  return d;
+}
+
+// ---- Queues (§5.3-5.7) ----
+
+function queueIdAndSize(ctrl: NvmeController, command: Command): { id: number; size: number } {
+  const id = command.dw(10) & 0xffff;
+  const size = (command.dw(10) >>> 16) + 1;
+  if (id === 0 || id > ctrl.features.ioQueues) throw new CommandError(Status.INVALID_QUEUE_ID, `queue ${id} is not one of the ${ctrl.features.ioQueues} allocated`);
+  if (size < 2 || size > MAX_QUEUE_ENTRIES) throw new CommandError(Status.INVALID_QUEUE_SIZE, `${size} entries`);
+  // CAP.CQR: physically contiguous rings only (PC set), page aligned.
+  if ((command.dw(11) & 1) === 0) throw new CommandError(Status.INVALID_FIELD, 'queues must be physically contiguous');
+  if ((command.prp1 & 0xfffn) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, 'a queue starts on a page');
+  return { id, size };
+}
+
+function createCompletionQueue(ctrl: NvmeController, command: Command): number {
+  const { id, size } = queueIdAndSize(ctrl, command);
+  if (ctrl.cqs[id]) return Status.INVALID_QUEUE_ID;
+  const vector = command.dw(11) >>> 16;
+  if (vector >= ctrl.vectors) return Status.INVALID_INTERRUPT_VECTOR;
+  ctrl.addCompletionQueue(new CompletionQueue(id, command.prp1, size, vector, (command.dw(11) & 2) !== 0));
+  return Status.SUCCESS;
+}
+
+function createSubmissionQueue(ctrl: NvmeController, command: Command): number {
+  const { id, size } = queueIdAndSize(ctrl, command);
+  if (ctrl.sqs[id]) return Status.INVALID_QUEUE_ID;
+  const cq = ctrl.cqs[command.dw(11) >>> 16];
+  if (!cq || cq.id === 0) return Status.COMPLETION_QUEUE_INVALID;
+  ctrl.addSubmissionQueue(new SubmissionQueue(id, command.prp1, size, cq));
+  return Status.SUCCESS;
+}
+
+function deleteSubmissionQueue(ctrl: NvmeController, command: Command): number {
+  const id = command.dw(10) & 0xffff;
+  if (id === 0 || !ctrl.sqs[id]) return Status.INVALID_QUEUE_ID;
+  ctrl.deleteSubmissionQueue(id);
+  return Status.SUCCESS;
+}
+
+function deleteCompletionQueue(ctrl: NvmeController, command: Command): number {
+  const id = command.dw(10) & 0xffff;
+  const cq = ctrl.cqs[id];
+  if (id === 0 || !cq) return Status.INVALID_QUEUE_ID;
+  if (cq.submissionQueues.size > 0) return Status.INVALID_QUEUE_DELETION;
+  ctrl.deleteCompletionQueue(id);
+  return Status.SUCCESS;
+}
+
+// ---- Features (§5.21, §5.9) ----
+
+const Select = { CURRENT: 0, DEFAULT: 1, SAVED: 2, CAPABILITIES: 3 } as const;
+/** Supported capabilities: changeable, not saveable, not namespace specific. */
+const CHANGEABLE = 0x4;
+
+function getFeatures(ctrl: NvmeController, command: Command): number {
+  const fid = command.dw(10) & 0xff;
+  const select = (command.dw(10) >>> 8) & 7;
+  if (select > Select.CAPABILITIES) return Status.INVALID_FIELD;
+  if (fid === Feature.NUMBER_OF_QUEUES) {
+    const n = (select === Select.CURRENT ? ctrl.features.ioQueues : MAX_IO_QUEUES) - 1;
+    command.result = select === Select.CAPABILITIES ? CHANGEABLE : n | (n << 16);
+    return Status.SUCCESS;
+  }
+  if (!ctrl.features.values.has(fid)) return Status.INVALID_FIELD;
+  if (select === Select.CAPABILITIES) command.result = CHANGEABLE;
+  else if (select === Select.CURRENT) command.result = ctrl.features.values.get(fid)!;
+  else command.result = new Features().values.get(fid)!;
+  if (fid === Feature.TEMPERATURE_THRESHOLD && select !== Select.CAPABILITIES && (command.dw(11) & 0x3f0000) !== 0) {
+    // Only the composite temperature's over threshold is kept; other sensors and the under threshold read as none.
+    command.result = (command.dw(11) & 0x300000) !== 0 ? 0 : 0xffff;
+  }
+  return Status.SUCCESS;
+}
+
+function setFeatures(ctrl: NvmeController, command: Command): number {
+  const fid = command.dw(10) & 0xff;
+  const value = command.dw(11);
+  if (command.dw(10) & 0x80000000) return Status.FEATURE_NOT_SAVEABLE;
+  const features = ctrl.features;
+  switch (fid) {
+    case Feature.NUMBER_OF_QUEUES: {
+      const sqs = value & 0xffff;
+      const cqs = value >>> 16;
+      if (sqs === 0xffff || cqs === 0xffff) return Status.INVALID_FIELD;
+      if (ctrl.sqs.some((q, id) => id > 0 && q) || ctrl.cqs.some((q, id) => id > 0 && q)) return Status.COMMAND_SEQUENCE_ERROR;
+      // One count for both: each I/O CQ has its own vector, so pairs are what the controller has.
+      features.ioQueues = Math.min(MAX_IO_QUEUES, Math.max(sqs, cqs) + 1);
+      command.result = (features.ioQueues - 1) | ((features.ioQueues - 1) << 16);
+      return Status.SUCCESS;
+    }
+    case Feature.POWER_MANAGEMENT:
+      if ((value & 0x1f) !== 0) return Status.INVALID_FIELD; // NPSS 0: power state 0 only
+      break;
+    case Feature.TEMPERATURE_THRESHOLD:
+      if ((value & 0x3f0000) !== 0) return Status.INVALID_FIELD; // the composite's over threshold only
+      features.values.set(fid, value & 0xffff);
+      return Status.SUCCESS;
+    case Feature.VOLATILE_WRITE_CACHE:
+      features.values.set(fid, value & 1);
+      if ((value & 1) === 0) ctrl.store.flush();
+      return Status.SUCCESS;
+    default:
+      if (!features.values.has(fid)) return Status.INVALID_FIELD;
+  }
+  features.values.set(fid, value);
+  return Status.SUCCESS;
+}
+
+// ---- Log pages (§5.14) ----
+
+function getLogPage(ctrl: NvmeController, command: Command): number {
+  const lid = command.dw(10) & 0xff;
+  const dwords = ((command.dw(10) >>> 16) | ((command.dw(11) & 0xffff) << 16)) + 1;
+  const offset = Number(command.bytes.readBigUInt64LE(48));
+  if (offset % 4 !== 0) return Status.INVALID_FIELD;
+  let page: Buffer;
+  switch (lid) {
+    case LogPage.ERROR: page = errorLog(ctrl); break;
+    case LogPage.SMART: page = smartLog(ctrl); break;
+    case LogPage.FIRMWARE_SLOT:
+      page = Buffer.alloc(LOG_PAGE_SIZE);
+      page[0] = 1; // AFI: slot 1 active
+      ascii(page, 8, 8, FIRMWARE_REVISION);
+      break;
+    default:
+      return Status.INVALID_LOG_PAGE;
+  }
+  if (offset >= page.length) return Status.INVALID_FIELD;
+  const length = dwords * 4;
+  const data = Buffer.alloc(length);
+  page.copy(data, 0, offset, Math.min(page.length, offset + length));
+  writeSegments(ctrl.dma, prpSegments(ctrl.dma, command, length), data);
+  // Reading the page acknowledges its events, unless Retain Asynchronous Event says not to.
+  if ((command.dw(10) & 0x8000) === 0 && lid === LogPage.ERROR) ctrl.events.masked.delete(AsyncEvent.ERROR);
+  return Status.SUCCESS;
+}
+
+function errorLog(ctrl: NvmeController): Buffer {
+  const page = Buffer.alloc(64 * ERROR_LOG_ENTRIES);
+  ctrl.errors.slice(-ERROR_LOG_ENTRIES).reverse().forEach((e, i) => {
+    page.writeBigUInt64LE(BigInt(e.count), 64 * i);
+    page.writeUInt16LE(e.sqid, 64 * i + 8);
+    page.writeUInt16LE(e.cid, 64 * i + 10);
+    page.writeUInt16LE(e.status << 1, 64 * i + 12);
+    page.writeUInt16LE(0xffff, 64 * i + 14); // parameter location: not given
+  });
+  return page;
+}
+
+function smartLog(ctrl: NvmeController): Buffer {
+  const page = Buffer.alloc(LOG_PAGE_SIZE);
+  const s = ctrl.smart;
+  page.writeUInt16LE(TEMPERATURE, 1);
+  page[3] = 100; // available spare
+  page[4] = 10; // spare threshold
+  // Data units are thousands of 512-byte blocks, rounded up.
+  page.writeBigUInt64LE(BigInt(Math.ceil(s.blocksRead / 1000)), 32);
+  page.writeBigUInt64LE(BigInt(Math.ceil(s.blocksWritten / 1000)), 48);
+  page.writeBigUInt64LE(BigInt(s.readCommands), 64);
+  page.writeBigUInt64LE(BigInt(s.writeCommands), 80);
+  page.writeBigUInt64LE(1n, 112); // power cycles
+  page.writeBigUInt64LE(BigInt(ctrl.errors.length === 0 ? 0 : ctrl.errors[ctrl.errors.length - 1].count), 176);
+  return page;
+}
+
+/** Outstanding Asynchronous Event Requests and the events waiting for one. */
+export class AsyncEvents {
+  /** CIDs of outstanding requests, oldest first. */
+  requests: number[] = [];
+  /** Completion dword 0 of events not yet reported. */
+  queued: number[] = [];
+  /** Event types reported and not yet acknowledged by reading their log page. */
+  masked = new Set<number>();
+
+  /** Queues an event unless one of its type awaits acknowledgement. */
+  raise(type: number, info: number, logPage: number): void {
+    const event = type | (info << 8) | (logPage << 16);
+    if (!this.masked.has(type) && !this.queued.includes(event)) this.queued.push(event);
+  }
+
+  reset(): void {
+    this.requests = [];
+    this.queued = [];
+    this.masked.clear();
+  }
+}

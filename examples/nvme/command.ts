@@ -1,0 +1,158 @@
+/**
+ * What admin and I/O commands share: the 64-byte submission entry, the
+ * status codes a completion carries, and PRP data pointers (NVMe 1.4 §4.2,
+ * §4.3, §4.6).
+ */
+import { AsyncDmaRequiredError, DmaAccessError, DmaViewError, type DmaSpace } from '../../ts/index.js';
+
+/** Status Code Type << 8 | Status Code, as the completion's Status Field holds them (§4.6.1.2). */
+export const Status = {
+  SUCCESS: 0x000,
+  INVALID_OPCODE: 0x001,
+  INVALID_FIELD: 0x002,
+  DATA_TRANSFER_ERROR: 0x004,
+  INTERNAL_ERROR: 0x006,
+  ABORTED_SQ_DELETION: 0x008,
+  INVALID_NAMESPACE: 0x00b,
+  COMMAND_SEQUENCE_ERROR: 0x00c,
+  PRP_OFFSET_INVALID: 0x013,
+  LBA_OUT_OF_RANGE: 0x080,
+  // Command specific (type 1).
+  COMPLETION_QUEUE_INVALID: 0x100,
+  INVALID_QUEUE_ID: 0x101,
+  INVALID_QUEUE_SIZE: 0x102,
+  AER_LIMIT_EXCEEDED: 0x105,
+  INVALID_INTERRUPT_VECTOR: 0x108,
+  INVALID_LOG_PAGE: 0x109,
+  INVALID_QUEUE_DELETION: 0x10c,
+  FEATURE_NOT_SAVEABLE: 0x10d,
+} as const;
+
+/** A handler's answer that completes later (an Asynchronous Event Request). */
+export const DEFERRED = -1;
+
+/** Ends a command with `status`; thrown by handlers and the PRP walker. */
+export class CommandError extends Error {
+  constructor(readonly status: number, why: string) {
+    super(why);
+  }
+}
+
+export const PAGE_SIZE = 4096;
+const PAGE = BigInt(PAGE_SIZE);
+const PRP_ENTRY = 8;
+
+/** A submission queue entry, decoded in place; one is reused for every fetch. */
+export class Command {
+  readonly bytes = Buffer.alloc(64);
+  /** Completion dword 0, set by handlers that return a value. */
+  result = 0;
+
+  get opcode(): number { return this.bytes[0]; }
+  /** PSDT: 0 for PRPs; SGLs are not supported. */
+  get dataTransfer(): number { return this.bytes[1] >> 6; }
+  get fused(): number { return this.bytes[1] & 3; }
+  get cid(): number { return this.bytes.readUInt16LE(2); }
+  get nsid(): number { return this.bytes.readUInt32LE(4); }
+  get prp1(): bigint { return this.bytes.readBigUInt64LE(24); }
+  get prp2(): bigint { return this.bytes.readBigUInt64LE(32); }
+  /** Command dwords 10-15. */
+  dw(n: 10 | 11 | 12 | 13 | 14 | 15): number { return this.bytes.readUInt32LE(4 * n); }
+  /** Dwords 10 and 11 as one 64-bit value (a starting LBA). */
+  get dw10_11(): bigint { return this.bytes.readBigUInt64LE(40); }
+}
+
+/** A run of guest memory: one or more whole PRP pages that happen to be contiguous. */
+export interface Segment {
+  iova: bigint;
+  length: number;
+}
+
+/**
+ * The guest memory a command's PRP1/PRP2 describe for `length` bytes (§4.3):
+ * PRP1 may start inside a page; PRP2 is the second page, or, past two pages,
+ * a list of page pointers whose last entry chains to the next list page.
+ * Adjacent pages are merged so a transfer takes as few copies as it can.
+ */
+export function prpSegments(dma: DmaSpace, command: Command, length: number): Segment[] {
+  const prp1 = command.prp1;
+  if ((prp1 & 3n) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, 'PRP1 is not dword aligned');
+  const segments: Segment[] = [];
+  const add = (iova: bigint, n: number) => {
+    const last = segments[segments.length - 1];
+    if (last && last.iova + BigInt(last.length) === iova) last.length += n;
+    else segments.push({ iova, length: n });
+  };
+  const first = Math.min(length, PAGE_SIZE - Number(prp1 & (PAGE - 1n)));
+  add(prp1, first);
+  let left = length - first;
+  if (left === 0) return segments;
+  const page = (entry: bigint) => {
+    if ((entry & (PAGE - 1n)) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, `PRP entry 0x${entry.toString(16)} has an offset`);
+    const n = Math.min(left, PAGE_SIZE);
+    add(entry, n);
+    left -= n;
+  };
+  if (left <= PAGE_SIZE) {
+    page(command.prp2);
+    return segments;
+  }
+  let list = command.prp2;
+  if ((list & 7n) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, 'the PRP list pointer is not qword aligned');
+  while (left > 0) {
+    // Entries up to the end of this list page; the last one chains on if more pages remain.
+    const slots = (PAGE_SIZE - Number(list & (PAGE - 1n))) / PRP_ENTRY;
+    const pages = Math.ceil(left / PAGE_SIZE);
+    const entries = dmaRead(dma, list, PRP_ENTRY * Math.min(slots, pages));
+    const here = pages <= slots ? pages : slots - 1;
+    for (let i = 0; i < here; i++) page(entries.readBigUInt64LE(PRP_ENTRY * i));
+    if (left > 0) {
+      list = entries.readBigUInt64LE(PRP_ENTRY * (slots - 1));
+      if ((list & 7n) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, 'a chained PRP list pointer is not qword aligned');
+    }
+  }
+  return segments;
+}
+
+/** Reads guest memory for the controller; a PRP or ring outside guest memory is a Data Transfer Error. */
+export function dmaRead(dma: DmaSpace, iova: bigint, length: number): Buffer {
+  return guarded(() => dma.read(iova, length));
+}
+
+/** Copies `data` into the segments (data the controller returns: Identify, log pages). */
+export function writeSegments(dma: DmaSpace, segments: Segment[], data: Uint8Array): void {
+  guarded(() => dma.writeSg(segments, data.subarray(0, segments.reduce((n, s) => n + s.length, 0))));
+}
+
+/**
+ * Calls `each` with a zero-copy view of every segment and the segment's
+ * offset into the transfer: the caller moves data between the view and the
+ * backing store directly. A segment that crosses into another DMA window is
+ * viewed a page at a time.
+ */
+export function forEachView(dma: DmaSpace, segments: Segment[], each: (view: Uint8Array, offset: number) => void): void {
+  let offset = 0;
+  for (const s of segments) {
+    guarded(() => {
+      try {
+        each(dma.view(s.iova, s.length), offset);
+      } catch (error) {
+        if (!(error instanceof DmaViewError) || error.reason !== 'spans-windows') throw error;
+        for (let at = 0; at < s.length; at += PAGE_SIZE) each(dma.view(s.iova + BigInt(at), Math.min(PAGE_SIZE, s.length - at)), offset + at);
+      }
+    });
+    offset += s.length;
+  }
+}
+
+function guarded<T>(access: () => T): T {
+  try {
+    return access();
+  } catch (error) {
+    // Message-based windows too: this controller moves data only through mapped guest memory.
+    if (error instanceof DmaAccessError || error instanceof DmaViewError || error instanceof AsyncDmaRequiredError) {
+      throw new CommandError(Status.DATA_TRANSFER_ERROR, error.message);
+    }
+    throw error;
+  }
+}

@@ -1,0 +1,520 @@
+/**
+ * The NVMe controller as a PCI function: BAR0's registers (§3.1), the
+ * enable, disable and shutdown handshakes, resets, doorbells, interrupts and
+ * migration. Commands are run as they are fetched (admin.ts, io.ts).
+ *
+ * BAR0, 16 KiB, 64-bit:
+ *   0x0000 controller registers, trapped
+ *   0x1000 doorbells: SQ y tail at 0x1000 + 8y, CQ y head at 0x1000 + 8y + 4 (CAP.DSTRD 0)
+ *   0x2000 MSI-X table (32 vectors), 0x3000 PBA, trapped and emulated by the library
+ *
+ * Doorbells either way the description allows:
+ * - 'mmap': the doorbell page is shared memory the client may map, so a guest
+ *   rings doorbells with plain stores, no exit. Nothing signals such a store,
+ *   so the controller polls the page: continuously while commands are flowing,
+ *   every millisecond once idle.
+ * - 'trap': the page is trapped; every doorbell write arrives as a
+ *   REGION_WRITE (which QEMU posts, without waiting for a reply, as long as no
+ *   region of the device is mappable) and is handled at once.
+ * An ioeventfd says only that a doorbell was written, not the value NVMe
+ * doorbells carry, so neither way uses them.
+ */
+import { randomBytes } from 'node:crypto';
+import { PciDevice } from '../../ts/index.js';
+import { AsyncEvent, AsyncEvents, executeAdmin, Features, LogPage, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VENDOR_ID, type ErrorEntry } from './admin.js';
+import { Command, CommandError, DEFERRED, Status } from './command.js';
+import { BLOCK_SIZE, executeIo } from './io.js';
+import { CompletionQueue, SubmissionQueue, type QueueState } from './queues.js';
+import type { BackingStore } from './store.js';
+
+export const Register = {
+  CAP: 0x00,
+  VS: 0x08,
+  INTMS: 0x0c,
+  INTMC: 0x10,
+  CC: 0x14,
+  CSTS: 0x1c,
+  NSSR: 0x20,
+  AQA: 0x24,
+  ASQ: 0x28,
+  ACQ: 0x30,
+} as const;
+
+export const Cc = { EN: 1, SHN_MASK: 3 << 14, IOSQES_SHIFT: 16, IOCQES_SHIFT: 20 } as const;
+export const Csts = { RDY: 1, CFS: 2, SHST_COMPLETE: 2 << 2, SHST_MASK: 3 << 2, NSSRO: 1 << 4 } as const;
+/** "NVMe": the value that starts an NVM subsystem reset. */
+export const NSSR_RESET = 0x4e564d65;
+
+export const BAR_SIZE = 0x4000;
+export const DOORBELLS = 0x1000;
+export const MSIX_TABLE = 0x2000;
+export const MSIX_PBA = 0x3000;
+export const VECTORS = MAX_IO_QUEUES + 1;
+const REGISTER_BYTES = 0x40;
+/** CC bits the host may set: EN, CSS, MPS, AMS, SHN, IOSQES, IOCQES. */
+const CC_WRITABLE = 0x00fffff1;
+/**
+ * CAP: MQES, CQR (contiguous queues), TO 1 s, DSTRD 0, NSSRS, CSS NVM,
+ * MPSMIN = MPSMAX = 4 KiB.
+ */
+const CAP = BigInt(MAX_QUEUE_ENTRIES - 1) | (1n << 16n) | (2n << 24n) | (1n << 36n) | (1n << 37n);
+/** Keep polling continuously for this long after the last doorbell change. */
+const SPIN_MS = 5;
+
+/** What saveState writes, as JSON: bigints as decimal strings. */
+interface SavedState {
+  version: 1;
+  registers: { cc: number; csts: number; aqa: number; asq: string; acq: string; intms: number };
+  features: [number, number][];
+  ioQueues: number;
+  cqs: QueueState[];
+  sqs: QueueState[];
+  events: { requests: number[]; queued: number[]; masked: number[] };
+  errors: ErrorEntry[];
+  errorCount: number;
+  smart: NvmeController['smart'];
+}
+
+export type DoorbellMode = 'mmap' | 'trap';
+
+export interface NvmeOptions {
+  store: BackingStore;
+  doorbells?: DoorbellMode;
+  /** Identify's serial number (20 ASCII characters at most). */
+  serial?: string;
+}
+
+export class NvmeController extends PciDevice {
+  readonly store: BackingStore;
+  readonly blocks: number;
+  readonly doorbellMode: DoorbellMode;
+  readonly serial: string;
+  readonly nguid: Buffer;
+  readonly vectors = VECTORS;
+
+  features = new Features();
+  events = new AsyncEvents();
+  sqs: (SubmissionQueue | undefined)[] = [];
+  cqs: (CompletionQueue | undefined)[] = [];
+  errors: ErrorEntry[] = [];
+  smart = { blocksRead: 0, blocksWritten: 0, readCommands: 0, writeCommands: 0 };
+
+  private cc = 0;
+  private csts = 0;
+  private aqa = 0;
+  private asq = 0n;
+  private acq = 0n;
+  private intms = 0;
+  private errorCount = 0;
+  private readonly command = new Command();
+  /** The mapped doorbell page as the guest stores to it ('mmap' mode). */
+  private readonly doorbells: Uint32Array | undefined;
+  /** The doorbell values already acted on. */
+  private readonly seen = new Uint32Array(1024);
+  private stopPolling: (() => void) | undefined;
+  private lastActive = 0;
+  private storeClosed = false;
+
+  constructor(options: NvmeOptions) {
+    const mode = options.doorbells ?? 'mmap';
+    super({
+      vendorId: VENDOR_ID,
+      // An unused ID beside the queue card's; stock drivers bind by the class code.
+      deviceId: 0x10f2,
+      subsystemVendorId: 0x1b36,
+      subsystemId: 0x0001,
+      classCode: 0x010802, // mass storage, non-volatile memory, NVM Express
+      intx: 'A',
+      bars: {
+        0: {
+          kind: 'memory',
+          size: BAR_SIZE,
+          width: 64,
+          ...(mode === 'mmap' ? { shared: true, mmap: [{ offset: DOORBELLS, size: 0x1000 }] } : {}),
+          read: (offset, size) => this.readRegisters(offset, size),
+          write: (offset, data) => this.writeBar(offset, data),
+        },
+      },
+      capabilities: [
+        { kind: 'pm' },
+        { kind: 'msix', vectors: VECTORS, table: { bar: 0, offset: MSIX_TABLE }, pba: { bar: 0, offset: MSIX_PBA } },
+        { kind: 'pcie', type: 'endpoint', flr: true },
+      ],
+      reset: () => this.powerOnReset(),
+      migration: {
+        saveState: () => this.saveState(),
+        loadState: (data) => this.loadState(data),
+        // Held doorbells are picked up once the library lets interrupts through again.
+        start: () => void setImmediate(() => this.serviceAll()),
+      },
+    });
+    this.store = options.store;
+    this.blocks = Math.floor(options.store.size / BLOCK_SIZE);
+    this.doorbellMode = mode;
+    const bar = this.bar(0).bytes;
+    this.doorbells = mode === 'mmap' ? new Uint32Array(bar!.buffer, bar!.byteOffset + DOORBELLS, 1024) : undefined;
+    this.serial = (options.serial ?? randomBytes(6).toString('hex')).slice(0, 20);
+    this.nguid = Buffer.concat([Buffer.from('vfio-user'), Buffer.from(this.serial.padEnd(7, ' ').slice(0, 7))]);
+  }
+
+  // ---- registers ----
+
+  private registerFile(): Buffer {
+    const r = Buffer.alloc(REGISTER_BYTES);
+    r.writeBigUInt64LE(CAP, Register.CAP);
+    r.writeUInt32LE(0x00010400, Register.VS);
+    r.writeUInt32LE(this.intms, Register.INTMS);
+    r.writeUInt32LE(this.intms, Register.INTMC);
+    r.writeUInt32LE(this.cc, Register.CC);
+    r.writeUInt32LE(this.csts, Register.CSTS);
+    r.writeUInt32LE(this.aqa, Register.AQA);
+    r.writeBigUInt64LE(this.asq, Register.ASQ);
+    r.writeBigUInt64LE(this.acq, Register.ACQ);
+    return r;
+  }
+
+  private readRegisters(offset: number, size: number): Uint8Array {
+    const out = Buffer.alloc(size);
+    // Doorbells read as zero (trap mode); registers past 0x40 are reserved.
+    if (offset < REGISTER_BYTES) this.registerFile().copy(out, 0, offset, Math.min(offset + size, REGISTER_BYTES));
+    return out;
+  }
+
+  private writeBar(offset: number, data: Buffer): void {
+    if (offset >= DOORBELLS && offset < DOORBELLS + 0x1000) {
+      if (data.length === 4 && offset % 4 === 0) this.ringDoorbell((offset - DOORBELLS) / 4, data.readUInt32LE(0));
+      return;
+    }
+    if (offset >= REGISTER_BYTES) return;
+    // Narrow or 64-bit accesses become dword writes, merged with the current bytes.
+    const start = offset & ~3;
+    const end = (offset + data.length + 3) & ~3;
+    const merged = this.registerFile().subarray(start, Math.min(end, REGISTER_BYTES));
+    data.copy(merged, offset - start);
+    for (let at = 0; at < merged.length; at += 4) this.writeRegister(start + at, merged.readUInt32LE(at));
+  }
+
+  private writeRegister(offset: number, value: number): void {
+    switch (offset) {
+      case Register.INTMS:
+        this.intms = (this.intms | value) >>> 0;
+        return this.updateLevel();
+      case Register.INTMC:
+        this.intms = (this.intms & ~value) >>> 0;
+        // A vector unmasked with completions waiting is signalled now (MSI; INTx follows the level).
+        if (this.irq.mode === 'msi') for (const cq of this.cqs) if (cq?.interrupts && cq.pending && (value >>> cq.vector) & 1) this.irq.trigger(cq.vector);
+        return this.updateLevel();
+      case Register.CC: return this.writeCc(value & CC_WRITABLE);
+      case Register.CSTS:
+        if (value & Csts.NSSRO) this.csts &= ~Csts.NSSRO;
+        return;
+      case Register.NSSR:
+        if (value === NSSR_RESET) {
+          this.controllerReset();
+          this.cc = 0;
+          this.csts |= Csts.NSSRO;
+        }
+        return;
+      case Register.AQA: this.aqa = value & 0x0fff0fff; return;
+      case Register.ASQ: this.asq = (this.asq & 0xffffffff00000000n) | BigInt((value & ~0xfff) >>> 0); return;
+      case Register.ASQ + 4: this.asq = (this.asq & 0xfffff000n) | (BigInt(value >>> 0) << 32n); return;
+      case Register.ACQ: this.acq = (this.acq & 0xffffffff00000000n) | BigInt((value & ~0xfff) >>> 0); return;
+      case Register.ACQ + 4: this.acq = (this.acq & 0xfffff000n) | (BigInt(value >>> 0) << 32n); return;
+    }
+  }
+
+  private writeCc(value: number): void {
+    const was = this.cc;
+    this.cc = value;
+    if (!(was & Cc.EN) && value & Cc.EN) this.enable();
+    else if (was & Cc.EN && !(value & Cc.EN)) this.controllerReset();
+    // Shutdown: nothing is in flight (commands complete as they are fetched), so flush and report it done.
+    if ((value & Cc.SHN_MASK) !== 0 && (was & Cc.SHN_MASK) === 0) {
+      this.store.flush();
+      this.csts = (this.csts & ~Csts.SHST_MASK) | Csts.SHST_COMPLETE;
+    }
+  }
+
+  /** CC.EN 0 to 1: the admin queues from AQA/ASQ/ACQ, then ready; bad settings are a fatal status instead. */
+  private enable(): void {
+    const sqSize = (this.aqa & 0xfff) + 1;
+    const cqSize = ((this.aqa >>> 16) & 0xfff) + 1;
+    const mps = (this.cc >>> 7) & 0xf;
+    const css = (this.cc >>> 4) & 7;
+    if (sqSize < 2 || cqSize < 2 || mps !== 0 || css !== 0 || this.asq === 0n || this.acq === 0n) {
+      this.csts |= Csts.CFS;
+      return;
+    }
+    this.csts &= ~Csts.SHST_MASK;
+    this.addCompletionQueue(new CompletionQueue(0, this.acq, cqSize, 0, true));
+    this.addSubmissionQueue(new SubmissionQueue(0, this.asq, sqSize, this.cqs[0]!));
+    this.csts |= Csts.RDY;
+  }
+
+  /** CC.EN 1 to 0 (and every wider reset): queues, requests and features go; AQA, ASQ and ACQ stay. */
+  private controllerReset(): void {
+    this.sqs = [];
+    this.cqs = [];
+    this.events.reset();
+    this.features.reset();
+    this.csts &= Csts.NSSRO;
+    this.doorbells?.fill(0);
+    this.seen.fill(0);
+    this.updateLevel();
+  }
+
+  /** FLR, DEVICE_RESET: the library reset config space and the BAR; the registers go back to power-on. */
+  private powerOnReset(): void {
+    this.controllerReset();
+    this.cc = 0;
+    this.csts = 0;
+    this.aqa = 0;
+    this.asq = 0n;
+    this.acq = 0n;
+    this.intms = 0;
+  }
+
+  get ready(): boolean {
+    return (this.csts & (Csts.RDY | Csts.CFS)) === Csts.RDY;
+  }
+
+  // ---- queues ----
+
+  addCompletionQueue(cq: CompletionQueue): void {
+    this.cqs[cq.id] = cq;
+    this.setDoorbellMemory(2 * cq.id + 1, 0);
+  }
+
+  addSubmissionQueue(sq: SubmissionQueue): void {
+    this.sqs[sq.id] = sq;
+    sq.cq.submissionQueues.add(sq.id);
+    // A doorbell left over from an earlier queue with this ID must not read as new entries.
+    this.setDoorbellMemory(2 * sq.id, 0);
+  }
+
+  deleteSubmissionQueue(id: number): void {
+    this.sqs[id]!.cq.submissionQueues.delete(id);
+    this.sqs[id] = undefined;
+  }
+
+  deleteCompletionQueue(id: number): void {
+    this.cqs[id] = undefined;
+    this.updateLevel();
+  }
+
+  private setDoorbellMemory(index: number, value: number): void {
+    if (!this.doorbells) return;
+    this.doorbells[index] = value;
+    this.seen[index] = value;
+  }
+
+  /** Doorbell `index` (SQ y tail: 2y, CQ y head: 2y + 1) was written with `value`. */
+  ringDoorbell(index: number, value: number): void {
+    if (!this.ready) return;
+    const id = index >> 1;
+    if (index & 1) {
+      const cq = this.cqs[id];
+      if (!cq || !cq.setHead(value)) return this.invalidDoorbell(cq ? AsyncEvent.INVALID_DOORBELL_VALUE : AsyncEvent.INVALID_DOORBELL_REGISTER);
+      this.updateLevel();
+      // Room in the queue: queues that stopped on a full CQ go on, and events wait for the admin CQ.
+      if (id === 0) this.deliverEvents();
+      for (const sqid of cq.submissionQueues) this.service(this.sqs[sqid]!);
+    } else {
+      const sq = this.sqs[id];
+      if (!sq || !sq.setTail(value)) return this.invalidDoorbell(sq ? AsyncEvent.INVALID_DOORBELL_VALUE : AsyncEvent.INVALID_DOORBELL_REGISTER);
+      this.service(sq);
+    }
+  }
+
+  private invalidDoorbell(info: number): void {
+    this.events.raise(AsyncEvent.ERROR, info, LogPage.ERROR);
+    this.deliverEvents();
+  }
+
+  /** Runs `sq`'s commands while there are any and their CQ has room; then interrupts. */
+  service(sq: SubmissionQueue): void {
+    if (this.stopped || !this.ready) return;
+    const cq = sq.cq;
+    const command = this.command;
+    let posted = false;
+    while (sq.ready && this.ready) {
+      let status: number;
+      try {
+        sq.fetch(this.dma, command);
+        status = sq.id === 0 ? executeAdmin(this, command) : executeIo(this, command);
+      } catch (error) {
+        if (!(error instanceof CommandError)) throw error;
+        status = error.status;
+      }
+      if (status === DEFERRED) continue;
+      if (status !== Status.SUCCESS) this.logError(sq.id, command.cid, status);
+      // A queue deleted by the command it ran (or by a reset) has nowhere to complete.
+      if (this.sqs[sq.id] !== sq) return;
+      this.complete(cq, sq, command.cid, status, command.result);
+      posted = true;
+    }
+    if (posted) this.interrupt(cq);
+  }
+
+  /** Serves every queue from the doorbells held: after a migration, or polling. */
+  serviceAll(): void {
+    for (const sq of this.sqs) if (sq) this.service(sq);
+  }
+
+  private complete(cq: CompletionQueue, sq: SubmissionQueue, cid: number, status: number, result: number): void {
+    try {
+      cq.post(this.dma, sq, cid, status, result);
+    } catch {
+      // The CQ is outside guest memory: the controller cannot report anything any more.
+      this.csts |= Csts.CFS;
+    }
+  }
+
+  private logError(sqid: number, cid: number, status: number): void {
+    this.errors.push({ count: ++this.errorCount, sqid, cid, status });
+    if (this.errors.length > 64) this.errors.shift();
+  }
+
+  /** Completes outstanding Asynchronous Event Requests with queued events, while the admin CQ has room. */
+  deliverEvents(): void {
+    const events = this.events;
+    const admin = this.sqs[0];
+    let posted = false;
+    while (admin && events.requests.length > 0 && events.queued.length > 0 && !admin.cq.full && this.ready) {
+      const event = events.queued.shift()!;
+      events.masked.add(event & 7);
+      this.complete(admin.cq, admin, events.requests.shift()!, Status.SUCCESS, event);
+      posted = true;
+    }
+    if (posted) this.interrupt(admin!.cq);
+  }
+
+  // ---- interrupts ----
+
+  /** One vector per CQ in MSI-X (masking is the library's) and MSI (masked by INTMS); INTx is a level. */
+  private interrupt(cq: CompletionQueue): void {
+    if (!cq.interrupts) return;
+    const mode = this.irq.mode;
+    if (mode === 'msix') this.irq.trigger(cq.vector);
+    else if (mode === 'msi') {
+      if (!((this.intms >>> cq.vector) & 1)) this.irq.trigger(cq.vector);
+    } else this.updateLevel();
+  }
+
+  /** INTx: asserted while any CQ with interrupts enabled holds entries the host has not consumed, unless INTMS masks it. */
+  private updateLevel(): void {
+    if (this.irq.mode !== 'intx') return this.irq.deassert();
+    const level = (this.intms & 1) === 0 && this.cqs.some((cq) => cq?.interrupts && cq.pending);
+    if (level) this.irq.trigger(0);
+    else this.irq.deassert();
+  }
+
+  // ---- polling the mapped doorbells ----
+
+  /** Reads the doorbell page and acts on every value that changed; returns whether any did. */
+  poll(): boolean {
+    const doorbells = this.doorbells;
+    if (!doorbells || this.stopped || !this.ready) return false;
+    const seen = this.seen;
+    let changed = false;
+    // Heads first: a full CQ the host just drained lets its SQs go on.
+    for (const cq of this.cqs) {
+      const index = cq ? 2 * cq.id + 1 : -1;
+      if (cq && doorbells[index] !== seen[index]) {
+        seen[index] = doorbells[index];
+        this.ringDoorbell(index, seen[index]);
+        changed = true;
+      }
+    }
+    for (const sq of this.sqs) {
+      const index = sq ? 2 * sq.id : -1;
+      if (sq && doorbells[index] !== seen[index]) {
+        seen[index] = doorbells[index];
+        this.ringDoorbell(index, seen[index]);
+        changed = true;
+      }
+    }
+    return changed;
+  }
+
+  /** Polls the doorbell page until close(): continuously for a while after activity, then every millisecond. */
+  startPolling(): void {
+    if (this.doorbellMode !== 'mmap' || this.stopPolling) return;
+    let timer: NodeJS.Timeout | NodeJS.Immediate;
+    const loop = () => {
+      const now = performance.now();
+      if (this.poll()) this.lastActive = now;
+      timer = now - this.lastActive < SPIN_MS ? setImmediate(loop) : setTimeout(loop, 1);
+    };
+    timer = setTimeout(loop, 1);
+    this.stopPolling = () => {
+      clearTimeout(timer as NodeJS.Timeout);
+      clearImmediate(timer as NodeJS.Immediate);
+    };
+  }
+
+  /** Stops polling and closes the store, which the controller owns; then the library's close(). */
+  override close(): void {
+    super.close();
+    this.stopPolling?.();
+    this.stopPolling = undefined;
+    // The library's constructor closes a device it refuses, before this class set a store.
+    if (this.store && !this.storeClosed) this.store.close();
+    this.storeClosed = true;
+  }
+
+  // ---- migration ----
+
+  private saveState(): Uint8Array {
+    const state: SavedState = {
+      version: 1,
+      registers: { cc: this.cc, csts: this.csts, aqa: this.aqa, asq: this.asq.toString(), acq: this.acq.toString(), intms: this.intms },
+      features: [...this.features.values],
+      ioQueues: this.features.ioQueues,
+      cqs: this.cqs.filter((q) => q !== undefined).map((q): QueueState => ({
+        id: q.id, base: q.base.toString(), size: q.size, head: q.head, tail: q.tail, phase: q.phase, vector: q.vector, interrupts: q.interrupts,
+      })),
+      sqs: this.sqs.filter((q) => q !== undefined).map((q): QueueState => ({
+        id: q.id, base: q.base.toString(), size: q.size, head: q.head, tail: q.tail, cq: q.cq.id,
+      })),
+      events: { requests: this.events.requests, queued: this.events.queued, masked: [...this.events.masked] },
+      errors: this.errors,
+      errorCount: this.errorCount,
+      smart: this.smart,
+    };
+    return Buffer.from(JSON.stringify(state));
+  }
+
+  private loadState(data: Uint8Array): void {
+    const state = JSON.parse(Buffer.from(data).toString()) as SavedState;
+    if (state.version !== 1) throw new Error(`not version-1 NVMe controller state (version ${String(state.version)})`);
+    const r = state.registers;
+    const cqs: CompletionQueue[] = [];
+    for (const q of state.cqs) {
+      const cq = new CompletionQueue(q.id, BigInt(q.base), q.size, q.vector!, q.interrupts!);
+      Object.assign(cq, { head: q.head, tail: q.tail, phase: q.phase });
+      cqs[q.id] = cq;
+    }
+    const sqs: SubmissionQueue[] = [];
+    for (const q of state.sqs) {
+      const cq = cqs[q.cq!];
+      if (!cq) throw new Error(`SQ ${q.id} names CQ ${q.cq}, which is not in the state`);
+      const sq = new SubmissionQueue(q.id, BigInt(q.base), q.size, cq);
+      Object.assign(sq, { head: q.head, tail: q.tail });
+      cq.submissionQueues.add(q.id);
+      sqs[q.id] = sq;
+    }
+    // Everything parsed: apply.
+    Object.assign(this, { cc: r.cc, csts: r.csts, aqa: r.aqa, asq: BigInt(r.asq), acq: BigInt(r.acq), intms: r.intms });
+    this.features.values = new Map(state.features);
+    this.features.ioQueues = state.ioQueues;
+    this.cqs = cqs;
+    this.sqs = sqs;
+    this.events.requests = state.events.requests;
+    this.events.queued = state.events.queued;
+    this.events.masked = new Set(state.events.masked);
+    this.errors = state.errors;
+    this.errorCount = state.errorCount;
+    this.smart = state.smart;
+  }
+}
