@@ -1,8 +1,9 @@
 /** The NVMe example driven by a host driver over the client: bring-up, I/O with PRP lists, errors, interrupts, resets. */
-import { closeSync, openSync, readSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
-import { CapabilityId, IrqIndex, native, Region } from '../ts/index.js';
+import { CapabilityId, connect, IrqIndex, native, Region } from '../ts/index.js';
 import createDevice from '../examples/nvme/index.js';
 import { Csts, MSIX_PBA, MSIX_TABLE, NSSR_RESET, Register, type NvmeController } from '../examples/nvme/controller.js';
 import { openFdCount, serve, tempSocketPath, until, type Served } from './helpers.js';
@@ -392,4 +393,22 @@ test('a served controller leaves no fds behind its clients', async () => {
   h.client.close();
   await until(() => served!.server.session === undefined);
   expect(openFdCount()).toBe(before);
+});
+
+test('vfio-user serve examples/nvme -- --image FILE --size N creates the image sparse and serves it', async () => {
+  const root = join(__dirname, '..');
+  const socket = join(dir.path, '..', 'serve.sock');
+  const child = spawn(join(root, 'node_modules', '.bin', 'tsx'), [join(root, 'ts/cli/main.ts'), 'serve', join(root, 'examples/nvme'), '--socket', socket, '--', '--image', imagePath(), '--size', '8M'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  try {
+    await until(() => existsSync(socket), 15000);
+    const stat = statSync(imagePath());
+    expect(stat.size).toBe(8 << 20);
+    expect(stat.blocks * 512).toBeLessThan(8 << 20);
+    const client = await connect(socket);
+    expect((await client.regionRead(Region.BAR0, BigInt(Register.VS), 4)).readUInt32LE(0)).toBe(0x00010400);
+    expect((await client.regionRead(Region.CONFIG, 0x08n, 4)).readUInt32LE(0) >>> 8).toBe(0x010802);
+    client.close();
+  } finally {
+    child.kill('SIGKILL');
+  }
 });

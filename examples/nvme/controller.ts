@@ -333,7 +333,8 @@ export class NvmeController extends PciDevice {
 
   /** Runs `sq`'s commands while there are any and their CQ has room; then interrupts. */
   service(sq: SubmissionQueue): void {
-    if (this.stopped || !this.ready) return;
+    // Stopped for migration, or no client (no guest memory): doorbells wait.
+    if (this.stopped || !this.ready || !this.attached) return;
     const cq = sq.cq;
     const command = this.command;
     let posted = false;
@@ -414,7 +415,7 @@ export class NvmeController extends PciDevice {
   /** Reads the doorbell page and acts on every value that changed; returns whether any did. */
   poll(): boolean {
     const doorbells = this.doorbells;
-    if (!doorbells || this.stopped || !this.ready) return false;
+    if (!doorbells || this.stopped || !this.ready || !this.attached) return false;
     const seen = this.seen;
     let changed = false;
     // Heads first: a full CQ the host just drained lets its SQs go on.
