@@ -4,8 +4,8 @@
  * rung through the mapped page when the device offers one (else posted
  * REGION_WRITEs), completions reaped by phase tag as a polling driver does.
  */
-import { CapabilityId, GuestMemory, IrqIndex, native, Region, type VfioUserClient } from '../ts/index.js';
-import type { NativeMapping } from '../ts/native.js';
+import { CapabilityId, GuestMemory, IrqIndex, Region, type VfioUserClient } from '../ts/index.js';
+import { native, type NativeMapping } from '../ts/native.js';
 import { RegionCapId } from '../ts/protocol/index.js';
 import { Register } from '../examples/nvme/controller.js';
 import { COMMAND_MEMORY_BUS_MASTER, guest } from './pci-helpers.js';

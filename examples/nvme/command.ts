@@ -3,7 +3,7 @@
  * status codes a completion carries, and PRP data pointers (NVMe 1.4 §4.2,
  * §4.3, §4.6).
  */
-import { AsyncDmaRequiredError, DmaAccessError, DmaViewError, type DmaSpace } from '../../ts/index.js';
+import { AsyncDmaRequiredError, DmaAccessError, DmaViewError, type DmaSpace } from 'vfio-user';
 
 /** Status Code Type << 8 | Status Code, as the completion's Status Field holds them (§4.6.1.2). */
 export const Status = {

@@ -20,7 +20,7 @@
  * doorbells carry, so neither way uses them.
  */
 import { randomBytes } from 'node:crypto';
-import { PciDevice } from '../../ts/index.js';
+import { PciDevice } from 'vfio-user';
 import { AsyncEvent, AsyncEvents, executeAdmin, Features, LogPage, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VENDOR_ID, type ErrorEntry } from './admin.js';
 import { Command, CommandError, DEFERRED, Status } from './command.js';
 import { BLOCK_SIZE, executeIo } from './io.js';

@@ -16,7 +16,7 @@
  *   store.ts       the backing file or memory
  */
 import { parseArgs } from 'node:util';
-import { UsageError } from '../../ts/index.js';
+import { UsageError } from 'vfio-user';
 import { NvmeController, type DoorbellMode } from './controller.js';
 import { BLOCK_SIZE } from './io.js';
 import { FileStore, MemoryStore } from './store.js';

@@ -2,7 +2,7 @@
  * Submission and completion queues: rings in guest memory, physically
  * contiguous (CAP.CQR), with the controller's head and tail indices (§4.1).
  */
-import type { DmaSpace } from '../../ts/index.js';
+import type { DmaSpace } from 'vfio-user';
 import { Command, CommandError, Status } from './command.js';
 
 export const SQ_ENTRY = 64;
