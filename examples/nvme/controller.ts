@@ -60,6 +60,8 @@ const CC_WRITABLE = 0x00fffff1;
 const CAP = BigInt(MAX_QUEUE_ENTRIES - 1) | (1n << 16n) | (2n << 24n) | (1n << 36n) | (1n << 37n);
 /** Keep polling continuously for this long after the last doorbell change. */
 const SPIN_MS = 5;
+/** After this long without a doorbell, poll less often. */
+const IDLE_MS = 1000;
 
 /** What saveState writes, as JSON: bigints as decimal strings. */
 interface SavedState {
@@ -438,16 +440,21 @@ export class NvmeController extends PciDevice {
     return changed;
   }
 
-  /** Polls the doorbell page until close(): continuously for a while after activity, then every millisecond. */
+  /**
+   * Polls the doorbell page until close(): continuously for a while after a
+   * doorbell changed, then every millisecond, and every 10 ms once idle for
+   * long. The timers do not keep the process alive.
+   */
   startPolling(): void {
     if (this.doorbellMode !== 'mmap' || this.stopPolling) return;
     let timer: NodeJS.Timeout | NodeJS.Immediate;
     const loop = () => {
       const now = performance.now();
       if (this.poll()) this.lastActive = now;
-      timer = now - this.lastActive < SPIN_MS ? setImmediate(loop) : setTimeout(loop, 1);
+      const idle = now - this.lastActive;
+      timer = (idle < SPIN_MS ? setImmediate(loop) : setTimeout(loop, idle < IDLE_MS ? 1 : 10)).unref();
     };
-    timer = setTimeout(loop, 1);
+    timer = setTimeout(loop, 1).unref();
     this.stopPolling = () => {
       clearTimeout(timer as NodeJS.Timeout);
       clearImmediate(timer as NodeJS.Immediate);
