@@ -1,16 +1,15 @@
 /** The PCI-IDIO-16 example, driven through the client as its Linux driver would. */
 import { afterEach, describe, expect, test } from 'vitest';
-import { IrqIndex, Region } from '../ts/index.js';
-import { native } from '../ts/native.js';
+import { EventfdIrq, IrqIndex, Region } from '../ts/index.js';
 import { IDIO16, type PciIdio16 } from '../examples/gpio.js';
 import { serve, type Served } from './helpers.js';
 
 let served: Served<PciIdio16>;
-let ev = -1;
+let ev: EventfdIrq | undefined;
 afterEach(async () => {
   await served?.close();
-  if (ev >= 0) native.closeFd(ev);
-  ev = -1;
+  ev?.close();
+  ev = undefined;
 });
 
 const reg = (n: number) => BigInt(n);
@@ -40,13 +39,13 @@ describe('PCI-IDIO-16 GPIO card', () => {
   test('inputs changing with the IRQ enabled raise INTx; clearing drops it', async () => {
     served = await serve();
     const client = await served.client();
-    ev = native.eventfdCreate();
+    ev = new EventfdIrq();
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
     served.device.setInputs(0x0001);
-    expect(native.eventfdTake(ev)).toBe(0); // IRQ still disabled
+    expect(ev.take()).toBe(0); // IRQ still disabled
     await client.regionRead(Region.BAR2, reg(IDIO16.IRQ_CTL), 1); // a read enables it
     served.device.setInputs(0x0101);
-    expect(native.eventfdTake(ev)).toBe(1);
+    expect(ev.take()).toBe(1);
     const status = (await client.regionRead(Region.BAR2, reg(IDIO16.IRQ_STATUS), 1))[0];
     expect(status).toBe(0b110); // bank 8-15 changed, interrupt pending
     expect((await client.regionRead(Region.BAR2, reg(IDIO16.IN8_15), 1))[0]).toBe(0x01);

@@ -1,8 +1,7 @@
 /** Set-up shared by the PCI tests: guest-side config and BAR access as a guest's PCI core does it, eventfds, descriptions. */
 import { writeSync } from 'node:fs';
 import { expect } from 'vitest';
-import { InvalidDeviceError, PciDevice, Region, type PciDeviceDescription, type VfioUserClient } from '../ts/index.js';
-import { native } from '../ts/native.js';
+import { EventfdIrq, InvalidDeviceError, PciDevice, type PciDeviceDescription, type VfioUserClient } from '../ts/index.js';
 import { Cap, Cfg, Command, CONFIG_SIZE, ExtCap, Status } from '../ts/pci/spec.js';
 
 /** The least a description needs. */
@@ -48,11 +47,11 @@ export function guest(client: VfioUserClient): Guest {
     await client.regionWrite(region, BigInt(offset), b);
   };
   const g: Guest = {
-    cfg8: async (o) => (await read(Region.CONFIG, o, 1))[0],
-    cfg16: async (o) => (await read(Region.CONFIG, o, 2)).readUInt16LE(0),
-    cfg32: async (o) => (await read(Region.CONFIG, o, 4)).readUInt32LE(0),
-    setCfg16: (o, v) => write(Region.CONFIG, o, 2, v),
-    setCfg32: (o, v) => write(Region.CONFIG, o, 4, v),
+    cfg8: (o) => client.pci.read(o, 1),
+    cfg16: (o) => client.pci.read(o, 2),
+    cfg32: (o) => client.pci.read(o, 4),
+    setCfg16: (o, v) => client.pci.write(o, 2, v),
+    setCfg32: (o, v) => client.pci.write(o, 4, v),
     bar32: async (r, o) => (await read(r, o, 4)).readUInt32LE(0),
     setBar32: (r, o, v) => write(r, o, 4, v),
     async capabilities() {
@@ -79,18 +78,18 @@ export function guest(client: VfioUserClient): Guest {
   return g;
 }
 
-/** Eventfds closed by `closeAll`. */
+/** The client's interrupt eventfds, closed by `closeAll`. */
 export class Eventfds {
-  private readonly fds: number[] = [];
+  private readonly irqs: EventfdIrq[] = [];
 
-  create(n: number): number[] {
-    const made = Array.from({ length: n }, () => native.eventfdCreate());
-    this.fds.push(...made);
+  create(n: number): EventfdIrq[] {
+    const made = Array.from({ length: n }, () => new EventfdIrq());
+    this.irqs.push(...made);
     return made;
   }
 
   closeAll(): void {
-    this.fds.splice(0).forEach((fd) => native.closeFd(fd));
+    this.irqs.splice(0).forEach((irq) => irq.close());
   }
 }
 

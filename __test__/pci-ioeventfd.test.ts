@@ -1,6 +1,7 @@
 /** Per-BAR ioeventfds: GET_REGION_IO_FDS, signalling, trapped writes, validation, lifetime. */
 import { afterEach, describe, expect, test } from 'vitest';
 import {
+  EventfdIrq,
   IrqIndex,
   PciDevice,
   Region,
@@ -116,9 +117,9 @@ describe('lifetime', () => {
   test('SET_IRQS eventfds and ioeventfds are separate: detaching drops only the client\'s', async () => {
     served = await serve(new PciDevice({ ...base, intx: 'A', bars: { 0: { kind: 'memory', size: 16, ioeventfds: [{ offset: 0, size: 4 }] } } }));
     const client = await served.client();
-    const irq = native.eventfdCreate();
+    const irq = new EventfdIrq();
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [irq] });
-    native.closeFd(irq);
+    irq.close();
     client.close();
     await until(() => served!.server.session === undefined);
     expect(native.isEventfd(served.device.bar(0).ioeventfds[0].fd)).toBe(true);

@@ -15,7 +15,6 @@ import {
   type VfioUserClient,
   type VfioUserDevice,
 } from '../ts/index.js';
-import { native } from '../ts/native.js';
 import { IDIO16, PciIdio16 } from '../examples/gpio.js';
 import { DOORBELL, DoorbellDevice, MSIX_PBA_OFFSET } from '../examples/msix-device.js';
 import { serve, type Served } from './helpers.js';
@@ -83,8 +82,8 @@ describe('the doorbell card (examples/msix-device.ts)', () => {
     await g.setBar32(Region.BAR0, DOORBELL.SCRATCH, 0xcafef00d);
     await g.setBar32(Region.BAR0, DOORBELL.RING, 3); // masked: held in the PBA
     await g.setBar32(Region.BAR0, DOORBELL.RING, 5);
-    expect(native.eventfdTake(evs[5])).toBe(1);
-    expect(native.eventfdTake(evs[3])).toBe(0);
+    expect(evs[5].take()).toBe(1);
+    expect(evs[3].take()).toBe(0);
     await from.regionWrite(Region.BAR4, 0x400n, Buffer.from('plain BAR4 memory'));
     // The vendor capability's guest-writable word.
     const vendor = (await g.capabilities()).get(CapabilityId.VENDOR)!;
@@ -115,13 +114,13 @@ describe('the doorbell card (examples/msix-device.ts)', () => {
     const fresh = eventfds.create(8);
     await to.setIrqs({ index: IrqIndex.MSIX, eventfds: fresh });
     await h.setBar32(Region.BAR4, 3 * 16 + 12, 0);
-    expect(native.eventfdTake(fresh[3])).toBe(1);
+    expect(fresh[3].take()).toBe(1);
     expect(await h.bar32(Region.BAR4, MSIX_PBA_OFFSET)).toBe(0);
     // And the device goes on: a doorbell rung at the destination interrupts there.
     await h.setBar32(Region.BAR0, DOORBELL.RING, 6);
-    expect(native.eventfdTake(fresh[6])).toBe(1);
+    expect(fresh[6].take()).toBe(1);
     expect(await h.bar32(Region.BAR0, DOORBELL.COUNTER)).toBe(3);
-    expect(native.eventfdTake(evs[3]) + native.eventfdTake(evs[6])).toBe(0);
+    expect(evs[3].take() + evs[6].take()).toBe(0);
   });
 
   test('a destination with a different description refuses the data with EINVAL and keeps its state', async () => {
@@ -148,11 +147,11 @@ describe('stop holds interrupts', () => {
     expect(source.irq.trigger(1)).toBe('pending');
     // Unmasking through config space while stopped still holds it.
     await g.setCfg16(await msixControl(g), ENABLE);
-    expect(native.eventfdTake(evs[1])).toBe(0);
+    expect(evs[1].take()).toBe(0);
     expect(await g.bar32(Region.BAR4, MSIX_PBA_OFFSET)).toBe(1 << 1);
     await from.migration.setState(S.RUNNING);
     expect(source.stopped).toBe(false);
-    expect(native.eventfdTake(evs[1])).toBe(1);
+    expect(evs[1].take()).toBe(1);
     expect(await g.bar32(Region.BAR4, MSIX_PBA_OFFSET)).toBe(0);
   });
 
@@ -166,8 +165,8 @@ describe('stop holds interrupts', () => {
     await from.migration.setState(S.STOP);
     expect(source.irq.trigger(2)).toBe('pending');
     await migrate(from, to);
-    expect(native.eventfdTake(evs[2])).toBe(0);
-    expect(native.eventfdTake(fresh[2])).toBe(1);
+    expect(evs[2].take()).toBe(0);
+    expect(fresh[2].take()).toBe(1);
   });
 
   test('MSI pending bits kept outside config space (no per-vector masking) travel too', async () => {
@@ -183,7 +182,7 @@ describe('stop holds interrupts', () => {
     expect(source.irq.trigger(3)).toBe('pending');
     await migrate(from, to);
     expect(destination.irq.mode).toBe('msi');
-    expect(native.eventfdTake(fresh[3])).toBe(1);
+    expect(fresh[3].take()).toBe(1);
   });
 });
 
@@ -201,14 +200,14 @@ describe('the GPIO card (examples/gpio.ts): handler state through saveState/load
     const [fresh] = eventfds.create(1);
     await to.setIrqs({ index: IrqIndex.INTX, eventfds: [fresh] });
     source.setInputs(0x0101);
-    expect(native.eventfdTake(intx)).toBe(1);
+    expect(intx.take()).toBe(1);
 
     await migrate(from, to);
     expect(destination.outputs).toBe(0xc35a);
     expect(destination.interruptEnabled).toBe(true);
     expect(destination.filtersEnabled).toBe(true);
     expect(destination.intxAssertedNow).toBe(true);
-    expect(native.eventfdTake(fresh)).toBe(1); // the line is high: the destination's client hears it
+    expect(fresh.take()).toBe(1); // the line is high: the destination's client hears it
     const h = guest(to);
     expect(await h.cfg16(Cfg.STATUS) & Status.INTX).toBe(Status.INTX);
     expect((await to.regionRead(Region.BAR2, BigInt(IDIO16.IN0_7), 1))[0]).toBe(0x01);
@@ -226,9 +225,9 @@ describe('the GPIO card (examples/gpio.ts): handler state through saveState/load
     await from.migration.setState(S.STOP);
     source.setInputs(1);
     expect(source.intxAssertedNow).toBe(true);
-    expect(native.eventfdTake(intx)).toBe(0);
+    expect(intx.take()).toBe(0);
     await from.migration.setState(S.RUNNING);
-    expect(native.eventfdTake(intx)).toBe(1);
+    expect(intx.take()).toBe(1);
   });
 });
 

@@ -1,7 +1,6 @@
 /** MSI (with per-vector masking) and the INTx fallback, through one irq.trigger(). */
 import { afterEach, describe, expect, test } from 'vitest';
-import { IrqIndex, PciDevice, Region, type VfioUserClient } from '../ts/index.js';
-import { native } from '../ts/native.js';
+import { IrqIndex, PciDevice, Region, type EventfdIrq, type VfioUserClient } from '../ts/index.js';
 import { DOORBELL, DoorbellDevice } from '../examples/msix-device.js';
 import { serve, type Served } from './helpers.js';
 import { COMMAND_MEMORY_BUS_MASTER, Eventfds, guest, type Guest } from './pci-helpers.js';
@@ -18,7 +17,7 @@ const CONTROL = MSI + 2;
 const MASK = MSI + 0x10;
 const PENDING = MSI + 0x14;
 
-async function msiEnabled(): Promise<{ client: VfioUserClient; g: Guest; evs: number[] }> {
+async function msiEnabled(): Promise<{ client: VfioUserClient; g: Guest; evs: EventfdIrq[] }> {
   served = await serve(new DoorbellDevice());
   const client = await served.client();
   const g = guest(client);
@@ -50,29 +49,29 @@ describe('MSI', () => {
     const { g, evs } = await msiEnabled();
     expect(served.device.irq.mode).toBe('msi');
     expect(served.device.irq.trigger(2)).toBe('sent');
-    expect(native.eventfdTake(evs[2])).toBe(1);
+    expect(evs[2].take()).toBe(1);
     await g.setCfg32(MASK, 1 << 2);
     expect(served.device.irq.trigger(2)).toBe('pending');
-    expect(native.eventfdTake(evs[2])).toBe(0);
+    expect(evs[2].take()).toBe(0);
     expect(await g.cfg32(PENDING)).toBe(1 << 2);
     await g.setCfg32(PENDING, 0); // read-only
     expect(await g.cfg32(PENDING)).toBe(1 << 2);
     await g.setCfg32(MASK, 0);
-    expect(native.eventfdTake(evs[2])).toBe(1);
+    expect(evs[2].take()).toBe(1);
     expect(await g.cfg32(PENDING)).toBe(0);
   });
 
   test('the guest rings a doorbell and its vector fires', async () => {
     const { g, evs } = await msiEnabled();
     await g.setBar32(Region.BAR0, DOORBELL.RING, 1);
-    expect(native.eventfdTake(evs[1])).toBe(1);
+    expect(evs[1].take()).toBe(1);
   });
 
   test('with fewer vectors enabled, events share them', async () => {
     const { g, evs } = await msiEnabled();
     await g.setCfg16(CONTROL, (1 << 4) | 1); // 2 vectors
     expect(served.device.irq.trigger(3)).toBe('sent');
-    expect(native.eventfdTake(evs[1])).toBe(1);
+    expect(evs[1].take()).toBe(1);
     expect(() => served.device.irq.trigger(8)).toThrow(/vector 8/);
   });
 
@@ -80,9 +79,9 @@ describe('MSI', () => {
     const { client, evs } = await msiEnabled();
     await client.setIrqs({ index: IrqIndex.MSI, start: 0, count: 1, action: 'mask' });
     expect(served.device.irq.trigger(0)).toBe('pending');
-    expect(native.eventfdTake(evs[0])).toBe(0);
+    expect(evs[0].take()).toBe(0);
     await client.setIrqs({ index: IrqIndex.MSI, start: 0, bools: [true], action: 'unmask' });
-    expect(native.eventfdTake(evs[0])).toBe(1);
+    expect(evs[0].take()).toBe(1);
   });
 });
 
@@ -95,7 +94,7 @@ describe('INTx fallback and level semantics', () => {
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
     expect(served.device.irq.mode).toBe('intx');
     await g.setBar32(Region.BAR0, DOORBELL.RING, 0);
-    expect(native.eventfdTake(ev)).toBe(1);
+    expect(ev.take()).toBe(1);
     expect((await g.cfg16(0x06)) & 0x08).toBe(0x08);
     // Acknowledging in the device's STATUS register drops the line.
     await g.setBar32(Region.BAR0, DOORBELL.STATUS, 1);
@@ -117,6 +116,6 @@ describe('INTx fallback and level semantics', () => {
     await client.setIrqs({ index: IrqIndex.REQ, eventfds: [req] });
     expect(served.device.irq.signalError()).toBe('sent');
     expect(served.device.irq.requestRelease()).toBe('sent');
-    expect([native.eventfdTake(err), native.eventfdTake(req)]).toEqual([1, 1]);
+    expect([err.take(), req.take()]).toEqual([1, 1]);
   });
 });

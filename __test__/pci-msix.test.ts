@@ -1,7 +1,6 @@
 /** MSI-X end to end: config writes, table writes through BAR4, eventfds, PBA. */
 import { afterEach, describe, expect, test } from 'vitest';
-import { IrqIndex, PciDevice, Region, type VfioUserClient } from '../ts/index.js';
-import { native } from '../ts/native.js';
+import { IrqIndex, PciDevice, Region, type EventfdIrq, type VfioUserClient } from '../ts/index.js';
 import { DOORBELL, DoorbellDevice, MSIX_PBA_OFFSET } from '../examples/msix-device.js';
 import { serve, type Served } from './helpers.js';
 import { COMMAND_MEMORY_BUS_MASTER, Eventfds, guest, type Guest } from './pci-helpers.js';
@@ -31,7 +30,7 @@ async function pba(g: Guest): Promise<number> {
 }
 
 /** Served doorbell card, MSI-X enabled the way Linux does it, all 8 vectors wired. */
-async function enabled(): Promise<{ client: VfioUserClient; g: Guest; evs: number[] }> {
+async function enabled(): Promise<{ client: VfioUserClient; g: Guest; evs: EventfdIrq[] }> {
   served = await serve(new DoorbellDevice());
   const client = await served.client();
   const g = guest(client);
@@ -67,9 +66,9 @@ describe('MSI-X', () => {
     await g.setBar32(Region.BAR4, 2 * 16 + 12, 0);
     expect(served.device.irq.mode).toBe('msix');
     expect(served.device.irq.trigger(2)).toBe('sent');
-    expect(native.eventfdTake(evs[2])).toBe(1);
+    expect(evs[2].take()).toBe(1);
     await g.setBar32(Region.BAR0, DOORBELL.RING, 2);
-    expect(native.eventfdTake(evs[2])).toBe(1);
+    expect(evs[2].take()).toBe(1);
     expect(await g.bar32(Region.BAR0, DOORBELL.COUNTER)).toBe(1); // irq.trigger() is not a doorbell
     // Reserved vector-control bits read 0; address and data read back.
     await g.setBar32(Region.BAR4, 2 * 16 + 12, 0xfffffffe);
@@ -80,13 +79,13 @@ describe('MSI-X', () => {
   test('a masked entry holds the vector in the PBA until it is unmasked', async () => {
     const { g, evs } = await enabled();
     expect(served.device.irq.trigger(5)).toBe('pending');
-    expect(native.eventfdTake(evs[5])).toBe(0);
+    expect(evs[5].take()).toBe(0);
     expect(await pba(g)).toBe(1 << 5);
     // Guest writes to the PBA are dropped.
     await g.setBar32(Region.BAR4, MSIX_PBA_OFFSET, 0);
     expect(await pba(g)).toBe(1 << 5);
     await g.setBar32(Region.BAR4, 5 * 16 + 12, 0);
-    expect(native.eventfdTake(evs[5])).toBe(1);
+    expect(evs[5].take()).toBe(1);
     expect(await pba(g)).toBe(0);
   });
 
@@ -96,11 +95,11 @@ describe('MSI-X', () => {
     await g.setCfg16(CONTROL, ENABLE | FUNCTION_MASK);
     expect(served.device.irq.trigger(0)).toBe('pending');
     expect(served.device.irq.trigger(1)).toBe('pending');
-    expect(native.eventfdTake(evs[0])).toBe(0);
+    expect(evs[0].take()).toBe(0);
     expect(await pba(g)).toBe(0b11);
     await g.setCfg16(CONTROL, ENABLE);
-    expect(native.eventfdTake(evs[0])).toBe(1);
-    expect(native.eventfdTake(evs[1])).toBe(0); // its entry is still masked
+    expect(evs[0].take()).toBe(1);
+    expect(evs[1].take()).toBe(0); // its entry is still masked
     expect(await pba(g)).toBe(0b10);
   });
 
@@ -109,14 +108,14 @@ describe('MSI-X', () => {
     await g.setBar32(Region.BAR4, 3 * 16 + 12, 0);
     await client.setIrqs({ index: IrqIndex.MSIX, start: 3, count: 1, action: 'mask' });
     expect(served.device.irq.trigger(3)).toBe('pending');
-    expect(native.eventfdTake(evs[3])).toBe(0);
+    expect(evs[3].take()).toBe(0);
     expect(await pba(g)).toBe(1 << 3);
     await client.setIrqs({ index: IrqIndex.MSIX, start: 3, count: 1, action: 'unmask' });
-    expect(native.eventfdTake(evs[3])).toBe(1);
+    expect(evs[3].take()).toBe(1);
     expect(await pba(g)).toBe(0);
     // The client's loopback TRIGGER goes through the same masking.
     await client.setIrqs({ index: IrqIndex.MSIX, start: 4, count: 1, action: 'trigger' });
-    expect(native.eventfdTake(evs[4])).toBe(0);
+    expect(evs[4].take()).toBe(0);
     expect(await pba(g)).toBe(1 << 4);
   });
 
@@ -125,7 +124,7 @@ describe('MSI-X', () => {
     await g.setBar32(Region.BAR4, 12, 0);
     await g.setCfg16(0x04, 0x0002);
     expect(served.device.irq.trigger(0)).toBe('dropped');
-    expect(native.eventfdTake(evs[0])).toBe(0);
+    expect(evs[0].take()).toBe(0);
   });
 
   test('a client that never writes the table (QEMU emulates it) still gets interrupts', async () => {
@@ -137,7 +136,7 @@ describe('MSI-X', () => {
     const [ev] = eventfds.create(1);
     await client.setIrqs({ index: IrqIndex.MSIX, start: 6, eventfds: [ev] });
     expect(served.device.irq.trigger(6)).toBe('sent');
-    expect(native.eventfdTake(ev)).toBe(1);
+    expect(ev.take()).toBe(1);
   });
 
   test('DEVICE_RESET disables MSI-X, masks every entry and clears the PBA', async () => {

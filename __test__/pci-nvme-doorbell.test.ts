@@ -1,6 +1,6 @@
 /** The NVMe-pattern example end to end: mapped doorbells, ioeventfd kicks, MSI-X in trapped pages. */
 import { afterEach, describe, expect, test } from 'vitest';
-import { CapabilityId, IrqIndex, Region, RegionInfoFlags, type VfioUserClient } from '../ts/index.js';
+import { CapabilityId, IrqIndex, type EventfdIrq, Region, RegionInfoFlags, type VfioUserClient } from '../ts/index.js';
 import { native } from '../ts/native.js';
 import type { NativeMapping } from '../ts/native.js';
 import { RegionCapId } from '../ts/protocol/index.js';
@@ -22,7 +22,7 @@ interface Driver {
   doorbells: NativeMapping;
   /** The client's copies of the NOTIFY ioeventfds, by queue (from the datamatch). */
   kicks: number[];
-  vectors: number[];
+  vectors: EventfdIrq[];
   close(): void;
 }
 
@@ -75,7 +75,7 @@ describe('the queue card', () => {
     kvmSignal(d.kicks[2]);
     expect(served!.device.poll()).toBe(1);
     expect(served!.device.entries).toBe(5);
-    expect(d.vectors.map((fd) => native.eventfdTake(fd))).toEqual([0, 0, 1, 0]);
+    expect(d.vectors.map((irq) => irq.take())).toEqual([0, 0, 1, 0]);
     expect((await d.client.regionRead(Region.BAR0, BigInt(QUEUE_REGISTERS.COMPLETED), 4)).readUInt32LE(0)).toBe(5);
     d.close();
   });
@@ -86,7 +86,7 @@ describe('the queue card', () => {
     await d.client.regionWrite(Region.BAR0, BigInt(QUEUE_REGISTERS.NOTIFY), Buffer.from([1, 0, 0, 0]));
     expect(served!.device.poll()).toBe(1);
     expect(served!.device.entries).toBe(3);
-    expect(native.eventfdTake(d.vectors[1])).toBe(1);
+    expect(d.vectors[1].take()).toBe(1);
     d.close();
   });
 

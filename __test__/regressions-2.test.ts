@@ -9,7 +9,6 @@ import {
   protocol,
   type VfioUserClient,
 } from '../ts/index.js';
-import { native } from '../ts/native.js';
 import { DeviceFeatureFlags, FeatureIndex } from '../ts/protocol/index.js';
 import { serve, type Served } from './helpers.js';
 import { CounterDevice } from './migration-device.js';
@@ -92,12 +91,12 @@ describe('PCI: INTx while MSI is enabled', () => {
     await client.setIrqs({ index: IrqIndex.MSI, eventfds: [msi] });
     await g.setCfg16(0x04, COMMAND_MEMORY_BUS_MASTER);
     expect(device.irq.trigger(0)).toBe('sent'); // INTx mode: the line goes high, delivered, automasked
-    expect(native.eventfdTake(intx)).toBe(1);
+    expect(intx.take()).toBe(1);
     await g.setCfg16(0x52, 0x0001); // the driver switches to MSI
     expect(device.irq.mode).toBe('msi');
     await client.setIrqs({ index: IrqIndex.INTX, action: 'unmask', count: 1 }); // the VMM's EOI of the old INTx
     // PCI 3.0 §6.8.1.3: with MSI Enable set the function is prohibited from using INTx#.
-    expect(native.eventfdTake(intx)).toBe(0);
+    expect(intx.take()).toBe(0);
   });
 });
 

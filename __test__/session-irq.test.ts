@@ -1,20 +1,20 @@
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, Errno, IrqIndex, Region } from '../ts/index.js';
+import { Command, Errno, EventfdIrq, IrqIndex, Region } from '../ts/index.js';
 import { native } from '../ts/native.js';
 import { openFdCount, serve, type Served } from './helpers.js';
 import type { PciIdio16 } from '../examples/gpio.js';
 
 let served: Served<PciIdio16>;
-const fds: number[] = [];
+const irqs: EventfdIrq[] = [];
 afterEach(async () => {
   await served?.close();
-  fds.splice(0).forEach((fd) => native.closeFd(fd));
+  irqs.splice(0).forEach((irq) => irq.close());
 });
 
-function eventfd(): number {
-  const fd = native.eventfdCreate();
-  fds.push(fd);
-  return fd;
+function eventfd(): EventfdIrq {
+  const irq = new EventfdIrq();
+  irqs.push(irq);
+  return irq;
 }
 
 describe('IRQ info and SET_IRQS', () => {
@@ -34,9 +34,9 @@ describe('IRQ info and SET_IRQS', () => {
     const ev = eventfd();
     await client.setIrqs({ index: IrqIndex.ERR, eventfds: [ev] });
     await client.setIrqs({ index: IrqIndex.ERR, count: 1, action: 'trigger' });
-    expect(native.eventfdTake(ev)).toBe(1);
+    expect(ev.take()).toBe(1);
     served.device.interrupts.trigger(IrqIndex.ERR);
-    expect(native.eventfdTake(ev)).toBe(1);
+    expect(ev.take()).toBe(1);
   });
 
   test('INTx is level: automasked on delivery, re-fired on unmask while still asserted', async () => {
@@ -45,13 +45,13 @@ describe('IRQ info and SET_IRQS', () => {
     const ev = eventfd();
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
     served.device.assertIntx();
-    expect(native.eventfdTake(ev)).toBe(1);
+    expect(ev.take()).toBe(1);
     expect((await client.regionRead(Region.CONFIG, 6n, 1))[0] & 0x08).toBe(0x08);
     await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'unmask' });
-    expect(native.eventfdTake(ev)).toBe(1);
+    expect(ev.take()).toBe(1);
     served.device.deassertIntx();
     await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'unmask' });
-    expect(native.eventfdTake(ev)).toBe(0);
+    expect(ev.take()).toBe(0);
     expect((await client.regionRead(Region.CONFIG, 6n, 1))[0] & 0x08).toBe(0);
   });
 
@@ -62,10 +62,10 @@ describe('IRQ info and SET_IRQS', () => {
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
     await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'mask' });
     served.device.assertIntx();
-    expect(native.eventfdTake(ev)).toBe(0);
+    expect(ev.take()).toBe(0);
     expect(served.device.interrupts.isPending(IrqIndex.INTX, 0)).toBe(true);
     await client.setIrqs({ index: IrqIndex.INTX, bools: [true], action: 'unmask' });
-    expect(native.eventfdTake(ev)).toBe(1);
+    expect(ev.take()).toBe(1);
   });
 
   test('INTx disable in the command register gates delivery', async () => {
@@ -75,9 +75,9 @@ describe('IRQ info and SET_IRQS', () => {
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
     await client.regionWrite(Region.CONFIG, 4n, Buffer.from([0x00, 0x04]));
     served.device.assertIntx();
-    expect(native.eventfdTake(ev)).toBe(0);
+    expect(ev.take()).toBe(0);
     await client.regionWrite(Region.CONFIG, 4n, Buffer.from([0x00, 0x00]));
-    expect(native.eventfdTake(ev)).toBe(1);
+    expect(ev.take()).toBe(1);
   });
 
   test('de-assign and disable-all close the server’s copies', async () => {

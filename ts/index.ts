@@ -19,6 +19,8 @@ export {
   type RegionInfoWithFd,
   type SetIrqsOptions,
 } from './client/client.js';
+export { EventfdIrq, type EventfdIrqEvents } from './client/eventfd-irq.js';
+export { PciConfigClient, type BarSizing, type ConfigWidth } from './client/pci.js';
 export { migrate, MigrationClient, type MigrationResult } from './client/migration.js';
 export { PciDevice } from './pci/device.js';
 export type { PciBar } from './pci/bars.js';

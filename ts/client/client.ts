@@ -8,8 +8,10 @@ import { EventEmitter } from 'node:events';
 import { Channel, type Message } from '../channel.js';
 import { closeFds, native } from '../native.js';
 import { ConnectionClosedError, UsageError } from '../errors.js';
+import { EventfdIrq } from './eventfd-irq.js';
 import { GuestMemory, type GuestMemoryOptions } from './memory.js';
 import { MigrationClient } from './migration.js';
+import { PciConfigClient } from './pci.js';
 import {
   Command,
   DEFAULT_CAPABILITIES,
@@ -93,8 +95,8 @@ export interface SetIrqsOptions {
   start?: number;
   count?: number;
   action?: IrqAction;
-  /** Eventfds to attach (TRIGGER); an empty array de-assigns the vectors. */
-  eventfds?: number[];
+  /** Eventfds to attach (TRIGGER), by object or fd number; an empty array de-assigns the vectors. */
+  eventfds?: readonly (EventfdIrq | number)[];
   /** DATA_BOOL: which vectors the action applies to. */
   bools?: boolean[];
 }
@@ -124,6 +126,8 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   private readonly offerTwinSocket: boolean;
   /** Live migration: device state, its data stream and dirty logging (docs/migration.md). */
   readonly migration: MigrationClient = new MigrationClient(this);
+  /** PCI config space as a VMM drives it: capabilities, bus mastering, MSI/MSI-X, BAR sizing. */
+  readonly pci: PciConfigClient = new PciConfigClient(this);
 
   /** Use `connect()`; this wraps an already connected fd. */
   constructor(fd: number, options: ConnectOptions = {}) {
@@ -336,9 +340,10 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     const action = { trigger: SetIrqsFlags.ACTION_TRIGGER, mask: SetIrqsFlags.ACTION_MASK, unmask: SetIrqsFlags.ACTION_UNMASK }[options.action ?? 'trigger'];
     const start = options.start ?? 0;
     if (options.eventfds && options.eventfds.length > 0) {
+      const eventfds = options.eventfds.map((e) => (typeof e === 'number' ? e : e.fd));
       const per = Math.max(1, this.server.capabilities.maxMsgFds);
-      for (let i = 0; i < options.eventfds.length; i += per) {
-        const fds = options.eventfds.slice(i, i + per);
+      for (let i = 0; i < eventfds.length; i += per) {
+        const fds = eventfds.slice(i, i + per);
         const payload = encodeSetIrqsRequest({ flags: SetIrqsFlags.DATA_EVENTFD | action, index: options.index, start: start + i, count: fds.length });
         await this.request(Command.DEVICE_SET_IRQS, payload, fds);
       }
@@ -347,6 +352,22 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     const data = options.eventfds ? SetIrqsFlags.DATA_EVENTFD : options.bools ? SetIrqsFlags.DATA_BOOL : SetIrqsFlags.DATA_NONE;
     const count = options.count ?? options.bools?.length ?? 0;
     await this.request(Command.DEVICE_SET_IRQS, encodeSetIrqsRequest({ flags: data | action, index: options.index, start, count, bools: options.bools }));
+  }
+
+  /**
+   * Wires every vector of IRQ `index` to a new `EventfdIrq` in one call (as
+   * many as GET_IRQ_INFO reports), in vector order; the caller closes them.
+   */
+  async wireIrqs(index: number): Promise<EventfdIrq[]> {
+    const { count } = await this.getIrqInfo(index);
+    const irqs = Array.from({ length: count }, () => new EventfdIrq());
+    try {
+      if (count > 0) await this.setIrqs({ index, eventfds: irqs });
+    } catch (error) {
+      irqs.forEach((irq) => irq.close());
+      throw error;
+    }
+    return irqs;
   }
 
   async reset(): Promise<void> {

@@ -171,6 +171,13 @@ pub fn int(env: sys::napi_env, n: i32) -> sys::napi_value {
     v
 }
 
+pub fn double(env: sys::napi_env, n: f64) -> sys::napi_value {
+    let mut v = null_mut();
+    // SAFETY: always succeeds on a live env.
+    unsafe { sys::napi_create_double(env, n, &mut v) };
+    v
+}
+
 pub fn int_array(env: sys::napi_env, values: &[i32]) -> sys::napi_value {
     let mut arr = null_mut();
     // SAFETY: plain N-API calls in an open handle scope.

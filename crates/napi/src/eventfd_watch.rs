@@ -1,0 +1,115 @@
+//! `NativeEventfd`: an eventfd this process owns, optionally watched on the
+//! JS thread's loop (the same libuv poll the sockets use), so a waiter costs
+//! nothing while idle and hears each signal without polling.
+
+use crate::js::{self, Callbacks};
+use crate::uv::{Poll, READABLE};
+use crate::os_error;
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use std::cell::RefCell;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+use vfio_user_core::eventfd;
+
+const ON_SIGNAL: usize = 0;
+
+struct Watched {
+    fd: Option<OwnedFd>,
+    poll: Option<Poll>,
+    js: Option<Rc<Callbacks>>,
+}
+
+#[napi]
+pub struct NativeEventfd {
+    inner: Rc<RefCell<Watched>>,
+}
+
+#[napi]
+impl NativeEventfd {
+    /// A new non-blocking, close-on-exec eventfd with a zero counter.
+    #[napi(constructor)]
+    pub fn new() -> Result<Self> {
+        let fd = eventfd::create().map_err(|e| os_error("eventfd", e))?;
+        Ok(NativeEventfd { inner: Rc::new(RefCell::new(Watched { fd: Some(fd), poll: None, js: None })) })
+    }
+
+    /// The fd number, -1 once closed.
+    #[napi(getter)]
+    pub fn fd(&self) -> i32 {
+        self.inner.borrow().fd.as_ref().map_or(-1, |fd| fd.as_raw_fd())
+    }
+
+    /// Reads and clears the counter: 0 if nothing was signalled.
+    #[napi]
+    pub fn take(&self) -> Result<f64> {
+        let inner = self.inner.borrow();
+        let fd = inner.fd.as_ref().ok_or_else(closed)?;
+        let value = eventfd::take(fd).map_err(|e| os_error("eventfd read", e))?;
+        Ok(value.unwrap_or(0) as f64)
+    }
+
+    /// Adds one to the counter.
+    #[napi]
+    pub fn signal(&self) -> Result<()> {
+        let inner = self.inner.borrow();
+        eventfd::signal(inner.fd.as_ref().ok_or_else(closed)?).map_err(|e| os_error("eventfd write", e))
+    }
+
+    /// Watches the counter: each time it becomes non-zero it is read and
+    /// cleared, and `onSignal(count)` runs on this thread. Replaces a previous
+    /// watcher. While watched, the eventfd keeps the event loop alive.
+    #[napi(ts_args_type = "onSignal: (count: number) => void")]
+    pub fn watch(&self, env: Env, on_signal: Function<'_>) -> Result<()> {
+        let raw = env.raw();
+        let js = Callbacks::new(raw, "VfioUserEventfd", &[on_signal.raw()])?;
+        let mut inner = self.inner.borrow_mut();
+        let fd = inner.fd.as_ref().ok_or_else(closed)?.as_raw_fd();
+        inner.js = Some(js);
+        if inner.poll.is_none() {
+            // The callback holds the eventfd strongly, as a watched socket
+            // stays alive unreferenced; unwatch() and close() drop the poll
+            // and so the cycle.
+            let target = self.inner.clone();
+            let mut poll = Poll::new(raw, fd, Box::new(move |_status, _events| on_readable(&target)))?;
+            poll.set_events(READABLE);
+            inner.poll = Some(poll);
+        }
+        Ok(())
+    }
+
+    /// Stops watching; signals accumulate in the counter for `take()`.
+    #[napi]
+    pub fn unwatch(&self) {
+        let mut inner = self.inner.borrow_mut();
+        if let Some(poll) = inner.poll.take() {
+            poll.close();
+        }
+        inner.js.take();
+    }
+
+    /// Stops watching and closes the fd; idempotent.
+    #[napi]
+    pub fn close(&self) {
+        self.unwatch();
+        self.inner.borrow_mut().fd.take();
+    }
+}
+
+fn closed() -> Error {
+    Error::new(Status::GenericFailure, "EBADF: the eventfd is closed")
+}
+
+fn on_readable(inner: &Rc<RefCell<Watched>>) {
+    // Nothing is borrowed while JS runs: the callback may unwatch or close.
+    let (js, count) = {
+        let w = inner.borrow();
+        let (Some(fd), Some(js)) = (w.fd.as_ref(), w.js.clone()) else { return };
+        (js, eventfd::take(fd))
+    };
+    // A zero counter means another reader took it first; a read error cannot
+    // happen on an eventfd we own.
+    if let Ok(Some(count)) = count {
+        js.call(&mut js.scope(), ON_SIGNAL, |env| vec![js::double(env, count as f64)]);
+    }
+}
