@@ -3,12 +3,12 @@
  * the bench: guest memory shared by memfd, MSI-X wired to eventfds, doorbells
  * rung through the mapped page when the device offers one (else posted
  * REGION_WRITEs), completions reaped by phase tag as a polling driver does.
+ * Free of vitest, so that bench/nvme.ts drives the controller with it too.
  */
 import { CapabilityId, GuestMemory, IrqIndex, Region, type VfioUserClient } from '../ts/index.js';
 import { native, type NativeMapping } from '../ts/native.js';
 import { RegionCapId } from '../ts/protocol/index.js';
 import { Register } from '../examples/nvme/controller.js';
-import { COMMAND_MEMORY_BUS_MASTER, guest } from './pci-helpers.js';
 
 export const PAGE = 4096;
 /** Where guest memory sits in IOVA space. */
@@ -91,11 +91,13 @@ export class NvmeHost {
       }
       native.closeFd(info.fd);
     }
-    const g = guest(client);
-    const msix = (await g.capabilities()).get(CapabilityId.MSIX)!;
-    await g.setCfg16(0x04, COMMAND_MEMORY_BUS_MASTER);
-    await g.setCfg16(msix + 2, 0x8000);
-    if (this.vectors.length === 0) this.vectors = Array.from({ length: ((await g.cfg16(msix + 2)) & 0x7ff) + 1 }, () => native.eventfdCreate());
+    // Memory decoding and bus mastering on, then MSI-X, as a guest's PCI core does.
+    const config = await client.regionRead(Region.CONFIG, 0n, 256);
+    let msix = config[0x34];
+    while (msix !== 0 && config[msix] !== CapabilityId.MSIX) msix = config[msix + 1];
+    await client.regionWrite(Region.CONFIG, 0x04n, Buffer.from([0x06, 0]));
+    await client.regionWrite(Region.CONFIG, BigInt(msix + 2), Buffer.from([0, 0x80]));
+    if (this.vectors.length === 0) this.vectors = Array.from({ length: (config.readUInt16LE(msix + 2) & 0x7ff) + 1 }, () => native.eventfdCreate());
     await client.setIrqs({ index: IrqIndex.MSIX, eventfds: this.vectors });
   }
 

@@ -23,6 +23,9 @@ pub struct NativeMapping {
     file: (u64, u64),
     /// Weak references to every buffer handed out, to detach them on unmap.
     views: Vec<Tracked>,
+    /// `views` is pruned of collected buffers when it grows to this length:
+    /// pruning on every view made each one cost O(live views).
+    prune_at: usize,
     env: sys::napi_env,
 }
 
@@ -61,7 +64,7 @@ impl NativeMapping {
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
         let mapping = Mapping::new(fd, offset, size, Protection { read: readable, write: writable }).map_err(mapping_error)?;
         let file = mapping.file_identity();
-        Ok(NativeMapping { mapping: Rc::new(RefCell::new(Some(mapping))), size: size as f64, file, views: Vec::new(), env: env.raw() })
+        Ok(NativeMapping { mapping: Rc::new(RefCell::new(Some(mapping))), size: size as f64, file, views: Vec::new(), prune_at: MIN_PRUNE_AT, env: env.raw() })
     }
 
     /// Which file is mapped, as "device:inode" (the form `fileIdentity(fd)` gives).
@@ -251,7 +254,10 @@ impl NativeMapping {
             // a copy would silently lose device writes, so refuse instead.
             return Err(Error::new(Status::GenericFailure, "this runtime refuses external ArrayBuffers; zero-copy views are unavailable"));
         }
-        self.prune_views();
+        if self.views.len() >= self.prune_at {
+            self.prune_views();
+            self.prune_at = MIN_PRUNE_AT.max(2 * self.views.len());
+        }
         let mut weak = null_mut();
         check(unsafe { sys::napi_create_reference(raw, value, 0, &mut weak) }, "napi_create_reference")?;
         self.views.push(Tracked { weak, dirty });
@@ -288,6 +294,9 @@ impl NativeMapping {
         });
     }
 }
+
+/// Views tracked before the first pruning.
+const MIN_PRUNE_AT: usize = 64;
 
 const EFAULT: i32 = rustix::io::Errno::FAULT.raw_os_error();
 

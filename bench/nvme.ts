@@ -1,0 +1,137 @@
+/**
+ * `npm run bench`, NVMe: IOPS of examples/nvme driven by the test host
+ * (__test__/nvme-host.ts) over a real socket, in one process, beside the raw
+ * cost of the same data movement measured in the same run.
+ *
+ *   randread 4 KiB   random 4 KiB reads at queue depth 1 and 32
+ *   seqread 128 KiB  sequential 128 KiB reads (PRP lists) at queue depth 1 and 32
+ *   doorbells        'mmap' (the host stores to the mapped page, the controller
+ *                    polls it) and 'trap' (posted REGION_WRITEs)
+ *   raw              fs.readSync from the same image into a view of the same
+ *                    guest memory, in a loop: what each command must cost at
+ *                    least. The ratio is IOPS / raw operations per second.
+ *
+ * The image is a 64 MiB file in the page cache. Host and controller share one
+ * event loop, so the host's own work counts against the controller's.
+ * Figures are medians over BENCH_ROUNDS (default 3) interleaved rounds of
+ * BENCH_NVME_MS (default 1000) each. Prints a table, then one JSON line.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { createServer, connect, type VfioUserServer } from '../ts/index.js';
+import createDevice from '../examples/nvme/index.js';
+import type { NvmeController } from '../examples/nvme/controller.js';
+import { NvmeHost, PAGE } from '../__test__/nvme-host.js';
+import { envInt, median, runMain, scratchDir } from './children.js';
+
+const ROUNDS = envInt('BENCH_ROUNDS', 3, 1);
+const RUN_MS = envInt('BENCH_NVME_MS', 1000, 50);
+const IMAGE_BYTES = 64 << 20;
+const READ = 0x02;
+
+interface Workload { name: string; bytes: number; qd: number; random: boolean }
+const WORKLOADS: Workload[] = [
+  { name: 'randread 4 KiB', bytes: 4096, qd: 1, random: true },
+  { name: 'randread 4 KiB', bytes: 4096, qd: 32, random: true },
+  { name: 'seqread 128 KiB', bytes: 128 << 10, qd: 1, random: false },
+  { name: 'seqread 128 KiB', bytes: 128 << 10, qd: 32, random: false },
+];
+const MODES = ['mmap', 'trap'] as const;
+
+interface Target { mode: string; server: VfioUserServer; device: NvmeController; host: NvmeHost }
+
+async function start(mode: string, image: string, socket: string): Promise<Target> {
+  const device = createDevice(['--image', image, '--doorbells', mode]);
+  const server = createServer(device);
+  await server.listen(socket);
+  const host = await NvmeHost.attach(await connect(socket, { timeoutMs: 0 }));
+  await host.enable();
+  await host.createIoQueuePair(1, 64);
+  return { mode, server, device, host };
+}
+
+/** Keeps `w.qd` commands in flight for RUN_MS; returns commands per second. */
+async function iops(host: NvmeHost, w: Workload): Promise<number> {
+  const blocks = w.bytes / 512;
+  const slots = IMAGE_BYTES / w.bytes;
+  const buffers = Array.from({ length: w.qd }, () => {
+    const pages = host.scatteredPages(w.bytes / PAGE);
+    return host.prps(pages);
+  });
+  let next = 0;
+  let done = 0;
+  const end = performance.now() + RUN_MS;
+  const worker = async (i: number) => {
+    while (performance.now() < end) {
+      const slot = w.random ? Math.floor(Math.random() * slots) : next++ % slots;
+      const c = await host.submit(1, { opcode: READ, nsid: 1, ...buffers[i], cdw10: slot * blocks, cdw12: blocks - 1 });
+      if (c.status !== 0) throw new Error(`read failed with status 0x${c.status.toString(16)}`);
+      done++;
+    }
+  };
+  const started = performance.now();
+  await Promise.all(Array.from({ length: w.qd }, (_, i) => worker(i)));
+  return done / ((performance.now() - started) / 1000);
+}
+
+/** fs.readSync of the same sizes from the same image into a view of guest memory, as fast as it goes. */
+function rawCopies(target: Target, image: string, w: Workload): number {
+  const fd = fs.openSync(image, 'r');
+  const iova = target.host.alloc(w.bytes);
+  const view = target.device.dma.view(iova, w.bytes);
+  const slots = IMAGE_BYTES / w.bytes;
+  let n = 0;
+  const started = performance.now();
+  const end = started + RUN_MS / 4;
+  while (performance.now() < end) {
+    for (let i = 0; i < 64; i++, n++) fs.readSync(fd, view, 0, w.bytes, (w.random ? Math.floor(Math.random() * slots) : n % slots) * w.bytes);
+  }
+  fs.closeSync(fd);
+  return n / ((performance.now() - started) / 1000);
+}
+
+async function main(): Promise<number> {
+  const dir = scratchDir();
+  const image = path.join(dir, 'nvme.img');
+  const fill = Buffer.alloc(1 << 20);
+  for (let i = 0; i < fill.length; i += 4) fill.writeUInt32LE((i * 2654435761) >>> 0, i);
+  const fd = fs.openSync(image, 'w');
+  for (let at = 0; at < IMAGE_BYTES; at += fill.length) fs.writeSync(fd, fill, 0, fill.length, at);
+  fs.closeSync(fd);
+
+  const targets = [];
+  for (const mode of MODES) targets.push(await start(mode, image, path.join(dir, `nvme-${mode}.sock`)));
+  const results: { workload: Workload; mode: string; iops: number; raw: number }[] = [];
+  try {
+    for (const w of WORKLOADS) {
+      const rounds = new Map<string, number[]>(targets.map((t) => [t.mode, []]));
+      const raw: number[] = [];
+      for (let r = 0; r < ROUNDS; r++) {
+        for (const t of r % 2 === 0 ? targets : [...targets].reverse()) rounds.get(t.mode)!.push(await iops(t.host, w));
+        raw.push(rawCopies(targets[0], image, w));
+      }
+      for (const t of targets) results.push({ workload: w, mode: t.mode, iops: median(rounds.get(t.mode)!), raw: median(raw) });
+    }
+  } finally {
+    for (const t of targets) {
+      t.host.close();
+      t.host.client.close();
+      await t.server.close();
+      t.device.close();
+    }
+  }
+
+  console.log('\nNVMe through the test host (IOPS; ratio = IOPS / raw fs.readSync-into-view operations per second)');
+  console.log('workload           QD  doorbells        IOPS   MiB/s      raw ops/s   ratio');
+  for (const r of results) {
+    const mib = (r.iops * r.workload.bytes) / 2 ** 20;
+    console.log(`${r.workload.name.padEnd(18)} ${String(r.workload.qd).padStart(2)}  ${r.mode.padEnd(9)} ${r.iops.toFixed(0).padStart(11)} ${mib.toFixed(0).padStart(7)} ${r.raw.toFixed(0).padStart(14)} ${(r.iops / r.raw).toFixed(3).padStart(7)}`);
+  }
+  console.log(JSON.stringify({
+    bench: 'nvme',
+    results: results.map((r) => ({ workload: r.workload.name, qd: r.workload.qd, doorbells: r.mode, iops: r.iops, rawOpsPerSec: r.raw, ratio: r.iops / r.raw })),
+  }));
+  return 0;
+}
+
+runMain(main);
