@@ -3,10 +3,11 @@
  * stock Linux guest binds, formats and benchmarks. `vfio-user serve` loads
  * this folder; arguments after `--` reach the default export:
  *
- *   vfio-user serve examples/nvme --socket /tmp/nvme.sock -- --image disk.img [--size 1G] [--doorbells mmap|trap]
+ *   vfio-user serve examples/nvme --socket /tmp/nvme.sock -- --image disk.img [--size 1G] [--doorbells mmap|trap] [--serial SN]
  *
  * `--image FILE` is a raw image, created sparse at `--size` (default 1 GiB)
  * when missing; without it the namespace lives in memory (`--size` bytes).
+ * `--serial` sets Identify's serial number (random by default).
  *
  *   controller.ts  BAR0 registers, handshakes, resets, doorbells, interrupts, migration
  *   admin.ts       admin commands: Identify, queues, features, log pages, events
@@ -40,13 +41,13 @@ export function parseSize(text: string): number {
 export default function createDevice(args: readonly string[] = []): NvmeController {
   const { values } = parseArgs({
     args: [...args],
-    options: { image: { type: 'string' }, size: { type: 'string', default: '1G' }, doorbells: { type: 'string', default: 'mmap' } },
+    options: { image: { type: 'string' }, size: { type: 'string', default: '1G' }, doorbells: { type: 'string', default: 'mmap' }, serial: { type: 'string' } },
     strict: true,
   });
   if (values.doorbells !== 'mmap' && values.doorbells !== 'trap') throw new UsageError(`--doorbells ${values.doorbells}: expected mmap or trap`);
   const size = parseSize(values.size);
   const store = values.image ? new FileStore(values.image, size) : new MemoryStore(size);
-  const controller = new NvmeController({ store, doorbells: values.doorbells as DoorbellMode });
+  const controller = new NvmeController({ store, doorbells: values.doorbells as DoorbellMode, serial: values.serial });
   controller.startPolling();
   return controller;
 }
