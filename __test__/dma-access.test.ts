@@ -141,6 +141,28 @@ describe('device access to mapped guest memory', () => {
     await until(() => again.byteLength === 0);
   });
 
+  test('withView lends a view for one call and marks its pages dirty, sealed or not', async () => {
+    served = await serve(new DmaTestDevice());
+    const client = await served.client();
+    const sealed = memory(16 * PAGE);
+    const unsealed = memory(16 * PAGE, false);
+    await client.dmaMap({ iova: 0x200000n, memory: sealed });
+    await client.dmaMap({ iova: 0x300000n, memory: unsealed });
+    const dma = served.device.dma;
+    for (const [iova, ram] of [[0x200000n, sealed], [0x300000n, unsealed]] as const) {
+      expect(dma.withView(iova + BigInt(PAGE) + 10n, 2 * PAGE, (view) => {
+        expect(view.byteLength).toBe(2 * PAGE);
+        view[0] = 7;
+        view[2 * PAGE - 1] = 9;
+        return view[0] + 1;
+      })).toBe(8);
+      expect([ram.read(PAGE + 10, 1)[0], ram.read(3 * PAGE + 9, 1)[0]]).toEqual([7, 9]);
+      expect(dma.dirtyPages(iova, 16 * PAGE, true)[0] & 0b1110n).toBe(0b1110n);
+    }
+    expect(() => dma.withView(0x200000n + BigInt(15 * PAGE), 2 * PAGE, () => 0)).toThrow(DmaAccessError);
+    expect(() => dma.withView(0x900000n, 1, () => 0)).toThrow(DmaAccessError);
+  });
+
   test('views are refused with a typed reason where they cannot be safe', async () => {
     served = await serve(new DmaTestDevice());
     const client = await served.client();

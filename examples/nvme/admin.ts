@@ -124,7 +124,7 @@ export function executeAdmin(ctrl: NvmeController, command: Command): number {
 
 // ---- Identify (§5.15) ----
 
-const Cns = { NAMESPACE: 0x00, CONTROLLER: 0x01, ACTIVE_NAMESPACES: 0x02, NAMESPACE_DESCRIPTORS: 0x03 } as const;
+const Cns = { NAMESPACE: 0x00, CONTROLLER: 0x01, ACTIVE_NAMESPACES: 0x02, NAMESPACE_DESCRIPTORS: 0x03, COMMAND_SET_CONTROLLER: 0x06 } as const;
 
 function identify(ctrl: NvmeController, command: Command): number {
   const cns = command.dw(10) & 0xff;
@@ -144,6 +144,11 @@ function identify(ctrl: NvmeController, command: Command): number {
     case Cns.NAMESPACE_DESCRIPTORS:
       if (command.nsid !== NAMESPACE_ID) return Status.INVALID_NAMESPACE;
       data = namespaceDescriptors(ctrl);
+      break;
+    case Cns.COMMAND_SET_CONTROLLER:
+      // The NVM command set's controller limits (CSI 0): all zeros, no limits beyond MDTS.
+      if (command.dw(11) >>> 24 !== 0) return Status.INVALID_FIELD;
+      data = Buffer.alloc(IDENTIFY_SIZE);
       break;
     default:
       return Status.INVALID_FIELD;

@@ -125,20 +125,20 @@ export function writeSegments(dma: DmaSpace, segments: Segment[], data: Uint8Arr
 }
 
 /**
- * Calls `each` with a zero-copy view of every segment and the segment's
- * offset into the transfer: the caller moves data between the view and the
- * backing store directly. A segment that crosses into another DMA window is
- * viewed a page at a time.
+ * Calls `each` with a zero-copy view of every segment (dma.withView) and the
+ * segment's offset into the transfer: the caller moves data between the view
+ * and the backing store directly. A segment that crosses into another DMA
+ * window is viewed a page at a time.
  */
 export function forEachView(dma: DmaSpace, segments: Segment[], each: (view: Uint8Array, offset: number) => void): void {
   let offset = 0;
   for (const s of segments) {
     guarded(() => {
       try {
-        each(dma.view(s.iova, s.length), offset);
+        dma.withView(s.iova, s.length, (view) => each(view, offset));
       } catch (error) {
         if (!(error instanceof DmaViewError) || error.reason !== 'spans-windows') throw error;
-        for (let at = 0; at < s.length; at += PAGE_SIZE) each(dma.view(s.iova + BigInt(at), Math.min(PAGE_SIZE, s.length - at)), offset + at);
+        for (let at = 0; at < s.length; at += PAGE_SIZE) dma.withView(s.iova + BigInt(at), Math.min(PAGE_SIZE, s.length - at), (view) => each(view, offset + at));
       }
     });
     offset += s.length;

@@ -209,6 +209,28 @@ export abstract class GuestMemoryAccess {
   }
 
   /**
+   * Calls `use` with a zero-copy view of [iova, iova + length) and returns
+   * what it returns. The view is valid only during the call: its pages are
+   * marked dirty when `use` returns, and stores made through a copy of it
+   * kept past the call are not tracked. Where the window's file is sealed
+   * against shrinking the view is a slice of memory the library already
+   * holds (no native call, nothing for the garbage collector); elsewhere it
+   * is a `view()`, refused and detached as views are. For device code that
+   * moves data straight between guest memory and a file or socket.
+   */
+  withView<T>(iova: bigint, length: number, use: (view: Uint8Array) => T): T {
+    const w = this.windowAt(iova);
+    const fast = w && iova + BigInt(checkLength(length)) <= w.end && w.readable && w.writable ? fastAccess(w) : null;
+    if (!fast) return use(this.view(iova, length));
+    const offset = Number(iova - w!.iova);
+    try {
+      return use(slice(fast, offset, length));
+    } finally {
+      markDirty(fast.dirty, offset, length);
+    }
+  }
+
+  /**
    * Which 4 KiB pages of [iova, iova + length) the device wrote through this
    * API (bit i of word i/64 is page i, as VFIO bitmaps), clearing them when
    * `clear`. Both bounds are page-aligned. Windows without an fd report
