@@ -164,14 +164,14 @@ describe('vfio-user command line', () => {
     expect(top.stdout).toMatch(/usage: vfio-user COMMAND/);
     expect(top.stdout).toMatch(/exit status:/);
     const commands = [...top.stdout.matchAll(/^ {2}([a-z]+) {2,}/gm)].map((match) => match[1]);
-    expect(commands).toEqual(expect.arrayContaining(['serve', 'lspci']));
+    expect(commands).toEqual(expect.arrayContaining(['serve', 'lspci', 'trace']));
     for (const command of commands) {
       const sub = await run([command, '-h']);
       expect(sub.code, command).toBe(0);
       expect(sub.stdout, command).toMatch(new RegExp(`usage:[\\s\\S]*vfio-user ${command}`));
       expect(sub.stdout, command).toMatch(/2 +usage error/);
     }
-  });
+  }, 60_000); // one Node start per subcommand: slow on a loaded machine, never timed
 
   test('usage errors exit 2 and say what was wrong', async () => {
     const cases: [string[], RegExp][] = [
@@ -185,13 +185,15 @@ describe('vfio-user command line', () => {
       [['serve', 'a.ts', '--fd=x'], /--fd wants a file descriptor/],
       [['serve', 'a.ts', '--socket', 'x', '--mode', '999'], /--mode wants octal/],
       [['lspci'], /give one SOCKET/],
+      [['trace', '--listen', 'x'], /give both --listen PATH and --connect PATH/],
+      [['trace', '--listen', 'x', '--connect', 'y', 'z'], /unexpected argument z/],
     ];
     for (const [args, message] of cases) {
       const { code, stderr } = await run(args);
       expect(code, args.join(' ')).toBe(2);
       expect(stderr, args.join(' ')).toMatch(message);
     }
-  });
+  }, 60_000);
 
   test('a failure at run time exits 1', async () => {
     const socket = tempSocketPath();

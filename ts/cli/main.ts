@@ -1,15 +1,16 @@
 #!/usr/bin/env node
 /**
  * The `vfio-user` command: `serve` a device module, describe a server's
- * device with `lspci`. Every subcommand takes --help; the exit status is
+ * device with `lspci`, watch a VMM and a server talk with `trace`. Every subcommand takes --help; the exit status is
  * 0 on success, 1 when the work failed, 2 when the command line was wrong.
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { serve } from './serve.js';
+import { serve, untilSignal } from './serve.js';
 import { lspci } from './lspci.js';
 import { examplePath, listExamples } from './examples.js';
 import { setMessageObserver } from '../channel.js';
-import { messageLogger } from '../debug.js';
+import { colorFor, messageLogger } from '../debug.js';
+import { startTrace } from './trace.js';
 
 const Exit = { OK: 0, FAILURE: 1, USAGE: 2 } as const;
 
@@ -97,11 +98,10 @@ ${EXIT_STATUS}`,
       const fd = values.fd === undefined ? undefined : Number(values.fd);
       if ((path === undefined) === (fd === undefined)) throw new CommandLineError('give exactly one of --socket PATH, --socket-path=PATH, --fd=N');
       if (fd !== undefined && !(Number.isInteger(fd) && fd >= 0)) throw new CommandLineError(`--fd wants a file descriptor number, not ${values.fd}`);
-      const mode = values.mode as string | undefined;
-      if (mode !== undefined && !/^0?[0-7]{3}$/.test(mode)) throw new CommandLineError(`--mode wants octal permissions like 0660, not ${mode}`);
+      const mode = socketMode(values.mode);
       const module = example === undefined ? positionals[0] : examplePathOrUsage(example);
       applyVerbose(values);
-      await serve(module, path ?? { fd: fd! }, { mode: mode === undefined ? undefined : parseInt(mode, 8), args: rest });
+      await serve(module, path ?? { fd: fd! }, { mode, args: rest });
     },
   },
   lspci: {
@@ -128,6 +128,52 @@ ${EXIT_STATUS}`,
       process.stdout.write(await lspci(positionals[0], { json: values.json === true }));
     },
   },
+  trace: {
+    summary: 'sit between a VMM and a server and print every message decoded',
+    help: `usage: vfio-user trace --listen PATH --connect PATH [--json] [--mode MODE]
+
+Listen at --listen PATH for a VMM (point the VMM there instead of at the
+server); for each client, connect to the server at --connect PATH and pass
+every message and fd through unchanged until either end leaves, printing each
+message decoded on stdout: command, msg_id, flags, decoded fields, fd count,
+errno of error replies; a reply is decoded by the request it answers.
+Connection events go to stderr. A negotiated twin socket is relayed as well
+(the client gets a socket of the trace's in the VERSION reply), so DMA_READ
+and DMA_WRITE show too. Stops on SIGINT or SIGTERM.
+
+options:
+      --listen PATH      the socket the VMM connects to (created; removed on exit)
+      --connect PATH     the server's socket
+      --json             one JSON object per line instead of text: session,
+                         from, to, socket ("twin" on the twin socket), type,
+                         id, command, flags, size, fds, fields (64-bit values
+                         as "0x..." strings, bytes as {bytes, hex}),
+                         errno/error, problem
+      --mode MODE        permissions of the --listen socket, octal (default 0600)
+  -h, --help             show this help
+
+Text is colored when stdout is a terminal, unless NO_COLOR is set.
+
+${EXIT_STATUS}`,
+    options: { ...help, listen: { type: 'string' }, connect: { type: 'string' }, json: { type: 'boolean' }, mode: { type: 'string' } },
+    async run(values, positionals) {
+      const listen = values.listen as string | undefined;
+      const connect = values.connect as string | undefined;
+      if (listen === undefined || connect === undefined) throw new CommandLineError('give both --listen PATH and --connect PATH');
+      if (positionals.length > 0) throw new CommandLineError(`unexpected argument ${positionals[0]}`);
+      const trace = startTrace({
+        listen,
+        connect,
+        mode: socketMode(values.mode),
+        json: values.json === true,
+        color: colorFor(process.stdout),
+        print: (line) => process.stdout.write(`${line}\n`),
+        log: (line) => process.stderr.write(`vfio-user trace: ${line}\n`),
+      });
+      await untilSignal();
+      trace.stop();
+    },
+  },
 };
 
 const USAGE = `usage: vfio-user COMMAND [OPTIONS]
@@ -144,6 +190,13 @@ DEBUG=vfio-user in the environment of any program that uses the library
 stderr; the library prints nothing otherwise.
 
 ${EXIT_STATUS}`;
+
+/** --mode: octal permission bits like 0660. */
+function socketMode(mode: Values[string]): number | undefined {
+  if (mode === undefined) return undefined;
+  if (typeof mode !== 'string' || !/^0?[0-7]{3}$/.test(mode)) throw new CommandLineError(`--mode wants octal permissions like 0660, not ${mode}`);
+  return parseInt(mode, 8);
+}
 
 function examplePathOrUsage(name: string): string {
   try {

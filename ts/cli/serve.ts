@@ -70,11 +70,17 @@ export async function serve(file: string, socket: string | { fd: number }, optio
   server.on('deviceError', (error, command) => console.error(`vfio-user: device error in ${commandName(command)}: ${error.stack ?? error.message}`));
   await server.listen(socket, { mode: options.mode });
   console.error(`vfio-user: serving ${file} on ${typeof socket === 'string' ? socket : `fd ${socket.fd}`}`);
-  await new Promise<void>((done) => {
+  await untilSignal();
+  await server.close();
+}
+
+/** Resolves on the first SIGINT or SIGTERM: the way a served device or a trace is stopped. */
+export function untilSignal(): Promise<void> {
+  return new Promise((done) => {
     const stop = () => {
       process.off('SIGINT', stop);
       process.off('SIGTERM', stop);
-      void server.close().then(done);
+      done();
     };
     process.on('SIGINT', stop);
     process.on('SIGTERM', stop);
