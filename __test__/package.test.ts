@@ -49,7 +49,8 @@ function lockedClosure(names: string[]): Record<string, LockEntry> {
 /** A bin folder with node, npm, npx and sh and nothing else: no cargo, rustc or cc. */
 function barePath(dir: string): string {
   mkdirSync(dir);
-  const npmCli = join(dirname(process.execPath), '..', 'lib', 'node_modules', 'npm', 'bin');
+  // npm's own scripts name it; otherwise it sits in the node install's lib/node_modules.
+  const npmCli = process.env.npm_execpath ? dirname(process.env.npm_execpath) : join(dirname(process.execPath), '..', 'lib', 'node_modules', 'npm', 'bin');
   for (const [name, target] of [
     ['node', process.execPath],
     ['npm', join(npmCli, 'npm-cli.js')],
@@ -176,7 +177,7 @@ describe.skipIf(!existsSync(ADDON))(`the packed package installed without Rust (
     } finally {
       server?.kill('SIGTERM');
     }
-  });
+  }, 60_000);
 
   const typescripts = [
     ['TypeScript 5', join(repo, 'node_modules', 'typescript-5')],
