@@ -4,10 +4,10 @@
  * the device state intact for the next client.
  */
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, commandName, Errno, PciDevice, protocol, Region } from '../ts/index.js';
+import { Command, commandName, ConnectionClosedError, Errno, PciDevice, protocol, Region } from '../ts/index.js';
 import { native } from '../ts/native.js';
 import { Channel } from '../ts/channel.js';
-import { closedBy, nextMessage, openFdCount, qemuVersion, rawConnect, rawMessage, serve, type Served } from './helpers.js';
+import { closedBy, nextMessage, openFdCount, qemuVersion, rawConnect, rawMessage, serve, until, type Served } from './helpers.js';
 
 let served: Served;
 afterEach(async () => served?.close());
@@ -132,13 +132,19 @@ describe('malformed messages', () => {
 });
 
 describe('a flooding peer', () => {
-  test('more than 64 MiB queued behind a pending handler ends the session, not the server', async () => {
+  /** A device whose BAR2 reads wait for `release()`; BAR0 is plain memory. */
+  function stallingDevice() {
     let release!: () => void;
     const gate = new Promise<void>((r) => (release = r));
     const device = new PciDevice({
       vendorId: 1, deviceId: 2, classCode: 0,
       bars: { 0: { kind: 'memory', size: 1 << 20 }, 2: { kind: 'io', size: 4, read: async () => { await gate; return 0; } } },
     });
+    return { device, release };
+  }
+
+  test('more than 64 MiB queued behind a pending handler ends the session, not the server', async () => {
+    const { device, release } = stallingDevice();
     served = await serve(device) as unknown as Served;
     const client = await served.client();
     const closed = new Promise<Error | undefined>((r) => client.on('close', r));
@@ -151,6 +157,57 @@ describe('a flooding peer', () => {
     release();
     const next = await served.client();
     expect((await next.regionRead(Region.CONFIG, 0n, 2)).readUInt16LE(0)).toBe(1);
+  });
+
+  test('endless empty messages behind a pending handler end the session too', async () => {
+    const { device, release } = stallingDevice();
+    served = await serve(device) as unknown as Served;
+    const s = await negotiated();
+    const stall = Buffer.from('000000000000000002000000' + '01000000', 'hex'); // REGION_READ BAR2, 1 byte
+    s.write(rawMessage({ command: Command.REGION_READ }, stall));
+    // 16-byte posted DEVICE_RESETs: no payload at all, yet each one waits in memory.
+    const empties = Buffer.concat(Array.from({ length: 4096 }, () => rawMessage({ command: Command.DEVICE_RESET, flags: 0x10 })));
+    s.on('error', () => {}); // the server may reset a socket it cut off with data unread
+    const closed = closedBy(s, 20_000);
+    let sent = 0;
+    const pump = () => {
+      while (!s.destroyed && sent < 1 << 20 && s.write(empties)) sent += 4096;
+      if (!s.destroyed && sent < 1 << 20) s.once('drain', pump);
+    };
+    pump();
+    await closed;
+    // Far fewer than a million: the cap, not the pump's end, closed it.
+    expect(sent).toBeLessThan(1 << 20);
+    release();
+    const next = await served.client();
+    expect((await next.regionRead(Region.CONFIG, 0n, 2)).readUInt16LE(0)).toBe(1);
+  });
+
+  test('fds piling up behind a pending handler end the session, and every one is closed', async () => {
+    const { device, release } = stallingDevice();
+    served = await serve(device) as unknown as Served;
+    const before = openFdCount();
+    const channel = new Channel(native.connectUnix(served.path), { onCommand: () => {}, onClose: () => {} });
+    await channel.request(Command.VERSION, Buffer.from([0, 0, 0, 0]));
+    const stalled = channel.request(Command.REGION_READ, Buffer.from('000000000000000002000000' + '01000000', 'hex')).catch((e: Error) => e);
+    const ev = native.eventfdCreate();
+    const map = Buffer.alloc(32);
+    map.writeUInt32LE(32, 0);
+    map.writeUInt32LE(3, 4); // READ | WRITE
+    map.writeBigUInt64LE(4096n, 24);
+    // 16 fds a message, 4 096 messages: 65 536 fds would wait in the server without a bound.
+    const replies = [];
+    for (let i = 0; i < 4096 && !channel.closed; i++) {
+      replies.push(channel.request(Command.DMA_MAP, map, new Array(16).fill(ev)).catch((e: Error) => e));
+      if (i % 64 === 63) await new Promise((r) => setImmediate(r));
+    }
+    expect(await stalled).toBeInstanceOf(ConnectionClosedError);
+    expect(replies.length).toBeLessThan(4096);
+    channel.close();
+    native.closeFd(ev);
+    release();
+    await until(() => served.server.session === undefined);
+    expect(openFdCount()).toBe(before);
   });
 });
 

@@ -17,16 +17,26 @@
  *    else is sent: a saving of one native call, never a reordering.
  * 3. This queue: one handler at a time; messages that arrive while a handler
  *    is pending (a Promise) wait here in arrival order. What waits is bounded
- *    (MAX_QUEUED_BYTES): a client that keeps sending behind a stalled handler
- *    is cut off, not the server.
+ *    (MAX_QUEUED_BYTES, see costOf): a client that keeps sending behind a
+ *    stalled handler is cut off, not the server.
  */
 import type { Channel, Message } from '../channel.js';
 import { PeerProtocolError } from '../errors.js';
 import { closeFds } from '../native.js';
 import type { Reply } from './handlers/index.js';
 
-/** Commands may wait behind a pending (async) handler; past this many payload bytes the client is cut off. */
+/** Commands may wait behind a pending (async) handler; past this many bytes (costOf) the client is cut off. */
 export const MAX_QUEUED_BYTES = 64 * 1024 * 1024;
+
+/** What a waiting message holds besides its payload (header, views, bookkeeping: about 300 bytes measured). */
+const MESSAGE_COST = 512;
+/** A waiting fd holds a slot of the process's fd table: 1 024 of them reach the cap on their own. */
+const FD_COST = 64 * 1024;
+
+/** What a waiting message costs against MAX_QUEUED_BYTES: empty messages and fds are not free. */
+function costOf(message: Message): number {
+  return MESSAGE_COST + message.payload.length + message.fds.length * FD_COST;
+}
 
 export interface RequestHandling {
   /** Starts handling a message: its reply, or a Promise of it when it finishes later. */
@@ -39,8 +49,8 @@ export interface RequestHandling {
 
 export class RequestQueue {
   private readonly waiting: Message[] = [];
-  /** Payload bytes in `waiting`. */
-  private waitingBytes = 0;
+  /** The cost (costOf) of what is in `waiting`. */
+  private waitingCost = 0;
   /** A handler's Promise is pending. */
   private running = false;
 
@@ -55,8 +65,8 @@ export class RequestQueue {
    */
   receive(message: Message): boolean {
     if (!this.running && this.waiting.length === 0) return this.run(message);
-    this.waitingBytes += message.payload.length;
-    if (this.waitingBytes > MAX_QUEUED_BYTES) {
+    this.waitingCost += costOf(message);
+    if (this.waitingCost > MAX_QUEUED_BYTES) {
       // A client that keeps sending while a handler is pending would grow the queue without bound.
       closeFds(message.fds);
       this.handling.overflow(new PeerProtocolError(`the client queued more than ${MAX_QUEUED_BYTES} bytes behind a pending handler`));
@@ -69,7 +79,7 @@ export class RequestQueue {
   /** The session ended: what still waits is dropped, its fds closed. */
   clear(): void {
     for (const message of this.waiting.splice(0)) closeFds(message.fds);
-    this.waitingBytes = 0;
+    this.waitingCost = 0;
   }
 
   /** Handles one message; true if it finishes later (then `channel.done()` follows). */
@@ -100,7 +110,7 @@ export class RequestQueue {
   private drain(): void {
     while (!this.running && this.waiting.length > 0 && !this.channel.closed) {
       const next = this.waiting.shift()!;
-      this.waitingBytes -= next.payload.length;
+      this.waitingCost -= costOf(next);
       if (!this.run(next)) this.channel.done();
     }
   }
