@@ -4,10 +4,10 @@ import { afterEach, describe, expect, test } from 'vitest';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { createServer as createNetServer } from 'node:net';
-import { connect, createServer, Region, UsageError } from '../ts/index.js';
+import { Command, connect, createServer, DmaSpaceClosedError, Errno, GuestMemory, PciDevice, protocol, Region, UsageError } from '../ts/index.js';
 import { native } from '../ts/native.js';
 import { PciIdio16 } from '../examples/gpio.js';
-import { serve, tempSocketPath, until, type Served } from './helpers.js';
+import { nextMessage, qemuVersion, rawConnect, rawMessage, serve, tempSocketPath, until, type Served } from './helpers.js';
 
 let served: Served;
 afterEach(async () => served?.close());
@@ -114,5 +114,95 @@ describe('clients', () => {
     await until(() => seen.length === 2);
     expect(seen).toEqual(['connection', 'disconnect']);
     await expect(client.getDeviceInfo()).rejects.toThrow(/closed/);
+  });
+});
+
+describe('a handler that never finishes', () => {
+  /** A device whose BAR2 accesses wait for `release()`; `late` collects what its handlers then meet. */
+  function stalling() {
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const late: unknown[] = [];
+    let writing = false;
+    const device: PciDevice = new PciDevice({
+      vendorId: 1, deviceId: 2, classCode: 0,
+      bars: {
+        2: {
+          kind: 'io', size: 4,
+          read: async () => { await gate; return 0x77; },
+          write: async (_offset, data) => {
+            const held = device.dma;
+            writing = true;
+            await gate;
+            for (const dma of [held, device.dma]) {
+              try {
+                dma.write(0x10000n, data);
+                late.push('wrote');
+              } catch (error) {
+                late.push(error);
+              }
+            }
+          },
+        },
+      },
+    });
+    return { device, release, late, writing: () => writing };
+  }
+
+  async function listen(device: PciDevice, options?: { requestTimeoutMs?: number }) {
+    const socket = tempSocketPath();
+    const server = createServer(device, options);
+    await server.listen(socket.path);
+    const close = async () => { await server.close(); socket.cleanup(); };
+    return { server, path: socket.path, close };
+  }
+
+  test('past requestTimeoutMs the client gets ETIMEDOUT, the server says so and serves the next command', async () => {
+    const { device, release } = stalling();
+    const { server, path, close } = await listen(device, { requestTimeoutMs: 50 });
+    const timeouts: number[] = [];
+    server.on('requestTimeout', (command) => timeouts.push(command));
+    const s = await rawConnect(path);
+    s.write(qemuVersion());
+    await nextMessage(s);
+    s.write(rawMessage({ msgId: 7, command: Command.REGION_READ }, Buffer.from('000000000000000002000000' + '01000000', 'hex')));
+    s.write(rawMessage({ msgId: 8, command: Command.REGION_READ }, Buffer.from('000000000000000007000000' + '02000000', 'hex')));
+    const expired = protocol.decodeHeader(await nextMessage(s));
+    expect(expired).toMatchObject({ msgId: 7, flags: 0x21, error: Errno.ETIMEDOUT });
+    expect(timeouts).toEqual([Command.REGION_READ]);
+    expect((await nextMessage(s)).readUInt16LE(32)).toBe(1); // the config read behind it
+    // The late answer is dropped: the next message is the reply to the next request.
+    release();
+    await new Promise((r) => setImmediate(r));
+    s.write(rawMessage({ msgId: 9, command: Command.REGION_READ }, Buffer.from('000000000000000007000000' + '02000000', 'hex')));
+    expect(protocol.decodeHeader(await nextMessage(s))).toMatchObject({ msgId: 9, flags: 1 });
+    s.destroy();
+    await close();
+  });
+
+  test("after a disconnect, a late handler meets DmaSpaceClosedError, not the next client's memory", async () => {
+    const { device, release, late, writing } = stalling();
+    const { path, close } = await listen(device);
+    const first = await connect(path);
+    const firstRam = new GuestMemory(1 << 20);
+    await first.dmaMap({ iova: 0n, memory: firstRam });
+    void first.regionWrite(Region.BAR2, 0n, Buffer.from('late'), { posted: true });
+    await until(writing);
+    first.close();
+    const second = await connect(path);
+    const secondRam = new GuestMemory(1 << 20);
+    await second.dmaMap({ iova: 0n, memory: secondRam });
+    release();
+    await until(() => late.length === 2);
+    expect(late[0]).toBeInstanceOf(DmaSpaceClosedError);
+    expect(late[1]).toBeInstanceOf(DmaSpaceClosedError);
+    expect(secondRam.read(0x10000, 4).toString()).toBe('\0\0\0\0');
+    // The new client's memory is the device's outside that late handler.
+    device.dma.write(0x10000n, Buffer.from('ok'));
+    expect(secondRam.read(0x10000, 2).toString()).toBe('ok');
+    second.close();
+    firstRam.close();
+    secondRam.close();
+    await close();
   });
 });

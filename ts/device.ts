@@ -4,6 +4,7 @@
  * what the device declares before calling it, so implementations see only
  * well-formed, in-bounds accesses.
  */
+import { AsyncLocalStorage } from 'node:async_hooks';
 import type { NativeRegionReads } from './native.js';
 import type { DmaSpace } from './dma/space.js';
 import type { IrqInfo, RegionCap, SetIrqs } from './protocol/index.js';
@@ -81,6 +82,15 @@ export interface DeviceAttachment {
   /** Guest memory the client declared. */
   readonly dma: DmaSpace;
 }
+
+/**
+ * The attachment of the client whose request the running code serves: the
+ * session runs every handler inside it, and it follows the handler through
+ * awaits and into the timers it starts. A device model resolves guest memory
+ * through it (PciDevice.dma does), so code that outlives its client's session
+ * reaches that client's closed DmaSpace, never the next client's memory.
+ */
+export const requestAttachment = new AsyncLocalStorage<DeviceAttachment>();
 
 export interface VfioUserDevice {
   /** DeviceInfoFlags (RESET, PCI). */

@@ -6,7 +6,7 @@
 // The public types use Node's (Buffer, EventEmitter): TypeScript 6 no longer
 // loads @types/node by itself, so the declarations ask for it.
 /// <reference types="node" preserve="true" />
-export { createServer, VfioUserServer, type ListenOptions, type VfioUserServerEvents } from './server/server.js';
+export { createServer, VfioUserServer, type ListenOptions, type ServerOptions, type VfioUserServerEvents } from './server/server.js';
 export { ServerSession } from './server/session.js';
 export {
   connect,
@@ -63,6 +63,7 @@ export {
   AsyncDmaRequiredError,
   DmaAccessError,
   DmaSpace,
+  DmaSpaceClosedError,
   DmaViewError,
   GuestMemoryAccess,
   SharedMemory,

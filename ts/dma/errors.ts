@@ -32,6 +32,17 @@ export class AsyncDmaRequiredError extends VfioUserError {
   }
 }
 
+/**
+ * The client this guest memory belonged to is gone. Device code that
+ * outlived its client's session (a late handler, a timer it started) gets
+ * this instead of reaching the memory of whoever connected next.
+ */
+export class DmaSpaceClosedError extends VfioUserError {
+  constructor(readonly iova: bigint) {
+    super(`guest memory at 0x${iova.toString(16)} belonged to a client that has disconnected`);
+  }
+}
+
 /** Why a zero-copy view cannot be made. */
 export type DmaViewRefusal =
   /** The window has no fd: there is no memory in this process to view. */

@@ -7,6 +7,7 @@
 import { native, type NativeMapping } from '../native.js';
 import { Errno, ProtocolError, Command } from '../protocol/index.js';
 import { GuestMemoryAccess } from './access.js';
+import { DmaSpaceClosedError } from './errors.js';
 import type { MessageDma } from './messages.js';
 
 export interface DmaWindow {
@@ -53,6 +54,7 @@ export class DmaSpace extends GuestMemoryAccess {
   private windows: DmaWindow[] = [];
   private recent: DmaWindow | undefined;
   private transport: MessageDma | undefined;
+  private closed = false;
 
   constructor(readonly maxWindows: number) {
     super();
@@ -72,12 +74,16 @@ export class DmaSpace extends GuestMemoryAccess {
     const recent = this.recent;
     if (recent && iova >= recent.iova && iova < recent.end) return recent;
     const w = this.windows[this.lowerBound(iova + 1n) - 1];
-    if (!w || iova >= w.end) return undefined;
+    if (!w || iova >= w.end) {
+      if (this.closed) throw new DmaSpaceClosedError(iova);
+      return undefined;
+    }
     this.recent = w;
     return w;
   }
 
   protected *windowsIn(iova: bigint, end: bigint): Iterable<DmaWindow> {
+    if (this.closed) throw new DmaSpaceClosedError(iova);
     for (let at = Math.max(0, this.lowerBound(iova + 1n) - 1); at < this.windows.length && this.windows[at].iova < end; at++) {
       const w = this.windows[at];
       if (w.end > iova) yield w;
@@ -99,6 +105,7 @@ export class DmaSpace extends GuestMemoryAccess {
    */
   map(req: MapRequest): void {
     const fail = (errno: number, why: string) => new ProtocolError(errno, Command.DMA_MAP, why);
+    if (this.closed) throw new DmaSpaceClosedError(req.iova);
     if (req.size === 0n) throw fail(Errno.EINVAL, 'size is 0');
     if (req.iova + req.size - 1n > U64_MAX) throw fail(Errno.EINVAL, 'iova + size wraps past 2^64');
     if (req.iova % PAGE !== 0n || req.size % PAGE !== 0n) throw fail(Errno.EINVAL, 'iova and size must be 4 KiB aligned');
@@ -141,6 +148,13 @@ export class DmaSpace extends GuestMemoryAccess {
     for (const w of this.windows) w.mapping?.unmap();
     this.windows = [];
     this.recent = undefined;
+  }
+
+  /** The client is gone: every window goes, and every later access throws DmaSpaceClosedError. */
+  close(): void {
+    this.unmapAll();
+    this.transport = undefined;
+    this.closed = true;
   }
 
   /** The window holding [iova, iova + length), or undefined. */

@@ -7,7 +7,7 @@
  */
 import { native, type NativeRegionReads } from '../native.js';
 import { UsageError } from '../errors.js';
-import type { DeviceAttachment, DeviceMigration, RegionDescription, RegionIoFd, VfioUserDevice } from '../device.js';
+import { requestAttachment, type DeviceAttachment, type DeviceMigration, type RegionDescription, type RegionIoFd, type VfioUserDevice } from '../device.js';
 import type { DmaSpace } from '../dma/space.js';
 import {
   DeviceInfoFlags,
@@ -152,10 +152,15 @@ export class PciDevice implements VfioUserDevice {
     for (const bar of this.bars) bar?.close();
   }
 
-  /** Guest memory of the attached client (throws when none is attached). */
+  /**
+   * Guest memory of the attached client (throws when none is attached). Code
+   * serving a request gets its own client's memory even after that client
+   * left: closed, so every access throws DmaSpaceClosedError.
+   */
   get dma(): DmaSpace {
-    if (!this.attachment) throw new UsageError('no client is attached: guest memory is unavailable');
-    return this.attachment.dma;
+    const attachment = requestAttachment.getStore() ?? this.attachment;
+    if (!attachment) throw new UsageError('no client is attached: guest memory is unavailable');
+    return attachment.dma;
   }
 
   get attached(): boolean {

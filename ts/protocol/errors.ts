@@ -21,6 +21,7 @@ export const Errno = {
   EPROTO: 71,
   ENOTSUP: 95,
   ENOTCONN: 107,
+  ETIMEDOUT: 110,
 } as const;
 export type Errno = (typeof Errno)[keyof typeof Errno];
 

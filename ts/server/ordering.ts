@@ -18,7 +18,10 @@
  * 3. This queue: one handler at a time; messages that arrive while a handler
  *    is pending (a Promise) wait here in arrival order. What waits is bounded
  *    (MAX_QUEUED_BYTES, see costOf): a client that keeps sending behind a
- *    stalled handler is cut off, not the server.
+ *    stalled handler is cut off, not the server. How long a handler may keep
+ *    the others waiting is bounded too when the server sets a deadline
+ *    (`requestTimeoutMs`): past it the client gets ETIMEDOUT and the next
+ *    command runs; whatever the late handler produces is dropped.
  */
 import type { Channel, Message } from '../channel.js';
 import { PeerProtocolError } from '../errors.js';
@@ -45,6 +48,10 @@ export interface RequestHandling {
   answer(message: Message, reply: Reply, error?: unknown): void;
   /** The client overran what may wait: end the session with `error`. */
   overflow(error: PeerProtocolError): void;
+  /** A handler missed its deadline: answer ETIMEDOUT and tell the server's owner. */
+  expired(message: Message): void;
+  /** What a handler produced after its deadline: dropped (its reply fds closed). */
+  late(message: Message, reply: Reply, error?: unknown): void;
 }
 
 export class RequestQueue {
@@ -53,10 +60,14 @@ export class RequestQueue {
   private waitingCost = 0;
   /** A handler's Promise is pending. */
   private running = false;
+  /** Fires when the running handler misses its deadline. */
+  private deadline: NodeJS.Timeout | undefined;
 
   constructor(
     private readonly channel: Pick<Channel, 'done' | 'closed'>,
     private readonly handling: RequestHandling,
+    /** How long one handler may keep later commands waiting; undefined: for ever. */
+    private readonly timeoutMs: number | undefined,
   ) {}
 
   /**
@@ -76,8 +87,9 @@ export class RequestQueue {
     return true;
   }
 
-  /** The session ended: what still waits is dropped, its fds closed. */
+  /** The session ended: what still waits is dropped, its fds closed; no deadline fires. */
   clear(): void {
+    clearTimeout(this.deadline);
     for (const message of this.waiting.splice(0)) closeFds(message.fds);
     this.waitingCost = 0;
   }
@@ -96,14 +108,26 @@ export class RequestQueue {
       return false;
     }
     this.running = true;
+    let answered = false;
+    // Answers once (the handler's result or the deadline, whichever comes first), then moves on.
+    const finish = (answer: () => void) => {
+      answered = true;
+      try {
+        answer();
+      } finally {
+        clearTimeout(this.deadline);
+        this.running = false;
+        this.channel.done();
+        this.drain();
+      }
+    };
+    if (this.timeoutMs !== undefined) {
+      this.deadline = setTimeout(() => finish(() => this.handling.expired(message)), this.timeoutMs).unref();
+    }
     result.then(
-      (reply) => this.handling.answer(message, reply),
-      (error) => this.handling.answer(message, undefined, error),
-    ).finally(() => {
-      this.running = false;
-      this.channel.done();
-      this.drain();
-    });
+      (reply) => (answered ? this.handling.late(message, reply) : finish(() => this.handling.answer(message, reply))),
+      (error: unknown) => (answered ? this.handling.late(message, undefined, error) : finish(() => this.handling.answer(message, undefined, error))),
+    );
     return true;
   }
 

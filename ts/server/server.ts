@@ -9,10 +9,23 @@ import { native } from '../native.js';
 import { UsageError, VfioUserError } from '../errors.js';
 import { errnoName } from '../protocol/index.js';
 import type { VfioUserDevice } from '../device.js';
-import { ServerSession } from './session.js';
+import { ServerSession, type SessionOptions } from './session.js';
 
 /** How long to wait before accepting again after a failed accept. */
 const ACCEPT_RETRY_MS = 100;
+/** The longest delay setTimeout honours (2^31 - 1 ms). */
+const MAX_TIMEOUT_MS = 0x7fffffff;
+
+export interface ServerOptions {
+  /**
+   * Deadline, in ms, for one command's handler. Past it the client gets
+   * ETIMEDOUT, `requestTimeout` is emitted and the client's next command
+   * runs while the late handler may still be running; what it produces is
+   * dropped. Off by default: a device that may legitimately take long (a
+   * reset, a migration save) would otherwise see commands overtake it.
+   */
+  requestTimeoutMs?: number;
+}
 
 export interface ListenOptions {
   /** File mode of the socket; owner-only unless asked otherwise. */
@@ -30,6 +43,8 @@ export interface VfioUserServerEvents {
   acceptError: [error: Error];
   /** A device handler threw or rejected; the client was answered EIO. */
   deviceError: [error: Error, command: number];
+  /** A handler missed `requestTimeoutMs`; the client was answered ETIMEDOUT. */
+  requestTimeout: [command: number];
   close: [];
 }
 
@@ -41,8 +56,18 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
   private where: string | undefined;
   private keepAlive = true;
 
-  constructor(readonly device: VfioUserDevice) {
+  private readonly sessionOptions: SessionOptions;
+
+  constructor(
+    readonly device: VfioUserDevice,
+    options: ServerOptions = {},
+  ) {
     super();
+    const { requestTimeoutMs } = options;
+    if (requestTimeoutMs !== undefined && !(Number.isInteger(requestTimeoutMs) && requestTimeoutMs > 0 && requestTimeoutMs <= MAX_TIMEOUT_MS)) {
+      throw new UsageError(`requestTimeoutMs ${requestTimeoutMs} is not a whole number of ms between 1 and ${MAX_TIMEOUT_MS}`);
+    }
+    this.sessionOptions = { requestTimeoutMs };
   }
 
   /**
@@ -119,7 +144,8 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
     const session = new ServerSession(fd, this.device, {
       onClose: (s, error) => this.ended(s, error),
       onDeviceError: (error, command) => this.emit('deviceError', error, command),
-    });
+      onRequestTimeout: (command) => this.emit('requestTimeout', command),
+    }, this.sessionOptions);
     this.current = session;
     this.emit('connection', session);
   }
@@ -132,6 +158,6 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
 }
 
 /** Creates a server for `device`, like `net.createServer()`. */
-export function createServer(device: VfioUserDevice): VfioUserServer {
-  return new VfioUserServer(device);
+export function createServer(device: VfioUserDevice, options?: ServerOptions): VfioUserServer {
+  return new VfioUserServer(device, options);
 }

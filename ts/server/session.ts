@@ -9,7 +9,7 @@ import { closeFds, native } from '../native.js';
 import { DmaSpace } from '../dma/space.js';
 import { MessageDma } from '../dma/messages.js';
 import { ConnectionClosedError, type PeerProtocolError } from '../errors.js';
-import type { VfioUserDevice } from '../device.js';
+import { requestAttachment, type DeviceAttachment, type VfioUserDevice } from '../device.js';
 import { MigrationSession, migrationStateOf } from './migration/index.js';
 import {
   Command,
@@ -24,11 +24,18 @@ import {
 import { fail, handlers, SERVER_CAPABILITIES, type HandlerContext, type Reply } from './handlers/index.js';
 import { RequestQueue } from './ordering.js';
 
+export interface SessionOptions {
+  /** How long one handler may keep the client's later commands waiting; undefined: no limit. */
+  requestTimeoutMs?: number;
+}
+
 export interface SessionEvents {
   /** The session ended; `error` says why when it was not a clean disconnect. */
   onClose(session: ServerSession, error?: Error): void;
   /** A device handler threw: the client got EIO, the server goes on. */
   onDeviceError(error: Error, command: number): void;
+  /** A handler missed the deadline: the client got ETIMEDOUT, its later commands run. */
+  onRequestTimeout(command: number): void;
 }
 
 export class ServerSession {
@@ -39,11 +46,14 @@ export class ServerSession {
   private readonly context: HandlerContext;
   private negotiated: Version | undefined;
   readonly dma = new DmaSpace(SERVER_CAPABILITIES.maxDmaMaps);
+  /** What the device sees of this client; handlers run inside it (requestAttachment). */
+  private readonly attachment: DeviceAttachment = { dma: this.dma };
 
   constructor(
     fd: number,
     readonly device: VfioUserDevice,
     private readonly events: SessionEvents,
+    options: SessionOptions = {},
   ) {
     const { migration } = device;
     const session = this;
@@ -70,7 +80,9 @@ export class ServerSession {
       dispatch: (message) => this.dispatch(message),
       answer: (message, reply, error) => this.answer(message, reply, error),
       overflow: (error) => this.overflow(error),
-    });
+      expired: (message) => this.expired(message),
+      late: (message, reply, error) => this.late(message, reply, error),
+    }, options.requestTimeoutMs);
   }
 
   /** The client's capabilities once VERSION is done. */
@@ -109,7 +121,7 @@ export class ServerSession {
       // DMA_READ/DMA_WRITE go server to client; 14 was removed; the rest are unknown.
       throw fail(Errno.ENOSYS, header.command, `${commandName(header.command)} is not a command a server handles`);
     }
-    return handler(this.context, message);
+    return requestAttachment.run(this.attachment, handler, this.context, message);
   }
 
   private answer(message: Message, reply: Reply, error?: unknown): void {
@@ -131,6 +143,20 @@ export class ServerSession {
     }
   }
 
+  private expired(message: Message): void {
+    const { command } = message.header;
+    this.events.onRequestTimeout(command);
+    this.answer(message, undefined, fail(Errno.ETIMEDOUT, command, 'the device did not answer in time'));
+  }
+
+  /** A handler finished after its deadline: its answer has no one to go to. */
+  private late(message: Message, reply: Reply, error?: unknown): void {
+    if (reply && !reply.message) closeFds(reply.fds ?? []);
+    if (error !== undefined && !(error instanceof ProtocolError)) {
+      this.events.onDeviceError(error instanceof Error ? error : new Error(String(error)), message.header.command);
+    }
+  }
+
   private overflow(error: PeerProtocolError): void {
     this.channel.close(error.message);
     this.finish(error);
@@ -147,7 +173,7 @@ export class ServerSession {
     // DMA_READ replies must fit our frame limit as well as the client's transfer limit.
     const chunk = Math.max(1, Math.min(peer.capabilities.maxDataXferSize, SERVER_CAPABILITIES.maxDataXferSize));
     this.dma.useMessages(new MessageDma(this.twin ?? this.channel, chunk));
-    this.device.attach({ dma: this.dma });
+    this.device.attach(this.attachment);
     return clientEnd;
   }
 
@@ -183,9 +209,8 @@ export class ServerSession {
     this.finished = true;
     this.requests.clear();
     this.twin?.close('the session ended');
-    this.dma.useMessages(undefined);
-    // Detaches every view before anything else can run.
-    this.dma.unmapAll();
+    // Detaches every view before anything else can run; late device code gets DmaSpaceClosedError.
+    this.dma.close();
     if (this.negotiated) this.device.detach();
     this.context.migration?.end().catch((failure: Error) => this.events.onDeviceError(failure, Command.DEVICE_FEATURE));
     this.events.onClose(this, error);
