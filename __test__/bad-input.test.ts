@@ -187,7 +187,7 @@ describe('a flooding peer', () => {
     const { device, release } = stallingDevice();
     served = await serve(device) as unknown as Served;
     const before = openFdCount();
-    const channel = new Channel(native.connectUnix(served.path), { onCommand: () => {}, onClose: () => {} });
+    const channel = new Channel(native.connectUnix(served.path), { side: 'client', onCommand: () => {}, onClose: () => {} });
     await channel.request(Command.VERSION, Buffer.from([0, 0, 0, 0]));
     const stalled = channel.request(Command.REGION_READ, Buffer.from('000000000000000002000000' + '01000000', 'hex')).catch((e: Error) => e);
     const ev = native.eventfdCreate();
