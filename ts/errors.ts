@@ -27,3 +27,29 @@ export class PeerProtocolError extends VfioUserError {}
 
 /** The API was used wrongly (bad argument, wrong state). */
 export class UsageError extends VfioUserError {}
+
+/**
+ * A read handler answered something that is not `size` bytes of register:
+ * the message names the handler (`bars[2].read`), the access and the value,
+ * so the mistake is found in device code rather than in the guest.
+ */
+export class HandlerResultError extends UsageError {
+  constructor(
+    readonly handler: string,
+    readonly offset: number,
+    readonly size: number,
+    readonly value: unknown,
+    problem: string,
+  ) {
+    super(`${handler} at offset 0x${offset.toString(16)}, size ${size}, returned ${describeValue(value)}: ${problem}`);
+  }
+}
+
+function describeValue(value: unknown): string {
+  if (value === undefined) return 'nothing';
+  if (value instanceof Uint8Array) return `a ${value.constructor.name} of ${value.length} bytes`;
+  if (typeof value === 'number' || typeof value === 'bigint') return typeof value === 'bigint' ? `${value}n` : String(value);
+  if (typeof value === 'string') return `the string ${JSON.stringify(value.slice(0, 40))}`;
+  if (value === null) return 'null';
+  return typeof value === 'object' ? `an object (${value.constructor?.name ?? 'no prototype'})` : `a ${typeof value}`;
+}

@@ -86,7 +86,7 @@ export type {
   MigrationPhase,
   MigrationUnit,
 } from './device.js';
-export { ConnectionClosedError, PeerProtocolError, TimeoutError, TooManyRequestsError, UsageError, VfioUserError } from './errors.js';
+export { ConnectionClosedError, HandlerResultError, PeerProtocolError, TimeoutError, TooManyRequestsError, UsageError, VfioUserError } from './errors.js';
 export * as protocol from './protocol/index.js';
 export {
   Command,

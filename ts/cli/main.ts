@@ -4,6 +4,7 @@
  * device with `lspci`, watch a VMM and a server talk with `trace`. Every subcommand takes --help; the exit status is
  * 0 on success, 1 when the work failed, 2 when the command line was wrong.
  */
+import './source-maps.js';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { serve, untilSignal } from './serve.js';
 import { lspci } from './lspci.js';

@@ -166,7 +166,8 @@ export class Bar implements PciBar {
   private readPlain(offset: number, count: number): Uint8Array | Promise<Uint8Array> {
     if (this.memory) return Buffer.from(this.memory.subarray(offset, offset + count));
     const value = this.description.read!(offset, count);
-    return value instanceof Promise ? value.then((v) => encodeValue(v, count)) : encodeValue(value, count);
+    const handler = `bars[${this.index}].read`;
+    return value instanceof Promise ? value.then((v) => encodeValue(v, count, handler, offset)) : encodeValue(value, count, handler, offset);
   }
 
   /** Cuts [offset, offset + count) at overlay boundaries. */

@@ -3,7 +3,7 @@
  * device. Everything here is data plus optional handlers; `PciDevice` checks
  * it at construction and throws `InvalidDeviceError` naming the bad field.
  */
-import { UsageError } from '../errors.js';
+import { HandlerResultError, UsageError } from '../errors.js';
 import type { SharedMemory } from '../dma/shared-memory.js';
 
 /** What a register read may return: a number/bigint (little-endian) or the bytes. */
@@ -267,10 +267,23 @@ export function checkUint(field: string, value: number | undefined, bits: number
   }
 }
 
-/** Encodes a handler's answer as exactly `size` little-endian bytes. */
-export function encodeValue(value: RegisterValue, size: number): Uint8Array {
-  if (value instanceof Uint8Array) return value;
+/**
+ * Encodes a handler's answer as exactly `size` little-endian bytes: an
+ * integer gives its low `size` bytes (two's complement for negative ones, so
+ * a narrow read of a wider register works); bytes must be exactly `size`
+ * long. Anything else throws a HandlerResultError naming `handler`.
+ */
+export function encodeValue(value: RegisterValue, size: number, handler: string, offset: number): Uint8Array {
+  const fail = (problem: string) => new HandlerResultError(handler, offset, size, value, problem);
+  if (value instanceof Uint8Array) {
+    if (value.length !== size) throw fail(`a read of ${size} bytes needs ${size} bytes`);
+    return value;
+  }
+  let integer: bigint;
+  if (typeof value === 'bigint') integer = value;
+  else if (typeof value === 'number' && Number.isInteger(value)) integer = BigInt(value);
+  else throw fail(`expected an integer (number or bigint) or a Uint8Array of ${size} bytes`);
   const out = Buffer.alloc(Math.max(size, 8));
-  out.writeBigUInt64LE(BigInt.asUintN(64, typeof value === 'bigint' ? value : BigInt(Math.trunc(value))), 0);
+  out.writeBigUInt64LE(BigInt.asUintN(64, integer), 0);
   return out.subarray(0, size);
 }

@@ -224,7 +224,7 @@ export class PciDevice implements VfioUserDevice {
         case 'pcie': definePciExpress(this.config, at, c, requestReset); break;
         case 'vendor':
           this.config.define(at + Vendor.LENGTH, 1, Vendor.HEADER_SIZE + c.data.length);
-          defineRegisters(this.config, at + Vendor.HEADER_SIZE, c);
+          defineRegisters(this.config, at + Vendor.HEADER_SIZE, c, `capabilities[${i}]`);
           break;
       }
     });
@@ -255,7 +255,7 @@ export class PciDevice implements VfioUserDevice {
       return { field, at: c.at, size: extendedSize(c) };
     });
     const offsets = place(slots, EXTENDED_SPACE);
-    caps.forEach((c, i) => defineExtended(this.config, offsets[i], c));
+    caps.forEach((c, i) => defineExtended(this.config, offsets[i], c, `extendedCapabilities[${i}]`));
     chainExtended(this.config, caps.map((c, i) => ({ at: offsets[i], id: extendedId[c.kind], version: extendedVersion[c.kind], field: slots[i].field })));
   }
 

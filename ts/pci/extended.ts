@@ -50,14 +50,14 @@ export function checkExtended(c: ExtendedCapability, field: string): void {
   }
 }
 
-export function defineExtended(config: ConfigSpace, at: number, c: ExtendedCapability): void {
+export function defineExtended(config: ConfigSpace, at: number, c: ExtendedCapability, field: string): void {
   switch (c.kind) {
     case 'dsn':
       config.define(at + Dsn.SERIAL, 4, Number(c.serial & 0xffffffffn));
       config.define(at + Dsn.SERIAL + 4, 4, Number(c.serial >> 32n));
       return;
     case 'vsec':
-      defineVsec(config, at, c);
+      defineVsec(config, at, c, field);
       return;
     case 'aer':
       defineAer(config, at);
@@ -65,10 +65,10 @@ export function defineExtended(config: ConfigSpace, at: number, c: ExtendedCapab
   }
 }
 
-function defineVsec(config: ConfigSpace, at: number, c: VendorExtendedCapability): void {
+function defineVsec(config: ConfigSpace, at: number, c: VendorExtendedCapability, field: string): void {
   const length = Vsec.HEADERS_SIZE + c.data.length;
   config.define(at + Vsec.HEADER, 4, (c.vsecId | ((c.vsecRevision ?? 0) << Vsec.REV_SHIFT) | (length << Vsec.LENGTH_SHIFT)) >>> 0);
-  defineRegisters(config, at + Vsec.HEADERS_SIZE, c);
+  defineRegisters(config, at + Vsec.HEADERS_SIZE, c, field);
 }
 
 /** Uncorrectable error bits an endpoint may implement (data link protocol ... poisoned TLP egress). */

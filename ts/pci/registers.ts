@@ -14,8 +14,8 @@ export function checkRegisters(r: DeviceRegisters, field: string, maxBytes: numb
   }
 }
 
-/** Defines `r` at [start, start + r.data.length) and wires its hooks. */
-export function defineRegisters(config: ConfigSpace, start: number, r: DeviceRegisters): void {
+/** Defines `r` (described at `field`) at [start, start + r.data.length) and wires its hooks. */
+export function defineRegisters(config: ConfigSpace, start: number, r: DeviceRegisters, field: string): void {
   const end = start + r.data.length;
   const writable = r.writable === true ? Buffer.alloc(r.data.length, 0xff) : r.writable;
   config.defineBytes(start, r.data, writable);
@@ -39,9 +39,7 @@ export function defineRegisters(config: ConfigSpace, start: number, r: DeviceReg
       end,
       refresh: (offset, count) => {
         const { from, to } = clip(offset, count);
-        const bytes = encodeValue(read(from - start, to - from), to - from);
-        if (bytes.length !== to - from) throw new Error(`a register read hook returned ${bytes.length} bytes for ${to - from}`);
-        config.bytes.set(bytes, from);
+        config.bytes.set(encodeValue(read(from - start, to - from), to - from, `${field}.read`, from - start), from);
       },
     });
   }

@@ -6,6 +6,7 @@
  */
 import type { Message } from '../../channel.js';
 import { native } from '../../native.js';
+import { HandlerResultError } from '../../errors.js';
 import {
   allocRegionReadReplyMessage,
   Command,
@@ -78,7 +79,9 @@ export function regionRead(session: HandlerContext, message: Message): Reply | P
   if (a.count === 0) return { message: reply };
   const data = session.device.read(a.region, offset, a.count);
   const fill = (bytes: Uint8Array): Reply => {
-    if (bytes.length !== a.count) throw new Error(`the device returned ${bytes.length} bytes for a ${a.count}-byte read`);
+    if (!(bytes instanceof Uint8Array) || bytes.length !== a.count) {
+      throw new HandlerResultError(`device.read of region ${a.region}`, offset, a.count, bytes, `a read of ${a.count} bytes needs a Uint8Array of ${a.count} bytes`);
+    }
     reply.set(bytes, REGION_READ_REPLY_DATA_OFFSET);
     return { message: reply };
   };
