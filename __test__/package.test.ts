@@ -151,11 +151,12 @@ describe.skipIf(!existsSync(ADDON))(`the packed package installed without Rust (
   });
 
   test('without the platform package, the error names the platform, the package and what to do', () => {
+    const { version } = JSON.parse(readFileSync(join(repo, 'package.json'), 'utf8')) as { version: string };
     const installed = join(app, 'node_modules', `vfio-user-${PLATFORM}`);
     renameSync(installed, `${installed}.away`);
     try {
       expect(() => inApp('node', ['-e', "require('vfio-user')"])).toThrow(
-        new RegExp(`no native addon for ${PLATFORM}: the package vfio-user-${PLATFORM} is not installed.*npm install vfio-user-${PLATFORM}@0\\.1\\.0`),
+        new RegExp(`no native addon for ${PLATFORM}: the package vfio-user-${PLATFORM} is not installed.*npm install vfio-user-${PLATFORM}@${version.replaceAll('.', '\\.')}`),
       );
     } finally {
       renameSync(`${installed}.away`, installed);
