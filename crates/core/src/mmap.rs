@@ -91,6 +91,9 @@ impl Mapping {
             flags |= ProtFlags::WRITE;
         }
         let size_sealed = crate::memfd::cannot_shrink(&fd);
+        if !size_sealed {
+            safe_copy::reassert();
+        }
         // SAFETY: a fresh shared mapping at an address of the kernel's choice
         // aliases no Rust object.
         let ptr = unsafe {

@@ -2,8 +2,9 @@
 //! the process when the client has shrunk the file behind a mapping.
 //!
 //! The copy itself is `csrc/safe_copy.c`: a SIGBUS handler (installed once,
-//! chaining to the previous one for faults that are not ours) jumps back into
-//! the copy's own C frame with `siglongjmp`. That is the only design that is
+//! put back in front by `reassert` when something replaced it, chaining to
+//! the others for every SIGBUS that is not a fault inside one of our copies)
+//! jumps back into the copy's own C frame with `siglongjmp`. That is the only design that is
 //! safe against the race: checking the file size first still leaves a window
 //! between the check and the copy, and sealing the client's file against
 //! shrinking would change the client's memory for good.
@@ -12,6 +13,7 @@ use std::sync::OnceLock;
 
 extern "C" {
     fn vfu_safe_copy_init() -> i32;
+    fn vfu_safe_copy_reassert() -> i32;
     fn vfu_safe_copy(dst: *mut u8, src: *const u8, len: usize) -> i32;
 }
 
@@ -28,6 +30,16 @@ fn ensure_handler() {
     });
     // sigaction(SIGBUS) only fails for an invalid signal number.
     assert_eq!(status, 0, "cannot install the SIGBUS handler");
+}
+
+/// Installs the handler, or puts it back in front of one installed since
+/// (which it then chains to): called for each new mapping, so a library that
+/// takes SIGBUS over later does not turn the next truncation into a crash.
+/// Past eight such replacements the newest is left in front.
+pub fn reassert() {
+    ensure_handler();
+    // SAFETY: sigaction calls under a lock; no preconditions.
+    unsafe { vfu_safe_copy_reassert() };
 }
 
 /// Copies `len` bytes from `src` to `dst` (which may overlap).
