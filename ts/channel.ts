@@ -4,6 +4,7 @@
  * msg_id), hands incoming commands to the owner, and owns every fd that
  * arrives until the owner takes it. Used by the server and the client alike.
  */
+import { markAsUntransferable } from 'node:worker_threads';
 import { closeFds, native, type NativeConnection, type NativeRegionReads } from './native.js';
 import { debugRequested, messageLogger } from './debug.js';
 import type { Side } from './protocol/describe.js';
@@ -101,10 +102,21 @@ export class Channel {
     private readonly handlers: ChannelHandlers,
     maxFrame = INITIAL_MAX_FRAME,
   ) {
+    // Messages arrive as views of slabs the native layer keeps writing into:
+    // a handler that transferred one (postMessage, structuredClone) would
+    // detach it under the next message, so each is untransferable (a
+    // transfer then copies it).
+    let slab: ArrayBuffer | undefined;
     this.conn = new native.NativeConnection(
       fd,
       maxFrame,
-      (buffer, offset, length, fds, truncated) => this.receive(Buffer.from(buffer, offset, length), fds ?? [], truncated),
+      (buffer, offset, length, fds, truncated) => {
+        if (buffer !== slab) {
+          markAsUntransferable(buffer);
+          slab = buffer;
+        }
+        return this.receive(Buffer.from(buffer, offset, length), fds ?? [], truncated);
+      },
       (error) => this.ended(new ConnectionClosedError(error ? `connection lost: ${error}` : 'the peer closed the connection'), error !== undefined),
     );
   }
@@ -132,6 +144,21 @@ export class Channel {
 
   setMaxFrame(bytes: number): void {
     this.conn.setMaxFrame(bytes);
+  }
+
+  /** Most fds one incoming message may carry (the `max_msg_fds` this side announced); the rest are closed and the message flagged `fdsTruncated`. */
+  setMaxFds(count: number): void {
+    this.conn.setMaxFds(count);
+  }
+
+  /** Most bytes queued for a peer that does not read; past it the peer is cut off (onClose with the reason). */
+  setMaxQueued(bytes: number): void {
+    this.conn.setMaxQueued(bytes);
+  }
+
+  /** Bytes waiting for the peer to read. */
+  get queued(): number {
+    return this.conn.queued;
   }
 
   setRegionReads(reads: NativeRegionReads | null): void {
@@ -169,6 +196,8 @@ export class Channel {
         this.pending.delete(msgId);
         clearTimeout(entry.timer);
         reject(new ConnectionClosedError(`${commandName(command)}: ${(error as Error).message}`));
+        // A peer cut off for not reading: the native side already let go of it.
+        if (this.conn.closed) this.ended(new ConnectionClosedError(`connection lost: ${(error as Error).message}`), true);
       }
     });
   }

@@ -29,6 +29,10 @@ pub const HEADER_SIZE: usize = 16;
 /// more than fit here sets MSG_CTRUNC and the kernel closes the excess.
 const MAX_RECV_FDS: usize = 64;
 
+/// Bytes queued for a peer that does not read, by default, before sends fail
+/// with `Backlog`: room for a few of the largest replies (1 MiB of data).
+pub const DEFAULT_MAX_QUEUED: usize = 8 * 1024 * 1024;
+
 /// The read buffer's usual size; it grows for a larger message and shrinks
 /// back once that message is consumed.
 const READ_BUFFER: usize = 64 * 1024;
@@ -62,6 +66,8 @@ pub enum FramingError {
     SizeAboveLimit { size: u32, limit: usize },
     #[error("the peer closed the connection in the middle of a message")]
     Truncated,
+    #[error("the peer left more than {limit} bytes unread")]
+    Backlog { limit: usize },
     #[error("socket error: {0}")]
     Os(#[from] Errno),
 }
@@ -97,7 +103,13 @@ pub struct FrameConnection {
     drained: bool,
     eof: bool,
     cmsg_space: Vec<MaybeUninit<u8>>,
+    /// Most fds one message may carry; the rest are closed on arrival and
+    /// the message is flagged `fds_truncated`.
+    max_fds: usize,
     queue: VecDeque<Outgoing>,
+    /// Unsent bytes in `queue`, and the most it may hold.
+    queued: usize,
+    max_queued: usize,
 }
 
 impl FrameConnection {
@@ -115,7 +127,10 @@ impl FrameConnection {
             drained: false,
             eof: false,
             cmsg_space: vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_RECV_FDS))],
+            max_fds: MAX_RECV_FDS,
             queue: VecDeque::new(),
+            queued: 0,
+            max_queued: DEFAULT_MAX_QUEUED,
         }
     }
 
@@ -125,6 +140,23 @@ impl FrameConnection {
 
     pub fn set_max_frame(&mut self, max_frame: usize) {
         self.max_frame = max_frame;
+    }
+
+    /// Caps the fds one incoming message may carry (the `max_msg_fds` this
+    /// side announced); at most the 64 one read has room for.
+    pub fn set_max_fds(&mut self, max_fds: usize) {
+        self.max_fds = max_fds.min(MAX_RECV_FDS);
+    }
+
+    /// Caps the bytes queued for a peer that does not read. A message always
+    /// fits an empty queue, so one larger than the cap still goes out.
+    pub fn set_max_queued(&mut self, max_queued: usize) {
+        self.max_queued = max_queued;
+    }
+
+    /// Bytes waiting for the socket to become writable.
+    pub fn queued(&self) -> usize {
+        self.queued
     }
 
     /// The next whole message: from the buffer if one is there, else after
@@ -195,6 +227,10 @@ impl FrameConnection {
                 fds.extend(r.fds);
                 fds_truncated |= r.truncated;
             }
+        }
+        if fds.len() > self.max_fds {
+            fds.truncate(self.max_fds);
+            fds_truncated = true;
         }
         if self.start == self.end {
             self.base += self.end as u64;
@@ -279,7 +315,9 @@ impl FrameConnection {
 
     /// Sends one message with `fds` attached, or queues what the socket
     /// cannot take now. Order is kept: nothing overtakes a queued message.
-    pub fn send(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Errno> {
+    /// `Backlog` when the queue would grow past its cap: a peer that stopped
+    /// reading; nothing was queued and the caller should cut it off.
+    pub fn send(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), FramingError> {
         if !self.queue.is_empty() {
             return self.enqueue(bytes, 0, fds);
         }
@@ -287,13 +325,18 @@ impl FrameConnection {
             Ok(n) if n == bytes.len() => Ok(()),
             Ok(n) => self.enqueue(bytes, n, &[]),
             Err(Errno::AGAIN) => self.enqueue(bytes, 0, fds),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 
-    fn enqueue(&mut self, bytes: &[u8], sent: usize, fds: &[BorrowedFd<'_>]) -> Result<(), Errno> {
+    fn enqueue(&mut self, bytes: &[u8], sent: usize, fds: &[BorrowedFd<'_>]) -> Result<(), FramingError> {
+        let rest = bytes.len() - sent;
+        if !self.queue.is_empty() && self.queued + rest > self.max_queued {
+            return Err(FramingError::Backlog { limit: self.max_queued });
+        }
         let fds = fds.iter().map(|fd| fd.try_clone_to_owned().map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO)));
         self.queue.push_back(Outgoing { bytes: bytes[sent..].to_vec(), sent: 0, fds: fds.collect::<Result<_, _>>()? });
+        self.queued += rest;
         Ok(())
     }
 
@@ -327,6 +370,7 @@ impl FrameConnection {
                 Ok(n) => {
                     out.fds.clear();
                     out.sent += n;
+                    self.queued -= n;
                     if out.sent < out.bytes.len() {
                         self.queue.push_front(out);
                     }
@@ -573,6 +617,66 @@ mod tests {
         let (a, b) = pair().unwrap();
         let mut tx = FrameConnection::new(a, 1 << 20);
         drop(b);
-        assert_eq!(tx.send(&message(1, &[]), &[]).unwrap_err(), Errno::PIPE);
+        assert_eq!(tx.send(&message(1, &[]), &[]).unwrap_err(), FramingError::Os(Errno::PIPE));
+    }
+
+    #[test]
+    fn a_peer_that_does_not_read_is_refused_past_the_queue_cap() {
+        let (a, _b) = pair().unwrap();
+        let mut tx = FrameConnection::new(a, 1 << 24);
+        tx.set_max_queued(3 << 20);
+        let big = message(9, &vec![0; 1 << 20]);
+        // The socket buffer takes a little; the queue takes three more.
+        let mut sent = 0;
+        let error = loop {
+            match tx.send(&big, &[]) {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+            assert!(sent < 16, "the queue grew past its cap");
+        };
+        assert_eq!(error, FramingError::Backlog { limit: 3 << 20 });
+        assert!(tx.queued() <= 3 << 20, "{} bytes queued", tx.queued());
+        assert!(tx.queued() > 2 << 20);
+    }
+
+    #[test]
+    fn one_message_larger_than_the_cap_still_goes_out_and_the_count_drains() {
+        let (a, b) = pair().unwrap();
+        let mut tx = FrameConnection::new(a, 1 << 24);
+        let mut rx = FrameConnection::new(b, 1 << 24);
+        tx.set_max_queued(1024);
+        let big = message(10, &vec![7; 1 << 20]);
+        tx.send(&big, &[]).unwrap();
+        assert!(tx.queued() > 1024);
+        assert!(matches!(tx.send(&message(4, &[]), &[]), Err(FramingError::Backlog { limit: 1024 })));
+        loop {
+            tx.flush().unwrap();
+            if let ReadOutcome::Frame(f) = rx.read_frame().unwrap() {
+                assert_eq!(f.bytes, big);
+                break;
+            }
+        }
+        tx.flush().unwrap();
+        assert_eq!(tx.queued(), 0);
+        tx.send(&message(4, &[]), &[]).unwrap();
+    }
+
+    #[test]
+    fn fds_past_the_announced_maximum_are_closed_and_flagged() {
+        let name = format!("max-fds-{}", std::process::id());
+        let (a, b) = pair().unwrap();
+        let tx = FrameConnection::new(a, 1 << 20);
+        let mut rx = FrameConnection::new(b, 1 << 20);
+        rx.set_max_fds(2);
+        let file = crate::memfd::create(&name, 4096).unwrap();
+        tx.send_some(&message(8, &[0; 8]), &[file.as_fd(), file.as_fd()]).unwrap();
+        tx.send_some(&message(8, &[0; 8]), &[file.as_fd(), file.as_fd(), file.as_fd()]).unwrap();
+        let within = read_one(&mut rx);
+        assert_eq!((within.fds.len(), within.fds_truncated), (2, false));
+        let over = read_one(&mut rx);
+        assert_eq!((over.fds.len(), over.fds_truncated), (2, true));
+        // Ours, the two of the first message and the two kept of the second: the third is closed.
+        assert_eq!(open_fds_named(&name), 5);
     }
 }

@@ -13,7 +13,7 @@ use napi_derive::napi;
 use std::cell::RefCell;
 use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
-use vfio_user_core::{FrameConnection, ReadOutcome, HEADER_SIZE};
+use vfio_user_core::{FrameConnection, FramingError, ReadOutcome, HEADER_SIZE};
 
 /// Socket reads per wake-up before yielding to the rest of the loop; the poll
 /// is level-triggered, so what is left in the socket is read on the next turn.
@@ -33,6 +33,15 @@ enum Incoming {
     Dropped,
 }
 const REPLY: u32 = 1;
+
+/// What became of a REGION_READ offered to the native path.
+enum Native {
+    Answered,
+    /// Not served natively: it goes to JS.
+    NotServed,
+    /// The reply could not be queued: the peer is cut off for this reason.
+    Failed(String),
+}
 const ON_MESSAGE: usize = 0;
 const ON_CLOSE: usize = 1;
 
@@ -123,11 +132,19 @@ impl NativeConnection {
         // SAFETY: the caller keeps these fds open for the duration of the call.
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|fd| unsafe { BorrowedFd::borrow_raw(*fd) }).collect();
         let frames = state.frames.as_mut().ok_or_else(closed)?;
-        frames
-            .send(bytes, &borrowed)
-            .map_err(|e| Error::new(Status::GenericFailure, format!("{}: send failed", errno_name(e))))?;
-        state.watch();
-        Ok(())
+        match frames.send(bytes, &borrowed) {
+            Ok(()) => {
+                state.watch();
+                Ok(())
+            }
+            Err(FramingError::Os(e)) => Err(Error::new(Status::GenericFailure, format!("{}: send failed", errno_name(e)))),
+            Err(e) => {
+                // A peer that stopped reading: what is queued for it is dropped now.
+                drop(state);
+                self.conn.teardown();
+                Err(Error::new(Status::GenericFailure, format!("ENOBUFS: {e}")))
+            }
+        }
     }
 
     /// One message that `onMessage` deferred has been fully handled.
@@ -149,6 +166,31 @@ impl NativeConnection {
         if let Some(frames) = self.conn.state.borrow_mut().frames.as_mut() {
             frames.set_max_frame(max_frame as usize);
         }
+    }
+
+    /// Most fds one incoming message may carry (this side's `max_msg_fds`):
+    /// the rest are closed on arrival and `fdsTruncated` is set.
+    #[napi]
+    pub fn set_max_fds(&self, max_fds: u32) {
+        if let Some(frames) = self.conn.state.borrow_mut().frames.as_mut() {
+            frames.set_max_fds(max_fds as usize);
+        }
+    }
+
+    /// Most bytes queued for a peer that does not read before the
+    /// connection is cut off (a send throws ENOBUFS, a native reply ends it
+    /// through `onClose`).
+    #[napi]
+    pub fn set_max_queued(&self, bytes: f64) {
+        if let Some(frames) = self.conn.state.borrow_mut().frames.as_mut() {
+            frames.set_max_queued(bytes as usize);
+        }
+    }
+
+    /// Bytes waiting for the peer to read (for tests and stats).
+    #[napi(getter)]
+    pub fn queued(&self) -> f64 {
+        self.conn.state.borrow().frames.as_ref().map_or(0.0, |f| f.queued() as f64)
     }
 
     /// How many REGION_READs were answered natively (for tests and stats).
@@ -213,12 +255,12 @@ impl Conn {
         let js = self.js.borrow().clone();
         let mut scope = js.as_ref().map(|j| j.scope());
         if status < 0 {
-            return self.fail(&mut scope, js.as_deref(), &format!("poll error {status}"));
+            return self.fail(scope.as_mut(), js.as_deref(), &format!("poll error {status}"));
         }
         if events & WRITABLE != 0 {
             let flushed = self.state.borrow_mut().frames.as_mut().map(|f| f.flush());
             if let Some(Err(e)) = flushed {
-                return self.fail(&mut scope, js.as_deref(), &errno_name(e));
+                return self.fail(scope.as_mut(), js.as_deref(), &errno_name(e));
             }
             let mut state = self.state.borrow_mut();
             if state.closing && !state.frames.as_ref().is_some_and(|f| f.wants_write()) {
@@ -261,13 +303,19 @@ impl Conn {
             let frame = match outcome {
                 Ok(ReadOutcome::Frame(frame)) => frame,
                 Ok(ReadOutcome::WouldBlock) => return,
-                Ok(ReadOutcome::Closed) => return self.end(&mut scope, js.as_deref(), None),
-                Err(e) => return self.fail(&mut scope, js.as_deref(), &e.to_string()),
+                Ok(ReadOutcome::Closed) => return self.end(scope.as_mut(), js.as_deref(), None),
+                Err(e) => return self.fail(scope.as_mut(), js.as_deref(), &e.to_string()),
             };
             let no_fds = frame.fds.is_empty() && !frame.fds_truncated;
             let (Some(scope), Some(js)) = (scope.as_mut(), js.as_ref()) else { return };
+            if let (Incoming::Small(small), true) = (&frame.bytes, no_fds) {
+                match self.answer_natively(small) {
+                    Native::Answered => continue,
+                    Native::NotServed => {}
+                    Native::Failed(reason) => return self.fail(Some(scope), Some(js), &reason),
+                }
+            }
             let (buffer, offset, len) = match frame.bytes {
-                Incoming::Small(small) if no_fds && self.answer_natively(&small) => continue,
                 Incoming::Small(small) => {
                     let env = scope.enter();
                     let (buffer, offset) = self.slab.borrow_mut().copy(env, &small);
@@ -288,61 +336,64 @@ impl Conn {
             } else if let Some(reply) = js::bytes_of(self.env, result) {
                 // The reply came back as the return value: sent here, it spares
                 // JS a native call per message.
-                let mut state = self.state.borrow_mut();
-                if let Some(frames) = state.frames.as_mut() {
-                    // A failed send surfaces on the read side, as for native replies.
-                    let _ = frames.send(reply, &[]);
+                let sent = self.state.borrow_mut().frames.as_mut().map(|f| f.send(reply, &[]));
+                if let Some(Err(e @ FramingError::Backlog { .. })) = sent {
+                    return self.fail(Some(scope), Some(js), &e.to_string());
                 }
-                state.watch();
+                // Other failures surface on the read side, as for native replies.
+                self.state.borrow_mut().watch();
             }
         }
     }
 
     /// Replies to a plain REGION_READ from shared region bytes, if the region
     /// is served natively and no earlier message is still being handled.
-    fn answer_natively(&self, msg: &[u8; REGION_READ_SIZE]) -> bool {
+    fn answer_natively(&self, msg: &[u8; REGION_READ_SIZE]) -> Native {
         let mut state = self.state.borrow_mut();
         if state.busy > 0 {
-            return false;
+            return Native::NotServed;
         }
-        let Some(reads) = state.reads.clone() else { return false };
+        let Some(reads) = state.reads.clone() else { return Native::NotServed };
         let u16_at = |o: usize| u16::from_le_bytes(msg[o..o + 2].try_into().unwrap());
         let u32_at = |o: usize| u32::from_le_bytes(msg[o..o + 4].try_into().unwrap());
         // A command (type 0) that wants a reply, with no error field set.
         if u16_at(2) != REGION_READ || u32_at(8) != 0 || u32_at(12) != 0 {
-            return false;
+            return Native::NotServed;
         }
         let offset = u64::from_le_bytes(msg[16..24].try_into().unwrap());
         let (region, count) = (u32_at(24), u32_at(28));
-        let reads = reads.borrow();
-        let Some(bytes) = reads.slice(region, offset, count) else { return false };
-        let size = HEADER_SIZE + 16 + bytes.len();
-        let mut reply = Vec::with_capacity(size);
+        let mut reply = Vec::with_capacity(REGION_READ_SIZE);
         reply.extend_from_slice(&msg[0..4]);
-        reply.extend_from_slice(&(size as u32).to_le_bytes());
+        reply.extend_from_slice(&0u32.to_le_bytes()); // the size, once known
         reply.extend_from_slice(&REPLY.to_le_bytes());
         reply.extend_from_slice(&0u32.to_le_bytes());
         reply.extend_from_slice(&msg[16..32]);
-        reply.extend_from_slice(bytes);
-        let Some(frames) = state.frames.as_mut() else { return false };
-        if frames.send(&reply, &[]).is_err() {
+        if !reads.borrow().read_into(region, offset, count, &mut reply) {
+            return Native::NotServed;
+        }
+        let size = reply.len() as u32;
+        reply[4..8].copy_from_slice(&size.to_le_bytes());
+        let Some(frames) = state.frames.as_mut() else { return Native::NotServed };
+        match frames.send(&reply, &[]) {
+            Ok(()) => {}
+            Err(e @ FramingError::Backlog { .. }) => return Native::Failed(e.to_string()),
             // Let the read side see the broken stream and report it.
-            return true;
+            Err(_) => return Native::Answered,
         }
         state.native_reads += 1;
         state.watch();
-        true
+        Native::Answered
     }
 
-    fn fail(&self, scope: &mut Option<CallbackScope<'_>>, js: Option<&Callbacks>, reason: &str) {
+    fn fail(&self, scope: Option<&mut CallbackScope<'_>>, js: Option<&Callbacks>, reason: &str) {
         self.end(scope, js, Some(reason))
     }
 
     /// The peer went away or the stream broke: close, then tell JS once.
-    fn end(&self, scope: &mut Option<CallbackScope<'_>>, js: Option<&Callbacks>, reason: Option<&str>) {
+    fn end(&self, scope: Option<&mut CallbackScope<'_>>, js: Option<&Callbacks>, reason: Option<&str>) {
         self.teardown();
         let still_listening = self.js.borrow_mut().take().is_some();
-        if let (true, Some(scope), Some(js)) = (still_listening, scope.as_mut(), js) {
+        if let (true, Some(scope), Some(js)) = (still_listening, scope, js) {
             js.call(scope, ON_CLOSE, |env| vec![reason.map_or_else(|| js::undefined(env), |r| js::string(env, r))]);
         }
     }
