@@ -1,4 +1,5 @@
 /** Per-BAR ioeventfds: GET_REGION_IO_FDS, signalling, trapped writes, validation, lifetime. */
+import { once } from 'node:events';
 import { afterEach, describe, expect, test } from 'vitest';
 import {
   EventfdIrq,
@@ -91,6 +92,40 @@ describe('trapped writes', () => {
     await client.regionWrite(Region.BAR2, 0n, Buffer.from([1]));
     await client.regionWrite(Region.BAR2, 0n, Buffer.from([1, 2, 3, 4]));
     expect(served.device.bar(2).ioeventfds[0].take()).toBe(2);
+  });
+});
+
+describe("'signal' events on the event loop", () => {
+  test('a kick wakes a listener with the count; paused, the count stays for take(); no listener, no watch', async () => {
+    served = await serve(kickable());
+    const client = await served.client();
+    const reply = await client.getRegionIoFds(Region.BAR0);
+    const [doorbell, match1] = served.device.bar(0).ioeventfds;
+    const signalled = once(doorbell, 'signal');
+    kvmSignal(reply.fds[0]);
+    kvmSignal(reply.fds[0]);
+    expect(await signalled).toEqual([2]);
+    expect(doorbell.take()).toBe(0); // the event consumed the count
+
+    doorbell.pause();
+    kvmSignal(reply.fds[0]);
+    await client.regionRead(Region.BAR0, 0n, 4); // the loop turns without an event
+    expect(doorbell.take()).toBe(1);
+    doorbell.resume();
+    const again = once(doorbell, 'signal');
+    kvmSignal(reply.fds[0]);
+    expect(await again).toEqual([1]);
+
+    // A trapped write that KVM would have signalled reaches the listener too.
+    const matched = once(match1, 'signal');
+    await client.regionWrite(Region.BAR0, 0x20n, Buffer.from([1, 0]));
+    expect(await matched).toEqual([1]);
+
+    doorbell.removeAllListeners('signal');
+    kvmSignal(reply.fds[0]);
+    await client.regionRead(Region.BAR0, 0n, 4);
+    expect(doorbell.take()).toBe(1); // nobody watches any more
+    reply.fds.forEach((fd) => native.closeFd(fd));
   });
 });
 

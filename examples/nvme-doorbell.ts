@@ -16,8 +16,10 @@
  * A kicked queue consumes the entries up to its tail and raises MSI-X vector
  * q (or MSI, or INTA). The kick is what makes the device look: nothing
  * signals a store to mapped memory, so the doorbell values alone are read
- * only when kicked, as with virtio's notify register. Device code polls the
- * eventfds (`poll()`); `vfio-user serve` runs that every millisecond.
+ * only when kicked, as with virtio's notify register. Each kick wakes the
+ * device through its ioeventfd's 'signal' event on the event loop: an idle
+ * card costs nothing (while it is stopped for migration the library holds
+ * the events back, and kicks stay in the eventfds).
  *
  * IDs as in msix-device.ts: Red Hat's QEMU vendor ID with an unused device ID.
  */
@@ -92,24 +94,12 @@ export class QueueCard extends PciDevice {
         },
       },
     });
+    this.bar(0).ioeventfds.forEach((kick, q) => kick.on('signal', () => this.consume(q)));
   }
 
   /** Entries consumed since reset. */
   get entries(): number {
     return this.completed;
-  }
-
-  /** Serves every queue kicked since the last call; returns how many were. */
-  poll(): number {
-    // Stopped for migration: kicks stay in their eventfds, saved with the device.
-    if (this.stopped) return 0;
-    let served = 0;
-    this.bar(0).ioeventfds.forEach((kick, q) => {
-      if (kick.take() === 0) return;
-      this.consume(q);
-      served++;
-    });
-    return served;
   }
 
   private consume(q: number): void {
@@ -131,9 +121,7 @@ export class QueueCard extends PciDevice {
   }
 }
 
-/** `vfio-user serve` loads the default export: the card, polled every millisecond while the process runs. */
+/** `vfio-user serve` loads the default export. */
 export default function createDevice(): QueueCard {
-  const card = new QueueCard();
-  setInterval(() => card.poll(), 1).unref();
-  return card;
+  return new QueueCard();
 }

@@ -3,7 +3,8 @@
  * GET_REGION_IO_FDS, so a VMM can have KVM signal them on guest writes
  * instead of forwarding the writes over the socket.
  */
-import { native } from '../native.js';
+import { EventEmitter } from 'node:events';
+import { native, type NativeEventfdWatch } from '../native.js';
 import { KvmIoeventfdFlags } from '../protocol/index.js';
 import type { RegionIoFd } from '../device.js';
 import { InvalidDeviceError, type BarArea, type IoEventfdDescription } from './description.js';
@@ -44,23 +45,70 @@ function datamatchOf(e: IoEventfdDescription, at: string): bigint | undefined {
   return value;
 }
 
-/** An ioeventfd of a BAR, owned by the device (closed by `PciDevice.close()`). */
-export class IoEventfd {
+export interface IoEventfdEvents {
+  /** Matching writes happened: `count` of them since the counter was last read (which this clears). */
+  signal: [count: number];
+}
+
+/**
+ * An ioeventfd of a BAR, owned by the device (closed by `PciDevice.close()`).
+ * Listen for `'signal'` to be woken on this thread's event loop when it is
+ * signalled (nothing runs while it is quiet); `take()` reads the counter
+ * without waiting. While a listener is attached the event consumes the
+ * counter. The library pauses the events while the device is stopped for
+ * migration, so kicks stay in the counter and travel with the device state.
+ */
+export class IoEventfd extends EventEmitter<IoEventfdEvents> {
   readonly fd: number;
   readonly offset: number;
   readonly size: number;
   readonly datamatch: bigint | undefined;
+  private watch: NativeEventfdWatch | undefined;
+  private paused = false;
+  private closed = false;
 
   constructor(description: IoEventfdDescription) {
+    super();
     this.offset = description.offset;
     this.size = description.size;
     this.datamatch = description.datamatch === undefined ? undefined : BigInt(description.datamatch);
     this.fd = native.eventfdCreate();
+    // Node's own events, which the typed map leaves out; 'newListener' comes
+    // before the listener is added: count it.
+    const emitter = this as EventEmitter;
+    emitter.on('newListener', (event: string | symbol) => {
+      if (event === 'signal') this.rewatch(1);
+    });
+    emitter.on('removeListener', (event: string | symbol) => {
+      if (event === 'signal') this.rewatch();
+    });
   }
 
   /** Reads and clears the counter: how many matching writes happened since the last take (0: none). */
   take(): number {
     return native.eventfdTake(this.fd);
+  }
+
+  /** Stops `'signal'` events (the counter keeps counting) until `resume()`. */
+  pause(): void {
+    this.paused = true;
+    this.rewatch();
+  }
+
+  resume(): void {
+    this.paused = false;
+    this.rewatch();
+  }
+
+  /** Polls the eventfd exactly while someone listens, not paused or closed. */
+  private rewatch(adding = 0): void {
+    const wanted = !this.paused && !this.closed && this.listenerCount('signal') + adding > 0;
+    if (wanted && !this.watch) {
+      this.watch = new native.NativeEventfdWatch(this.fd, (count) => this.emit('signal', count));
+    } else if (!wanted && this.watch) {
+      this.watch.close();
+      this.watch = undefined;
+    }
   }
 
   /** Whether KVM would have turned this write into a signal. */
@@ -80,6 +128,9 @@ export class IoEventfd {
   }
 
   close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.rewatch();
     native.closeFd(this.fd);
   }
 }

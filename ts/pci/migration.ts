@@ -117,10 +117,13 @@ export function pciMigration(parts: PciParts, hooks: PciMigration): DeviceMigrat
     stop: async () => {
       await hooks.stop?.();
       parts.irq.stop();
+      // Kicks stay in the eventfds (saved as IOEV) instead of waking device code.
+      for (const bar of parts.bars) bar?.ioeventfds.forEach((e) => e.pause());
     },
     start: async () => {
       await hooks.start?.();
       parts.irq.start();
+      for (const bar of parts.bars) bar?.ioeventfds.forEach((e) => e.resume());
     },
     save: () => state.save(),
     load: (data) => state.load(data),

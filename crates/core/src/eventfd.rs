@@ -42,6 +42,20 @@ pub fn is_eventfd(fd: impl AsFd) -> bool {
     matches!(std::fs::read_link(path), Ok(target) if target.as_os_str() == "anon_inode:[eventfd]")
 }
 
+/// Takes a peer's fd for use as an interrupt line: `false` unless it is an
+/// eventfd; otherwise it is made non-blocking, so that signalling one whose
+/// counter a hostile peer left at its maximum cannot stall the caller
+/// (`add` then treats the full counter as already signalled). The flag is
+/// shared with the peer's copy: eventfds are non-blocking there too, as a
+/// VMM's are.
+pub fn adopt(fd: impl AsFd) -> io::Result<bool> {
+    if !is_eventfd(&fd) {
+        return Ok(false);
+    }
+    rustix::io::ioctl_fionbio(fd, true)?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +76,15 @@ mod tests {
         assert!(is_eventfd(&fd));
         let (r, _w) = rustix::pipe::pipe().unwrap();
         assert!(!is_eventfd(&r));
+        assert!(!adopt(&r).unwrap());
+    }
+
+    #[test]
+    fn an_adopted_eventfd_at_its_maximum_is_signalled_without_blocking() {
+        let fd = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
+        rustix::io::write(&fd, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
+        assert!(adopt(&fd).unwrap());
+        signal(&fd).unwrap();
+        assert_eq!(take(&fd).unwrap(), Some(0xffff_ffff_ffff_fffe));
     }
 }
