@@ -20,7 +20,9 @@ fn unix_socket(flags: SocketFlags) -> io::Result<OwnedFd> {
 /// on is replaced; a live one gives EADDRINUSE.
 pub fn listen(path: &Path, mode: u32, backlog: i32) -> io::Result<OwnedFd> {
     if path.exists() {
-        if connect_unix(path).is_ok() {
+        // Only a refused connect means nobody listens; a full backlog
+        // (EAGAIN) is a live server too.
+        if connect_unix(path).err() != Some(Errno::CONNREFUSED) {
             return Err(Errno::ADDRINUSE);
         }
         let meta = std::fs::symlink_metadata(path).map_err(|_| Errno::ADDRINUSE)?;
@@ -70,13 +72,32 @@ pub fn accept(listener: impl AsFd) -> io::Result<Option<OwnedFd>> {
     }
 }
 
-/// Connects to the socket at `path`. The connect itself blocks (it is
-/// immediate on UNIX sockets); the returned fd is non-blocking.
+/// Connects to the socket at `path` without blocking; the fd is
+/// non-blocking. A UNIX connect either completes at once or, when the
+/// server's backlog is full, fails with EAGAIN (the kernel offers nothing to
+/// poll for room): the caller retries later instead of stalling its loop.
 pub fn connect_unix(path: &Path) -> io::Result<OwnedFd> {
-    let fd = unix_socket(SocketFlags::empty())?;
+    let fd = unix_socket(SocketFlags::NONBLOCK)?;
     connect(&fd, &SocketAddrUnix::new(path)?)?;
-    rustix::io::ioctl_fionbio(&fd, true)?;
     Ok(fd)
+}
+
+/// Who is at the other end of a connected UNIX socket, as the kernel
+/// recorded it at connect time (SO_PEERCRED).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCredentials {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub fn peer_credentials(fd: impl AsFd) -> io::Result<PeerCredentials> {
+    let cred = rustix::net::sockopt::socket_peercred(fd)?;
+    Ok(PeerCredentials {
+        pid: cred.pid.as_raw_nonzero().get(),
+        uid: cred.uid.as_raw(),
+        gid: cred.gid.as_raw(),
+    })
 }
 
 /// A connected pair, as the twin-socket handshake needs.
@@ -130,6 +151,33 @@ mod tests {
         assert_eq!(adopt_listener(a).unwrap_err(), Errno::INVAL);
         let (r, _w) = rustix::pipe::pipe().unwrap();
         assert!(adopt_listener(r).is_err());
+    }
+
+    #[test]
+    fn connecting_to_a_full_backlog_fails_at_once_and_the_socket_stays_live() {
+        let path = temp_path("backlog");
+        let l = listen(&path, 0o600, 0).unwrap();
+        let mut waiting = Vec::new();
+        let error = loop {
+            match connect_unix(&path) {
+                Ok(fd) => waiting.push(fd),
+                Err(e) => break e,
+            }
+            assert!(waiting.len() < 64, "the backlog never filled");
+        };
+        assert_eq!(error, Errno::AGAIN);
+        assert_eq!(listen(&path, 0o600, 4).unwrap_err(), Errno::ADDRINUSE);
+        assert!(accept(&l).unwrap().is_some());
+        connect_unix(&path).unwrap();
+    }
+
+    #[test]
+    fn peer_credentials_name_this_process() {
+        let (a, _b) = pair().unwrap();
+        let peer = peer_credentials(&a).unwrap();
+        assert_eq!(peer.pid as u32, std::process::id());
+        assert_eq!(peer.uid, rustix::process::getuid().as_raw());
+        assert_eq!(peer.gid, rustix::process::getgid().as_raw());
     }
 
     #[test]

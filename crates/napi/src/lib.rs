@@ -10,6 +10,7 @@ mod mapping;
 mod regions;
 mod slab;
 mod uv;
+mod watch;
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -30,12 +31,16 @@ fn borrow_fd<'a>(fd: i32) -> Result<BorrowedFd<'a>> {
     Ok(unsafe { BorrowedFd::borrow_raw(fd) })
 }
 
-/// Connects to a UNIX stream socket; returns the non-blocking fd.
+/// Connects to a UNIX stream socket without blocking; returns the
+/// non-blocking fd. A full backlog throws EAGAIN at once (retry later).
 #[napi]
-pub fn connect_unix(path: String) -> Result<i32> {
-    socket::connect_unix(Path::new(&path))
-        .map(|fd| fd.into_raw_fd())
-        .map_err(|e| os_error(&format!("cannot connect to {path}"), e))
+pub fn connect_unix(path: String) -> Result<i32, String> {
+    socket::connect_unix(Path::new(&path)).map(|fd| fd.into_raw_fd()).map_err(|e| {
+        // `code` "EAGAIN": the backlog is full, worth retrying.
+        let code = if e == rustix::io::Errno::AGAIN { "EAGAIN" } else { "GenericFailure" }.to_string();
+        let Error { reason, .. } = os_error(&format!("cannot connect to {path}"), e);
+        Error::new(code, reason)
+    })
 }
 
 /// A connected non-blocking socket pair (the twin-socket handshake).
@@ -80,6 +85,27 @@ pub fn eventfd_take(fd: i32) -> Result<f64> {
 #[napi]
 pub fn is_eventfd(fd: i32) -> Result<bool> {
     Ok(eventfd::is_eventfd(borrow_fd(fd)?))
+}
+
+/// Takes a peer's fd as an interrupt line: false unless it is an eventfd,
+/// which is then made non-blocking (a full counter cannot stall a signal).
+#[napi]
+pub fn eventfd_adopt(fd: i32) -> Result<bool> {
+    eventfd::adopt(borrow_fd(fd)?).map_err(|e| os_error("F_SETFL O_NONBLOCK", e))
+}
+
+#[napi(object)]
+pub struct PeerCredentials {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Who connected on socket `fd`, as the kernel recorded it (SO_PEERCRED).
+#[napi]
+pub fn peer_credentials(fd: i32) -> Result<PeerCredentials> {
+    let c = socket::peer_credentials(borrow_fd(fd)?).map_err(|e| os_error("SO_PEERCRED", e))?;
+    Ok(PeerCredentials { pid: c.pid, uid: c.uid, gid: c.gid })
 }
 
 /// A memfd of `size` bytes; `sealSize` fixes its size for good (as QEMU

@@ -13,7 +13,7 @@ use std::ptr::null_mut;
 use std::rc::Rc;
 use vfio_user_core::{Mapping, MappingError, Protection, DIRTY_PAGE_SIZE};
 
-type Shared = Rc<RefCell<Option<Mapping>>>;
+pub(crate) type Shared = Rc<RefCell<Option<Mapping>>>;
 
 #[napi]
 pub struct NativeMapping {
@@ -76,6 +76,11 @@ impl NativeMapping {
     #[napi(getter)]
     pub fn size(&self) -> f64 {
         self.size
+    }
+
+    /// The mapping, or none once unmapped, for native readers to check.
+    pub(crate) fn shared(&self) -> Shared {
+        self.mapping.clone()
     }
 
     #[napi(getter)]
