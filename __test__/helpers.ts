@@ -1,7 +1,8 @@
 /** Shared set-up for tests that talk over real sockets. */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { createConnection, type Socket } from 'node:net';
 import { once } from 'node:events';
 import { connect, createServer, type VfioUserClient, type VfioUserDevice, type VfioUserServer } from '../ts/index.js';
@@ -134,3 +135,27 @@ export function qemuVersion(msgId = 1): Buffer {
 }
 
 export const openFdCount = (): number => native.openFds().length;
+
+/**
+ * Runs `body` (TypeScript, top-level await allowed) in a child Node, for
+ * what a regression would kill or freeze the process with: `lib` is
+ * ts/index.ts, `SOCK` a socket path in a fresh directory, `TESTS` this
+ * directory (to import helpers from). Resolves with how it ended and its output.
+ */
+export function runChild(body: string, timeoutMs = 60_000): { status: number | null; signal: string | null; out: string } {
+  const dir = mkdtempSync(join(tmpdir(), 'vfu-child-'));
+  try {
+    const file = join(dir, 'child.mts');
+    const lib = resolve(__dirname, '../ts/index.ts');
+    writeFileSync(file, [
+      `import * as lib from ${JSON.stringify(lib)};`,
+      `const SOCK = ${JSON.stringify(join(dir, 's.sock'))};`,
+      `const TESTS = ${JSON.stringify(__dirname)};`,
+      body,
+    ].join('\n'));
+    const r = spawnSync(process.execPath, ['--import', 'tsx', file], { cwd: resolve(__dirname, '..'), encoding: 'utf8', timeout: timeoutMs });
+    return { status: r.status, signal: r.signal, out: `${r.stdout}${r.stderr}` };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}

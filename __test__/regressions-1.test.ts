@@ -3,14 +3,10 @@
  * ArrayBuffer limit (once a double free that killed the server), and an
  * MSI-X vector fired before the client wired its eventfd (once lost).
  */
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
 import { afterEach, describe, expect, test } from 'vitest';
 import { Errno, IrqIndex, PciDevice, Region } from '../ts/index.js';
 import { DoorbellDevice, MSIX_PBA_OFFSET } from '../examples/msix-device.js';
-import { openFdCount, serve, type Served } from './helpers.js';
+import { openFdCount, runChild, serve, type Served } from './helpers.js';
 import { COMMAND_MEMORY_BUS_MASTER, Eventfds, guest } from './pci-helpers.js';
 
 let served: Served<any> | undefined;
@@ -25,23 +21,6 @@ const MSIX = 0x60;
 const CONTROL = MSIX + 2;
 const ENABLE = 0x8000;
 const FUNCTION_MASK = 0x4000;
-
-/**
- * Runs `body` (TypeScript, top-level await allowed, `lib` = ts/index.ts) in a child Node, since a
- * regression here kills the process. Resolves with the exit status and output.
- */
-function runChild(body: string): { status: number | null; signal: string | null; out: string } {
-  const dir = mkdtempSync(join(tmpdir(), 'vfu-review-'));
-  try {
-    const file = join(dir, 'child.mts');
-    const lib = resolve(__dirname, '../ts/index.ts');
-    writeFileSync(file, `import * as lib from ${JSON.stringify(lib)};\nconst SOCK = ${JSON.stringify(join(dir, 's.sock'))};\n${body}\n`);
-    const r = spawnSync(process.execPath, ['--import', 'tsx', file], { cwd: resolve(__dirname, '..'), encoding: 'utf8', timeout: 60_000 });
-    return { status: r.status, signal: r.signal, out: `${r.stdout}${r.stderr}` };
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
-}
 
 describe('DMA', () => {
   test('a sealed window over 4 GiB is read through the native copies, not a too-large view', () => {

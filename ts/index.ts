@@ -6,8 +6,16 @@
 // The public types use Node's (Buffer, EventEmitter): TypeScript 6 no longer
 // loads @types/node by itself, so the declarations ask for it.
 /// <reference types="node" preserve="true" />
-export { createServer, VfioUserServer, type ListenOptions, type ServerOptions, type VfioUserServerEvents } from './server/server.js';
-export { ServerSession } from './server/session.js';
+export {
+  createServer,
+  VfioUserServer,
+  type AllowedPeers,
+  type ListenOptions,
+  type ServerOptions,
+  type VfioUserServerEvents,
+} from './server/server.js';
+export { ServerSession, type SessionOptions } from './server/session.js';
+export type { PeerCredentials } from './native.js';
 export {
   connect,
   VfioUserClient,
@@ -24,7 +32,7 @@ export { PciConfigClient, type BarSizing, type ConfigWidth } from './client/pci.
 export { migrate, MigrationClient, type MigrationResult } from './client/migration.js';
 export { PciDevice } from './pci/device.js';
 export type { PciBar } from './pci/bars.js';
-export { IoEventfd } from './pci/ioeventfds.js';
+export { IoEventfd, type IoEventfdEvents } from './pci/ioeventfds.js';
 export {
   InvalidDeviceError,
   type AerCapability,

@@ -5,9 +5,10 @@
  * from the memory it declared. Tests, the CLI and tools are built on it.
  */
 import { EventEmitter } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Channel, type Message } from '../channel.js';
 import { closeFds, native } from '../native.js';
-import { ConnectionClosedError, UsageError } from '../errors.js';
+import { ConnectionClosedError, TimeoutError, UsageError } from '../errors.js';
 import { EventfdIrq } from './eventfd-irq.js';
 import { GuestMemory, type GuestMemoryOptions } from './memory.js';
 import { MigrationClient } from './migration.js';
@@ -432,7 +433,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
 
 /** Connects to a vfio-user server at `path` and negotiates the version. */
 export async function connect(path: string, options: ConnectOptions = {}): Promise<VfioUserClient> {
-  const client = new VfioUserClient(native.connectUnix(path), options);
+  const client = new VfioUserClient(await connectSocket(path, options.timeoutMs ?? 5000), options);
   try {
     await client.negotiate();
   } catch (error) {
@@ -440,6 +441,25 @@ export async function connect(path: string, options: ConnectOptions = {}): Promi
     throw error;
   }
   return client;
+}
+
+/**
+ * A UNIX connect never blocks here: when the server's backlog is full it
+ * fails with EAGAIN at once, and the kernel offers nothing to wait on, so it
+ * is retried on a timer (1 ms doubling to 100 ms) while the loop runs on,
+ * until `timeoutMs` (0: forever).
+ */
+async function connectSocket(path: string, timeoutMs: number): Promise<number> {
+  const deadline = timeoutMs > 0 ? Date.now() + timeoutMs : Infinity;
+  for (let wait = 1; ; wait = Math.min(wait * 2, 100)) {
+    try {
+      return native.connectUnix(path);
+    } catch (error) {
+      if ((error as { code?: string }).code !== 'EAGAIN') throw error;
+      if (Date.now() >= deadline) throw new TimeoutError(`connect to ${path}: the server's backlog stayed full for ${timeoutMs} ms`);
+      await sleep(wait);
+    }
+  }
 }
 
 export { GuestMemory, type GuestMemoryOptions };

@@ -6,7 +6,7 @@
  * classic use: an NVMe BAR whose doorbell page the guest writes directly
  * while the register page still reaches device code.
  */
-import { mapNewMemfd, native, type NativeMapping } from '../native.js';
+import { mapNewMemfd, native, type NativeMapping, type NativeRegionReads } from '../native.js';
 import { UsageError } from '../errors.js';
 import { RegionCapId, RegionInfoFlags, type SparseMmapArea } from '../protocol/index.js';
 import type { RegionDescription } from '../device.js';
@@ -69,7 +69,20 @@ export class SharedMemory {
     };
   }
 
-  /** Unmaps (detaching `bytes` and any other view) and closes the fd. Clients keep their own mappings. */
+  /**
+   * Serves REGION_READs of `region` from this memory natively (offset 0 is the
+   * region's start) for as long as it is mapped: after close() they reach the
+   * device's handlers instead, never the unmapped memory.
+   */
+  serveNativeReads(reads: NativeRegionReads, region: number): void {
+    reads.setMapping(region, this.mapping);
+  }
+
+  /**
+   * Unmaps (detaching `bytes` and any other view) and closes the fd. Clients
+   * keep their own mappings; an attached client's reads of a BAR over this
+   * memory are then answered EIO by the device model.
+   */
   close(): void {
     if (this.closed) return;
     this.mapping.unmap();

@@ -5,6 +5,7 @@
  * table and PBA, PCIe with FLR, extended capabilities); device code handles
  * BAR accesses and raises interrupts with `irq.trigger()`.
  */
+import { markAsUntransferable } from 'node:worker_threads';
 import { native, type NativeRegionReads } from '../native.js';
 import { UsageError } from '../errors.js';
 import { requestAttachment, type DeviceAttachment, type DeviceMigration, type RegionDescription, type RegionIoFd, type VfioUserDevice } from '../device.js';
@@ -330,11 +331,19 @@ export class PciDevice implements VfioUserDevice {
    */
   nativeReads(maxCount: number): NativeRegionReads {
     const reads = new native.NativeRegionReads(maxCount);
-    if (!this.config.hasReadHooks) reads.set(Region.CONFIG, this.config.bytes);
+    // The native layer reads these bytes in place: they must not be transferred away.
+    const serve = (region: number, bytes: Buffer) => {
+      markAsUntransferable(bytes.buffer);
+      reads.set(region, bytes);
+    };
+    if (!this.config.hasReadHooks) serve(Region.CONFIG, this.config.bytes);
     this.bars.forEach((bar, i) => {
-      if (bar?.memory) reads.set(i, bar.memory);
+      if (!bar?.memory) return;
+      // A shared BAR's memory may be unmapped under an attached client (SharedMemory.close()): checked on every read.
+      if (bar.shared) bar.shared.serveNativeReads(reads, i);
+      else serve(i, bar.memory);
     });
-    if (this.rom) reads.set(Region.ROM, this.rom);
+    if (this.rom) serve(Region.ROM, this.rom);
     return reads;
   }
 

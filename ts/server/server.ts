@@ -5,7 +5,7 @@
  * client's departure (its DMA maps and interrupt fds do not).
  */
 import { EventEmitter } from 'node:events';
-import { native } from '../native.js';
+import { native, type PeerCredentials } from '../native.js';
 import { UsageError, VfioUserError } from '../errors.js';
 import { errnoName } from '../protocol/index.js';
 import type { VfioUserDevice } from '../device.js';
@@ -25,11 +25,32 @@ export interface ServerOptions {
    * reset, a migration save) would otherwise see commands overtake it.
    */
   requestTimeoutMs?: number;
+  /**
+   * Most bytes of replies (and server requests) queued for a client that
+   * does not read them; past it the client is cut off ('disconnect' with the
+   * reason). 8 MiB by default: room for several 1 MiB replies.
+   */
+  maxQueuedBytes?: number;
+  /** Accept only these peers; every process that can open the socket by default. */
+  allowedPeers?: AllowedPeers;
 }
 
 export interface ListenOptions {
   /** File mode of the socket; owner-only unless asked otherwise. */
   mode?: number;
+}
+
+/**
+ * Which connecting processes the server accepts, by the credentials the
+ * kernel recorded for the connection (SO_PEERCRED): a peer is accepted
+ * when each given list contains its value. Others are closed at accept,
+ * before VERSION, and reported as 'connectionRefused'. This narrows who may
+ * connect beyond the socket file's mode; see docs/security.md.
+ */
+export interface AllowedPeers {
+  uids?: readonly number[];
+  gids?: readonly number[];
+  pids?: readonly number[];
 }
 
 export interface VfioUserServerEvents {
@@ -41,6 +62,8 @@ export interface VfioUserServerEvents {
   disconnect: [session: ServerSession, error?: Error];
   /** Accepting a client failed (out of fds, say); the server retries shortly. */
   acceptError: [error: Error];
+  /** A peer that `allowedPeers` does not allow connected and was closed at once. */
+  connectionRefused: [peer: PeerCredentials, reason: string];
   /** A device handler threw or rejected; the client was answered EIO. */
   deviceError: [error: Error, command: number];
   /** A handler missed `requestTimeoutMs`; the client was answered ETIMEDOUT. */
@@ -60,14 +83,12 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
 
   constructor(
     readonly device: VfioUserDevice,
-    options: ServerOptions = {},
+    private readonly options: ServerOptions = {},
   ) {
     super();
-    const { requestTimeoutMs } = options;
-    if (requestTimeoutMs !== undefined && !(Number.isInteger(requestTimeoutMs) && requestTimeoutMs > 0 && requestTimeoutMs <= MAX_TIMEOUT_MS)) {
-      throw new UsageError(`requestTimeoutMs ${requestTimeoutMs} is not a whole number of ms between 1 and ${MAX_TIMEOUT_MS}`);
-    }
-    this.sessionOptions = { requestTimeoutMs };
+    checkOptions(options);
+    const { requestTimeoutMs, maxQueuedBytes } = options;
+    this.sessionOptions = { requestTimeoutMs, maxQueuedBytes };
   }
 
   /**
@@ -140,6 +161,7 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
       if (!this.keepAlive) retry.unref();
       return;
     }
+    if (this.options.allowedPeers && !this.allowed(fd, this.options.allowedPeers)) return;
     this.listener!.pause();
     const session = new ServerSession(fd, this.device, {
       onClose: (s, error) => this.ended(s, error),
@@ -150,6 +172,20 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
     this.emit('connection', session);
   }
 
+  /** Whether the peer on `fd` may talk to the device; if not, `fd` is closed and the refusal reported. */
+  private allowed(fd: number, allowed: AllowedPeers): boolean {
+    const peer = native.peerCredentials(fd);
+    const refusal =
+      allowed.uids && !allowed.uids.includes(peer.uid) ? `uid ${peer.uid} is not allowed` :
+      allowed.gids && !allowed.gids.includes(peer.gid) ? `gid ${peer.gid} is not allowed` :
+      allowed.pids && !allowed.pids.includes(peer.pid) ? `pid ${peer.pid} is not allowed` :
+      undefined;
+    if (refusal === undefined) return true;
+    native.closeFd(fd);
+    this.emit('connectionRefused', peer, refusal);
+    return false;
+  }
+
   private ended(session: ServerSession, error?: Error): void {
     if (this.current === session) this.current = undefined;
     this.emit('disconnect', session, error);
@@ -157,7 +193,22 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
   }
 }
 
+function checkOptions(options: ServerOptions): void {
+  const { requestTimeoutMs, maxQueuedBytes, allowedPeers } = options;
+  if (requestTimeoutMs !== undefined && !(Number.isInteger(requestTimeoutMs) && requestTimeoutMs > 0 && requestTimeoutMs <= MAX_TIMEOUT_MS)) {
+    throw new UsageError(`requestTimeoutMs ${requestTimeoutMs} is not a whole number of ms between 1 and ${MAX_TIMEOUT_MS}`);
+  }
+  if (maxQueuedBytes !== undefined && (!Number.isSafeInteger(maxQueuedBytes) || maxQueuedBytes <= 0)) {
+    throw new UsageError(`maxQueuedBytes ${maxQueuedBytes} is not a positive integer`);
+  }
+  for (const [field, list] of Object.entries(allowedPeers ?? {})) {
+    if (!Array.isArray(list) || !list.every((id) => Number.isInteger(id) && id >= 0)) {
+      throw new UsageError(`allowedPeers.${field} must be an array of non-negative integers`);
+    }
+  }
+}
+
 /** Creates a server for `device`, like `net.createServer()`. */
-export function createServer(device: VfioUserDevice, options?: ServerOptions): VfioUserServer {
+export function createServer(device: VfioUserDevice, options: ServerOptions = {}): VfioUserServer {
   return new VfioUserServer(device, options);
 }

@@ -27,6 +27,8 @@ import { RequestQueue } from './ordering.js';
 export interface SessionOptions {
   /** How long one handler may keep the client's later commands waiting; undefined: no limit. */
   requestTimeoutMs?: number;
+  /** Most bytes queued for a client that does not read them before it is cut off; 8 MiB by default. */
+  maxQueuedBytes?: number;
 }
 
 export interface SessionEvents {
@@ -76,6 +78,8 @@ export class ServerSession {
       onCommand: (message) => this.requests.receive(message),
       onClose: (error) => this.finish(error),
     });
+    this.channel.setMaxFds(SERVER_CAPABILITIES.maxMsgFds);
+    if (options.maxQueuedBytes !== undefined) this.channel.setMaxQueued(options.maxQueuedBytes);
     this.requests = new RequestQueue(this.channel, {
       dispatch: (message) => this.dispatch(message),
       answer: (message, reply, error) => this.answer(message, reply, error),

@@ -29,7 +29,8 @@ export function deviceSetIrqs(session: HandlerContext, message: Message): Reply 
   if ((req.flags & SetIrqsFlags.DATA_EVENTFD) && (req.flags & SetIrqsFlags.ACTION_TYPE_MASK) !== SetIrqsFlags.ACTION_TRIGGER) {
     throw fail(Errno.EINVAL, C, 'eventfds can only be attached for TRIGGER');
   }
-  if (!message.fds.every((fd) => native.isEventfd(fd))) throw fail(Errno.EINVAL, C, 'every fd must be an eventfd');
+  // Adopting makes each non-blocking: one a client left at its maximum count cannot stall a signal.
+  if (!message.fds.every((fd) => native.eventfdAdopt(fd))) throw fail(Errno.EINVAL, C, 'every fd must be an eventfd');
   // The device owns the fds once setIrqs returns; if it throws, they are still ours to close.
   session.device.setIrqs(req, [...message.fds]);
   message.fds.length = 0;
