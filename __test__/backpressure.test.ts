@@ -84,7 +84,7 @@ describe('fds per message', () => {
       bars: { 0: { kind: 'memory', size: 0x4000 } },
       capabilities: [{ kind: 'msix', vectors, table: { bar: 0, offset: 0x2000 }, pba: { bar: 0, offset: 0x3000 } }],
     }));
-    const channel = new Channel(native.connectUnix(served.path), { onCommand: () => {}, onClose: () => {} });
+    const channel = new Channel(native.connectUnix(served.path), { side: 'client', onCommand: () => {}, onClose: () => {} });
     await channel.request(Command.VERSION, encodeVersion({ major: 0, minor: 2, capabilities: {} }));
     const before = openFdCount();
     const setIrqs = (count: number) => {

@@ -78,13 +78,6 @@ export const native = load();
 export type NativeConnection = NativeBinding.NativeConnection;
 export type NativeMapping = NativeBinding.NativeMapping;
 export type NativeRegionReads = NativeBinding.NativeRegionReads;
-/**
- * An eventfd polled on this thread's event loop: `onSignal(count)` runs when
- * it is signalled, with the counter it read (and so cleared). The general
- * "wake me when this eventfd fires" primitive: ioeventfds on the server,
- * interrupt lines on the client. Close it before closing the fd.
- */
-export type NativeEventfdWatch = NativeBinding.NativeEventfdWatch;
 export type PeerCredentials = NativeBinding.PeerCredentials;
 
 /** Closes every fd in `fds`, ignoring ones already closed. */

@@ -4,7 +4,7 @@
  * instead of forwarding the writes over the socket.
  */
 import { EventEmitter } from 'node:events';
-import { native, type NativeEventfdWatch } from '../native.js';
+import { native } from '../native.js';
 import { KvmIoeventfdFlags } from '../protocol/index.js';
 import type { RegionIoFd } from '../device.js';
 import { InvalidDeviceError, type BarArea, type IoEventfdDescription } from './description.js';
@@ -59,20 +59,20 @@ export interface IoEventfdEvents {
  * migration, so kicks stay in the counter and travel with the device state.
  */
 export class IoEventfd extends EventEmitter<IoEventfdEvents> {
-  readonly fd: number;
   readonly offset: number;
   readonly size: number;
   readonly datamatch: bigint | undefined;
-  private watch: NativeEventfdWatch | undefined;
+  /** Watched on the loop only while someone listens and the device runs; never keeps the process alive. */
+  private readonly eventfd = new native.NativeEventfd();
+  private watching = false;
   private paused = false;
-  private closed = false;
 
   constructor(description: IoEventfdDescription) {
     super();
     this.offset = description.offset;
     this.size = description.size;
     this.datamatch = description.datamatch === undefined ? undefined : BigInt(description.datamatch);
-    this.fd = native.eventfdCreate();
+    this.eventfd.setKeepAlive(false);
     // Node's own events, which the typed map leaves out; 'newListener' comes
     // before the listener is added: count it.
     const emitter = this as EventEmitter;
@@ -84,9 +84,14 @@ export class IoEventfd extends EventEmitter<IoEventfdEvents> {
     });
   }
 
+  /** The eventfd (owned by this object; GET_REGION_IO_FDS sends dups). */
+  get fd(): number {
+    return this.eventfd.fd;
+  }
+
   /** Reads and clears the counter: how many matching writes happened since the last take (0: none). */
   take(): number {
-    return native.eventfdTake(this.fd);
+    return this.eventfd.take();
   }
 
   /** Stops `'signal'` events (the counter keeps counting) until `resume()`. */
@@ -100,15 +105,11 @@ export class IoEventfd extends EventEmitter<IoEventfdEvents> {
     this.rewatch();
   }
 
-  /** Polls the eventfd exactly while someone listens, not paused or closed. */
   private rewatch(adding = 0): void {
-    const wanted = !this.paused && !this.closed && this.listenerCount('signal') + adding > 0;
-    if (wanted && !this.watch) {
-      this.watch = new native.NativeEventfdWatch(this.fd, (count) => this.emit('signal', count));
-    } else if (!wanted && this.watch) {
-      this.watch.close();
-      this.watch = undefined;
-    }
+    const wanted = !this.paused && this.eventfd.fd >= 0 && this.listenerCount('signal') + adding > 0;
+    if (wanted && !this.watching) this.eventfd.watch((count) => this.emit('signal', count));
+    else if (!wanted && this.watching) this.eventfd.unwatch();
+    this.watching = wanted;
   }
 
   /** Whether KVM would have turned this write into a signal. */
@@ -118,7 +119,7 @@ export class IoEventfd extends EventEmitter<IoEventfdEvents> {
   }
 
   signal(): void {
-    native.eventfdSignal(this.fd);
+    this.eventfd.signal();
   }
 
   /** The GET_REGION_IO_FDS entry; `pio` for an I/O BAR (KVM registers those on the port bus). */
@@ -128,10 +129,8 @@ export class IoEventfd extends EventEmitter<IoEventfdEvents> {
   }
 
   close(): void {
-    if (this.closed) return;
-    this.closed = true;
-    this.rewatch();
-    native.closeFd(this.fd);
+    this.eventfd.close();
+    this.watching = false;
   }
 }
 

@@ -18,6 +18,7 @@ struct Watched {
     fd: Option<OwnedFd>,
     poll: Option<Poll>,
     js: Option<Rc<Callbacks>>,
+    keep_alive: bool,
 }
 
 #[napi]
@@ -31,7 +32,7 @@ impl NativeEventfd {
     #[napi(constructor)]
     pub fn new() -> Result<Self> {
         let fd = eventfd::create().map_err(|e| os_error("eventfd", e))?;
-        Ok(NativeEventfd { inner: Rc::new(RefCell::new(Watched { fd: Some(fd), poll: None, js: None })) })
+        Ok(NativeEventfd { inner: Rc::new(RefCell::new(Watched { fd: Some(fd), poll: None, js: None, keep_alive: true })) })
     }
 
     /// The fd number, -1 once closed.
@@ -58,7 +59,8 @@ impl NativeEventfd {
 
     /// Watches the counter: each time it becomes non-zero it is read and
     /// cleared, and `onSignal(count)` runs on this thread. Replaces a previous
-    /// watcher. While watched, the eventfd keeps the event loop alive.
+    /// watcher. While watched, the eventfd keeps the event loop alive unless
+    /// `setKeepAlive(false)`.
     #[napi(ts_args_type = "onSignal: (count: number) => void")]
     pub fn watch(&self, env: Env, on_signal: Function<'_>) -> Result<()> {
         let raw = env.raw();
@@ -73,9 +75,21 @@ impl NativeEventfd {
             let target = self.inner.clone();
             let mut poll = Poll::new(raw, fd, Box::new(move |_status, _events| on_readable(&target)))?;
             poll.set_events(READABLE);
+            poll.set_ref(inner.keep_alive);
             inner.poll = Some(poll);
         }
         Ok(())
+    }
+
+    /// Whether watching keeps the process alive (like `timer.ref()`); a
+    /// device's doorbells should not, a VMM's interrupt lines may.
+    #[napi]
+    pub fn set_keep_alive(&self, keep_alive: bool) {
+        let mut inner = self.inner.borrow_mut();
+        inner.keep_alive = keep_alive;
+        if let Some(poll) = inner.poll.as_ref() {
+            poll.set_ref(keep_alive);
+        }
     }
 
     /// Stops watching; signals accumulate in the counter for `take()`.

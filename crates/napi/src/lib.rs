@@ -10,7 +10,6 @@ mod mapping;
 mod regions;
 mod slab;
 mod uv;
-mod watch;
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
