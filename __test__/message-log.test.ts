@@ -1,7 +1,7 @@
 /** The message observer, DEBUG=vfio-user, and the decoded view of messages they print. */
 import { afterEach, describe, expect, test } from 'vitest';
 import { setMessageObserver } from '../ts/channel.js';
-import { debugRequested, messageLogger } from '../ts/debug.js';
+import { colorFor, debugRequested, messageLogger } from '../ts/debug.js';
 import { formatMessage, messageJson, MessageDescriber } from '../ts/protocol/describe.js';
 import { connect, GuestMemory, IrqIndex, Region, protocol } from '../ts/index.js';
 import { native } from '../ts/native.js';
@@ -96,6 +96,24 @@ describe('DEBUG', () => {
   });
 });
 
+describe('colors', () => {
+  test('only on a terminal, and never with NO_COLOR set', () => {
+    const saved = process.env.NO_COLOR;
+    try {
+      delete process.env.NO_COLOR;
+      expect(colorFor({ isTTY: true })).toBe(true);
+      expect(colorFor({ isTTY: false })).toBe(false);
+      process.env.NO_COLOR = '1';
+      expect(colorFor({ isTTY: true })).toBe(false);
+    } finally {
+      if (saved === undefined) delete process.env.NO_COLOR;
+      else process.env.NO_COLOR = saved;
+    }
+    const view = new MessageDescriber().describe('client', protocol.encodeMessage({ msgId: 1, command: protocol.Command.DEVICE_RESET }), 0);
+    expect(formatMessage(view, { color: true })).toBe('\x1b[2mclient→server\x1b[0m \x1b[36mDEVICE_RESET\x1b[0m #1');
+  });
+});
+
 describe('MessageDescriber', () => {
   const { Command } = protocol;
 
@@ -109,6 +127,16 @@ describe('MessageDescriber', () => {
     expect(view.fields).toEqual({ region: 'BAR0', offset: 8n, count: 0 });
     // The same id again has no request waiting.
     expect(describer.describe('server', reply, 0).problem).toMatch(/no request/);
+  });
+
+  test('DEVICE_FEATURE data is decoded by feature: migration state, dirty logging', () => {
+    const describer = new MessageDescriber();
+    const feature = (msgId: number, flags: number, data: Buffer) =>
+      describer.describe('client', protocol.encodeMessage({ msgId, command: Command.DEVICE_FEATURE }, protocol.encodeDeviceFeatureRequest({ flags, data })), 0);
+    const { DeviceFeatureFlags: F, FeatureIndex: I } = protocol;
+    expect(feature(1, F.SET | I.MIG_DEVICE_STATE, protocol.encodeMigDeviceState({ deviceState: protocol.MigrationState.STOP_COPY })).fields).toEqual({ feature: 'MIG_DEVICE_STATE', op: 'SET', state: 'STOP_COPY' });
+    const start = protocol.encodeDmaLoggingStart({ pageSize: 4096n, ranges: [{ iova: 0x10000n, length: 0x4000n }] });
+    expect(formatMessage(feature(2, F.SET | I.DMA_LOGGING_START, start))).toBe('client→server DEVICE_FEATURE #2 feature=DMA_LOGGING_START op=SET pageSize=0x1000 ranges=[{iova=0x10000 length=0x4000}]');
   });
 
   test('a body the codec refuses is shown with the reason', () => {

@@ -45,7 +45,17 @@ import {
   type RegionAccess,
 } from './region.js';
 import { decodeIrqInfoReply, decodeIrqInfoRequest, decodeSetIrqsRequest } from './irq.js';
-import { decodeDeviceFeatureReply, decodeDeviceFeatureRequest, decodeMigDeviceState, decodeMigrationFeature, featureIndex, type DeviceFeature } from './feature.js';
+import {
+  decodeDeviceFeatureReply,
+  decodeDeviceFeatureRequest,
+  decodeDmaLoggingReportReply,
+  decodeDmaLoggingReportRequest,
+  decodeDmaLoggingStart,
+  decodeMigDeviceState,
+  decodeMigrationFeature,
+  featureIndex,
+  type DeviceFeature,
+} from './feature.js';
 import { decodeMigDataReadReply, decodeMigDataReadRequest, decodeMigDataWriteRequest } from './migration.js';
 
 /** A decoded field: bigints are 64-bit addresses, sizes and offsets; bytes are payload data. */
@@ -119,12 +129,25 @@ function feature(f: DeviceFeature, isReplyData: boolean): Fields {
   const index = featureIndex(f.flags);
   const fields: Fields = { feature: nameOf(index, FeatureIndex), op: bitNames(f.flags & ~DeviceFeatureFlags.MASK, featureOps) };
   if (f.data.length === 0) return fields;
-  if (index === FeatureIndex.MIG_DEVICE_STATE) {
-    fields.state = nameOf(decodeMigDeviceState(f.data).deviceState, MigrationState);
-  } else if (index === FeatureIndex.MIGRATION && isReplyData) {
-    fields.migrationFlags = bitNames(Number(decodeMigrationFeature(f.data).flags), MigrationFlags);
-  } else {
-    fields.data = f.data;
+  switch (index) {
+    case FeatureIndex.MIG_DEVICE_STATE:
+      fields.state = nameOf(decodeMigDeviceState(f.data).deviceState, MigrationState);
+      break;
+    case FeatureIndex.MIGRATION:
+      if (isReplyData) fields.migrationFlags = bitNames(Number(decodeMigrationFeature(f.data).flags), MigrationFlags);
+      else fields.data = f.data;
+      break;
+    case FeatureIndex.DMA_LOGGING_START: {
+      const start = decodeDmaLoggingStart(f.data);
+      fields.pageSize = start.pageSize;
+      fields.ranges = start.ranges.map((range) => ({ iova: range.iova, length: range.length }));
+      break;
+    }
+    case FeatureIndex.DMA_LOGGING_REPORT:
+      Object.assign(fields, isReplyData ? decodeDmaLoggingReportReply(f.data) : decodeDmaLoggingReportRequest(f.data));
+      break;
+    default:
+      fields.data = f.data;
   }
   return fields;
 }
