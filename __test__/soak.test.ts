@@ -3,8 +3,8 @@
  * child process, from a lean pipelining client: region reads (native and
  * JS) and writes, DMA_MAP/UNMAP with and without an fd, SET_IRQS wiring and
  * unwiring an eventfd, resets, and a reconnect every 100 000 requests. The
- * server's open fds must be the same at every reconnect, and its RSS flat
- * after warm-up. Bounds are generous; nothing here is timed.
+ * server's open fds must be the same at every reconnect after the first, and
+ * its RSS flat after warm-up. Bounds are generous; nothing here is timed.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
@@ -147,7 +147,8 @@ test(`${REQUESTS} mixed requests over ${REQUESTS / PER_CONNECTION} connections: 
   );
   // Every request of the mix succeeds: a reply with the error bit would be a defect the soak found.
   expect(errors).toBe(0);
-  expect(new Set(samples.map((s) => s.fds))).toEqual(new Set([samples[0].fds]));
+  // From the second connection on: Node opens (and drops) a few fds of its own on first use.
+  expect(new Set(samples.slice(1).map((s) => s.fds))).toEqual(new Set([samples[1].fds]));
   const floor = Math.min(...steady.map((s) => s.rssKiB));
   expect((steady.at(-1)!.rssKiB - floor) / 1024).toBeLessThan(RSS_SLACK_MIB);
 }, 180_000);
