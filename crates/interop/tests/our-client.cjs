@@ -16,7 +16,9 @@ if (!root || !socket) {
   process.stderr.write('usage: node our-client.cjs <repository root> <socket path>\n');
   process.exit(2);
 }
-const { connect, GuestMemory, native, Region } = require(path.join(root, 'dist/ts/index.js'));
+const { connect, GuestMemory, Region } = require(path.join(root, 'dist/ts/index.js'));
+// The addon is internal to the package: fd checks and eventfds come from it directly.
+const { native } = require(path.join(root, 'dist/ts/native.js'));
 
 const result = {};
 let step = 'load';

@@ -103,9 +103,10 @@ fn our_client_drives_rust_vmm_server() {
         .canonicalize()
         .expect("repository root");
     let package = root.join("dist/ts/index.js");
-    let addon = root.join("native/index.js");
+    // `npm run build:native` puts the addon (vfio-user.<platform>.node) here.
+    let addon = root.join("native");
     assert!(
-        package.is_file() && addon.is_file(),
+        package.is_file() && addon.is_dir(),
         "{} or {} is missing: run `npm run build` in {} first (this test drives the built client)",
         package.display(),
         addon.display(),
