@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, test } from 'vitest';
 import { Command, Errno, EventfdIrq, IrqIndex, Region } from '../ts/index.js';
 import { native } from '../ts/native.js';
-import { openFdCount, serve, type Served } from './helpers.js';
+import { openFdCount, serve, until, type Served } from './helpers.js';
 import type { PciIdio16 } from '../examples/gpio.js';
 
 let served: Served<PciIdio16>;
@@ -53,6 +53,67 @@ describe('IRQ info and SET_IRQS', () => {
     await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'unmask' });
     expect(ev.take()).toBe(0);
     expect((await client.regionRead(Region.CONFIG, 6n, 1))[0] & 0x08).toBe(0);
+  });
+
+  test('INTx as QEMU drives it with KVM: the resample eventfd unmasks, and a line still high fires again', async () => {
+    served = await serve();
+    const client = await served.client();
+    const before = openFdCount();
+    const trigger = eventfd(); // what KVM's irqfd listens on
+    const resample = eventfd(); // what KVM signals when the guest EOIs the line
+    await client.setIrqs({ index: IrqIndex.INTX, eventfds: [trigger] });
+    // QEMU's vfio_intx_enable_kvm: mask, hand over the resample eventfd, unmask.
+    await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'mask' });
+    await client.setIrqs({ index: IrqIndex.INTX, eventfds: [resample], action: 'unmask' });
+    await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'unmask' });
+    expect(served.device.interrupts.intxUnmaskConnected).toBe(true);
+    expect(openFdCount()).toBe(before + 4); // two eventfds here, the server's copies of both
+
+    served.device.assertIntx();
+    expect(trigger.take()).toBe(1);
+    expect(served.device.interrupts.isMasked(IrqIndex.INTX, 0)).toBe(true); // automasked
+    // EOI with the line still asserted: unmasked, and fired again (and masked again).
+    const again = trigger.next();
+    native.eventfdSignal(resample.fd);
+    expect(await again).toBe(1);
+    expect(served.device.interrupts.isMasked(IrqIndex.INTX, 0)).toBe(true);
+    // The device drops the line; the next EOI only unmasks, so the next assertion is delivered at once.
+    served.device.deassertIntx();
+    native.eventfdSignal(resample.fd);
+    await until(() => !served.device.interrupts.isMasked(IrqIndex.INTX, 0));
+    expect(trigger.take()).toBe(0);
+    served.device.assertIntx();
+    expect(trigger.take()).toBe(1);
+
+    // No fd de-assigns the resample eventfd, and the server closes its copy.
+    await client.setIrqs({ index: IrqIndex.INTX, count: 1, eventfds: [], action: 'unmask' });
+    expect(served.device.interrupts.intxUnmaskConnected).toBe(false);
+    expect(openFdCount()).toBe(before + 3);
+  });
+
+  test('eventfds with MASK, or with UNMASK of a vector other than INTx, are EINVAL and closed', async () => {
+    served = await serve();
+    const client = await served.client();
+    const before = openFdCount();
+    const ev = eventfd();
+    await expect(client.setIrqs({ index: IrqIndex.INTX, eventfds: [ev], action: 'mask' })).rejects.toMatchObject({ errno: Errno.EINVAL, command: Command.DEVICE_SET_IRQS });
+    await expect(client.setIrqs({ index: IrqIndex.ERR, eventfds: [ev], action: 'unmask' })).rejects.toMatchObject({ errno: Errno.EINVAL });
+    expect(openFdCount()).toBe(before + 1);
+  });
+
+  test('the resample eventfd is closed when the client leaves or INTx is disabled', async () => {
+    served = await serve();
+    const before = openFdCount();
+    const client = await served.client();
+    const resample = eventfd();
+    await client.setIrqs({ index: IrqIndex.INTX, eventfds: [resample], action: 'unmask' });
+    await client.setIrqs({ index: IrqIndex.INTX, count: 0, start: 0 });
+    expect(served.device.interrupts.intxUnmaskConnected).toBe(false);
+    await client.setIrqs({ index: IrqIndex.INTX, eventfds: [resample], action: 'unmask' });
+    client.close();
+    await until(() => served.server.session === undefined);
+    expect(served.device.interrupts.intxUnmaskConnected).toBe(false);
+    expect(openFdCount()).toBe(before + 1); // only our own eventfd
   });
 
   test('a masked interrupt is held pending and delivered on unmask', async () => {

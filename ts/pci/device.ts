@@ -113,7 +113,7 @@ export class PciDevice implements VfioUserDevice {
       });
       const msi = caps.find((c): c is MsiCapability => c.kind === 'msi');
       const msix = caps.find((c): c is MsixCapability => c.kind === 'msix');
-      this.interrupts = new Interrupts([description.intx ? 1 : 0, msi?.vectors ?? 0, msix?.vectors ?? 0, 1, 1]);
+      this.interrupts = new Interrupts([description.intx ? 1 : 0, msi?.vectors ?? 0, msix?.vectors ?? 0, 1, 1], (index) => this.irq.clientChanged(index));
       this.defineCapabilities(caps, slots);
       this.defineExtendedCapabilities(extended);
       this.irq = new DeviceIrq(this.config, this.interrupts, description.intx !== undefined, this.msi, this.msix);

@@ -3,6 +3,12 @@
  * client's (VFIO-level) masks, as SET_IRQS wires them (§6.8). INTx, ERR and
  * REQ keep their pending state here; MSI and MSI-X are routed to their
  * capability, which owns the guest-visible mask and pending bits.
+ *
+ * INTx also takes an unmask eventfd (UNMASK with DATA_EVENTFD), as kernel
+ * VFIO does: QEMU with KVM hands it KVM's resample eventfd, which KVM
+ * signals when the guest ends the interrupt (EOI). Signalling it unmasks the
+ * line, and a line still asserted fires again: level semantics without a
+ * message per interrupt.
  */
 import { closeFds, native } from '../native.js';
 import { IrqIndex, SetIrqsFlags, type SetIrqs } from '../protocol/index.js';
@@ -35,12 +41,20 @@ class Vectors {
   }
 }
 
+type Eventfd = InstanceType<typeof native.NativeEventfd>;
+
 export class Interrupts {
   private readonly indexes: Vectors[];
   /** Signals delivered per index (for tests, tools and statistics). */
   readonly delivered: number[];
+  /** INTx's unmask (resample) eventfd, watched on the loop. */
+  private intxUnmask: Eventfd | undefined;
 
-  constructor(counts: readonly number[]) {
+  /** `unmasked(index)` follows every unmask by eventfd: the line's owner re-fires a level still asserted. */
+  constructor(
+    counts: readonly number[],
+    private readonly unmasked: (index: number) => void = () => {},
+  ) {
     this.indexes = counts.map((n) => new Vectors(n));
     this.delivered = counts.map(() => 0);
   }
@@ -57,6 +71,11 @@ export class Interrupts {
   /** Whether the client wired an eventfd to this vector. */
   connected(index: number, vector: number): boolean {
     return (this.indexes[index]?.fds[vector] ?? -1) >= 0;
+  }
+
+  /** Whether the client wired an unmask (resample) eventfd to INTx. */
+  get intxUnmaskConnected(): boolean {
+    return this.intxUnmask !== undefined;
   }
 
   /** Whether the client masked this vector with SET_IRQS. */
@@ -132,6 +151,12 @@ export class Interrupts {
     const action = req.flags & SetIrqsFlags.ACTION_TYPE_MASK;
     if (req.count === 0) {
       this.release(req.index, 0, v.count);
+      if (req.index === IrqIndex.INTX) this.setIntxUnmask(undefined);
+      return;
+    }
+    if (data === SetIrqsFlags.DATA_EVENTFD && action === SetIrqsFlags.ACTION_UNMASK) {
+      // Only INTx takes one (the session checks); no fd de-assigns it.
+      this.setIntxUnmask(fds[0]);
       return;
     }
     if (data === SetIrqsFlags.DATA_EVENTFD) {
@@ -160,8 +185,24 @@ export class Interrupts {
     }
   }
 
+  /** Replaces INTx's unmask eventfd (closing the old one); undefined leaves none. */
+  private setIntxUnmask(fd: number | undefined): void {
+    this.intxUnmask?.close();
+    this.intxUnmask = undefined;
+    if (fd === undefined) return;
+    const eventfd = native.NativeEventfd.fromFd(fd);
+    // A device's interrupt line does not keep the process alive; its client connection does.
+    eventfd.setKeepAlive(false);
+    eventfd.watch(() => {
+      this.unmask(IrqIndex.INTX, 0);
+      this.unmasked(IrqIndex.INTX);
+    });
+    this.intxUnmask = eventfd;
+  }
+
   /** The client went away: every fd is closed, masks and pending bits cleared. */
   releaseAll(): void {
+    this.setIntxUnmask(undefined);
     this.indexes.forEach((v, index) => {
       this.release(index, 0, v.count);
       v.masked.fill(false);

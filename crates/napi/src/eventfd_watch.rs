@@ -1,4 +1,5 @@
-//! `NativeEventfd`: an eventfd this process owns, optionally watched on the
+//! `NativeEventfd`: an eventfd this process owns (its own, or one a peer
+//! sent and `eventfdAdopt` accepted), optionally watched on the
 //! JS thread's loop (the same libuv poll the sockets use), so a waiter costs
 //! nothing while idle and hears each signal without polling.
 
@@ -8,7 +9,7 @@ use crate::os_error;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use std::cell::RefCell;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use vfio_user_core::eventfd;
 
@@ -32,6 +33,19 @@ impl NativeEventfd {
     #[napi(constructor)]
     pub fn new() -> Result<Self> {
         let fd = eventfd::create().map_err(|e| os_error("eventfd", e))?;
+        Ok(NativeEventfd { inner: Rc::new(RefCell::new(Watched { fd: Some(fd), poll: None, js: None, keep_alive: true })) })
+    }
+
+    /// Takes ownership of `fd`, an eventfd a peer sent that `eventfdAdopt`
+    /// accepted (so it is non-blocking): INTx's resample eventfd, say, which
+    /// the server watches. `close()` closes it.
+    #[napi(factory)]
+    pub fn from_fd(fd: i32) -> Result<Self> {
+        if fd < 0 {
+            return Err(Error::new(Status::InvalidArg, format!("{fd} is not a file descriptor")));
+        }
+        // SAFETY: the caller hands over ownership of the fd.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(NativeEventfd { inner: Rc::new(RefCell::new(Watched { fd: Some(fd), poll: None, js: None, keep_alive: true })) })
     }
 

@@ -7,6 +7,7 @@ import {
   decodeSetIrqsRequest,
   encodeIrqInfoReply,
   Errno,
+  IrqIndex,
   SetIrqsFlags,
   validateSetIrqs,
 } from '../../protocol/index.js';
@@ -26,8 +27,11 @@ export function deviceSetIrqs(session: HandlerContext, message: Message): Reply 
   if (req.index >= session.device.numIrqs) throw fail(Errno.EINVAL, C, `no IRQ index ${req.index}`);
   const errno = validateSetIrqs(req, message.fds.length, session.device.irqInfo(req.index).count);
   if (errno) throw fail(errno, C, 'invalid SET_IRQS');
-  if ((req.flags & SetIrqsFlags.DATA_EVENTFD) && (req.flags & SetIrqsFlags.ACTION_TYPE_MASK) !== SetIrqsFlags.ACTION_TRIGGER) {
-    throw fail(Errno.EINVAL, C, 'eventfds can only be attached for TRIGGER');
+  // As kernel VFIO: eventfds trigger any vector, and unmask INTx (its resample eventfd); MASK takes none.
+  const action = req.flags & SetIrqsFlags.ACTION_TYPE_MASK;
+  if ((req.flags & SetIrqsFlags.DATA_EVENTFD) && action !== SetIrqsFlags.ACTION_TRIGGER &&
+      !(action === SetIrqsFlags.ACTION_UNMASK && req.index === IrqIndex.INTX)) {
+    throw fail(Errno.EINVAL, C, 'eventfds are for TRIGGER, and for UNMASK of INTx only');
   }
   // Adopting makes each non-blocking: one a client left at its maximum count cannot stall a signal.
   if (!message.fds.every((fd) => native.eventfdAdopt(fd))) throw fail(Errno.EINVAL, C, 'every fd must be an eventfd');
