@@ -194,6 +194,8 @@ export class Interrupts {
     // A device's interrupt line does not keep the process alive; its client connection does.
     eventfd.setKeepAlive(false);
     eventfd.watch(() => {
+      // As the kernel's unmask handler: a line that is not masked has nothing to resample.
+      if (!this.isMasked(IrqIndex.INTX, 0)) return;
       this.unmask(IrqIndex.INTX, 0);
       this.unmasked(IrqIndex.INTX);
     });
