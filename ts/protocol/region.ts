@@ -89,8 +89,11 @@ function writeCap(b: Buffer, off: number, cap: RegionCap, next: number): void {
 
 /**
  * Encodes the reply with the argsz two-step: argsz is always the full size (32 + caps). If the
- * request's argsz is smaller, only the 32-byte fixed part goes out (CAPS still set, cap_offset
- * 0) and `complete` is false; like libvfio-user, attach the region fd only when `complete`.
+ * request's argsz is smaller, only the 32-byte fixed part goes out (CAPS clear, cap_offset 0)
+ * and `complete` is false; like libvfio-user, attach the region fd only when `complete`. CAPS
+ * goes with the capabilities, as libvfio-user does: QEMU 10.2's vfio-user client refuses
+ * (EINVAL, and the device with it) a reply with CAPS set and a cap_offset below 32, before its
+ * retry with the larger argsz.
  */
 export function encodeRegionInfoReply(
   info: { flags: number; index: number; size: bigint; offset: bigint; caps?: RegionCap[] },
@@ -99,7 +102,7 @@ export function encodeRegionInfoReply(
   const caps = info.caps ?? [];
   const full = caps.reduce((n, c) => n + capSize(c), REGION_INFO_SIZE);
   const complete = requestArgsz >= full;
-  const flags = (info.flags & ~RegionInfoFlags.CAPS) | (caps.length ? RegionInfoFlags.CAPS : 0);
+  const flags = (info.flags & ~RegionInfoFlags.CAPS) | (complete && caps.length ? RegionInfoFlags.CAPS : 0);
   const b = Buffer.alloc(complete ? full : REGION_INFO_SIZE);
   b.writeUInt32LE(full, 0);
   b.writeUInt32LE(flags, 4);
