@@ -3,7 +3,7 @@
  * stock Linux guest binds, formats and benchmarks. `vfio-user serve` loads
  * this folder; arguments after `--` reach the default export:
  *
- *   vfio-user serve examples/nvme --socket /tmp/nvme.sock -- --image disk.img [--size 1G] [--doorbells mmap|trap] [--serial SN]
+ *   vfio-user serve examples/nvme --socket /tmp/nvme.sock -- --image disk.img [--size 1G] [--doorbells trap|mmap] [--serial SN]
  *
  * `--image FILE` is a raw image, created sparse at `--size` (default 1 GiB)
  * when missing; without it the namespace lives in memory (`--size` bytes).
@@ -41,7 +41,7 @@ export function parseSize(text: string): number {
 export default function createDevice(args: readonly string[] = []): NvmeController {
   const { values } = parseArgs({
     args: [...args],
-    options: { image: { type: 'string' }, size: { type: 'string', default: '1G' }, doorbells: { type: 'string', default: 'mmap' }, serial: { type: 'string' } },
+    options: { image: { type: 'string' }, size: { type: 'string', default: '1G' }, doorbells: { type: 'string', default: 'trap' }, serial: { type: 'string' } },
     strict: true,
   });
   if (values.doorbells !== 'mmap' && values.doorbells !== 'trap') throw new UsageError(`--doorbells ${values.doorbells}: expected mmap or trap`);
