@@ -272,6 +272,21 @@ impl Conn {
         if events & READABLE == 0 {
             return;
         }
+        // Replies to the messages read now go out together (FrameConnection::cork).
+        if let Some(frames) = self.state.borrow_mut().frames.as_mut() {
+            frames.cork();
+        }
+        self.read_messages(&mut scope, js.as_ref());
+        let sent = self.state.borrow_mut().frames.as_mut().map(|f| f.uncork());
+        if let Some(Err(e @ FramingError::Backlog { .. })) = sent {
+            return self.fail(scope.as_mut(), js.as_deref(), &e.to_string());
+        }
+        // Other failures surface on the read side, as for every reply.
+        self.state.borrow_mut().watch();
+    }
+
+    /// Reads and dispatches up to a batch of messages (see `BATCH`).
+    fn read_messages(self: &Rc<Self>, scope: &mut Option<CallbackScope<'_>>, js: Option<&Rc<Callbacks>>) {
         for handled in 0.. {
             let outcome = {
                 let mut state = self.state.borrow_mut();
@@ -303,11 +318,11 @@ impl Conn {
             let frame = match outcome {
                 Ok(ReadOutcome::Frame(frame)) => frame,
                 Ok(ReadOutcome::WouldBlock) => return,
-                Ok(ReadOutcome::Closed) => return self.end(scope.as_mut(), js.as_deref(), None),
-                Err(e) => return self.fail(scope.as_mut(), js.as_deref(), &e.to_string()),
+                Ok(ReadOutcome::Closed) => return self.end(scope.as_mut(), js.map(|j| &**j), None),
+                Err(e) => return self.fail(scope.as_mut(), js.map(|j| &**j), &e.to_string()),
             };
             let no_fds = frame.fds.is_empty() && !frame.fds_truncated;
-            let (Some(scope), Some(js)) = (scope.as_mut(), js.as_ref()) else { return };
+            let (Some(scope), Some(js)) = (scope.as_mut(), js) else { return };
             if let (Incoming::Small(small), true) = (&frame.bytes, no_fds) {
                 match self.answer_natively(small) {
                     Native::Answered => continue,
