@@ -10,7 +10,7 @@ import { existsSync } from 'node:fs';
 import { afterEach, beforeAll, describe, expect, test } from 'vitest';
 import { connect, GuestMemory, IrqIndex, Region, type VfioUserClient } from '../ts/index.js';
 import { lspci } from '../ts/cli/lspci.js';
-import { native } from '../ts/native.js';
+import { Command as PciCommand } from '../ts/pci/spec.js';
 import { bootGuest, GUEST, QEMU, section } from './guest/boot.js';
 import { deviceSection, lspciFields } from './guest/lspci-fields.js';
 import { tempSocketPath, until } from './helpers.js';
@@ -64,20 +64,11 @@ afterEach(() => {
   for (const c of cleanups.splice(0)) c();
 });
 
-/** Bus mastering and memory decoding on (the Command register), as a driver does first. */
-async function enableDevice(client: VfioUserClient): Promise<void> {
-  const command = (await client.regionRead(Region.CONFIG, 4n, 2)).readUInt16LE(0);
-  await client.regionWrite(Region.CONFIG, 4n, Buffer.from([command | 0x6, command >> 8]));
-}
-
-/** An eventfd wired to INTx; resolves with a function that says whether it fired since. */
-async function wireIntx(client: VfioUserClient): Promise<() => boolean> {
-  const info = await client.getIrqInfo(IrqIndex.INTX);
-  expect(info.count).toBe(1);
-  const fd = native.eventfdCreate();
-  cleanups.push(() => native.closeFd(fd));
-  await client.setIrqs({ index: IrqIndex.INTX, eventfds: [fd] });
-  return () => native.eventfdTake(fd) > 0;
+/** Resolves on the interrupt `next` promises, or fails saying which never came. */
+function within<T>(what: string, promise: Promise<T>, ms = 10_000): Promise<T> {
+  let timer: NodeJS.Timeout;
+  const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`no ${what} within ${ms} ms`)), ms)));
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
 const u32 = (b: Buffer, at = 0) => b.readUInt32LE(at);
@@ -85,9 +76,9 @@ const le32 = (v: number) => { const b = Buffer.alloc(4); b.writeUInt32LE(v); ret
 const le64 = (v: bigint) => { const b = Buffer.alloc(8); b.writeBigUInt64LE(v); return b; };
 
 /** Each model's BAR, DMA and interrupt check, driven as a small driver of that device would. */
-const drive: Record<string, (client: VfioUserClient, ram: GuestMemory, iova: bigint, fired: () => boolean) => Promise<void>> = {
+const drive: Record<string, (client: VfioUserClient, ram: GuestMemory, iova: bigint, intx: Promise<number>) => Promise<void>> = {
   // SCRIPTS: the chip fetches an INT instruction from our memory by DMA and interrupts.
-  async lsi53c895a(client, ram, iova, fired) {
+  async lsi53c895a(client, ram, iova, intx) {
     const BAR1 = Region.BAR1;
     expect((await client.regionRead(BAR1, 0x0cn, 1))[0] & 0x80).toBe(0x80); // DSTAT: DMA FIFO empty
     const script = Buffer.alloc(8);
@@ -96,21 +87,21 @@ const drive: Record<string, (client: VfioUserClient, ram: GuestMemory, iova: big
     ram.write(0, script);
     await client.regionWrite(BAR1, 0x39n, Buffer.from([0x04])); // DIEN: SCRIPTS interrupt
     await client.regionWrite(BAR1, 0x2cn, le32(Number(iova))); // DSP: start there
-    await until(fired, 10_000);
+    await within('INTx', intx);
     expect(u32(await client.regionRead(BAR1, 0x30n, 4))).toBe(0x1234); // DSPS: the INT's data
     expect((await client.regionRead(BAR1, 0x0cn, 1))[0] & 0x04).toBe(0x04); // DSTAT: SIR
   },
   // Interrupt Cause Set with the cause unmasked asserts INTx.
-  async e1000e(client, _ram, _iova, fired) {
+  async e1000e(client, _ram, _iova, intx) {
     const BAR0 = Region.BAR0;
     expect(u32(await client.regionRead(BAR0, 0x08n, 4)) & 0x3).toBe(0x3); // STATUS: full duplex, link up
     await client.regionWrite(BAR0, 0xd0n, le32(0x04)); // IMS: LSC
     await client.regionWrite(BAR0, 0xc8n, le32(0x04)); // ICS: LSC
-    await until(fired, 10_000);
+    await within('INTx', intx);
     expect(u32(await client.regionRead(BAR0, 0xc0n, 4)) & 0x04).toBe(0x04); // ICR: LSC (read clears)
   },
   // Admin queue in our memory: an Identify Controller is fetched and answered by DMA, then INTx.
-  async nvme(client, ram, iova, fired) {
+  async nvme(client, ram, iova, intx) {
     const BAR0 = Region.BAR0;
     const vs = u32(await client.regionRead(BAR0, 0x08n, 4));
     expect(vs).toBeGreaterThanOrEqual(0x00010400);
@@ -132,7 +123,7 @@ const drive: Record<string, (client: VfioUserClient, ram: GuestMemory, iova: big
     sqe.writeUInt32LE(1, 40); // CNS 1: controller
     ram.write(ASQ, sqe);
     await client.regionWrite(BAR0, 0x1000n, le32(1)); // SQ0 tail doorbell
-    await until(fired, 10_000);
+    await within('INTx', intx);
     const cqe = ram.read(ACQ, 16);
     expect(cqe.readUInt16LE(12)).toBe(0x7); // command id
     expect(cqe.readUInt16LE(14) >> 1).toBe(0); // status: success
@@ -175,9 +166,10 @@ describe.skipIf(!QEMU || !GUEST)('our client drives QEMU’s remote devices (ski
       cleanups.push(() => ram.close());
       const iova = 0x1000_0000n;
       await client.dmaMap({ iova, memory: ram });
-      await enableDevice(client);
-      const fired = await wireIntx(client);
-      await drive[model.name](client, ram, iova, fired);
+      await client.pci.setCommand(PciCommand.MEMORY | PciCommand.BUS_MASTER, true);
+      const [intx] = await client.wireIrqs(IrqIndex.INTX);
+      cleanups.push(() => intx.close());
+      await drive[model.name](client, ram, iova, intx.next());
       // Reset returns the function to power-on state: the Command register is cleared.
       await client.reset();
       expect((await client.regionRead(Region.CONFIG, 4n, 2)).readUInt16LE(0) & 0x6).toBe(0);
