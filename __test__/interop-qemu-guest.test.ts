@@ -44,7 +44,7 @@ modprobe gpio-pci-idio-16
 ${printed('DETECT', 'gpiodetect')}
 gpioset gpiochip0 0=1 3=1 9=1 15=1
 ${printed('INPUTS', 'gpioget gpiochip0 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31')}
-gpiomon --num-events=1 --rising-edge gpiochip0 20 > /tmp/edge &
+gpiomon --num-events=1 gpiochip0 20 > /tmp/edge &
 MON=$!
 sleep 2
 echo "=== MON READY"
@@ -55,7 +55,7 @@ ${printed('EDGE', 'cat /tmp/edge')}
       script,
       sockets: [gpio.path],
       timeoutMs: GUEST_TIMEOUT,
-      // Input 4 (line 20) rises once the guest listens for it; the driver enabled the IRQ.
+      // Input 4 (line 20) rises once the guest listens for it (the driver takes both edges only).
       onLine: (line) => {
         if (line.includes('=== MON READY')) gpio.device.setInputs(0xa5c3 | 0x0010);
       },
@@ -96,7 +96,8 @@ for i in $(seq 1 30); do dmesg | grep -q "No irq handler for vector" && break; s
 ${printed('DELIVERED', 'dmesg | grep "No irq handler for vector"')}
 echo "COUNTER=$(devmem $((BAR0 + ${DOORBELL.COUNTER})) 32)"
 `;
-    const run = await bootGuest({ script, sockets: [doorbell.path], timeoutMs: GUEST_TIMEOUT });
+    // Behind a root port, as a PCIe endpoint is (on the root bus QEMU would show it as an RCiEP).
+    const run = await bootGuest({ script, sockets: [doorbell.path], rootPorts: true, timeoutMs: GUEST_TIMEOUT });
     expect(run.rc, `${run.exit}\n${run.console.slice(-3000)}`).toBe(0);
     const guest = lspciFields(section(run.console, 'LSPCI'));
     expect(guest).toEqual(ours);
@@ -112,7 +113,8 @@ echo "COUNTER=$(devmem $((BAR0 + ${DOORBELL.COUNTER})) 32)"
     const script = `
 set -e
 modprobe nvme
-for i in $(seq 1 100); do [ -b /dev/nvme0n1 ] && break; sleep 0.2; done
+for i in $(seq 1 300); do [ -b /dev/nvme0n1 ] && break; sleep 0.2; done
+[ -b /dev/nvme0n1 ] || { dmesg | grep -i nvme; exit 1; }
 ${printed('LIST', 'nvme list')}
 dd if=/dev/urandom of=/tmp/data bs=4k count=64 2>/dev/null
 dd if=/tmp/data of=/dev/nvme0n1 bs=4k oflag=direct 2>/dev/null

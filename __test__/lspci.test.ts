@@ -197,6 +197,16 @@ describe('decode: header and BARs', () => {
     expect(report.rom).toEqual({ address: 0, enabled: false, size: 2048n });
   });
 
+  test('a subsystem vendor of 0 or ffff prints no Subsystem line, as lspci does', () => {
+    for (const vendor of [0x0000, 0xffff]) {
+      const c = fullConfig();
+      put(c, 0x2c, 2, vendor);
+      const text = formatText(decode(snapshot(c, FULL_SIZES)));
+      expect(text).not.toContain('Subsystem:');
+    }
+    expect(formatText(report)).toContain('\tSubsystem: Device [1af4:1100]');
+  });
+
   test('a config space shorter than the header is refused', () => {
     expect(() => decode(snapshot(Buffer.alloc(32)))).toThrow(RangeError);
   });

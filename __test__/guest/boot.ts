@@ -22,6 +22,11 @@ export interface BootOptions {
   script: string;
   /** vfio-user server sockets, one vfio-user-pci device each. */
   sockets?: string[];
+  /**
+   * Each device behind a PCIe root port of its own, as a PCIe endpoint sits on real hardware.
+   * On q35's root bus QEMU presents an endpoint as a Root Complex Integrated Endpoint instead.
+   */
+  rootPorts?: boolean;
   /** More QEMU arguments, as they are. */
   qemuArgs?: string[];
   /** Every console line (CR stripped), as it arrives. */
@@ -56,9 +61,11 @@ export function cpioArchive(files: Record<string, Buffer>): Buffer {
   return gzipSync(Buffer.concat(entries));
 }
 
-/** QEMU's -device for a vfio-user-pci device on `socket`. */
-export function vfioUserPci(socket: string): string[] {
-  return ['-device', JSON.stringify({ driver: 'vfio-user-pci', socket: { path: socket, type: 'unix' } })];
+/** QEMU's -device for a vfio-user-pci device on `socket`, behind root port `port` if given. */
+export function vfioUserPci(socket: string, port?: number): string[] {
+  const device = { driver: 'vfio-user-pci', socket: { path: socket, type: 'unix' }, ...(port === undefined ? {} : { bus: `rp${port}` }) };
+  const rootPort = port === undefined ? [] : ['-device', `pcie-root-port,id=rp${port},chassis=${port + 1}`];
+  return [...rootPort, '-device', JSON.stringify(device)];
 }
 
 export function bootGuest(options: BootOptions): Promise<GuestRun> {
@@ -72,12 +79,12 @@ export function bootGuest(options: BootOptions): Promise<GuestRun> {
   const initrdPath = join(dir, 'initrd');
   writeFileSync(initrdPath, initrd);
   const args = [
-    '-accel', 'tcg', '-nodefaults', '-nographic', '-no-reboot', '-serial', 'stdio', '-smp', '2', '-m', mem,
+    '-accel', 'tcg', '-nodefaults', '-nographic', '-no-reboot', '-serial', 'stdio', '-smp', '1', '-m', mem,
     // vfio-user servers map guest memory from a shared memfd.
     '-object', `memory-backend-memfd,id=mem,size=${mem},share=on`, '-machine', 'q35,memory-backend=mem',
     '-kernel', join(GUEST, 'vmlinuz'), '-initrd', initrdPath,
     '-append', 'console=ttyS0 panic=-1 loglevel=4 edd=off',
-    ...(options.sockets ?? []).flatMap(vfioUserPci),
+    ...(options.sockets ?? []).flatMap((socket, i) => vfioUserPci(socket, options.rootPorts ? i : undefined)),
     ...(options.qemuArgs ?? []),
   ];
   const qemu = spawn(QEMU, args, { stdio: ['ignore', 'pipe', 'pipe'] });

@@ -44,7 +44,9 @@ function titleLine(r: LspciReport): string {
 
 function headerLines(r: LspciReport): string[] {
   const lines: string[] = [];
-  if (r.subsystem) lines.push(`\tSubsystem: Device [${hex(r.subsystem.vendorId, 4)}:${hex(r.subsystem.deviceId, 4)}]`);
+  // As lspci: a subsystem vendor of 0 or ffff means none (QEMU's lsi53c895a has 0000:1000).
+  const sub = r.subsystem;
+  if (sub && sub.vendorId !== 0 && sub.vendorId !== 0xffff) lines.push(`\tSubsystem: Device [${hex(sub.vendorId, 4)}:${hex(sub.deviceId, 4)}]`);
   const layout = headerLayoutName(r.headerType.layout);
   lines.push(`\tHeader type: ${hex(r.headerType.raw, 2)} (${layout}, ${r.headerType.multifunction ? 'multi' : 'single'}-function)`);
   lines.push(`\tControl: ${flagList(r.command.flags)}`);
