@@ -11,14 +11,11 @@
  * Doorbells either way the description allows:
  * - 'mmap': the doorbell page is shared memory the client may map, so a guest
  *   rings doorbells with plain stores, no exit. Nothing signals such a store,
- *   so the controller polls the page: continuously while commands are flowing,
- *   every millisecond once idle.
+ *   so the controller polls the page every millisecond: batches at depth, but
+ *   a millisecond of latency per command at queue depth 1.
  * - 'trap' (the default): the page is trapped; every doorbell write arrives
  *   as a REGION_WRITE (which QEMU posts, without waiting for a reply, as long
  *   as no region of the device is mappable) and is handled at once.
- * Under QEMU 10.2 with TCG, a Linux guest on 'mmap' sees its interrupts
- * seconds late (the controller posts and signals within milliseconds of the
- * doorbell; the trapped mode does not show it), so 'trap' is the default.
  * An ioeventfd says only that a doorbell was written, not the value NVMe
  * doorbells carry, so neither way uses them.
  */
@@ -61,8 +58,6 @@ const CC_WRITABLE = 0x00fffff1;
  * MPSMIN = MPSMAX = 4 KiB.
  */
 const CAP = BigInt(MAX_QUEUE_ENTRIES - 1) | (1n << 16n) | (2n << 24n) | (1n << 36n) | (1n << 37n);
-/** Keep polling continuously for this long after the last doorbell change. */
-const SPIN_MS = 5;
 /** After this long without a doorbell, poll less often. */
 const IDLE_MS = 1000;
 
@@ -444,24 +439,21 @@ export class NvmeController extends PciDevice {
   }
 
   /**
-   * Polls the doorbell page until close(): continuously for a while after a
-   * doorbell changed, then every millisecond, and every 10 ms once idle for
-   * long. The timers do not keep the process alive.
+   * Polls the doorbell page until close(): every millisecond, every 10 ms
+   * once idle for a second. Never continuously: a spinning server takes a
+   * core from the VMM, and in a QEMU TCG guest that delayed interrupts by
+   * seconds. The timers do not keep the process alive.
    */
   startPolling(): void {
     if (this.doorbellMode !== 'mmap' || this.stopPolling) return;
-    let timer: NodeJS.Timeout | NodeJS.Immediate;
+    let timer: NodeJS.Timeout;
     const loop = () => {
       const now = performance.now();
       if (this.poll()) this.lastActive = now;
-      const idle = now - this.lastActive;
-      timer = (idle < SPIN_MS ? setImmediate(loop) : setTimeout(loop, idle < IDLE_MS ? 1 : 10)).unref();
+      timer = setTimeout(loop, now - this.lastActive < IDLE_MS ? 1 : 10).unref();
     };
     timer = setTimeout(loop, 1).unref();
-    this.stopPolling = () => {
-      clearTimeout(timer as NodeJS.Timeout);
-      clearImmediate(timer as NodeJS.Immediate);
-    };
+    this.stopPolling = () => clearTimeout(timer);
   }
 
   /** Stops polling and closes the store, which the controller owns; then the library's close(). */
