@@ -115,6 +115,23 @@ describe('clients', () => {
     expect(seen).toEqual(['connection', 'disconnect']);
     await expect(client.getDeviceInfo()).rejects.toThrow(/closed/);
   });
+
+  test('a handler that closes the server still lets the replies before it in the batch out', async () => {
+    // Replies to one wake-up's messages are gathered for one sendmsg; closing must send them.
+    const device = new PciIdio16();
+    served = await serve(device);
+    const write = device.write.bind(device);
+    device.write = (region, offset, data) => (offset === 7 ? void served.server.close() : write(region, offset, data));
+    const s = await rawConnect(served.path);
+    s.write(qemuVersion());
+    await nextMessage(s);
+    const read = protocol.encodeRegionReadRequest({ offset: 0n, region: Region.BAR2, count: 1 });
+    const write7 = protocol.encodeRegionWriteRequest({ offset: 7n, region: Region.BAR2 }, Buffer.from([1]));
+    // One write, so that both arrive in one read on the server.
+    s.write(Buffer.concat([rawMessage({ msgId: 2, command: Command.REGION_READ }, read), rawMessage({ msgId: 3, command: Command.REGION_WRITE }, write7)]));
+    const reply = await nextMessage(s);
+    expect([reply.readUInt16LE(0), reply.readUInt16LE(2), reply.readUInt32LE(8)]).toEqual([2, Command.REGION_READ, 1]);
+  });
 });
 
 describe('a handler that never finishes', () => {

@@ -219,7 +219,9 @@ impl NativeConnection {
         let drained = {
             let mut state = self.conn.state.borrow_mut();
             state.closing = true;
-            !state.frames.as_ref().is_some_and(|f| f.wants_write())
+            // What a poll callback gathered so far goes out too (or is queued).
+            let sent = state.frames.as_mut().map(|f| f.uncork());
+            matches!(sent, Some(Err(_))) || !state.frames.as_ref().is_some_and(|f| f.wants_write())
         };
         self.conn.js.borrow_mut().take();
         if drained {
