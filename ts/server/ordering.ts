@@ -3,7 +3,8 @@
  *
  * A client sees its commands take effect in the order it sent them: a
  * command starts only once every earlier one has been answered. Three layers
- * take part; this queue is the one that decides, the other two follow it:
+ * take part in the order; this queue is the one that decides, the other two
+ * follow it:
  *
  * 1. The native connection (crates/napi/src/connection.rs) answers a
  *    REGION_READ of a natively shared region itself, without entering JS,
@@ -17,11 +18,15 @@
  *    else is sent: a saving of one native call, never a reordering.
  * 3. This queue: one handler at a time; messages that arrive while a handler
  *    is pending (a Promise) wait here in arrival order. What waits is bounded
- *    (MAX_QUEUED_BYTES, see costOf): a client that keeps sending behind a
+ *    (MAX_WAITING_BYTES, see costOf): a client that keeps sending behind a
  *    stalled handler is cut off, not the server. How long a handler may keep
  *    the others waiting is bounded too when the server sets a deadline
  *    (`requestTimeoutMs`): past it the client gets ETIMEDOUT and the next
  *    command runs; whatever the late handler produces is dropped.
+ *
+ * Replies waiting to leave are the other side of backpressure: the native
+ * connection queues what the client does not read, up to the server's
+ * `maxQueuedBytes`, and cuts the client off past it.
  */
 import type { Channel, Message } from '../channel.js';
 import { PeerProtocolError } from '../errors.js';
@@ -29,14 +34,14 @@ import { closeFds } from '../native.js';
 import type { Reply } from './handlers/index.js';
 
 /** Commands may wait behind a pending (async) handler; past this many bytes (costOf) the client is cut off. */
-export const MAX_QUEUED_BYTES = 64 * 1024 * 1024;
+export const MAX_WAITING_BYTES = 64 * 1024 * 1024;
 
 /** What a waiting message holds besides its payload (header, views, bookkeeping: about 300 bytes measured). */
 const MESSAGE_COST = 512;
 /** A waiting fd holds a slot of the process's fd table: 1 024 of them reach the cap on their own. */
 const FD_COST = 64 * 1024;
 
-/** What a waiting message costs against MAX_QUEUED_BYTES: empty messages and fds are not free. */
+/** What a waiting message costs against MAX_WAITING_BYTES: empty messages and fds are not free. */
 function costOf(message: Message): number {
   return MESSAGE_COST + message.payload.length + message.fds.length * FD_COST;
 }
@@ -77,10 +82,10 @@ export class RequestQueue {
   receive(message: Message): boolean {
     if (!this.running && this.waiting.length === 0) return this.run(message);
     this.waitingCost += costOf(message);
-    if (this.waitingCost > MAX_QUEUED_BYTES) {
+    if (this.waitingCost > MAX_WAITING_BYTES) {
       // A client that keeps sending while a handler is pending would grow the queue without bound.
       closeFds(message.fds);
-      this.handling.overflow(new PeerProtocolError(`the client queued more than ${MAX_QUEUED_BYTES} bytes behind a pending handler`));
+      this.handling.overflow(new PeerProtocolError(`the client queued more than ${MAX_WAITING_BYTES} bytes behind a pending handler`));
       return false;
     }
     this.waiting.push(message);
