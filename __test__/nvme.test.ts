@@ -400,7 +400,8 @@ test('a served controller leaves no fds behind its clients', async () => {
 test('vfio-user serve examples/nvme -- --image FILE --size N creates the image sparse and serves it', async () => {
   const root = join(__dirname, '..');
   const socket = join(dir.path, '..', 'serve.sock');
-  const child = spawn(join(root, 'node_modules', '.bin', 'tsx'), [join(root, 'ts/cli/main.ts'), 'serve', join(root, 'examples/nvme'), '--socket', socket, '--', '--image', imagePath(), '--size', '8M'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  // Node itself with tsx's loader, not the tsx launcher: killing the launcher would orphan the server.
+  const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'ts/cli/main.ts'), 'serve', join(root, 'examples/nvme'), '--socket', socket, '--', '--image', imagePath(), '--size', '8M'], { stdio: ['ignore', 'ignore', 'pipe'] });
   try {
     await until(() => existsSync(socket), 15000);
     const stat = statSync(imagePath());
