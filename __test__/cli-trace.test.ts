@@ -3,8 +3,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, test } from 'vitest';
-import { connect, GuestMemory, IrqIndex, Region, type VfioUserClient } from '../ts/index.js';
-import { native } from '../ts/native.js';
+import { connect, EventfdIrq, GuestMemory, IrqIndex, Region, type VfioUserClient } from '../ts/index.js';
 import { serve, tempSocketPath, until, type Served } from './helpers.js';
 import { DmaTestDevice, PAGE } from './dma-device.js';
 
@@ -86,11 +85,11 @@ describe('vfio-user trace', () => {
     expect(ram.read(0, 4).toString()).toBe('back');
 
     // SET_IRQS's eventfd crosses too: an interrupt raised by the device reaches the client's eventfd.
-    const ev = native.eventfdCreate();
-    cleanups.push(() => native.closeFd(ev));
+    const ev = new EventfdIrq();
+    cleanups.push(() => ev.close());
     await c.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
     served.device.assertIntx();
-    expect(native.eventfdTake(ev)).toBe(1);
+    expect(ev.take()).toBe(1);
 
     const expected = [
       'client→server VERSION #1 version=0.2 maxMsgFds=16 maxDataXferSize=1048576',
@@ -114,7 +113,7 @@ describe('vfio-user trace', () => {
     c.close();
     await until(() => /session 1 ended: the client closed the connection/.test(trace.stderr()), 5000);
     // The fds that crossed (the memfd, the eventfd) were closed on the way: the trace keeps no copy.
-    const ours = heldFds('self').filter((fd) => fd === `eventfd ${/eventfd-id:\s*(\d+)/.exec(readFileSync(`/proc/self/fdinfo/${ev}`, 'utf8'))![1]}` || fd.startsWith('/memfd:'));
+    const ours = heldFds('self').filter((fd) => fd === `eventfd ${/eventfd-id:\s*(\d+)/.exec(readFileSync(`/proc/self/fdinfo/${ev.fd}`, 'utf8'))![1]}` || fd.startsWith('/memfd:'));
     expect(ours.length).toBeGreaterThanOrEqual(2);
     const kept = heldFds(trace.child.pid!);
     expect(kept.filter((fd) => ours.includes(fd))).toEqual([]);

@@ -3,8 +3,7 @@ import { afterEach, describe, expect, test } from 'vitest';
 import { setMessageObserver } from '../ts/channel.js';
 import { colorFor, debugRequested, messageLogger } from '../ts/debug.js';
 import { formatMessage, messageJson, MessageDescriber } from '../ts/protocol/describe.js';
-import { connect, GuestMemory, IrqIndex, Region, protocol } from '../ts/index.js';
-import { native } from '../ts/native.js';
+import { connect, EventfdIrq, GuestMemory, IrqIndex, Region, protocol } from '../ts/index.js';
 import { serve, type Served } from './helpers.js';
 import { DmaTestDevice, PAGE } from './dma-device.js';
 
@@ -33,8 +32,8 @@ describe('the message observer', () => {
     const ram = new GuestMemory(PAGE);
     cleanups.push(() => ram.close());
     await client.dmaMap({ iova: 0x100000n, memory: ram });
-    const ev = native.eventfdCreate();
-    cleanups.push(() => native.closeFd(ev));
+    const ev = new EventfdIrq();
+    cleanups.push(() => ev.close());
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
     await client.regionWrite(Region.BAR2, 0n, Buffer.from([0xa5]), { posted: true });
     await client.regionRead(Region.BAR2, 0n, 1);

@@ -5,7 +5,7 @@
  * REGION_WRITEs), completions reaped by phase tag as a polling driver does.
  * Free of vitest, so that bench/nvme.ts drives the controller with it too.
  */
-import { CapabilityId, GuestMemory, IrqIndex, Region, type VfioUserClient } from '../ts/index.js';
+import { CapabilityId, EventfdIrq, GuestMemory, IrqIndex, Region, type VfioUserClient } from '../ts/index.js';
 import { native, type NativeMapping } from '../ts/native.js';
 import { RegionCapId } from '../ts/protocol/index.js';
 import { Register } from '../examples/nvme/controller.js';
@@ -63,7 +63,7 @@ export class NvmeHost {
   private closed = false;
   /** While set, completions stay in their CQs unconsumed (a slow host). */
   hold = false;
-  vectors: number[] = [];
+  vectors: EventfdIrq[] = [];
 
   private constructor(public client: VfioUserClient, readonly memory: GuestMemory) {}
 
@@ -97,7 +97,7 @@ export class NvmeHost {
     while (msix !== 0 && config[msix] !== CapabilityId.MSIX) msix = config[msix + 1];
     await client.regionWrite(Region.CONFIG, 0x04n, Buffer.from([0x06, 0]));
     await client.regionWrite(Region.CONFIG, BigInt(msix + 2), Buffer.from([0, 0x80]));
-    if (this.vectors.length === 0) this.vectors = Array.from({ length: (config.readUInt16LE(msix + 2) & 0x7ff) + 1 }, () => native.eventfdCreate());
+    if (this.vectors.length === 0) this.vectors = Array.from({ length: (config.readUInt16LE(msix + 2) & 0x7ff) + 1 }, () => new EventfdIrq());
     await client.setIrqs({ index: IrqIndex.MSIX, eventfds: this.vectors });
   }
 
@@ -109,7 +109,7 @@ export class NvmeHost {
   close(): void {
     this.closed = true;
     this.unwire();
-    this.vectors.forEach((fd) => native.closeFd(fd));
+    this.vectors.forEach((irq) => irq.close());
     this.vectors = [];
     this.memory.close();
   }

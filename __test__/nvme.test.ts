@@ -3,8 +3,7 @@ import { spawn } from 'node:child_process';
 import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
-import { CapabilityId, connect, IrqIndex, Region } from '../ts/index.js';
-import { native } from '../ts/native.js';
+import { CapabilityId, connect, EventfdIrq, IrqIndex, Region } from '../ts/index.js';
 import createDevice from '../examples/nvme/index.js';
 import { Csts, MSIX_PBA, MSIX_TABLE, NSSR_RESET, Register, type NvmeController } from '../examples/nvme/controller.js';
 import { openFdCount, serve, tempSocketPath, until, type Served } from './helpers.js';
@@ -343,18 +342,18 @@ describe('interrupts', () => {
   test('one MSI-X vector per CQ, held pending while masked', async () => {
     const h = await bringUp('mmap');
     expect((await h.createIoQueuePair(2, 16)).map((c) => c.status)).toEqual([0, 0]);
-    h.vectors.forEach((fd) => native.eventfdTake(fd));
+    h.vectors.forEach((irq) => irq.take());
     const page = h.alloc(PAGE);
     await h.submit(2, { opcode: Op.READ, nsid: 1, prp1: page });
-    expect(h.vectors.slice(0, 3).map((fd) => native.eventfdTake(fd))).toEqual([0, 0, 1]);
+    expect(h.vectors.slice(0, 3).map((irq) => irq.take())).toEqual([0, 0, 1]);
     // Mask vector 1 in the MSI-X table: a completion sets its PBA bit instead.
     const control = BigInt(MSIX_TABLE + 16 * 1 + 12);
     await h.client.regionWrite(Region.BAR0, control, Buffer.from([1, 0, 0, 0]));
     await h.submit(1, { opcode: Op.READ, nsid: 1, prp1: page });
-    expect(native.eventfdTake(h.vectors[1])).toBe(0);
+    expect(h.vectors[1].take()).toBe(0);
     expect((await h.reg32(MSIX_PBA)) & 2).toBe(2);
     await h.client.regionWrite(Region.BAR0, control, Buffer.from([0, 0, 0, 0]));
-    await until(() => native.eventfdTake(h.vectors[1]) === 1);
+    await until(() => h.vectors[1].take() === 1);
     expect((await h.reg32(MSIX_PBA)) & 2).toBe(0);
   });
 
@@ -364,7 +363,7 @@ describe('interrupts', () => {
     const h = (host = await NvmeHost.attach(client));
     const msix = (await guest(client).capabilities()).get(CapabilityId.MSIX)!;
     await guest(client).setCfg16(msix + 2, 0);
-    const intx = native.eventfdCreate();
+    const intx = new EventfdIrq();
     try {
       await client.setIrqs({ index: IrqIndex.INTX, eventfds: [intx] });
       await h.enable();
@@ -373,7 +372,7 @@ describe('interrupts', () => {
         // The host consumed the entry: the level drops; unmask as a VMM does after the guest's EOI.
         await until(() => !served!.device.irq.intxAsserted);
         await client.setIrqs({ index: IrqIndex.INTX, action: 'unmask', count: 1 });
-        return native.eventfdTake(intx);
+        return intx.take();
       };
       expect(await keepAlive()).toBe(1);
       await h.setReg32(Register.INTMS, 1);
@@ -381,7 +380,7 @@ describe('interrupts', () => {
       await h.setReg32(Register.INTMC, 1);
       expect(await keepAlive()).toBe(1);
     } finally {
-      native.closeFd(intx);
+      intx.close();
     }
   });
 });
