@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 /**
  * The `vfio-user` command: `serve` a device module, describe a server's
- * device with `lspci`, watch a VMM and a server talk with `trace`. Every subcommand takes --help; the exit status is
- * 0 on success, 1 when the work failed, 2 when the command line was wrong.
+ * device with `lspci`, watch a VMM and a server talk with `trace`. Every
+ * subcommand takes --help; the exit status is 0 on success, 1 when the work
+ * failed, 2 when the command line was wrong.
  */
 import './source-maps.js';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
@@ -16,7 +17,7 @@ import { startTrace } from './trace.js';
 const Exit = { OK: 0, FAILURE: 1, USAGE: 2 } as const;
 
 const EXIT_STATUS = `exit status:
-  0  success (serve: stopped by SIGINT or SIGTERM)
+  0  success (serve, trace: stopped by SIGINT or SIGTERM)
   1  failure: the module did not load or gave no device, a socket or
      protocol error, the peer refused
   2  usage error: unknown command or option, missing or extra argument`;
