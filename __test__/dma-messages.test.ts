@@ -80,6 +80,23 @@ describe('message-based DMA (maps without an fd)', () => {
     expect(served.server.session?.closed).toBe(false);
   });
 
+  test('dma.messages reaches a window mapped with an fd through the client too, which tracks its writes', async () => {
+    served = await serve(new DmaTestDevice());
+    const c = await client({ maxDataXferSize: 1024 });
+    const counts = countDma(c);
+    const ram = memory(PAGE);
+    await c.dmaMap({ iova: 0x20000n, memory: ram });
+    const dma = served.device.dma;
+    await dma.messages!.write(0x20000n, Buffer.alloc(PAGE, 'm'));
+    expect(ram.read(0, PAGE)).toEqual(Buffer.alloc(PAGE, 'm'));
+    ram.write(10, Buffer.from('client side'));
+    const back = Buffer.alloc(2048);
+    await dma.messages!.read(0x20000n, back);
+    expect(back.subarray(10, 21).toString()).toBe('client side');
+    expect(counts.main).toBe(PAGE / 1024 + 2);
+    expect(dma.dirtyPages(0x20000n, PAGE)[0]).toBe(0n); // written by the client, not the server
+  });
+
   test('an SG copy mixing mapped and message-based windows goes through a bounce buffer', async () => {
     served = await serve(new DmaTestDevice());
     const c = await client();

@@ -27,12 +27,13 @@ export class CounterDevice extends BareDevice {
   readonly migration: DeviceMigration;
   private dirty = new Set<number>();
 
-  constructor(options: { preCopy?: boolean } = {}) {
+  constructor(options: { preCopy?: boolean; fullStopCopy?: boolean } = {}) {
     super();
     this.config.writeUInt32LE(0x5a5a1af4, 0);
     const device = this;
     this.migration = {
       preCopy: options.preCopy ?? false,
+      fullStopCopy: options.fullStopCopy ?? false,
       stop: () => this.hook('stop', () => { this.running = false; }),
       start: () => this.hook('start', () => { this.running = true; }),
       save(unit) {

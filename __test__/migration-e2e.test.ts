@@ -9,7 +9,7 @@ afterEach(async () => {
   for (const s of servers.splice(0)) await s.close();
 });
 
-async function pair(options: { preCopy?: boolean } = {}) {
+async function pair(options: { preCopy?: boolean; fullStopCopy?: boolean } = {}) {
   const source = await serve(new CounterDevice(options));
   const destination = await serve(new CounterDevice(options));
   servers.push(source, destination);
@@ -52,6 +52,17 @@ describe('migrate()', () => {
     expect(result.stopCopyBytes).toBeLessThan(1024); // nothing changed: config, counter, no pages
     expect(destination.device.snapshot().equals(source.device.snapshot())).toBe(true);
     expect(destination.device.calls).toEqual(['stop', 'load:precopy:0', 'load:stopcopy:1', 'start']);
+  });
+
+  test('a full stop-copy unit starts the stream over; the destination loads only it', async () => {
+    const { source, destination, from, to } = await pair({ preCopy: true, fullStopCopy: true });
+    await exercise(from, 9);
+    const result = await migrate(from, to);
+    expect(result.precopyBytes).toBeGreaterThan(64 * 1024);
+    expect(result.stopCopyBytes).toBeGreaterThan(64 * 1024); // the whole state again
+    expect(destination.device.snapshot().equals(source.device.snapshot())).toBe(true);
+    expect(source.device.calls).toEqual(['save:precopy:0', 'stop', 'save:stopcopy:0']);
+    expect(destination.device.calls).toEqual(['stop', 'load:stopcopy:0', 'start']);
   });
 
   test('a migration that fails sets the source running again', async () => {
@@ -102,6 +113,21 @@ describe('by hand, as a VMM iterating PRE_COPY', () => {
     await to.migration.write(Buffer.concat([precopy, second]));
     await to.migration.setState(S.STOP);
     expect(destination.device.calls).toEqual(['stop', 'load:precopy:0', 'load:precopy:1']);
+  });
+
+  test('as libvfio-user\'s client: pre-copy data read in part and dropped, only the stop-copy data carried', async () => {
+    const { source, destination, from, to } = await pair({ preCopy: true, fullStopCopy: true });
+    await exercise(from, 3);
+    await from.migration.setState(S.PRE_COPY);
+    expect((await from.migration.read(4096)).length).toBe(4096); // the rest of the unit stays unread
+    await from.regionWrite(Region.BAR0, BigInt(5 * BAR_PAGE), Buffer.from('after the pre-copy read'));
+    await from.migration.setState(S.STOP_COPY);
+    const stopCopy = await from.migration.readAll();
+    await to.migration.setState(S.RESUMING);
+    await to.migration.write(stopCopy);
+    await to.migration.setState(S.RUNNING);
+    expect(destination.device.snapshot().equals(source.device.snapshot())).toBe(true);
+    expect(destination.device.calls).toEqual(['stop', 'load:stopcopy:0', 'start']);
   });
 
   test('a unit refused after others were loaded leaves the device in ERROR', async () => {

@@ -254,6 +254,18 @@ describe('migration data and device access by state', () => {
     expect(device.calls.at(-1)).toBe('save:stopcopy:2');
   });
 
+  test('MIG_DATA_READ replies are padded to the size asked for; size says how much is data', async () => {
+    const { client } = await start();
+    await client.migration.setState(S.STOP_COPY);
+    const read = async () => (await (client as any).request(Command.MIG_DATA_READ, protocol.encodeMigDataReadRequest({ size: 4096 }))).payload as Buffer;
+    let last: Buffer;
+    do {
+      last = await read();
+      expect(last.length).toBe(8 + 4096); // libvfio-user's client fails on a shorter reply
+    } while (last.readUInt32LE(4) === 4096);
+    expect((await client.migration.read(4096)).length).toBe(0);
+  });
+
   test('in STOP_COPY reads are served, natively too, and changes are refused; in STOP they go through', async () => {
     const { device, client } = await start();
     await client.regionWrite(Region.CONFIG, BigInt(SCRATCH), Buffer.from([1, 2, 3, 4]));

@@ -34,6 +34,10 @@ describe('MIG_DATA_READ', () => {
     const r = decodeMigDataReadReply(golden);
     expect(r).toMatchObject({ argsz: 11, size: 3 });
     expect(r.data.toString('hex')).toBe('010203');
+    // Padded to the requested size for libvfio-user's client; size still says 3
+    expect(encodeMigDataReadReply(hex('010203'), undefined, 8).toString('hex')).toBe(
+      hex('10000000 03000000 010203 0000000000').toString('hex'),
+    );
     // libvfio-user allocates the reply at the requested size: trailing bytes are ignored
     const padded = decodeMigDataReadReply(hex('08010000 03000000 010203 00000000'));
     expect(padded.data.toString('hex')).toBe('010203');

@@ -67,6 +67,14 @@ export type MigrationData = Uint8Array | Iterable<Uint8Array> | AsyncIterable<Ui
 export interface DeviceMigration {
   /** Offer PRE_COPY: `save({ phase: 'precopy' })` is then called while the device runs. */
   readonly preCopy?: boolean;
+  /**
+   * The stop-copy unit holds the whole state, so pre-copy data is only a head
+   * start a client may drop (libvfio-user's model: its client sample carries
+   * only the stop-copy data to the destination). PRE_COPY→STOP_COPY then
+   * drops unread pre-copy data and starts the stream over, its unit 0 the
+   * stop-copy unit, as STOP→STOP_COPY does.
+   */
+  readonly fullStopCopy?: boolean;
   /** Stop acting on its own: no DMA, no interrupts, no timers. Not needed by devices that never do. */
   stop?(): void | Promise<void>;
   /** Undo `stop()`; also called when DEVICE_RESET brings the device out of ERROR. */

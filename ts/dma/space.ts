@@ -65,7 +65,14 @@ export class DmaSpace extends GuestMemoryAccess {
     this.transport = transport;
   }
 
-  protected get messages(): MessageDma | undefined {
+  /**
+   * DMA_READ/DMA_WRITE to the attached client at any IOVA, mapped with an fd
+   * or not, for a device that wants the client to do its accesses (as
+   * libvfio-user's vfu_sgl_read/write can); the client tracks what it writes
+   * (§6.10). Undefined while no client is attached. The `...Async` methods
+   * use messages only where a window has no fd.
+   */
+  get messages(): MessageDma | undefined {
     return this.transport;
   }
 

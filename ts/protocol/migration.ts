@@ -36,8 +36,8 @@ export function decodeMigDataReadRequest(payload: Buffer): MigDataReadRequest {
   return { argsz, size };
 }
 
-function encodeMigData(data: Uint8Array, argsz?: number): Buffer {
-  const b = Buffer.alloc(MIG_DATA_SIZE + data.length);
+function encodeMigData(data: Uint8Array, argsz?: number, padTo = data.length): Buffer {
+  const b = Buffer.alloc(MIG_DATA_SIZE + Math.max(data.length, padTo));
   b.writeUInt32LE(argsz ?? b.length, 0);
   b.writeUInt32LE(data.length, 4);
   b.set(data, MIG_DATA_SIZE);
@@ -52,9 +52,14 @@ function decodeMigData(payload: Buffer, C: number, what: string): MigData {
   return { argsz: payload.readUInt32LE(0), size, data: payload.subarray(MIG_DATA_SIZE, MIG_DATA_SIZE + size) };
 }
 
-/** argsz defaults to 8 + data.length. */
-export function encodeMigDataReadReply(data: Uint8Array, argsz?: number): Buffer {
-  return encodeMigData(data, argsz);
+/**
+ * argsz defaults to the reply's length. `requested` (the request's `size`)
+ * pads the data with zeros to that length, as libvfio-user's server does:
+ * libvfio-user's client reads the reply at the size it asked for and fails
+ * with ECONNRESET on a shorter one. `size` still says how much is data.
+ */
+export function encodeMigDataReadReply(data: Uint8Array, argsz?: number, requested?: number): Buffer {
+  return encodeMigData(data, argsz, requested);
 }
 
 export function decodeMigDataReadReply(payload: Buffer): MigData {

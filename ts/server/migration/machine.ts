@@ -85,10 +85,15 @@ export class MigrationStateMachine {
         return;
       case S.STOP_COPY:
         if (from === S.STOP) return this.beginSave('stopcopy');
-        // From PRE_COPY: the precopy session goes on, its unread data first.
+        // From PRE_COPY: the precopy session goes on, its unread data first,
+        // unless the stop-copy unit supersedes it.
         await device.stop?.();
         try {
-          await this.save!.add('stopcopy');
+          if (device.fullStopCopy) {
+            await this.beginSave('stopcopy');
+          } else {
+            await this.save!.add('stopcopy');
+          }
         } catch (error) {
           await this.restart();
           throw error;
@@ -100,9 +105,11 @@ export class MigrationStateMachine {
     }
   }
 
+  /** Starts a save session with its unit 0, ending the one before (if any) once that is saved. */
   private async beginSave(phase: MigrationPhase): Promise<void> {
     const save = new SaveStream(this.device);
     await save.add(phase);
+    this.endSave();
     this.save = save;
   }
 

@@ -208,7 +208,7 @@ export class MigrationSession {
   async dataRead(payload: Buffer): Promise<Buffer> {
     const req = decodeMigDataReadRequest(payload);
     if (req.size > this.maxTransfer) throw new ProtocolError(Errno.E2BIG, Command.MIG_DATA_READ, `size ${req.size} exceeds max_data_xfer_size`);
-    return encodeMigDataReadReply(await this.machine.read(req.size));
+    return encodeMigDataReadReply(await this.machine.read(req.size), undefined, req.size);
   }
 
   async dataWrite(payload: Buffer): Promise<void> {

@@ -116,6 +116,10 @@ export function parseStream(stream: Buffer): LoadUnit[] {
     const length = stream.readUInt32LE(at + 12);
     if (stream.readUInt32LE(at) !== MAGIC || stream.readUInt8(at + 4) !== STREAM_VERSION) throw bad(`no record header at byte ${at}`);
     if (!phase || (flags & ~LAST) !== 0 || stream.readUInt8(at + 7) !== 0) throw bad(`malformed record header at byte ${at}`);
+    // A unit 0 after whole units starts the stream over: it stands alone, and
+    // a source whose stop-copy unit is full (fullStopCopy) sends one after its
+    // pre-copy units. The units it supersedes are not loaded.
+    if (index === 0 && !current) units.length = 0;
     // Units arrive whole and in order: a gap means the client lost or reordered data.
     if (index !== units.length || (current && current.phase !== phase)) throw bad(`unit ${index} (${phase}) where unit ${units.length} was due`);
     if (length > stream.length - at - RECORD_HEADER) throw bad(`record at byte ${at} is truncated`);
