@@ -22,7 +22,7 @@ export abstract class BareDevice implements VfioUserDevice {
     return this.attachment.dma;
   }
 
-  irqInfo() {
+  irqInfo(_index: number) {
     return { count: 0, flags: 0 };
   }
 
