@@ -10,7 +10,8 @@ import { chmodSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSyn
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, test } from 'vitest';
-import { connect, createServer, Errno, GuestMemory, IrqIndex, native, Region, type VfioUserClient } from '../ts/index.js';
+import { connect, createServer, Errno, GuestMemory, IrqIndex, Region, type VfioUserClient } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { DeviceInfoFlags, RegionCapId } from '../ts/protocol/index.js';
 import { SampleServerMirror } from './fixtures/sample-server.js';
 import { tempSocketPath, until } from './helpers.js';
@@ -128,7 +129,9 @@ describe.skipIf(!LIBVFIO_USER)('libvfio-user\'s client sample drives us (needs V
     await until(() => {
       clientPid ??= childrenOf(pid)[0];
       return child.exitCode !== null || (clientPid !== undefined && procState(clientPid)?.state === 'Z');
-    }, 90000);
+    }, 90000).catch((error) => {
+      throw new Error(`${(error as Error).message}; the source did:\n${sourceLog.join('\n')}\nthe client and destination printed:\n${output()}`);
+    });
     expect(child.exitCode, `the client failed before migrating:\n${output()}`).toBeNull();
     expect(procState(clientPid!)!.waitStatus, output()).toBe(0);
     child.kill('SIGTERM');
@@ -162,9 +165,8 @@ describe.skipIf(!LIBVFIO_USER)('our client and lspci drive libvfio-user\'s sampl
     await c.regionWrite(Region.BAR2, 0n, Buffer.from([0x07]));
     expect((await c.regionRead(Region.BAR2, 1n, 1))[0]).toBe(0xf8);
     expect((await c.getIrqInfo(IrqIndex.INTX)).count).toBe(1);
-    const eventfd = native.eventfdCreate();
-    cleanups.push(() => native.closeFd(eventfd));
-    await c.setIrqs({ index: IrqIndex.INTX, eventfds: [eventfd] });
+    const [intx] = await c.wireIrqs(IrqIndex.INTX);
+    cleanups.push(() => intx.close());
     const ram = memory(4 * PAGE);
     await c.dmaMap({ iova: 0x100000n, memory: ram });
     await c.dmaMap({ iova: 0x200000n, memory: memory(PAGE), shareFd: false });
@@ -216,16 +218,15 @@ describe.skipIf(!LIBVFIO_USER)('our client and lspci drive libvfio-user\'s sampl
     const byFd = memory(PAGE);
     await c.dmaMap({ iova: 0n, memory: byMessage, shareFd: false });
     await c.dmaMap({ iova: BigInt(PAGE), memory: byFd });
-    const eventfd = native.eventfdCreate();
-    cleanups.push(() => native.closeFd(eventfd));
-    await c.setIrqs({ index: IrqIndex.INTX, eventfds: [eventfd] });
+    const [intx] = await c.wireIrqs(IrqIndex.INTX);
+    cleanups.push(() => intx.close());
     await c.migration.startDirtyLogging(BigInt(PAGE));
 
     // BAR0 takes a time_t: the sample raises INTx at that second, then does its DMA.
     const at = Buffer.alloc(8);
     at.writeBigInt64LE(BigInt(Math.floor(Date.now() / 1000) + 1));
     await c.regionWrite(Region.BAR0, 0n, at);
-    await until(() => native.eventfdTake(eventfd) > 0, 10000);
+    await intx.next();
     const pattern = Buffer.concat([0x41, 0x42, 0x43, 0x44].map((b) => Buffer.alloc(1024, b)));
     await until(() => byMessage.read(0, PAGE).equals(pattern) && byFd.read(0, PAGE).equals(pattern), 10000);
     expect((await c.regionRead(Region.BAR0, 0n, 8)).readBigInt64LE(0)).toBeGreaterThanOrEqual(0n); // seconds since that time

@@ -15,9 +15,10 @@ fn unix_socket(flags: SocketFlags) -> io::Result<OwnedFd> {
 }
 
 /// Binds a listening socket at `path` whose file has `mode` from the start:
-/// it is bound under a temporary name, chmod-ed, then renamed into place, so
-/// no other user can connect in between. A stale socket file nobody listens
-/// on is replaced; a live one gives EADDRINUSE.
+/// it is bound under a temporary name, chmod-ed, listening, then renamed into
+/// place, so no other user can connect in between, and a client that connects
+/// the moment the path appears is not refused. A stale socket file nobody
+/// listens on is replaced; a live one gives EADDRINUSE.
 pub fn listen(path: &Path, mode: u32, backlog: i32) -> io::Result<OwnedFd> {
     if path.exists() {
         // Only a refused connect means nobody listens; a full backlog
@@ -41,12 +42,12 @@ pub fn listen(path: &Path, mode: u32, backlog: i32) -> io::Result<OwnedFd> {
     let _ = std::fs::remove_file(&tmp);
     bind(&fd, &SocketAddrUnix::new(&tmp)?)?;
     let placed = chmod(&tmp, Mode::from_raw_mode(mode))
+        .and_then(|_| listen_on(&fd, backlog))
         .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO)));
     if let Err(e) = placed {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    listen_on(&fd, backlog)?;
     Ok(fd)
 }
 
@@ -178,6 +179,25 @@ mod tests {
         assert_eq!(peer.pid as u32, std::process::id());
         assert_eq!(peer.uid, rustix::process::getuid().as_raw());
         assert_eq!(peer.gid, rustix::process::getgid().as_raw());
+    }
+
+    #[test]
+    fn accepts_connections_as_soon_as_its_path_exists() {
+        // Clients (libvfio-user's, QEMU's) connect the moment the file appears.
+        let path = temp_path("ready");
+        for _ in 0..300 {
+            let watched = path.clone();
+            let client = std::thread::spawn(move || {
+                while !watched.exists() {
+                    std::hint::spin_loop();
+                }
+                connect_unix(&watched).map(drop)
+            });
+            let l = listen(&path, 0o600, 4).unwrap();
+            assert_eq!(client.join().unwrap(), Ok(()));
+            drop(l);
+            std::fs::remove_file(&path).unwrap();
+        }
     }
 
     #[test]
