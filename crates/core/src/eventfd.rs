@@ -14,9 +14,16 @@ pub fn signal(fd: impl AsFd) -> io::Result<()> {
     add(fd, 1)
 }
 
-/// Adds `value` to the counter. A counter at its maximum (EAGAIN on a
-/// non-blocking fd) already wakes its reader, so that is not an error.
+/// Adds `value` to the counter. A counter at its maximum already wakes its
+/// reader, so that is not an error. A peer's eventfd may be blocking (its
+/// file status flags are the peer's, see `adopt`): a write that would block
+/// is not attempted.
 pub fn add(fd: impl AsFd, value: u64) -> io::Result<()> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut ready = [PollFd::new(&fd, PollFlags::OUT)];
+    if poll(&mut ready, Some(&Timespec { tv_sec: 0, tv_nsec: 0 }))? == 0 {
+        return Ok(());
+    }
     match rustix::io::write(fd, &value.to_ne_bytes()) {
         Ok(_) | Err(Errno::AGAIN) => Ok(()),
         Err(e) => Err(e),
@@ -43,17 +50,13 @@ pub fn is_eventfd(fd: impl AsFd) -> bool {
 }
 
 /// Takes a peer's fd for use as an interrupt line: `false` unless it is an
-/// eventfd; otherwise it is made non-blocking, so that signalling one whose
-/// counter a hostile peer left at its maximum cannot stall the caller
-/// (`add` then treats the full counter as already signalled). The flag is
-/// shared with the peer's copy: eventfds are non-blocking there too, as a
-/// VMM's are.
+/// eventfd. Its O_NONBLOCK flag is left alone: the flag belongs to the open
+/// file, shared with the peer's copy, and a peer may read its eventfd
+/// blocking (libvfio-user's client sample does, and fails on EAGAIN).
+/// Signalling one whose counter a hostile peer left at its maximum cannot
+/// stall the caller: `add` checks that the write would not block.
 pub fn adopt(fd: impl AsFd) -> io::Result<bool> {
-    if !is_eventfd(&fd) {
-        return Ok(false);
-    }
-    rustix::io::ioctl_fionbio(fd, true)?;
-    Ok(true)
+    Ok(is_eventfd(&fd))
 }
 
 #[cfg(test)]
@@ -77,6 +80,15 @@ mod tests {
         let (r, _w) = rustix::pipe::pipe().unwrap();
         assert!(!is_eventfd(&r));
         assert!(!adopt(&r).unwrap());
+    }
+
+    #[test]
+    fn adopting_leaves_the_peers_blocking_mode_alone() {
+        let fd = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
+        assert!(adopt(&fd).unwrap());
+        signal(&fd).unwrap();
+        let flags = rustix::fs::fcntl_getfl(&fd).unwrap();
+        assert!(!flags.contains(rustix::fs::OFlags::NONBLOCK));
     }
 
     #[test]
