@@ -172,7 +172,13 @@ describe.skipIf(!existsSync(ADDON))(`the packed package installed without Rust (
     const socket = join(work, 'gpio.sock');
     let server: ChildProcess | undefined;
     try {
-      server = spawn('npx', ['vfio-user', 'serve', '--example', 'gpio', '--socket', socket], { cwd: app, env, stdio: ['ignore', 'ignore', 'pipe'] });
+      // Its own process group: npx does not pass SIGTERM on to the server it runs.
+      server = spawn('npx', ['vfio-user', 'serve', '--example', 'gpio', '--socket', socket], {
+        cwd: app,
+        env,
+        detached: true,
+        stdio: ['ignore', 'ignore', 'pipe'],
+      });
       let stderr = '';
       server.stderr!.on('data', (chunk) => (stderr += chunk));
       await until(() => stderr.includes('serving') || server!.exitCode !== null, 30_000);
@@ -180,8 +186,17 @@ describe.skipIf(!existsSync(ADDON))(`the packed package installed without Rust (
       const lspci = inApp('npx', ['vfio-user', 'lspci', socket]);
       expect(lspci).toMatch(/494f:0dc8/);
       expect(lspci).toMatch(/Region 2: I\/O ports/);
+      process.kill(-server.pid!, 'SIGTERM');
+      // The server itself stops: it removes its socket on the way out.
+      await until(() => !existsSync(socket), 15_000);
     } finally {
-      server?.kill('SIGTERM');
+      if (server?.pid !== undefined) {
+        try {
+          process.kill(-server.pid, 'SIGKILL');
+        } catch {
+          // the whole group has exited
+        }
+      }
     }
   }, 60_000);
 
