@@ -60,6 +60,22 @@ async function startRemote(model: Model): Promise<Remote> {
   return remote;
 }
 
+/**
+ * Runs `attempt` (which connects to `remote`) again while the connection is refused: the socket
+ * file appears at bind(), a moment before QEMU listens on it. A probe connection would not do:
+ * the remote serves one client and exits when it leaves.
+ */
+async function whenListening<T>(attempt: () => Promise<T>): Promise<T> {
+  for (let tries = 0; ; tries++) {
+    try {
+      return await attempt();
+    } catch (error) {
+      if (tries >= 100 || !/ECONNREFUSED|E111/.test(String(error))) throw error;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+}
+
 afterEach(() => {
   for (const r of remotes.splice(0)) if (r.proc.exitCode === null) r.proc.kill('SIGKILL');
   for (const c of cleanups.splice(0)) c();
@@ -180,7 +196,7 @@ describe.skipIf(!QEMU || !GUEST)('our client drives QEMU’s remote devices (ski
   for (const model of MODELS) {
     test(`${model.name}: our lspci agrees with the guest’s lspci -vv; the remote exits when lspci leaves`, async () => {
       const remote = await startRemote(model);
-      const ours = lspciFields(await lspci(remote.path));
+      const ours = lspciFields(await whenListening(() => lspci(remote.path)));
       const slot = /^(\S+) .*\[([0-9a-f]{4}:[0-9a-f]{4})\]/gm;
       const match = [...guestListing.matchAll(slot)].find((m) => m[2] === model.ids);
       expect(match, `the guest shows no ${model.ids}`).toBeDefined();
@@ -190,7 +206,7 @@ describe.skipIf(!QEMU || !GUEST)('our client drives QEMU’s remote devices (ski
 
     test(`${model.name}: BAR reads, DMA through a mapped window, INTx, reset`, async () => {
       const remote = await startRemote(model);
-      const client = await connect(remote.path);
+      const client = await whenListening(() => connect(remote.path));
       const info = await client.getDeviceInfo();
       expect(info.numRegions).toBeGreaterThanOrEqual(9);
       const ram = new GuestMemory(1 << 20);
