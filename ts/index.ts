@@ -26,6 +26,7 @@ export {
   type IrqAction,
   type RegionInfoWithFd,
   type SetIrqsOptions,
+  type VfioUserClientEvents,
 } from './client/client.js';
 export { EventfdIrq, type EventfdIrqEvents } from './client/eventfd-irq.js';
 export { PciConfigClient, type BarSizing, type ConfigWidth } from './client/pci.js';
