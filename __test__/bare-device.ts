@@ -3,7 +3,7 @@
  * model share: no interrupts, nothing answered natively, and the attached
  * client's guest memory. Subclasses describe their regions and accesses.
  */
-import { closeFds, native } from '../ts/native.js';
+import { closeFds } from '../ts/native.js';
 import { type DeviceAttachment, type DmaSpace, type RegionDescription, type VfioUserDevice } from '../ts/index.js';
 
 export abstract class BareDevice implements VfioUserDevice {
@@ -31,10 +31,6 @@ export abstract class BareDevice implements VfioUserDevice {
   }
 
   reset(): void {}
-
-  nativeReads(maxCount: number) {
-    return new native.NativeRegionReads(maxCount);
-  }
 
   attach(attachment: DeviceAttachment): void {
     this.attachment = attachment;

@@ -21,7 +21,6 @@ import {
   type RegionInfo,
   type SetIrqs,
 } from '../ts/protocol/index.js';
-import { native, type NativeRegionReads } from '../ts/native.js';
 import type { RegionDescription, VfioUserDevice } from '../ts/device.js';
 import { decode, type DeviceSnapshot, type LspciReport } from '../ts/lspci/decode.js';
 import { formatJson, formatSize, formatText } from '../ts/lspci/format.js';
@@ -463,11 +462,6 @@ class ConfigDevice implements VfioUserDevice {
 
   setIrqs(_request: SetIrqs, _fds: number[]): void {}
   reset(): void {}
-
-  nativeReads(maxCount: number): NativeRegionReads {
-    // Nothing native: every config read reaches read() and is counted.
-    return new native.NativeRegionReads(maxCount);
-  }
 
   attach(): void {}
   detach(): void {}

@@ -115,8 +115,12 @@ export interface VfioUserDevice {
   /** A validated SET_IRQS; the device owns `fds` from here on. */
   setIrqs(request: SetIrqs, fds: number[]): void;
   reset(): void | Promise<void>;
-  /** Regions whose reads need no device code, answered natively. */
-  nativeReads(maxCount: number): NativeRegionReads;
+  /**
+   * Regions whose reads need no device code, answered natively (PciDevice's plain-memory BARs
+   * and config space); without it every read reaches `read`.
+   * @internal
+   */
+  nativeReads?(maxCount: number): NativeRegionReads;
   /** A client finished negotiation. */
   attach(attachment: DeviceAttachment): void;
   /** The client is gone: drop its interrupt fds; keep device state. */

@@ -15,7 +15,7 @@ export {
   type VfioUserServerEvents,
 } from './server/server.js';
 export { ServerSession, type SessionOptions } from './server/session.js';
-export type { PeerCredentials } from './native.js';
+export type { PeerCredentials } from './native-binding.js';
 export {
   connect,
   VfioUserClient,
@@ -65,8 +65,8 @@ export {
   type VendorExtendedCapability,
 } from './pci/description.js';
 export { Cfg, CapabilityId, ExtendedCapabilityId } from './pci/spec.js';
-export { ConfigSpace, ConfigWrite } from './pci/config.js';
-export { Interrupts, type Delivery } from './pci/interrupts.js';
+export { ConfigSpace, ConfigWrite, type ReadHook, type WriteHook } from './pci/config.js';
+export { Interrupts, type Delivery, type VectorRouter } from './pci/interrupts.js';
 export { DeviceIrq, type IrqMode } from './pci/irq.js';
 export {
   AsyncDmaRequiredError,
@@ -80,6 +80,8 @@ export {
   MAX_VIEW_LENGTH,
   type DmaViewRefusal,
   type DmaWindow,
+  type MapRequest,
+  type MessageDma,
   type SgEntry,
   type SgList,
   type SharedRegionOptions,

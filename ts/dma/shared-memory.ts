@@ -73,6 +73,7 @@ export class SharedMemory {
    * Serves REGION_READs of `region` from this memory natively (offset 0 is the
    * region's start) for as long as it is mapped: after close() they reach the
    * device's handlers instead, never the unmapped memory.
+   * @internal
    */
   serveNativeReads(reads: NativeRegionReads, region: number): void {
     reads.setMapping(region, this.mapping);

@@ -17,11 +17,11 @@ export interface DmaWindow {
   readonly end: bigint;
   readonly readable: boolean;
   readonly writable: boolean;
-  /** Present when the client passed an fd; absent for message-based windows. */
+  /** Present when the client passed an fd; absent for message-based windows. @internal */
   readonly mapping?: NativeMapping;
   /** File offset of the fd the window was mapped from, to spot exact repeats (with `mapping.file`). */
   readonly fileOffset: bigint;
-  /** Plain-memory access, looked up on first use (see GuestMemoryAccess). */
+  /** Plain-memory access, looked up on first use (see GuestMemoryAccess). @internal */
   fast?: FastAccess | null;
 }
 

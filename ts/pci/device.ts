@@ -328,6 +328,7 @@ export class PciDevice implements VfioUserDevice {
    * Plain-memory BARs and shared BARs without a `read` handler are always
    * native, MSI-X table and PBA included (their bytes are kept current);
    * BARs with a `read` handler go to JS.
+   * @internal
    */
   nativeReads(maxCount: number): NativeRegionReads {
     const reads = new native.NativeRegionReads(maxCount);

@@ -23,6 +23,7 @@ export class DeviceIrq {
   /** The last config write gateWritten() saw. */
   private lastGateWrite: ConfigWrite | undefined;
 
+  /** @internal */
   constructor(
     private readonly config: ConfigSpace,
     private readonly interrupts: Interrupts,

@@ -51,6 +51,7 @@ export class ServerSession {
   /** What the device sees of this client; handlers run inside it (requestAttachment). */
   private readonly attachment: DeviceAttachment = { dma: this.dma };
 
+  /** @internal Sessions are made by VfioUserServer. */
   constructor(
     fd: number,
     readonly device: VfioUserDevice,
@@ -172,7 +173,7 @@ export class ServerSession {
     this.negotiated = peer;
     const frame = SERVER_CAPABILITIES.maxDataXferSize + INITIAL_MAX_FRAME;
     this.channel.setMaxFrame(frame);
-    this.channel.setRegionReads(this.device.nativeReads(SERVER_CAPABILITIES.maxDataXferSize));
+    this.channel.setRegionReads(this.device.nativeReads?.(SERVER_CAPABILITIES.maxDataXferSize) ?? null);
     const clientEnd = peer.capabilities.twinSocket.supported ? this.openTwin(frame) : undefined;
     // DMA_READ replies must fit our frame limit as well as the client's transfer limit.
     const chunk = Math.max(1, Math.min(peer.capabilities.maxDataXferSize, SERVER_CAPABILITIES.maxDataXferSize));
