@@ -4,7 +4,8 @@
  * the device state intact for the next client.
  */
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, commandName, ConnectionClosedError, Errno, PciDevice, protocol, Region } from '../ts/index.js';
+import { once } from 'node:events';
+import { Command, commandName, ConnectionClosedError, Errno, PciDevice, PeerProtocolError, protocol, Region, VfioUserClient } from '../ts/index.js';
 import { native } from '../ts/native.js';
 import { Channel } from '../ts/channel.js';
 import { closedBy, nextMessage, openFdCount, qemuVersion, rawConnect, rawMessage, serve, until, type Served } from './helpers.js';
@@ -234,6 +235,30 @@ describe('fds from a misbehaving peer', () => {
     channel.close();
     native.closeFd(ev);
     await new Promise((r) => setTimeout(r, 50));
+    expect(openFdCount()).toBe(before);
+  });
+
+  test("a server reply with more fds than the client's max_msg_fds ends the connection; every fd is closed", async () => {
+    const before = openFdCount();
+    const [serverFd, clientFd] = native.socketPair();
+    const ev = native.eventfdCreate();
+    const server: Channel = new Channel(serverFd, {
+      side: 'server',
+      onCommand: (m) => {
+        if (m.header.command === Command.VERSION) return server.reply(m.header, protocol.encodeVersion({ major: 0, minor: 0, capabilities: {} }));
+        // 17 entries, an fd each: one more than the client announced.
+        const entries = Array.from({ length: 17 }, (_, i) => ({ offset: BigInt(4 * i), size: 4n, fdIndex: i, type: 0, flags: 0, datamatch: 0n }));
+        server.reply(m.header, protocol.encodeRegionIoFdsReply({ index: 0, entries }, 4096).payload, new Array(17).fill(ev));
+      },
+      onClose: () => {},
+    });
+    const client = new VfioUserClient(clientFd);
+    await client.negotiate();
+    const closed = once(client, 'close');
+    await expect(client.getRegionIoFds(0)).rejects.toThrow(PeerProtocolError);
+    expect(await closed).toEqual([expect.any(PeerProtocolError)]);
+    server.close();
+    native.closeFd(ev);
     expect(openFdCount()).toBe(before);
   });
 });

@@ -2,7 +2,7 @@ import { afterEach, describe, expect, test } from 'vitest';
 import { Channel } from '../ts/channel.js';
 import { Command, connect, Errno, GuestMemory, ProtocolError, VfioUserClient } from '../ts/index.js';
 import { native } from '../ts/native.js';
-import { encodeVersion as encode } from '../ts/protocol/index.js';
+import { decodeVersion, encodeVersion as encode } from '../ts/protocol/index.js';
 import { openFdCount, serve, until, type Served } from './helpers.js';
 import { DmaTestDevice, PAGE } from './dma-device.js';
 
@@ -173,6 +173,21 @@ describe('message-based DMA (maps without an fd)', () => {
     await expect(pending).rejects.toThrow(/closed|lost/);
     const next = await client();
     expect((await next.regionRead(0, 0n, 4)).length).toBe(4);
+  });
+});
+
+describe('twin socket negotiation, server side', () => {
+  test('a client that takes no fds (max_msg_fds 0) is not given the twin socket, which is an fd', async () => {
+    served = await serve(new DmaTestDevice());
+    const before = openFdCount();
+    const channel = new Channel(native.connectUnix(served.path), { side: 'client', onCommand: () => {}, onClose: () => {} });
+    const reply = await channel.request(Command.VERSION, encode({ major: 0, minor: 0, capabilities: { maxMsgFds: 0, twinSocket: { supported: true } } }));
+    expect(decodeVersion(reply.payload).capabilities.twinSocket).toEqual({ supported: false });
+    expect(reply.fds).toEqual([]);
+    expect(served.server.session!.twinSocket).toBe(false);
+    channel.close();
+    await until(() => served.server.session === undefined);
+    expect(openFdCount()).toBe(before);
   });
 });
 

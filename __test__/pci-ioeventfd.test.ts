@@ -9,8 +9,10 @@ import {
   type IoEventfdDescription,
   type PciDeviceDescription,
 } from '../ts/index.js';
-import { native } from '../ts/native.js';
-import { IoFdType, KvmIoeventfdFlags } from '../ts/protocol/index.js';
+import { closeFds, native } from '../ts/native.js';
+import { Channel } from '../ts/channel.js';
+import { Command, IoFdType, KvmIoeventfdFlags } from '../ts/protocol/index.js';
+import * as protocol from '../ts/protocol/index.js';
 import { openFdCount, serve, until, type Served } from './helpers.js';
 import { base, fieldOf, kvmSignal } from './pci-helpers.js';
 
@@ -70,6 +72,37 @@ describe('GET_REGION_IO_FDS', () => {
       const none = await client.getRegionIoFds(region);
       expect([none.count, none.fds.length]).toEqual([0, 0]);
     }
+  });
+});
+
+describe("GET_REGION_IO_FDS within the client's max_msg_fds", () => {
+  /** A bare channel that negotiated `maxMsgFds` (undefined: the key left out, so the spec's default of 1). */
+  async function clientTaking(maxMsgFds: number | undefined): Promise<Channel> {
+    const channel = new Channel(native.connectUnix(served!.path), { side: 'client', onCommand: () => {}, onClose: () => {} });
+    const capabilities = maxMsgFds === undefined ? { maxDataXferSize: 4096 } : { maxMsgFds };
+    await channel.request(Command.VERSION, protocol.encodeVersion({ major: 0, minor: 0, capabilities }));
+    return channel;
+  }
+
+  test.each([
+    [2, [[0x10n, 0], [0x20n, 1]], 2],
+    [undefined, [[0x10n, 0]], 1],
+    [0, [], 0],
+  ])('max_msg_fds %s: only the entries whose fds fit, count and argsz saying so; the rest stay trapped', async (maxMsgFds, expected, fdCount) => {
+    served = await serve(kickable());
+    const channel = await clientTaking(maxMsgFds);
+    const before = openFdCount();
+    const reply = await channel.request(Command.DEVICE_GET_REGION_IO_FDS, protocol.encodeRegionIoFdsRequest({ index: Region.BAR0, argsz: 4096 }));
+    const decoded = protocol.decodeRegionIoFdsReply(reply.payload);
+    expect(decoded.entries.map((e) => [e.offset, e.fdIndex])).toEqual(expected);
+    expect([decoded.count, decoded.argsz]).toEqual([expected.length, 16 + 40 * expected.length]);
+    expect(reply.fds).toHaveLength(fdCount);
+    expect(openFdCount()).toBe(before + fdCount);
+    closeFds(reply.fds);
+    // The entry left out still works, trapped: the device signals its eventfd itself.
+    await channel.request(Command.REGION_WRITE, protocol.encodeRegionWriteRequest({ offset: 0x20n, region: Region.BAR0 }, Buffer.from([2, 0])));
+    expect(served.device.bar(0).ioeventfds[2].take()).toBe(1);
+    channel.close();
   });
 });
 

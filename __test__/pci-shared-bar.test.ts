@@ -10,7 +10,16 @@ import {
   type PciDeviceDescription,
 } from '../ts/index.js';
 import { native } from '../ts/native.js';
-import { RegionCapId } from '../ts/protocol/index.js';
+import { Channel } from '../ts/channel.js';
+import {
+  Command,
+  decodeRegionInfoReply,
+  decodeRegionReadReply,
+  encodeRegionInfoRequest,
+  encodeRegionReadRequest,
+  encodeVersion,
+  RegionCapId,
+} from '../ts/protocol/index.js';
 import { openFdCount, serve, until, type Served } from './helpers.js';
 import { base, fieldOf } from './pci-helpers.js';
 
@@ -60,6 +69,21 @@ describe('region info and mappings', () => {
     native.closeFd(info.fd!);
     const plain = await client.getRegionInfo(2);
     expect([plain.flags & RegionInfoFlags.MMAP, plain.fd, plain.caps]).toEqual([0, undefined, []]);
+  });
+});
+
+describe('a client that takes no fds (max_msg_fds 0)', () => {
+  test('gets the BAR as trapped-only: no MMAP, no sparse areas, no fd; its bytes still answer reads', async () => {
+    served = await serve(sparseDevice());
+    const channel = new Channel(native.connectUnix(served.path), { side: 'client', onCommand: () => {}, onClose: () => {} });
+    await channel.request(Command.VERSION, encodeVersion({ major: 0, minor: 0, capabilities: { maxMsgFds: 0 } }));
+    const reply = await channel.request(Command.DEVICE_GET_REGION_INFO, encodeRegionInfoRequest({ index: 0, argsz: 256 }));
+    const info = decodeRegionInfoReply(reply.payload);
+    expect([info.flags, info.caps, reply.fds]).toEqual([RegionInfoFlags.READ | RegionInfoFlags.WRITE, [], []]);
+    served.device.bar(0).bytes![PAGE] = 0x3c;
+    const read = await channel.request(Command.REGION_READ, encodeRegionReadRequest({ offset: BigInt(PAGE), region: 0, count: 1 }));
+    expect(decodeRegionReadReply(read.payload).data[0]).toBe(0x3c);
+    channel.close();
   });
 });
 

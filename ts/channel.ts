@@ -310,6 +310,13 @@ export class Channel {
       closeFds(message.fds);
       return;
     }
+    if (message.fdsTruncated) {
+      // More fds than this side announced it takes: the peer broke the
+      // negotiation. Every pending request, this one too, rejects.
+      closeFds(message.fds);
+      this.abort(`the ${commandName(header.command)} reply carried more fds than max_msg_fds`);
+      return;
+    }
     this.pending.delete(header.msgId);
     clearTimeout(entry.timer);
     if (isErrorReply(header)) {

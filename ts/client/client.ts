@@ -144,6 +144,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
         this.emit('close', error);
       },
     });
+    this.channel.setMaxFds(CLIENT_MAX_MSG_FDS);
   }
 
   /** Whether the server's DMA_READ/DMA_WRITE arrive on a twin socket. */
@@ -199,6 +200,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
           this.emit('close', error ?? new ConnectionClosedError('the server closed the twin socket'));
         },
       }, frame);
+      this.twin.setMaxFds(CLIENT_MAX_MSG_FDS);
     }
     this.serverVersion = version;
     this.channel.setMaxFrame(frame);
@@ -404,6 +406,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     closeFds(message.fds);
     const { header } = message;
     try {
+      if (message.fdsTruncated) throw new ProtocolError(Errno.EINVAL, header.command, 'more fds than max_msg_fds');
       if (header.command === Command.DMA_READ) {
         const req = decodeDmaReadRequest(message.payload);
         const { window, at } = this.locate(header.command, req.address, req.count, 'readable');

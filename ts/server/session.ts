@@ -174,7 +174,8 @@ export class ServerSession {
     const frame = SERVER_CAPABILITIES.maxDataXferSize + INITIAL_MAX_FRAME;
     this.channel.setMaxFrame(frame);
     this.channel.setRegionReads(this.device.nativeReads?.(SERVER_CAPABILITIES.maxDataXferSize) ?? null);
-    const clientEnd = peer.capabilities.twinSocket.supported ? this.openTwin(frame) : undefined;
+    // The twin socket travels as an fd: not to a client that takes none.
+    const clientEnd = peer.capabilities.twinSocket.supported && peer.capabilities.maxMsgFds > 0 ? this.openTwin(frame) : undefined;
     // DMA_READ replies must fit our frame limit as well as the client's transfer limit.
     const chunk = Math.max(1, Math.min(peer.capabilities.maxDataXferSize, SERVER_CAPABILITIES.maxDataXferSize));
     this.dma.useMessages(new MessageDma(this.twin ?? this.channel, chunk));
@@ -202,6 +203,7 @@ export class ServerSession {
         this.finish(error ?? new ConnectionClosedError('the client closed the twin socket'));
       },
     }, frame);
+    this.twin.setMaxFds(SERVER_CAPABILITIES.maxMsgFds);
     return theirs;
   }
 

@@ -21,6 +21,7 @@ import {
   Errno,
   IoFdType,
   REGION_READ_REPLY_DATA_OFFSET,
+  RegionCapId,
   RegionInfoFlags,
   type IoFdEntry,
 } from '../../protocol/index.js';
@@ -33,31 +34,52 @@ export function deviceGetRegionInfo(session: HandlerContext, message: Message): 
   const { device } = session;
   if (req.index >= device.numRegions) throw fail(Errno.EINVAL, Command.DEVICE_GET_REGION_INFO, `no region ${req.index}`);
   const region = device.regionInfo(req.index);
+  // A client that takes no fds (max_msg_fds 0) cannot map: it gets the region as trapped-only.
+  const trappedOnly = peerMaxFds(session) === 0;
   const { payload, complete } = encodeRegionInfoReply(
-    { flags: region.flags, index: req.index, size: region.size, offset: region.offset ?? 0n, caps: region.caps },
+    {
+      flags: trappedOnly ? region.flags & ~RegionInfoFlags.MMAP : region.flags,
+      index: req.index,
+      size: region.size,
+      offset: region.offset ?? 0n,
+      caps: trappedOnly ? region.caps?.filter((cap) => cap.id !== RegionCapId.SPARSE_MMAP) : region.caps,
+    },
     req.argsz,
   );
   // The fd goes only with the complete reply (the one a client maps from).
-  const withFd = complete && region.flags & RegionInfoFlags.MMAP && region.fd !== undefined;
+  const withFd = complete && !trappedOnly && region.flags & RegionInfoFlags.MMAP && region.fd !== undefined;
   return { payload, fds: withFd ? [native.dupFd(region.fd!)] : undefined };
 }
 
+/**
+ * The ioeventfds that fit the client's max_msg_fds, in the device's order:
+ * an entry whose fd is already sent costs nothing. The reply describes just
+ * those (count and argsz included); writes to the others stay trapped and
+ * reach the same eventfd through REGION_WRITE (the device signals it).
+ */
 export function deviceGetRegionIoFds(session: HandlerContext, message: Message): Reply {
   noFds(message);
   const req = decodeRegionIoFdsRequest(message.payload);
   const { device } = session;
   if (req.index >= device.numRegions) throw fail(Errno.EINVAL, Command.DEVICE_GET_REGION_IO_FDS, `no region ${req.index}`);
-  const ioFds = device.regionIoFds?.(req.index) ?? [];
+  const maxFds = peerMaxFds(session);
   // Entries sharing an eventfd share its fd_index.
   const fds: number[] = [];
-  const entries: IoFdEntry[] = ioFds.map((e) => {
+  const entries: IoFdEntry[] = [];
+  for (const e of device.regionIoFds?.(req.index) ?? []) {
     let fdIndex = fds.indexOf(e.fd);
+    if (fdIndex < 0 && fds.length === maxFds) continue;
     if (fdIndex < 0) fdIndex = fds.push(e.fd) - 1;
-    return { offset: e.offset, size: e.size, fdIndex, type: IoFdType.IOEVENTFD, flags: e.flags ?? 0, datamatch: e.datamatch ?? 0n };
-  });
+    entries.push({ offset: e.offset, size: e.size, fdIndex, type: IoFdType.IOEVENTFD, flags: e.flags ?? 0, datamatch: e.datamatch ?? 0n });
+  }
   const { payload, complete } = encodeRegionIoFdsReply({ index: req.index, entries }, req.argsz);
   // As for region info: fds only with the complete reply, and always dups.
   return { payload, fds: complete && fds.length > 0 ? fds.map((fd) => native.dupFd(fd)) : undefined };
+}
+
+/** Most fds the client said one message to it may carry (VERSION comes first, so it is known). */
+function peerMaxFds(session: HandlerContext): number {
+  return session.negotiated!.capabilities.maxMsgFds;
 }
 
 /** Validates an access against the region and the transfer limit; returns the offset as a number. */
