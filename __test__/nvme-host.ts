@@ -3,6 +3,9 @@
  * the bench: guest memory shared by memfd, MSI-X wired to eventfds, doorbells
  * rung through the mapped page when the device offers one (else posted
  * REGION_WRITEs), completions reaped by phase tag as a polling driver does.
+ * After shadowDoorbells() it rings I/O queues as Linux does with Doorbell
+ * Buffer Config: the value goes to the shadow page, and the register is
+ * written only when the value passes the controller's EventIdx.
  * Free of vitest, so that bench/nvme.ts drives the controller with it too.
  */
 import { CapabilityId, EventfdIrq, GuestMemory, IrqIndex, Region, type VfioUserClient } from '../ts/index.js';
@@ -53,6 +56,11 @@ interface HostQueue {
   waiting: Map<number, (c: Completion) => void>;
 }
 
+/** Linux's nvme_dbbuf_need_event: whether moving a doorbell from `old` to `value` passed `eventIdx` (16-bit arithmetic). */
+function needsEvent(eventIdx: number, value: number, old: number): boolean {
+  return ((value - eventIdx - 1) & 0xffff) < ((value - old) & 0xffff);
+}
+
 export class NvmeHost {
   readonly queues = new Map<number, HostQueue>();
   /** Completions with no waiter (a CID reused by a hand-built test, or an event). */
@@ -63,6 +71,10 @@ export class NvmeHost {
   private closed = false;
   /** While set, completions stay in their CQs unconsumed (a slow host). */
   hold = false;
+  /** Doorbell writes that reached the register, and those the EventIdx let the host skip. */
+  readonly rings = { written: 0, skipped: 0 };
+  /** The shadow doorbell and EventIdx pages, as doorbell-indexed words. */
+  private shadow: { values: Uint32Array; eventIdx: Uint32Array } | undefined;
   vectors: EventfdIrq[] = [];
 
   private constructor(public client: VfioUserClient, readonly memory: GuestMemory) {}
@@ -150,8 +162,23 @@ export class NvmeHost {
     await this.client.regionWrite(Region.BAR0, BigInt(offset), b);
   }
 
-  /** Rings doorbell `index` as a guest would: a store to the mapped page, or a posted write. */
+  /**
+   * Rings doorbell `index` as a guest would: a store to the mapped page, or a
+   * posted write. With shadow doorbells an I/O queue's value is stored in the
+   * shadow page first, and the register written only if the controller's
+   * EventIdx asks for it.
+   */
   ring(index: number, value: number): void {
+    const shadow = this.shadow;
+    if (shadow && index >= 2) {
+      const old = shadow.values[index];
+      Atomics.store(shadow.values, index, value);
+      if (!needsEvent(Atomics.load(shadow.eventIdx, index), value, old)) {
+        this.rings.skipped++;
+        return;
+      }
+    }
+    this.rings.written++;
     if (this.mapping) {
       const b = Buffer.alloc(4);
       b.writeUInt32LE(value);
@@ -182,6 +209,8 @@ export class NvmeHost {
   async disable(): Promise<number> {
     await this.setReg32(Register.CC, 0);
     this.queues.clear();
+    // A reset forgets Doorbell Buffer Config; Linux sends it again with zeroed pages.
+    this.shadow = undefined;
     return this.reg32(Register.CSTS);
   }
 
@@ -191,6 +220,23 @@ export class NvmeHost {
     };
     this.queues.set(id, q);
     return q;
+  }
+
+  /**
+   * Doorbell Buffer Config with two fresh zeroed pages (or the addresses
+   * given, for tests of bad ones); on success the host rings I/O queues
+   * through them from now on.
+   */
+  async shadowDoorbells(shadowIova = this.alloc(PAGE), eventIdxIova = this.alloc(PAGE)): Promise<Completion> {
+    const c = await this.admin({ opcode: 0x7c, prp1: shadowIova, prp2: eventIdxIova });
+    if (c.status === 0) {
+      const words = (iova: bigint) => {
+        const bytes = this.memory.view(Number(iova - MEMORY_BASE), PAGE);
+        return new Uint32Array(bytes.buffer, bytes.byteOffset, PAGE / 4);
+      };
+      this.shadow = { values: words(shadowIova), eventIdx: words(eventIdxIova) };
+    }
+    return c;
   }
 
   /** Create I/O CQ and SQ `id` (vector `id`); returns the two statuses. */

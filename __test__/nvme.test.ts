@@ -38,11 +38,16 @@ afterEach(async () => {
 
 const imagePath = () => join(dir.path, '..', 'disk.img');
 
+/** How the host rings: the controller's doorbell mode, and whether it uses shadow doorbells (Doorbell Buffer Config) as Linux does. */
+type Setup = 'mmap' | 'trap' | 'mmap+shadow' | 'trap+shadow';
+
 /** Serves the module's default export as `vfio-user serve` would, and brings up a host with one I/O queue pair. */
-async function bringUp(doorbells: 'mmap' | 'trap', ioEntries = 64): Promise<NvmeHost> {
+async function bringUp(setup: Setup, ioEntries = 64): Promise<NvmeHost> {
+  const [doorbells, shadow] = setup.split('+');
   served = await serve(createDevice(['--image', imagePath(), '--size', String(IMAGE_SIZE), '--doorbells', doorbells]));
   host = await NvmeHost.attach(await served.client());
   expect((await host.enable()) & Csts.RDY).toBe(Csts.RDY);
+  if (shadow) expect((await host.shadowDoorbells()).status).toBe(S.SUCCESS);
   const [cq, sq] = await host.createIoQueuePair(1, ioEntries);
   expect([cq.status, sq.status]).toEqual([S.SUCCESS, S.SUCCESS]);
   return host;
@@ -71,10 +76,10 @@ async function io(h: NvmeHost, op: number, lba: number, data: Buffer | number, o
   return { c, data: h.gather(pages, offset, length) };
 }
 
-describe.each(['mmap', 'trap'] as const)('with %s doorbells', (mode) => {
+describe.each(['mmap', 'trap', 'mmap+shadow', 'trap+shadow'] as const)('with %s doorbells', (mode) => {
   test('bring-up: registers, Identify controller and namespace, NS list and descriptors', async () => {
     const h = await bringUp(mode);
-    expect(h.mappedDoorbells).toBe(mode === 'mmap');
+    expect(h.mappedDoorbells).toBe(mode.startsWith('mmap'));
     expect(await h.reg32(Register.VS)).toBe(0x00010400);
     const capHigh = await h.reg32(Register.CAP + 4);
     expect(capHigh & 0x20).toBeTruthy(); // CSS: NVM command set
@@ -87,6 +92,7 @@ describe.each(['mmap', 'trap'] as const)('with %s doorbells', (mode) => {
     expect(ctrl.d.toString('ascii', 24, 64).trim()).toBe('vfio-user TypeScript NVMe');
     expect(ctrl.d.readUInt32LE(80)).toBe(0x00010400);
     expect([ctrl.d[512], ctrl.d[513], ctrl.d.readUInt32LE(516)]).toEqual([0x66, 0x44, 1]);
+    expect(ctrl.d.readUInt16LE(256)).toBe(1 << 8); // OACS: Doorbell Buffer Config
     const ns = await identify(0, 1);
     expect(ns.d.readBigUInt64LE(0)).toBe(BigInt(BLOCKS));
     expect((ns.d.readUInt32LE(128) >> 16) & 0xff).toBe(9);
@@ -129,6 +135,73 @@ describe.each(['mmap', 'trap'] as const)('with %s doorbells', (mode) => {
     h.kick(1);
     expect((await Promise.all(writes)).map((c) => c.status)).toEqual(new Array(32).fill(S.SUCCESS));
     for (let i = 0; i < 32; i++) expect(imageBytes(8 * i * 512, 4096)).toEqual(pattern(4096, 100 + i));
+  });
+});
+
+describe('shadow doorbells and EventIdx (Doorbell Buffer Config)', () => {
+  test.each(['trap', 'mmap'] as const)('%s: a burst of submissions writes the register once; EventIdx follows the controller', async (mode) => {
+    const h = await bringUp(mode);
+    const shadowPage = h.alloc(PAGE);
+    const eventIdxPage = h.alloc(PAGE);
+    expect((await h.shadowDoorbells(shadowPage, eventIdxPage)).status).toBe(S.SUCCESS);
+    const before = { ...h.rings };
+    // Eight submissions in one turn of the loop: the first passes EventIdx 0, the rest do not.
+    const writes = await Promise.all(Array.from({ length: 8 }, (_, i) => io(h, Op.WRITE, 8 * i, pattern(4096, 200 + i))));
+    expect(writes.map((w) => w.c.status)).toEqual(new Array(8).fill(S.SUCCESS));
+    for (let i = 0; i < 8; i++) expect(imageBytes(8 * i * 512, 4096)).toEqual(pattern(4096, 200 + i));
+    // One SQ tail write and one CQ head write reached the register; seven tails went only to the shadow page.
+    expect([h.rings.written - before.written, h.rings.skipped - before.skipped]).toEqual([2, 7]);
+    expect(h.read(shadowPage + 8n, 4).readUInt32LE(0)).toBe(8);
+    expect(h.read(eventIdxPage + 8n, 4).readUInt32LE(0)).toBe(8); // the controller saw up to tail 8
+    expect((await io(h, Op.READ, 8, 4096)).data).toEqual(pattern(4096, 201));
+  });
+
+  test('a full CQ goes on once the host frees room; the controller publishes the head it waits on', async () => {
+    const h = await bringUp('trap+shadow');
+    // SQ 2 of 8 entries on CQ 2 of 4 (three usable slots).
+    const q = h.newQueue(2, 8, 4);
+    expect((await h.admin({ opcode: 0x05, prp1: q.cqBase, cdw10: (3 << 16) | 2, cdw11: (2 << 16) | 3 })).status).toBe(S.SUCCESS);
+    expect((await h.admin({ opcode: 0x01, prp1: q.sqBase, cdw10: (7 << 16) | 2, cdw11: (2 << 16) | 1 })).status).toBe(S.SUCCESS);
+    const page = h.alloc(PAGE);
+    const read = () => h.submit(2, { opcode: Op.READ, nsid: 1, prp1: page });
+    // The second CQ head (2) goes only to the shadow page: the controller still holds head 1.
+    expect([(await read()).status, (await read()).status]).toEqual([S.SUCCESS, S.SUCCESS]);
+    expect(served!.device.cqs[2]!.head).toBe(1);
+    h.hold = true;
+    const reads = Array.from({ length: 5 }, read);
+    // The controller reads head 2 from the shadow page to post a third entry, then the CQ is full.
+    await until(() => served!.device.sqs[2]!.head === 5);
+    expect(served!.device.cqs[2]!.full).toBe(true);
+    expect(h.read(served!.device.shadow!.eventIdx + 20n, 4).readUInt32LE(0)).toBe(2); // CQ 2: ring once the head passes 2
+    h.hold = false;
+    expect((await Promise.all(reads)).map((c) => c.status)).toEqual(new Array(5).fill(S.SUCCESS));
+  });
+
+  test('bad pages: unaligned is Invalid Field, outside guest memory a Data Transfer Error; I/O goes on by register', async () => {
+    const h = await bringUp('trap');
+    const page = h.alloc(PAGE);
+    expect((await h.shadowDoorbells(page + 8n, page)).status).toBe(S.INVALID_FIELD);
+    expect((await h.shadowDoorbells(page, page + 0x800n)).status).toBe(S.INVALID_FIELD);
+    expect((await h.shadowDoorbells(0x40000000n, page)).status).toBe(S.DATA_TRANSFER_ERROR);
+    expect((await h.shadowDoorbells(page, MEMORY_BASE - BigInt(PAGE))).status).toBe(S.DATA_TRANSFER_ERROR);
+    expect(served!.device.shadow).toBeUndefined();
+    expect((await io(h, Op.WRITE, 16, pattern(4096, 5))).c.status).toBe(S.SUCCESS);
+    expect(imageBytes(16 * 512, 4096)).toEqual(pattern(4096, 5));
+  });
+
+  test('queues that exist go on from the shadow page; a controller reset forgets it', async () => {
+    const h = await bringUp('trap');
+    expect((await io(h, Op.WRITE, 0, pattern(4096, 6))).c.status).toBe(S.SUCCESS);
+    const shadowPage = h.alloc(PAGE);
+    expect((await h.shadowDoorbells(shadowPage)).status).toBe(S.SUCCESS);
+    expect(h.read(shadowPage + 8n, 8)).toEqual(Buffer.from([1, 0, 0, 0, 1, 0, 0, 0])); // SQ 1 tail, CQ 1 head
+    expect((await io(h, Op.READ, 0, 4096)).data).toEqual(pattern(4096, 6));
+    await h.disable();
+    expect(served!.device.shadow).toBeUndefined();
+    h.write(shadowPage + 8n, Buffer.from([9, 0, 0, 0])); // a stale shadow value must not be read
+    expect((await h.enable()) & Csts.RDY).toBe(Csts.RDY);
+    expect((await h.createIoQueuePair(1, 16)).map((c) => c.status)).toEqual([S.SUCCESS, S.SUCCESS]);
+    expect((await io(h, Op.READ, 0, 4096)).data).toEqual(pattern(4096, 6));
   });
 });
 

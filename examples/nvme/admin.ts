@@ -3,10 +3,11 @@
  * log pages, asynchronous events, Abort and Keep Alive. Anything else is an
  * Invalid Command Opcode; a bad field gets the status the spec names for it.
  */
-import { CommandError, DEFERRED, prpSegments, Status, writeSegments, type Command } from './command.js';
+import { CommandError, DEFERRED, PAGE_SIZE, prpSegments, Status, writeSegments, type Command } from './command.js';
 import type { NvmeController } from './controller.js';
 import { BLOCK_SHIFT, MDTS, NAMESPACE_ID } from './io.js';
 import { CompletionQueue, SubmissionQueue } from './queues.js';
+import { ShadowDoorbells } from './shadow.js';
 
 export const AdminOpcode = {
   DELETE_IO_SQ: 0x00,
@@ -20,6 +21,7 @@ export const AdminOpcode = {
   GET_FEATURES: 0x0a,
   ASYNC_EVENT_REQUEST: 0x0c,
   KEEP_ALIVE: 0x18,
+  DOORBELL_BUFFER_CONFIG: 0x7c,
 } as const;
 
 export const Feature = {
@@ -54,6 +56,8 @@ const AER_LIMIT = 4;
 const ABORT_LIMIT = 4;
 const ERROR_LOG_ENTRIES = 16;
 const IDENTIFY_SIZE = 4096;
+/** OACS bit 8: Doorbell Buffer Config is supported. */
+const OACS_DOORBELL_BUFFER_CONFIG = 1 << 8;
 const LOG_PAGE_SIZE = 512;
 const FIRMWARE_REVISION = '1.0';
 /** 40 °C and the default over-temperature threshold, in kelvins. */
@@ -117,6 +121,7 @@ export function executeAdmin(ctrl: NvmeController, command: Command): number {
       return Status.SUCCESS;
     case AdminOpcode.KEEP_ALIVE:
       return Status.SUCCESS;
+    case AdminOpcode.DOORBELL_BUFFER_CONFIG: return doorbellBufferConfig(ctrl, command);
     default:
       return Status.INVALID_OPCODE;
   }
@@ -174,7 +179,7 @@ function identifyController(ctrl: NvmeController): Buffer {
   d.writeUInt16LE(0, 78); // CNTLID
   d.writeUInt32LE(0x00010400, 80); // VER 1.4
   d[111] = 1; // CNTRLTYPE: I/O controller
-  d.writeUInt16LE(0, 256); // OACS: no optional admin commands
+  d.writeUInt16LE(OACS_DOORBELL_BUFFER_CONFIG, 256); // OACS
   d[258] = ABORT_LIMIT - 1; // ACL
   d[259] = AER_LIMIT - 1; // AERL
   d[260] = 0x03; // FRMW: one slot, read-only
@@ -259,6 +264,16 @@ function deleteCompletionQueue(ctrl: NvmeController, command: Command): number {
   if (cq.submissionQueues.size > 0) return Status.INVALID_QUEUE_DELETION;
   ctrl.deleteCompletionQueue(id);
   return Status.SUCCESS;
+}
+
+// ---- Doorbell Buffer Config (§5.7) ----
+
+/** PRP1 is the shadow doorbell page, PRP2 the EventIdx page: both page aligned, both guest memory. */
+function doorbellBufferConfig(ctrl: NvmeController, command: Command): number {
+  const shadow = command.prp1;
+  const eventIdx = command.prp2;
+  if (shadow % BigInt(PAGE_SIZE) !== 0n || eventIdx % BigInt(PAGE_SIZE) !== 0n) return Status.INVALID_FIELD;
+  return ctrl.useShadowDoorbells(new ShadowDoorbells(() => ctrl.dma, shadow, eventIdx)) ? Status.SUCCESS : Status.DATA_TRANSFER_ERROR;
 }
 
 // ---- Features (§5.21, §5.9) ----

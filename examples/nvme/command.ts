@@ -3,7 +3,7 @@
  * status codes a completion carries, and PRP data pointers (NVMe 1.4 §4.2,
  * §4.3, §4.6).
  */
-import { AsyncDmaRequiredError, DmaAccessError, DmaViewError, type DmaSpace } from 'vfio-user';
+import { AsyncDmaRequiredError, DmaAccessError, DmaSpaceClosedError, DmaViewError, type DmaSpace } from 'vfio-user';
 
 /** Status Code Type << 8 | Status Code, as the completion's Status Field holds them (§4.6.1.2). */
 export const Status = {
@@ -145,14 +145,16 @@ export function forEachView(dma: DmaSpace, segments: Segment[], each: (view: Uin
   }
 }
 
+/** Whether `error` says guest memory is not there to access (message-based windows too: this controller moves data only through mapped guest memory). */
+export function isDmaError(error: unknown): error is Error {
+  return error instanceof DmaAccessError || error instanceof DmaViewError || error instanceof AsyncDmaRequiredError || error instanceof DmaSpaceClosedError;
+}
+
 function guarded<T>(access: () => T): T {
   try {
     return access();
   } catch (error) {
-    // Message-based windows too: this controller moves data only through mapped guest memory.
-    if (error instanceof DmaAccessError || error instanceof DmaViewError || error instanceof AsyncDmaRequiredError) {
-      throw new CommandError(Status.DATA_TRANSFER_ERROR, error.message);
-    }
+    if (isDmaError(error)) throw new CommandError(Status.DATA_TRANSFER_ERROR, error.message);
     throw error;
   }
 }

@@ -16,15 +16,17 @@
  * - 'trap' (the default): the page is trapped; every doorbell write arrives
  *   as a REGION_WRITE (which QEMU posts, without waiting for a reply, as long
  *   as no region of the device is mappable) and is handled at once.
- * An ioeventfd says only that a doorbell was written, not the value NVMe
- * doorbells carry, so neither way uses them.
+ * Either way a host may also set up shadow doorbells (Doorbell Buffer
+ * Config, shadow.ts), as Linux does: I/O queues' values are then read from
+ * the shadow page, and the host writes the register only when EventIdx asks.
  */
 import { randomBytes } from 'node:crypto';
 import { PciDevice } from 'vfio-user';
 import { AsyncEvent, AsyncEvents, executeAdmin, Features, LogPage, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VENDOR_ID, type ErrorEntry } from './admin.js';
-import { Command, CommandError, DEFERRED, Status } from './command.js';
+import { Command, CommandError, DEFERRED, isDmaError, Status } from './command.js';
 import { BLOCK_SIZE, executeIo } from './io.js';
 import { CompletionQueue, SubmissionQueue, type QueueState } from './queues.js';
+import { ShadowDoorbells } from './shadow.js';
 import type { BackingStore } from './store.js';
 
 export const Register = {
@@ -63,7 +65,7 @@ const IDLE_MS = 1000;
 
 /** What saveState writes, as JSON: bigints as decimal strings. */
 interface SavedState {
-  version: 1;
+  version: 2;
   registers: { cc: number; csts: number; aqa: number; asq: string; acq: string; intms: number };
   features: [number, number][];
   ioQueues: number;
@@ -73,6 +75,8 @@ interface SavedState {
   errors: ErrorEntry[];
   errorCount: number;
   smart: NvmeController['smart'];
+  /** Doorbell Buffer Config's pages, when the host set them. */
+  shadowDoorbells: { shadow: string; eventIdx: string } | null;
 }
 
 export type DoorbellMode = 'mmap' | 'trap';
@@ -98,6 +102,8 @@ export class NvmeController extends PciDevice {
   cqs: (CompletionQueue | undefined)[] = [];
   errors: ErrorEntry[] = [];
   smart = { blocksRead: 0, blocksWritten: 0, readCommands: 0, writeCommands: 0 };
+  /** Shadow doorbells and EventIdx (Doorbell Buffer Config), for the I/O queues. */
+  shadow: ShadowDoorbells | undefined;
 
   private cc = 0;
   private csts = 0;
@@ -258,6 +264,7 @@ export class NvmeController extends PciDevice {
     this.events.reset();
     this.features.reset();
     this.csts &= Csts.NSSRO;
+    this.shadow = undefined;
     this.doorbells?.fill(0);
     this.seen.fill(0);
     this.updateLevel();
@@ -282,14 +289,13 @@ export class NvmeController extends PciDevice {
 
   addCompletionQueue(cq: CompletionQueue): void {
     this.cqs[cq.id] = cq;
-    this.setDoorbellMemory(2 * cq.id + 1, 0);
+    this.resetDoorbell(2 * cq.id + 1);
   }
 
   addSubmissionQueue(sq: SubmissionQueue): void {
     this.sqs[sq.id] = sq;
     sq.cq.submissionQueues.add(sq.id);
-    // A doorbell left over from an earlier queue with this ID must not read as new entries.
-    this.setDoorbellMemory(2 * sq.id, 0);
+    this.resetDoorbell(2 * sq.id);
   }
 
   deleteSubmissionQueue(id: number): void {
@@ -302,15 +308,55 @@ export class NvmeController extends PciDevice {
     this.updateLevel();
   }
 
-  private setDoorbellMemory(index: number, value: number): void {
-    if (!this.doorbells) return;
-    this.doorbells[index] = value;
-    this.seen[index] = value;
+  /** A new queue's doorbell reads 0: a value left over from an earlier queue with its ID must not read as new entries. */
+  private resetDoorbell(index: number): void {
+    this.seen[index] = 0;
+    if (this.doorbells) this.doorbells[index] = 0;
+    if (this.shadow && index >= 2) this.shadowAccess(() => this.shadow!.reset(index, 0));
   }
 
-  /** Doorbell `index` (SQ y tail: 2y, CQ y head: 2y + 1) was written with `value`. */
+  /**
+   * Doorbell Buffer Config: I/O queues' doorbells are read from `shadow`
+   * from now on, and their EventIdx published in `eventIdx`. Queues that
+   * exist already go on from where they are. Returns false when the pages
+   * are not guest memory the controller can view.
+   */
+  useShadowDoorbells(shadow: ShadowDoorbells): boolean {
+    try {
+      for (const sq of this.sqs) if (sq && sq.id > 0) shadow.reset(2 * sq.id, sq.tail);
+      for (const cq of this.cqs) if (cq && cq.id > 0) shadow.reset(2 * cq.id + 1, cq.head);
+      shadow.value(0);
+    } catch (error) {
+      if (!isDmaError(error)) throw error;
+      return false;
+    }
+    this.shadow = shadow;
+    return true;
+  }
+
+  /** Runs an access to the shadow pages; when they are no longer guest memory the controller cannot go on (CSTS.CFS). */
+  private shadowAccess<T>(access: () => T): T | undefined {
+    try {
+      return access();
+    } catch (error) {
+      if (!isDmaError(error)) throw error;
+      this.csts |= Csts.CFS;
+      return undefined;
+    }
+  }
+
+  /**
+   * Doorbell `index` (SQ y tail: 2y, CQ y head: 2y + 1) was written with
+   * `value`. With shadow doorbells an I/O queue's value is the shadow's: the
+   * write only said to look.
+   */
   ringDoorbell(index: number, value: number): void {
     if (!this.ready) return;
+    if (index >= 2 && this.shadow) {
+      const shadowed = this.shadowAccess(() => this.shadow!.value(index));
+      if (shadowed === undefined) return;
+      value = shadowed;
+    }
     const id = index >> 1;
     if (index & 1) {
       const cq = this.cqs[id];
@@ -337,24 +383,56 @@ export class NvmeController extends PciDevice {
     if (this.stopped || !this.ready || !this.attached) return;
     const cq = sq.cq;
     const command = this.command;
+    const shadow = sq.id > 0 ? this.shadow : undefined;
     let posted = false;
-    while (sq.ready && this.ready) {
-      let status: number;
-      try {
-        sq.fetch(this.dma, command);
-        status = sq.id === 0 ? executeAdmin(this, command) : executeIo(this, command);
-      } catch (error) {
-        if (!(error instanceof CommandError)) throw error;
-        status = error.status;
+    do {
+      while (sq.ready && this.ready) {
+        let status: number;
+        try {
+          sq.fetch(this.dma, command);
+          status = sq.id === 0 ? executeAdmin(this, command) : executeIo(this, command);
+        } catch (error) {
+          if (!(error instanceof CommandError)) throw error;
+          status = error.status;
+        }
+        if (status === DEFERRED) continue;
+        if (status !== Status.SUCCESS) this.logError(sq.id, command.cid, status);
+        // A queue deleted by the command it ran (or by a reset) has nowhere to complete.
+        if (this.sqs[sq.id] !== sq) return;
+        this.complete(cq, sq, command.cid, status, command.result);
+        posted = true;
       }
-      if (status === DEFERRED) continue;
-      if (status !== Status.SUCCESS) this.logError(sq.id, command.cid, status);
-      // A queue deleted by the command it ran (or by a reset) has nowhere to complete.
-      if (this.sqs[sq.id] !== sq) return;
-      this.complete(cq, sq, command.cid, status, command.result);
-      posted = true;
-    }
+    } while (shadow && this.ready && this.shadowAccess(() => this.lookAgain(sq, shadow)));
     if (posted) this.interrupt(cq);
+  }
+
+  /**
+   * With shadow doorbells, when `sq` stopped (empty, or its CQ full):
+   * publishes how far the controller got, then reads the shadow values again,
+   * since the host may have stored new ones without ringing while the old
+   * EventIdx said it need not. Returns whether there is more to run now.
+   */
+  private lookAgain(sq: SubmissionQueue, shadow: ShadowDoorbells): boolean {
+    const cq = sq.cq;
+    if (cq.full) {
+      // Ring once the head moves past what was seen; the SQ waits for it.
+      const index = 2 * cq.id + 1;
+      shadow.publish(index, cq.head);
+      const head = shadow.value(index);
+      if (head === cq.head) return false;
+      if (!cq.setHead(head)) {
+        this.invalidDoorbell(AsyncEvent.INVALID_DOORBELL_VALUE);
+        return false;
+      }
+      this.updateLevel();
+    }
+    shadow.publish(2 * sq.id, sq.tail);
+    const tail = shadow.value(2 * sq.id);
+    if (tail !== sq.tail && !sq.setTail(tail)) {
+      this.invalidDoorbell(AsyncEvent.INVALID_DOORBELL_VALUE);
+      return false;
+    }
+    return sq.ready;
   }
 
   /** Serves every queue from the doorbells held: after a migration, or polling. */
@@ -416,26 +494,20 @@ export class NvmeController extends PciDevice {
   poll(): boolean {
     const doorbells = this.doorbells;
     if (!doorbells || this.stopped || !this.ready || !this.attached) return false;
-    const seen = this.seen;
     let changed = false;
     // Heads first: a full CQ the host just drained lets its SQs go on.
-    for (const cq of this.cqs) {
-      const index = cq ? 2 * cq.id + 1 : -1;
-      if (cq && doorbells[index] !== seen[index]) {
-        seen[index] = doorbells[index];
-        this.ringDoorbell(index, seen[index]);
-        changed = true;
-      }
-    }
-    for (const sq of this.sqs) {
-      const index = sq ? 2 * sq.id : -1;
-      if (sq && doorbells[index] !== seen[index]) {
-        seen[index] = doorbells[index];
-        this.ringDoorbell(index, seen[index]);
-        changed = true;
-      }
-    }
+    for (const cq of this.cqs) if (cq && this.pollDoorbell(doorbells, 2 * cq.id + 1)) changed = true;
+    for (const sq of this.sqs) if (sq && this.pollDoorbell(doorbells, 2 * sq.id)) changed = true;
     return changed;
+  }
+
+  /** Rings doorbell `index` if its value changed: the page's, or with shadow doorbells an I/O queue's shadow. */
+  private pollDoorbell(doorbells: Uint32Array, index: number): boolean {
+    const value = index >= 2 && this.shadow ? this.shadowAccess(() => this.shadow!.value(index)) : doorbells[index];
+    if (value === undefined || value === this.seen[index]) return false;
+    this.seen[index] = value;
+    this.ringDoorbell(index, value);
+    return true;
   }
 
   /**
@@ -470,7 +542,7 @@ export class NvmeController extends PciDevice {
 
   private saveState(): Uint8Array {
     const state: SavedState = {
-      version: 1,
+      version: 2,
       registers: { cc: this.cc, csts: this.csts, aqa: this.aqa, asq: this.asq.toString(), acq: this.acq.toString(), intms: this.intms },
       features: [...this.features.values],
       ioQueues: this.features.ioQueues,
@@ -484,13 +556,14 @@ export class NvmeController extends PciDevice {
       errors: this.errors,
       errorCount: this.errorCount,
       smart: this.smart,
+      shadowDoorbells: this.shadow ? { shadow: this.shadow.shadow.toString(), eventIdx: this.shadow.eventIdx.toString() } : null,
     };
     return Buffer.from(JSON.stringify(state));
   }
 
   private loadState(data: Uint8Array): void {
     const state = JSON.parse(Buffer.from(data).toString()) as SavedState;
-    if (state.version !== 1) throw new Error(`not version-1 NVMe controller state (version ${String(state.version)})`);
+    if (state.version !== 2) throw new Error(`not version-2 NVMe controller state (version ${String(state.version)})`);
     const r = state.registers;
     const cqs: CompletionQueue[] = [];
     for (const q of state.cqs) {
@@ -519,5 +592,7 @@ export class NvmeController extends PciDevice {
     this.errors = state.errors;
     this.errorCount = state.errorCount;
     this.smart = state.smart;
+    const shadow = state.shadowDoorbells;
+    this.shadow = shadow ? new ShadowDoorbells(() => this.dma, BigInt(shadow.shadow), BigInt(shadow.eventIdx)) : undefined;
   }
 }

@@ -14,6 +14,7 @@
  *   io.ts          Read, Write, Flush, Write Zeroes, Dataset Management
  *   command.ts     submission entries, status codes, PRPs
  *   queues.ts      submission and completion rings
+ *   shadow.ts      shadow doorbells and EventIdx (Doorbell Buffer Config)
  *   store.ts       the backing file or memory
  */
 import { parseArgs } from 'node:util';
