@@ -4,8 +4,10 @@ import { existsSync, renameSync } from 'node:fs';
 import { createServer as createNetServer } from 'node:net';
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
-import { connect, Region } from '../ts/index.js';
-import { tempSocketPath, until } from './helpers.js';
+import { once } from 'node:events';
+import { Command, connect, ConnectionClosedError, Errno, Region } from '../ts/index.js';
+import { encodeMessage, encodeRegionReadRequest, encodeVersion } from '../ts/protocol/index.js';
+import { rawConnect, tempSocketPath, until } from './helpers.js';
 
 const root = join(__dirname, '..');
 const tsx = join(root, 'node_modules', '.bin', 'tsx');
@@ -148,6 +150,54 @@ describe('vfio-user serve', () => {
     }
   });
 
+  test('--allow-uid/gid/pid, --request-timeout-ms and --max-queued-bytes reach the server', async () => {
+    const socket = tempSocketPath();
+    const fixture = join(root, '__test__/fixtures/stalling-device.ts');
+    const start = (options: string[]) => {
+      const child = spawn(process.execPath, [...cli, 'serve', fixture, '--socket', socket.path, ...options], { cwd: root, stdio: ['ignore', 'ignore', 'pipe'] });
+      const out = { child, stderr: '' };
+      child.stderr.on('data', (d) => (out.stderr += d));
+      return out;
+    };
+    const stop = async (child: ReturnType<typeof spawn>) => {
+      child.kill('SIGTERM');
+      if (child.exitCode === null) await once(child, 'exit');
+    };
+    const uid = process.getuid!();
+    const refusing = start(['--allow-uid', `${uid + 1}`]);
+    try {
+      await until(() => refusing.stderr.includes('serving') || refusing.child.exitCode !== null, 15000);
+      await expect(connect(socket.path)).rejects.toThrow(ConnectionClosedError);
+      await until(() => refusing.stderr.includes('refused'), 15000);
+      expect(refusing.stderr).toContain(`vfio-user: refused a client (pid ${process.pid}): uid ${uid} is not allowed`);
+    } finally {
+      await stop(refusing.child);
+    }
+    const bounded = start([`--allow-uid=${uid + 1},${uid}`, '--allow-gid', `${process.getgid!()}`, '--allow-pid', `${process.pid}`, '--request-timeout-ms', '50', '--max-queued-bytes', '2097152']);
+    try {
+      await until(() => bounded.stderr.includes('serving') || bounded.child.exitCode !== null, 15000);
+      const client = await connect(socket.path);
+      await expect(client.regionRead(Region.BAR2, 0n, 1)).rejects.toMatchObject({ errno: Errno.ETIMEDOUT });
+      client.close();
+      await until(() => bounded.stderr.includes('client disconnected'), 15000);
+      expect(bounded.stderr).toContain('vfio-user: REGION_READ timed out; the client was answered ETIMEDOUT');
+      // A client that reads no replies: cut off past 2 MiB of them.
+      const raw = await rawConnect(socket.path);
+      raw.on('error', () => {}); // the server resets a socket it cut off with requests unread
+      raw.write(encodeMessage({ msgId: 1, command: Command.VERSION }, encodeVersion({ major: 0, minor: 2, capabilities: {} })));
+      await once(raw, 'data');
+      raw.pause();
+      const read = encodeRegionReadRequest({ offset: 0n, region: Region.BAR0, count: 1 << 20 });
+      for (let id = 2; id < 40; id++) raw.write(encodeMessage({ msgId: id, command: Command.REGION_READ }, read));
+      await until(() => bounded.stderr.includes('unread'), 15000);
+      expect(bounded.stderr).toMatch(/client disconnected \(.*left more than 2097152 bytes unread/);
+      raw.destroy();
+    } finally {
+      await stop(bounded.child);
+      socket.cleanup();
+    }
+  }, 60_000);
+
   test('--list-examples names every shipped device example', async () => {
     const { code, stdout } = await run(['serve', '--list-examples'], [join(root, 'dist/ts/cli/main.js')]);
     expect(code).toBe(0);
@@ -184,6 +234,10 @@ describe('vfio-user command line', () => {
       [['serve', '--example', 'nope', '--socket', 'x'], /no example called nope; the examples are: .*gpio/],
       [['serve', 'a.ts', '--fd=x'], /--fd wants a file descriptor/],
       [['serve', 'a.ts', '--socket', 'x', '--mode', '999'], /--mode wants octal/],
+      [['serve', 'a.ts', '--socket', 'x', '--allow-uid', '1000,me'], /--allow-uid wants a whole number from 0 to 4294967295, not me/],
+      [['serve', 'a.ts', '--socket', 'x', '--allow-gid=-1'], /--allow-gid wants a whole number/],
+      [['serve', 'a.ts', '--socket', 'x', '--request-timeout-ms', '0'], /--request-timeout-ms wants a whole number from 1 to 2147483647, not 0/],
+      [['serve', 'a.ts', '--socket', 'x', '--max-queued-bytes', '8M'], /--max-queued-bytes wants a whole number from 1/],
       [['lspci'], /give one SOCKET/],
       [['trace', '--listen', 'x'], /give both --listen PATH and --connect PATH/],
       [['trace', '--listen', 'x', '--connect', 'y', 'z'], /unexpected argument z/],

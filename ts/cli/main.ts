@@ -13,6 +13,7 @@ import { examplePath, listExamples } from './examples.js';
 import { setMessageObserver } from '../channel.js';
 import { colorFor, messageLogger } from '../debug.js';
 import { startTrace } from './trace.js';
+import { MAX_REQUEST_TIMEOUT_MS, type ServerOptions } from '../server/server.js';
 
 const Exit = { OK: 0, FAILURE: 1, USAGE: 2 } as const;
 
@@ -20,7 +21,8 @@ const EXIT_STATUS = `exit status:
   0  success (serve, trace: stopped by SIGINT or SIGTERM)
   1  failure: the module did not load or gave no device, a socket or
      protocol error, the peer refused
-  2  usage error: unknown command or option, missing or extra argument`;
+  2  usage error: unknown command or option, a bad value, missing or
+     extra argument`;
 
 /** The command line was wrong: exit 2 with a pointer to --help. */
 class CommandLineError extends Error {}
@@ -53,8 +55,8 @@ const commands: Record<string, Subcommand> = {
   serve: {
     summary: 'serve a device module (or a shipped example) on a UNIX socket',
     help: `usage:
-  vfio-user serve MODULE SOCKET-OPTION [--mode MODE] [-- ARGS...]
-  vfio-user serve --example NAME SOCKET-OPTION [--mode MODE] [-- ARGS...]
+  vfio-user serve MODULE SOCKET-OPTION [OPTIONS] [-- ARGS...]
+  vfio-user serve --example NAME SOCKET-OPTION [OPTIONS] [-- ARGS...]
   vfio-user serve --list-examples
 
 Serve a device until SIGINT or SIGTERM. MODULE is a .ts or .js file, or a
@@ -67,6 +69,20 @@ options:
       --socket-path=PATH the same, as vhost-user style backends spell it
       --fd=N             listen on the already listening socket fd N
       --mode MODE        permissions of the new socket, octal (default 0600)
+      --allow-uid UID[,UID...]
+      --allow-gid GID[,GID...]
+      --allow-pid PID[,PID...]
+                         accept only clients whose uid (gid, pid), as the
+                         kernel recorded it at connect (SO_PEERCRED), is
+                         listed; others are closed before VERSION. Each may
+                         be repeated; a client must match every one given
+      --request-timeout-ms MS
+                         answer ETIMEDOUT to a command the device has not
+                         answered within MS ms, and run the client's next
+                         commands (default: no limit)
+      --max-queued-bytes N
+                         cut off a client that leaves more than N bytes of
+                         replies unread (default 8388608)
       --example NAME     serve the example NAME shipped in the package
       --list-examples    list the shipped examples and exit
 ${VERBOSE_HELP}
@@ -81,6 +97,11 @@ ${EXIT_STATUS}`,
       'socket-path': { type: 'string' },
       fd: { type: 'string' },
       mode: { type: 'string' },
+      'allow-uid': { type: 'string', multiple: true },
+      'allow-gid': { type: 'string', multiple: true },
+      'allow-pid': { type: 'string', multiple: true },
+      'request-timeout-ms': { type: 'string' },
+      'max-queued-bytes': { type: 'string' },
       example: { type: 'string' },
       'list-examples': { type: 'boolean' },
     },
@@ -101,9 +122,10 @@ ${EXIT_STATUS}`,
       if ((path === undefined) === (fd === undefined)) throw new CommandLineError('give exactly one of --socket PATH, --socket-path=PATH, --fd=N');
       if (fd !== undefined && !(Number.isInteger(fd) && fd >= 0)) throw new CommandLineError(`--fd wants a file descriptor number, not ${values.fd}`);
       const mode = socketMode(values.mode);
+      const server = serverOptions(values);
       const module = example === undefined ? positionals[0] : examplePathOrUsage(example);
       applyVerbose(values);
-      await serve(module, path ?? { fd: fd! }, { mode, args: rest });
+      await serve(module, path ?? { fd: fd! }, { mode, args: rest, server });
     },
   },
   lspci: {
@@ -198,6 +220,30 @@ function socketMode(mode: Values[string]): number | undefined {
   if (mode === undefined) return undefined;
   if (typeof mode !== 'string' || !/^0?[0-7]{3}$/.test(mode)) throw new CommandLineError(`--mode wants octal permissions like 0660, not ${mode}`);
   return parseInt(mode, 8);
+}
+
+/** A whole number from `min` to `max` given to `--flag`. */
+function wholeNumber(flag: string, text: string, min: number, max: number): number {
+  const value = /^\d+$/.test(text) ? Number(text) : NaN;
+  if (!(value >= min && value <= max)) throw new CommandLineError(`--${flag} wants a whole number from ${min} to ${max}, not ${text}`);
+  return value;
+}
+
+/** The server's hardening options: --allow-uid/gid/pid, --request-timeout-ms, --max-queued-bytes. */
+function serverOptions(values: Values): ServerOptions {
+  const options: ServerOptions = {};
+  const ids = (flag: string) => {
+    const given = values[flag] as string[] | undefined;
+    // Any id the kernel can report: uid_t, gid_t and pid_t fit 32 bits.
+    return given?.flatMap((list) => list.split(',')).map((id) => wholeNumber(flag, id, 0, 0xffffffff));
+  };
+  const peers = Object.entries({ uids: ids('allow-uid'), gids: ids('allow-gid'), pids: ids('allow-pid') }).filter(([, list]) => list !== undefined);
+  if (peers.length > 0) options.allowedPeers = Object.fromEntries(peers);
+  const timeout = values['request-timeout-ms'] as string | undefined;
+  if (timeout !== undefined) options.requestTimeoutMs = wholeNumber('request-timeout-ms', timeout, 1, MAX_REQUEST_TIMEOUT_MS);
+  const queued = values['max-queued-bytes'] as string | undefined;
+  if (queued !== undefined) options.maxQueuedBytes = wholeNumber('max-queued-bytes', queued, 1, Number.MAX_SAFE_INTEGER);
+  return options;
 }
 
 function examplePathOrUsage(name: string): string {

@@ -2,7 +2,7 @@
 import { existsSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { createServer } from '../server/server.js';
+import { createServer, type ServerOptions } from '../server/server.js';
 import { UsageError } from '../errors.js';
 import { commandName } from '../protocol/index.js';
 import type { DeviceFactory, VfioUserDevice } from '../device.js';
@@ -60,12 +60,16 @@ export interface ServeOptions {
   mode?: number;
   /** Passed to the module's factory: the command line after `--`. */
   args?: string[];
+  /** Who may connect, deadlines and bounds (docs/security.md). */
+  server?: ServerOptions;
 }
 
 export async function serve(file: string, socket: string | { fd: number }, options: ServeOptions = {}): Promise<void> {
   const device = await loadDevice(file, options.args);
-  const server = createServer(device);
+  const server = createServer(device, options.server);
   server.on('connection', () => console.error('vfio-user: client connected'));
+  server.on('connectionRefused', (peer, reason) => console.error(`vfio-user: refused a client (pid ${peer.pid}): ${reason}`));
+  server.on('requestTimeout', (command) => console.error(`vfio-user: ${commandName(command)} timed out; the client was answered ETIMEDOUT`));
   server.on('disconnect', (_s, error) => console.error(`vfio-user: client disconnected${error ? ` (${error.message})` : ''}`));
   server.on('deviceError', (error, command) => console.error(`vfio-user: device error in ${commandName(command)}: ${error.stack ?? error.message}`));
   await server.listen(socket, { mode: options.mode });

@@ -13,8 +13,8 @@ import { ServerSession, type SessionOptions } from './session.js';
 
 /** How long to wait before accepting again after a failed accept. */
 const ACCEPT_RETRY_MS = 100;
-/** The longest delay setTimeout honours (2^31 - 1 ms). */
-const MAX_TIMEOUT_MS = 0x7fffffff;
+/** The longest `requestTimeoutMs`: the longest delay setTimeout honours (2^31 - 1 ms). */
+export const MAX_REQUEST_TIMEOUT_MS = 0x7fffffff;
 
 export interface ServerOptions {
   /**
@@ -195,8 +195,8 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
 
 function checkOptions(options: ServerOptions): void {
   const { requestTimeoutMs, maxQueuedBytes, allowedPeers } = options;
-  if (requestTimeoutMs !== undefined && !(Number.isInteger(requestTimeoutMs) && requestTimeoutMs > 0 && requestTimeoutMs <= MAX_TIMEOUT_MS)) {
-    throw new UsageError(`requestTimeoutMs ${requestTimeoutMs} is not a whole number of ms between 1 and ${MAX_TIMEOUT_MS}`);
+  if (requestTimeoutMs !== undefined && !(Number.isInteger(requestTimeoutMs) && requestTimeoutMs > 0 && requestTimeoutMs <= MAX_REQUEST_TIMEOUT_MS)) {
+    throw new UsageError(`requestTimeoutMs ${requestTimeoutMs} is not a whole number of ms between 1 and ${MAX_REQUEST_TIMEOUT_MS}`);
   }
   if (maxQueuedBytes !== undefined && (!Number.isSafeInteger(maxQueuedBytes) || maxQueuedBytes <= 0)) {
     throw new UsageError(`maxQueuedBytes ${maxQueuedBytes} is not a positive integer`);
