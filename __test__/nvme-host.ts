@@ -1,8 +1,9 @@
 /**
  * A small NVMe host driver over the package's client, for the NVMe tests and
  * the bench: guest memory shared by memfd, MSI-X wired to eventfds, doorbells
- * rung through the mapped page when the device offers one (else posted
- * REGION_WRITEs), completions reaped by phase tag as a polling driver does.
+ * rung through the mapped page when the device offers one, else through the
+ * ioeventfds it offers (as KVM would signal them), else by posted
+ * REGION_WRITEs; completions reaped by phase tag as a polling driver does.
  * After shadowDoorbells() it rings I/O queues as Linux does with Doorbell
  * Buffer Config: the value goes to the shadow page, and the register is
  * written only when the value passes the controller's EventIdx.
@@ -71,6 +72,8 @@ export class NvmeHost {
   private closed = false;
   /** While set, completions stay in their CQs unconsumed (a slow host). */
   hold = false;
+  /** How many doorbells the device's ioeventfds take (the client signals them instead of sending writes). */
+  ioeventfds = 0;
   /** Doorbell writes that reached the register, and those the EventIdx let the host skip. */
   readonly rings = { written: 0, skipped: 0 };
   /** The shadow doorbell and EventIdx pages, as doorbell-indexed words. */
@@ -103,6 +106,7 @@ export class NvmeHost {
       }
       native.closeFd(info.fd);
     }
+    this.ioeventfds = (await client.wireIoEventfds(Region.BAR0)).length;
     // Memory decoding and bus mastering on, then MSI-X, as a guest's PCI core does.
     const config = await client.regionRead(Region.CONFIG, 0n, 256);
     let msix = config[0x34];

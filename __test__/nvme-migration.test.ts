@@ -25,13 +25,13 @@ async function serveImage(doorbells: string): Promise<Served<NvmeController>> {
   return s;
 }
 
-describe.each(['mmap', 'trap', 'trap+shadow'])('with %s doorbells', (setup) => {
+describe.each(['mmap', 'trap', 'trap+shadow', 'ioeventfd'])('with %s doorbells', (setup) => {
   test('I/O continues on the destination, with a command rung while the source was stopped', async () => {
     const [doorbells, shadow] = setup.split('+');
     const source = await serveImage(doorbells);
     const h = (host = await NvmeHost.attach(await source.client()));
     expect((await h.enable()) & Csts.RDY).toBe(Csts.RDY);
-    if (shadow) expect((await h.shadowDoorbells()).status).toBe(0);
+    if (shadow || doorbells === 'ioeventfd') expect((await h.shadowDoorbells()).status).toBe(0);
     expect((await h.admin({ opcode: 0x09, cdw10: 0x08, cdw11: 0x0a05 })).status).toBe(0); // interrupt coalescing
     expect((await h.createIoQueuePair(1, 16)).map((c) => c.status)).toEqual([0, 0]);
     const before = h.alloc(PAGE);

@@ -39,7 +39,7 @@ afterEach(async () => {
 const imagePath = () => join(dir.path, '..', 'disk.img');
 
 /** How the host rings: the controller's doorbell mode, and whether it uses shadow doorbells (Doorbell Buffer Config) as Linux does. */
-type Setup = 'mmap' | 'trap' | 'mmap+shadow' | 'trap+shadow';
+type Setup = 'mmap' | 'trap' | 'mmap+shadow' | 'trap+shadow' | 'ioeventfd';
 
 /** Serves the module's default export as `vfio-user serve` would, and brings up a host with one I/O queue pair. */
 async function bringUp(setup: Setup, ioEntries = 64): Promise<NvmeHost> {
@@ -47,7 +47,8 @@ async function bringUp(setup: Setup, ioEntries = 64): Promise<NvmeHost> {
   served = await serve(createDevice(['--image', imagePath(), '--size', String(IMAGE_SIZE), '--doorbells', doorbells]));
   host = await NvmeHost.attach(await served.client());
   expect((await host.enable()) & Csts.RDY).toBe(Csts.RDY);
-  if (shadow) expect((await host.shadowDoorbells()).status).toBe(S.SUCCESS);
+  // ioeventfds carry no value: that mode needs shadow doorbells.
+  if (shadow || doorbells === 'ioeventfd') expect((await host.shadowDoorbells()).status).toBe(S.SUCCESS);
   const [cq, sq] = await host.createIoQueuePair(1, ioEntries);
   expect([cq.status, sq.status]).toEqual([S.SUCCESS, S.SUCCESS]);
   return host;
@@ -76,10 +77,12 @@ async function io(h: NvmeHost, op: number, lba: number, data: Buffer | number, o
   return { c, data: h.gather(pages, offset, length) };
 }
 
-describe.each(['mmap', 'trap', 'mmap+shadow', 'trap+shadow'] as const)('with %s doorbells', (mode) => {
+describe.each(['mmap', 'trap', 'mmap+shadow', 'trap+shadow', 'ioeventfd'] as const)('with %s doorbells', (mode) => {
   test('bring-up: registers, Identify controller and namespace, NS list and descriptors', async () => {
     const h = await bringUp(mode);
     expect(h.mappedDoorbells).toBe(mode.startsWith('mmap'));
+    // The client takes 16 fds a message: queues 1-8's doorbells (the rest trap into the same eventfds).
+    expect(h.ioeventfds).toBe(mode === 'ioeventfd' ? 16 : 0);
     expect(await h.reg32(Register.VS)).toBe(0x00010400);
     const capHigh = await h.reg32(Register.CAP + 4);
     expect(capHigh & 0x20).toBeTruthy(); // CSS: NVM command set
@@ -139,11 +142,14 @@ describe.each(['mmap', 'trap', 'mmap+shadow', 'trap+shadow'] as const)('with %s 
 });
 
 describe('shadow doorbells and EventIdx (Doorbell Buffer Config)', () => {
-  test.each(['trap', 'mmap'] as const)('%s: a burst of submissions writes the register once; EventIdx follows the controller', async (mode) => {
-    const h = await bringUp(mode);
+  test.each(['trap', 'mmap', 'ioeventfd'] as const)('%s: a burst of submissions writes the register once; EventIdx follows the controller', async (mode) => {
+    served = await serve(createDevice(['--image', imagePath(), '--size', String(IMAGE_SIZE), '--doorbells', mode]));
+    const h = (host = await NvmeHost.attach(await served.client()));
+    expect((await h.enable()) & Csts.RDY).toBe(Csts.RDY);
     const shadowPage = h.alloc(PAGE);
     const eventIdxPage = h.alloc(PAGE);
     expect((await h.shadowDoorbells(shadowPage, eventIdxPage)).status).toBe(S.SUCCESS);
+    expect((await h.createIoQueuePair(1, 64)).map((c) => c.status)).toEqual([S.SUCCESS, S.SUCCESS]);
     const before = { ...h.rings };
     // Eight submissions in one turn of the loop: the first passes EventIdx 0, the rest do not.
     const writes = await Promise.all(Array.from({ length: 8 }, (_, i) => io(h, Op.WRITE, 8 * i, pattern(4096, 200 + i))));
@@ -175,6 +181,22 @@ describe('shadow doorbells and EventIdx (Doorbell Buffer Config)', () => {
     expect(h.read(served!.device.shadow!.eventIdx + 20n, 4).readUInt32LE(0)).toBe(2); // CQ 2: ring once the head passes 2
     h.hold = false;
     expect((await Promise.all(reads)).map((c) => c.status)).toEqual(new Array(5).fill(S.SUCCESS));
+  });
+
+  test('ioeventfd: I/O queues wait for Doorbell Buffer Config (a signal has no value); an ioeventfd past the 16 wired traps into the same path', async () => {
+    served = await serve(createDevice(['--size', '1M', '--doorbells', 'ioeventfd']));
+    const h = (host = await NvmeHost.attach(await served.client()));
+    expect((await h.enable()) & Csts.RDY).toBe(Csts.RDY);
+    expect((await h.createIoQueuePair(1, 16)).map((c) => c.status)).toEqual([S.COMMAND_SEQUENCE_ERROR, S.COMMAND_SEQUENCE_ERROR]);
+    expect((await h.shadowDoorbells()).status).toBe(S.SUCCESS);
+    expect((await h.createIoQueuePair(1, 16)).map((c) => c.status)).toEqual([S.SUCCESS, S.SUCCESS]);
+    // Queue 12's doorbells are not among the client's 16 fds: its writes go as messages, which the library signals.
+    expect((await h.createIoQueuePair(12, 16)).map((c) => c.status)).toEqual([S.SUCCESS, S.SUCCESS]);
+    const page = h.alloc(PAGE);
+    h.write(page, pattern(4096, 9));
+    expect((await h.submit(12, { opcode: Op.WRITE, nsid: 1, prp1: page, cdw10: 0, cdw12: 7 })).status).toBe(S.SUCCESS);
+    expect((await h.submit(1, { opcode: Op.READ, nsid: 1, prp1: page + BigInt(PAGE / 2), cdw10: 0, cdw12: 0 })).status).toBe(S.SUCCESS);
+    expect(h.read(page + BigInt(PAGE / 2), 512)).toEqual(pattern(4096, 9).subarray(0, 512));
   });
 
   test('bad pages: unaligned is Invalid Field, outside guest memory a Data Transfer Error; I/O goes on by register', async () => {

@@ -128,6 +128,35 @@ describe('trapped writes', () => {
   });
 });
 
+describe('a client that wires them (VfioUserClient.wireIoEventfds)', () => {
+  test('matching writes signal the eventfd at once and send nothing; others still go as REGION_WRITE', async () => {
+    const writes: [number, number[]][] = [];
+    served = await serve(kickable((offset, data) => { writes.push([offset, [...data]]); }));
+    const unconnected = openFdCount();
+    const client = await served.client();
+    const connected = openFdCount();
+    const wired = await client.wireIoEventfds(Region.BAR0);
+    expect(wired.map((e) => [e.offset, e.size, e.datamatch])).toEqual([[0x10n, 4n, 0n], [0x20n, 2n, 1n], [0x20n, 2n, 2n]]);
+    expect(openFdCount()).toBe(connected + 3);
+    const [doorbell, one, two] = served.device.bar(0).ioeventfds;
+    // Signalled before regionWrite returns: no message could have been served yet.
+    void client.regionWrite(Region.BAR0, 0x10n, Buffer.from([7, 0, 0, 0]), { posted: true });
+    void client.regionWrite(Region.BAR0, 0x20n, Buffer.from([2, 0]), { posted: true });
+    expect([doorbell.take(), one.take(), two.take()]).toEqual([1, 0, 1]);
+    // Another value or size is no match: a message, which reaches the BAR's handler.
+    await client.regionWrite(Region.BAR0, 0x20n, Buffer.from([3, 0]));
+    await client.regionWrite(Region.BAR0, 0x10n, Buffer.from([7, 0]));
+    expect(writes).toEqual([[0x20, [3, 0]], [0x10, [7, 0]]]);
+    // Wiring again replaces the routes; a region without ioeventfds wires none; close() frees the fds.
+    await client.wireIoEventfds(Region.BAR0);
+    expect(await client.wireIoEventfds(Region.BAR1)).toEqual([]);
+    expect(openFdCount()).toBe(connected + 3);
+    client.close();
+    await until(() => served!.server.session === undefined);
+    expect(openFdCount()).toBe(unconnected);
+  });
+});
+
 describe("'signal' events on the event loop", () => {
   test('a kick wakes a listener with the count; paused, the count stays for take(); no listener, no watch', async () => {
     served = await serve(kickable());

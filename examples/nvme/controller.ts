@@ -8,7 +8,7 @@
  *   0x1000 doorbells: SQ y tail at 0x1000 + 8y, CQ y head at 0x1000 + 8y + 4 (CAP.DSTRD 0)
  *   0x2000 MSI-X table (32 vectors), 0x3000 PBA, trapped and emulated by the library
  *
- * Doorbells either way the description allows:
+ * Doorbells in one of three ways:
  * - 'mmap': the doorbell page is shared memory the client may map, so a guest
  *   rings doorbells with plain stores, no exit. Nothing signals such a store,
  *   so the controller polls the page every millisecond: batches at depth, but
@@ -16,9 +16,17 @@
  * - 'trap' (the default): the page is trapped; every doorbell write arrives
  *   as a REGION_WRITE (which QEMU posts, without waiting for a reply, as long
  *   as no region of the device is mappable) and is handled at once.
- * Either way a host may also set up shadow doorbells (Doorbell Buffer
- * Config, shadow.ts), as Linux does: I/O queues' values are then read from
- * the shadow page, and the host writes the register only when EventIdx asks.
+ * - 'ioeventfd': each I/O queue's two doorbells have an ioeventfd, which a
+ *   VMM has KVM signal on a guest write (GET_REGION_IO_FDS), with no message
+ *   and no exit to the VMM; the controller wakes on the eventfd. A signal
+ *   carries no value, so the values come from shadow doorbells: I/O queues
+ *   can be created only after Doorbell Buffer Config (Command Sequence Error
+ *   before). The admin queue's doorbells stay trapped: Linux never shadows
+ *   them. A VMM that does not wire the ioeventfds (QEMU 10.2) sends the
+ *   writes as messages, which the library turns into the same signals.
+ * In every mode a host may set up shadow doorbells (Doorbell Buffer Config,
+ * shadow.ts), as Linux does: I/O queues' values are then read from the
+ * shadow page, and the host writes the register only when EventIdx asks.
  */
 import { randomBytes } from 'node:crypto';
 import { PciDevice } from 'vfio-user';
@@ -79,7 +87,7 @@ interface SavedState {
   shadowDoorbells: { shadow: string; eventIdx: string } | null;
 }
 
-export type DoorbellMode = 'mmap' | 'trap';
+export type DoorbellMode = 'mmap' | 'trap' | 'ioeventfd';
 
 export interface NvmeOptions {
   store: BackingStore;
@@ -137,6 +145,8 @@ export class NvmeController extends PciDevice {
           size: BAR_SIZE,
           width: 64,
           ...(mode === 'mmap' ? { shared: true, mmap: [{ offset: DOORBELLS, size: 0x1000 }] } : {}),
+          // Queue 1's SQ tail and CQ head first: a client taking few fds gets the first queues' (the rest trap into the same eventfds).
+          ...(mode === 'ioeventfd' ? { ioeventfds: Array.from({ length: 2 * MAX_IO_QUEUES }, (_, i) => ({ offset: DOORBELLS + 4 * (i + 2), size: 4 as const })) } : {}),
           read: (offset, size) => this.readRegisters(offset, size),
           write: (offset, data) => this.writeBar(offset, data),
         },
@@ -159,6 +169,8 @@ export class NvmeController extends PciDevice {
     this.doorbellMode = mode;
     const bar = this.bar(0).bytes;
     this.doorbells = mode === 'mmap' ? new Uint32Array(bar!.buffer, bar!.byteOffset + DOORBELLS, 1024) : undefined;
+    // Doorbell 2 + i: the value is in the shadow page.
+    this.bar(0).ioeventfds.forEach((kick, i) => kick.on('signal', () => this.ringDoorbell(i + 2)));
     this.serial = (options.serial ?? randomBytes(6).toString('hex')).slice(0, 20);
     this.nguid = Buffer.concat([Buffer.from('vfio-user'), Buffer.from(this.serial.padEnd(7, ' ').slice(0, 7))]);
   }
@@ -265,6 +277,8 @@ export class NvmeController extends PciDevice {
     this.features.reset();
     this.csts &= Csts.NSSRO;
     this.shadow = undefined;
+    // Kicks for queues that are gone.
+    for (const kick of this.bar(0).ioeventfds) kick.take();
     this.doorbells?.fill(0);
     this.seen.fill(0);
     this.updateLevel();
@@ -347,10 +361,11 @@ export class NvmeController extends PciDevice {
 
   /**
    * Doorbell `index` (SQ y tail: 2y, CQ y head: 2y + 1) was written with
-   * `value`. With shadow doorbells an I/O queue's value is the shadow's: the
-   * write only said to look.
+   * `value`, or signalled through its ioeventfd (no value). With shadow
+   * doorbells an I/O queue's value is the shadow's: the write only said to
+   * look. (In 'ioeventfd' mode I/O queues exist only with shadow doorbells.)
    */
-  ringDoorbell(index: number, value: number): void {
+  ringDoorbell(index: number, value = 0): void {
     if (!this.ready) return;
     if (index >= 2 && this.shadow) {
       const shadowed = this.shadowAccess(() => this.shadow!.value(index));

@@ -3,7 +3,7 @@
  * stock Linux guest binds, formats and benchmarks. `vfio-user serve` loads
  * this folder; arguments after `--` reach the default export:
  *
- *   vfio-user serve examples/nvme --socket /tmp/nvme.sock -- --image disk.img [--size 1G] [--doorbells trap|mmap] [--serial SN]
+ *   vfio-user serve examples/nvme --socket /tmp/nvme.sock -- --image disk.img [--size 1G] [--doorbells trap|mmap|ioeventfd] [--serial SN]
  *
  * `--image FILE` is a raw image, created sparse at `--size` (default 1 GiB)
  * when missing; without it the namespace lives in memory (`--size` bytes).
@@ -26,6 +26,8 @@ import { FileStore, MemoryStore } from './store.js';
 export { NvmeController, type DoorbellMode, type NvmeOptions } from './controller.js';
 export { FileStore, MemoryStore, type BackingStore } from './store.js';
 
+const DOORBELL_MODES: readonly DoorbellMode[] = ['trap', 'mmap', 'ioeventfd'];
+
 const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
 
 /** "1G", "512M", "1048576": bytes, a whole number of blocks. */
@@ -45,7 +47,7 @@ export default function createDevice(args: readonly string[] = []): NvmeControll
     options: { image: { type: 'string' }, size: { type: 'string', default: '1G' }, doorbells: { type: 'string', default: 'trap' }, serial: { type: 'string' } },
     strict: true,
   });
-  if (values.doorbells !== 'mmap' && values.doorbells !== 'trap') throw new UsageError(`--doorbells ${values.doorbells}: expected mmap or trap`);
+  if (!DOORBELL_MODES.includes(values.doorbells as DoorbellMode)) throw new UsageError(`--doorbells ${values.doorbells}: expected ${DOORBELL_MODES.join(', ')}`);
   const size = parseSize(values.size);
   const store = values.image ? new FileStore(values.image, size) : new MemoryStore(size);
   const controller = new NvmeController({ store, doorbells: values.doorbells as DoorbellMode, serial: values.serial });

@@ -45,12 +45,16 @@ import {
   encodeSetIrqsRequest,
   encodeVersion,
   Errno,
+  ioeventfdMatches,
+  IoFdType,
+  KvmIoeventfdFlags,
   ProtocolError,
   REGION_INFO_SIZE,
   REGION_IO_FDS_SIZE,
   SetIrqsFlags,
   type DeviceFeature,
   type DeviceInfo,
+  type IoFdEntry,
   type IrqInfo,
   type RegionInfo,
   type RegionIoFdsReply,
@@ -111,6 +115,14 @@ interface ClientWindow {
   writable: boolean;
 }
 
+/** An ioeventfd the client signals instead of sending matching REGION_WRITEs (wireIoEventfds). */
+interface IoEventfdRoute {
+  offset: number;
+  size: number;
+  datamatch: bigint | undefined;
+  eventfd: InstanceType<typeof native.NativeEventfd>;
+}
+
 export interface VfioUserClientEvents {
   /** The connection ended; `error` when it was not a clean close by the server. */
   close: [error?: Error];
@@ -121,6 +133,8 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   /** The twin socket, once the server agreed to one. */
   private twin: Channel | undefined;
   private readonly windows: ClientWindow[] = [];
+  /** Per region index, the ioeventfds that take matching writes. */
+  private readonly ioEventfds = new Map<number, IoEventfdRoute[]>();
   private serverVersion: Version | undefined;
   readonly timeoutMs: number;
   readonly maxDataXferSize: number;
@@ -273,6 +287,42 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     }
   }
 
+  /**
+   * Does with GET_REGION_IO_FDS what a VMM does with KVM: from now on a
+   * write to `region` that one of its ioeventfds matches (same offset; its
+   * size, or any size for 0; its datamatch, if it has one) signals that
+   * eventfd instead of going out as a REGION_WRITE, and the value written is
+   * not sent. Replaces what an earlier call wired for the region. Only
+   * ioeventfd entries are wired (ioregionfds and shadow ioeventfds need
+   * kernel support this client does not stand in for: their writes stay
+   * messages, and their fds are closed). Returns the entries wired.
+   */
+  async wireIoEventfds(region: number): Promise<IoFdEntry[]> {
+    const reply = await this.getRegionIoFds(region);
+    this.unwireIoEventfds(region);
+    const wired: IoFdEntry[] = [];
+    const routes: IoEventfdRoute[] = [];
+    // One owner per fd, however many entries share it.
+    const eventfds = new Map<number, IoEventfdRoute['eventfd']>();
+    for (const entry of reply.entries) {
+      const fd = reply.fds[entry.fdIndex];
+      if (entry.type !== IoFdType.IOEVENTFD || fd === undefined) continue;
+      let eventfd = eventfds.get(fd);
+      if (!eventfd) eventfds.set(fd, (eventfd = native.NativeEventfd.fromFd(fd)));
+      const datamatch = entry.flags & KvmIoeventfdFlags.DATAMATCH ? entry.datamatch : undefined;
+      routes.push({ offset: Number(entry.offset), size: Number(entry.size), datamatch, eventfd });
+      wired.push(entry);
+    }
+    closeFds(reply.fds.filter((fd) => !eventfds.has(fd)));
+    if (routes.length > 0) this.ioEventfds.set(region, routes);
+    return wired;
+  }
+
+  private unwireIoEventfds(region: number): void {
+    for (const eventfd of new Set(this.ioEventfds.get(region)?.map((r) => r.eventfd))) eventfd.close();
+    this.ioEventfds.delete(region);
+  }
+
   /** Reads `count` bytes, split at the server's max_data_xfer_size. */
   async regionRead(region: number, offset: bigint, count: number): Promise<Buffer> {
     if (count <= this.chunk) return this.readChunk(region, offset, count);
@@ -290,8 +340,14 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     return data.data;
   }
 
-  /** Writes `data`; `posted` sends it with No_reply (QEMU's default for BAR writes). */
+  /**
+   * Writes `data`; `posted` sends it with No_reply (QEMU's default for BAR
+   * writes). A write an ioeventfd wired by wireIoEventfds matches signals it
+   * instead, before this returns.
+   */
   async regionWrite(region: number, offset: bigint, data: Uint8Array, options: { posted?: boolean } = {}): Promise<void> {
+    const route = this.ioEventfds.get(region)?.find((r) => ioeventfdMatches(r.offset, r.size, r.datamatch, Number(offset), data));
+    if (route) return route.eventfd.signal();
     for (let done = 0; done < data.length || done === 0; done += this.chunk) {
       const part = data.subarray(done, done + this.chunk);
       const payload = encodeRegionWriteRequest({ offset: offset + BigInt(done), region }, part);
@@ -397,6 +453,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     this.channel.close('the client closed the connection');
     this.twin?.close('the client closed the connection');
     this.windows.length = 0;
+    for (const region of [...this.ioEventfds.keys()]) this.unwireIoEventfds(region);
   }
 
   // ---- DMA_READ / DMA_WRITE from the server ----

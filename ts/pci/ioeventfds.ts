@@ -5,7 +5,7 @@
  */
 import { EventEmitter } from 'node:events';
 import { native } from '../native.js';
-import { KvmIoeventfdFlags } from '../protocol/index.js';
+import { ioeventfdMatches, KvmIoeventfdFlags } from '../protocol/index.js';
 import type { RegionIoFd } from '../device.js';
 import { InvalidDeviceError, type BarArea, type IoEventfdDescription } from './description.js';
 
@@ -114,8 +114,7 @@ export class IoEventfd extends EventEmitter<IoEventfdEvents> {
 
   /** Whether KVM would have turned this write into a signal. */
   matches(offset: number, data: Buffer): boolean {
-    if (offset !== this.offset || (this.size !== 0 && data.length !== this.size)) return false;
-    return this.datamatch === undefined || littleEndian(data) === this.datamatch;
+    return ioeventfdMatches(this.offset, this.size, this.datamatch, offset, data);
   }
 
   signal(): void {
@@ -132,10 +131,4 @@ export class IoEventfd extends EventEmitter<IoEventfdEvents> {
     this.eventfd.close();
     this.watching = false;
   }
-}
-
-function littleEndian(bytes: Uint8Array): bigint {
-  let value = 0n;
-  for (let i = bytes.length - 1; i >= 0; i--) value = (value << 8n) | BigInt(bytes[i]);
-  return value;
 }

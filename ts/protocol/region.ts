@@ -293,6 +293,20 @@ export function decodeRegionIoFdsReply(payload: Buffer): RegionIoFdsReply {
   return { ...h, entries };
 }
 
+/**
+ * Whether KVM signals an ioeventfd at `at` of `size` bytes (0: any size)
+ * for a write of `data` at `offset`: the same offset, that size, and, with
+ * a `datamatch`, that little-endian value. Devices and clients both decide
+ * with it which writes an ioeventfd takes.
+ */
+export function ioeventfdMatches(at: number, size: number, datamatch: bigint | undefined, offset: number, data: Uint8Array): boolean {
+  if (offset !== at || (size !== 0 && data.length !== size)) return false;
+  if (datamatch === undefined) return true;
+  let value = 0n;
+  for (let i = data.length - 1; i >= 0; i--) value = (value << 8n) | BigInt(data[i]);
+  return value === datamatch;
+}
+
 // ---- REGION_READ (9) / REGION_WRITE (10) ----
 
 export const REGION_ACCESS_SIZE = 16;
