@@ -1,7 +1,10 @@
 /** The client against our server: the commands the GPIO card does not support, timeouts, closing. */
+import { once } from 'node:events';
 import { createServer as createNetServer } from 'node:net';
+import { constants as os } from 'node:os';
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, connect, ConnectionClosedError, Errno, PciDevice, protocol, Region, TimeoutError, TooManyRequestsError } from '../ts/index.js';
+import { Command, connect, ConnectionClosedError, Errno, PciDevice, protocol, Region, TimeoutError, TooManyRequestsError, VfioUserClient } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { serve, tempSocketPath, type Served } from './helpers.js';
 
 let served: Served;
@@ -62,5 +65,19 @@ describe('client', () => {
     const socket = tempSocketPath();
     await expect(connect(socket.path)).rejects.toThrow(/ENOENT|E2:/);
     socket.cleanup();
+  });
+
+  test('a server that drops the connection with our request unread: the errno and the waiting command are named', async () => {
+    const [serverEnd, clientEnd] = native.socketPair();
+    const client = new VfioUserClient(clientEnd);
+    const closed = once(client, 'close');
+    const request = client.getDeviceInfo().then(() => undefined, (e: ConnectionClosedError) => e);
+    native.closeFd(serverEnd); // the request is still in its receive queue: ECONNRESET
+    const error = (await request)!;
+    expect(error).toBeInstanceOf(ConnectionClosedError);
+    expect(error.message).toBe('DEVICE_GET_INFO: connection lost: ECONNRESET (connection reset by peer)');
+    expect([error.errno, error.command]).toEqual([os.errno.ECONNRESET, Command.DEVICE_GET_INFO]);
+    const [reported] = (await closed) as [ConnectionClosedError];
+    expect([reported.message, reported.errno]).toEqual(['connection lost: ECONNRESET (connection reset by peer)', os.errno.ECONNRESET]);
   });
 });

@@ -1,10 +1,12 @@
 /** Server lifecycle: the socket file, one client at a time, state across clients. */
-import { existsSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readSync, renameSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { afterEach, describe, expect, test } from 'vitest';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { createServer as createNetServer } from 'node:net';
-import { Command, connect, createServer, DmaSpaceClosedError, Errno, GuestMemory, PciDevice, protocol, Region, UsageError } from '../ts/index.js';
+import { once } from 'node:events';
+import { constants as os } from 'node:os';
+import { Command, connect, ConnectionClosedError, createServer, DmaSpaceClosedError, Errno, GuestMemory, PciDevice, protocol, Region, UsageError } from '../ts/index.js';
 import { native } from '../ts/native.js';
 import { PciIdio16 } from '../examples/gpio.js';
 import { nextMessage, qemuVersion, rawConnect, rawMessage, serve, tempSocketPath, until, type Served } from './helpers.js';
@@ -131,6 +133,32 @@ describe('clients', () => {
     s.write(Buffer.concat([rawMessage({ msgId: 2, command: Command.REGION_READ }, read), rawMessage({ msgId: 3, command: Command.REGION_WRITE }, write7)]));
     const reply = await nextMessage(s);
     expect([reply.readUInt16LE(0), reply.readUInt16LE(2), reply.readUInt32LE(8)]).toEqual([2, Command.REGION_READ, 1]);
+  });
+});
+
+describe('a client that drops the connection', () => {
+  test('with replies unread: the disconnect names the errno, not the poll that saw it', async () => {
+    // A plain-memory BAR: its reads are answered natively, counted by the session.
+    served = await serve(new PciDevice({ vendorId: 0x1234, deviceId: 0x5678, classCode: 0, bars: { 0: { kind: 'memory', size: 4096 } } })) as unknown as Served;
+    const disconnected = once(served.server, 'disconnect');
+    // A bare fd: a Node socket would read ahead into its own buffer even when paused.
+    const fd = native.connectUnix(served.path);
+    writeSync(fd, qemuVersion());
+    const versionReply = Buffer.alloc(4096);
+    await until(() => {
+      try {
+        return readSync(fd, versionReply) > 0;
+      } catch (error) {
+        if ((error as { code?: string }).code === 'EAGAIN') return false;
+        throw error;
+      }
+    });
+    writeSync(fd, rawMessage({ msgId: 2, command: Command.REGION_READ }, protocol.encodeRegionReadRequest({ offset: 0n, region: Region.BAR0, count: 4 })));
+    await until(() => served.server.session!.nativeReads === 1);
+    native.closeFd(fd); // the reply is still in its receive queue: ECONNRESET
+    const [, error] = (await disconnected) as [unknown, ConnectionClosedError];
+    expect(error).toBeInstanceOf(ConnectionClosedError);
+    expect([error.message, error.errno]).toEqual(['connection lost: ECONNRESET (connection reset by peer)', os.errno.ECONNRESET]);
   });
 });
 

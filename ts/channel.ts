@@ -5,7 +5,7 @@
  * arrives until the owner takes it. Used by the server and the client alike.
  */
 import { markAsUntransferable } from 'node:worker_threads';
-import { closeFds, native, type NativeConnection, type NativeRegionReads } from './native.js';
+import { closeFds, describeFailure, errnoOf, native, type NativeConnection, type NativeRegionReads } from './native.js';
 import { debugRequested, messageLogger } from './debug.js';
 import type { Side } from './protocol/describe.js';
 import { ConnectionClosedError, PeerProtocolError, TimeoutError, TooManyRequestsError } from './errors.js';
@@ -85,6 +85,11 @@ export function setMessageObserver(next: MessageObserver | undefined): void {
 /** Frames larger than this are refused before negotiation raises the limit. */
 export const INITIAL_MAX_FRAME = 1024 * 1024 + 4096;
 
+/** The connection broke: the errno (and what broke, when the errno alone does not say it). */
+function lost(errno: number | undefined, reason: string | undefined): ConnectionClosedError {
+  return new ConnectionClosedError(`connection lost: ${describeFailure(errno, reason)}`, { errno });
+}
+
 /** msg_id is 16 bits. */
 const MAX_MSG_ID = 0xffff;
 
@@ -117,7 +122,11 @@ export class Channel {
         }
         return this.receive(Buffer.from(buffer, offset, length), fds ?? [], truncated);
       },
-      (error) => this.ended(new ConnectionClosedError(error ? `connection lost: ${error}` : 'the peer closed the connection'), error !== undefined),
+      (reason, errno) => {
+        const failed = reason !== undefined || errno !== undefined;
+        const error = failed ? lost(errno, reason) : new ConnectionClosedError('the peer closed the connection');
+        this.ended(error, failed);
+      },
     );
   }
 
@@ -195,9 +204,10 @@ export class Channel {
       } catch (error) {
         this.pending.delete(msgId);
         clearTimeout(entry.timer);
-        reject(new ConnectionClosedError(`${commandName(command)}: ${(error as Error).message}`));
+        const errno = errnoOf(error);
+        reject(new ConnectionClosedError(`${commandName(command)}: ${describeFailure(errno, (error as Error).message)}`, { errno, command }));
         // A peer cut off for not reading: the native side already let go of it.
-        if (this.conn.closed) this.ended(new ConnectionClosedError(`connection lost: ${(error as Error).message}`), true);
+        if (this.conn.closed) this.ended(lost(errno, (error as Error).message), true);
       }
     });
   }
@@ -238,7 +248,7 @@ export class Channel {
       this.conn.send(message, fds);
     } catch (error) {
       this.conn.close();
-      this.ended(new ConnectionClosedError(`connection lost: ${(error as Error).message}`), true);
+      this.ended(lost(errnoOf(error), (error as Error).message), true);
     }
   }
 
@@ -338,7 +348,9 @@ export class Channel {
     this.closedWith = error;
     for (const [, entry] of this.pending) {
       clearTimeout(entry.timer);
-      entry.reject(error);
+      // Each waiting request hears why, under its own name.
+      const message = `${commandName(entry.command)}: ${error.message}`;
+      entry.reject(error instanceof ConnectionClosedError ? new ConnectionClosedError(message, { errno: error.errno, command: entry.command }) : new PeerProtocolError(message));
     }
     this.pending.clear();
     if (notify) this.handlers.onClose(report ? error : undefined);

@@ -14,7 +14,18 @@ export class VfioUserError extends Error {
 }
 
 /** The connection is closed, or closed while a request waited for its reply. */
-export class ConnectionClosedError extends VfioUserError {}
+export class ConnectionClosedError extends VfioUserError {
+  /** The errno the system (or the send-queue bound: ENOBUFS) gave, when a failure ended the connection. */
+  readonly errno?: number;
+  /** The request that was waiting, or being sent, when it ended. */
+  readonly command?: number;
+
+  constructor(message: string, details: { errno?: number; command?: number } = {}) {
+    super(message);
+    if (details.errno !== undefined) this.errno = details.errno;
+    if (details.command !== undefined) this.command = details.command;
+  }
+}
 
 /** A request got no reply in time. */
 export class TimeoutError extends VfioUserError {}

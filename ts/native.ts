@@ -7,6 +7,7 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
+import { getSystemErrorMap } from 'node:util';
 import type * as NativeBinding from './native-binding.js';
 
 const PACKAGE = 'vfio-user';
@@ -79,6 +80,23 @@ export type NativeConnection = NativeBinding.NativeConnection;
 export type NativeMapping = NativeBinding.NativeMapping;
 export type NativeRegionReads = NativeBinding.NativeRegionReads;
 export type PeerCredentials = NativeBinding.PeerCredentials;
+
+/**
+ * Says a failure the native layer reports by errno (a connection's
+ * `onClose`, the `code` of what `send` throws): `ECONNRESET (connection
+ * reset by peer)`, with `reason` in place of the system's words when given.
+ */
+export function describeFailure(errno: number | undefined, reason?: string): string {
+  if (errno === undefined) return reason || 'an unknown failure';
+  const [name, text] = getSystemErrorMap().get(-errno) ?? [`errno ${errno}`, 'unknown error'];
+  return `${name} (${reason || text})`;
+}
+
+/** The errno a native call threw with as its `code` (NativeConnection.send); undefined for others. */
+export function errnoOf(error: unknown): number | undefined {
+  const code = (error as { code?: unknown } | undefined)?.code;
+  return typeof code === 'string' && /^\d+$/.test(code) ? Number(code) : undefined;
+}
 
 /** Closes every fd in `fds`, ignoring ones already closed. */
 export function closeFds(fds: readonly number[]): void {

@@ -9,7 +9,7 @@
  * trace hands the client one end of a socket pair of its own instead and
  * relays between that and the server's twin socket, printing those too.
  */
-import { closeFds, native, type NativeConnection } from '../native.js';
+import { closeFds, describeFailure, errnoOf, native, type NativeConnection } from '../native.js';
 import { Command, decodeVersion, HEADER_SIZE } from '../protocol/index.js';
 import { formatMessage, messageJson, MessageDescriber, type MessageView, type Side } from '../protocol/describe.js';
 
@@ -67,12 +67,13 @@ class TraceSession {
       try {
         (from === 'client' ? relay.server : relay.client).send(message, received);
       } catch (error) {
-        this.end(`sending to the ${from === 'client' ? 'server' : 'client'} failed: ${(error as Error).message}`);
+        this.end(`sending to the ${from === 'client' ? 'server' : 'client'} failed: ${describeFailure(errnoOf(error), (error as Error).message)}`);
       } finally {
         closeFds(received);
       }
     };
-    const closed = (side: Side) => (error?: string) => this.end(`the ${side} ${error ? `${socket} broke: ${error}` : `closed the ${socket}`}`);
+    const closed = (side: Side) => (reason?: string, errno?: number) =>
+      this.end(`the ${side} ${reason !== undefined || errno !== undefined ? `${socket} broke: ${describeFailure(errno, reason)}` : `closed the ${socket}`}`);
     relay = {
       client: new native.NativeConnection(clientFd, MAX_FRAME, forward('client'), closed('client')),
       server: new native.NativeConnection(serverFd, MAX_FRAME, forward('server'), closed('server')),

@@ -72,6 +72,18 @@ pub enum FramingError {
     Os(#[from] Errno),
 }
 
+impl FramingError {
+    /// The errno that names this failure: the system's own, or ENOBUFS for
+    /// a peer cut off for not reading; none for a broken protocol.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            FramingError::Os(e) => Some(*e),
+            FramingError::Backlog { .. } => Some(Errno::NOBUFS),
+            _ => None,
+        }
+    }
+}
+
 struct Outgoing {
     bytes: Vec<u8>,
     sent: usize,
@@ -162,6 +174,16 @@ impl FrameConnection {
     /// fits an empty queue, so one larger than the cap still goes out.
     pub fn set_max_queued(&mut self, max_queued: usize) {
         self.max_queued = max_queued;
+    }
+
+    /// The error pending on the socket (SO_ERROR, cleared by reading it):
+    /// what a poll that reports only "error" means, ECONNRESET when the peer
+    /// closed with our messages unread.
+    pub fn take_error(&self) -> Option<Errno> {
+        match rustix::net::sockopt::socket_error(&self.fd) {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) | Err(e) => Some(e),
+        }
     }
 
     /// Bytes waiting for the socket to become writable.
@@ -475,6 +497,24 @@ mod tests {
         crate::eventfd::signal(&frame.fds[1]).unwrap();
         assert_eq!(crate::eventfd::take(&ev).unwrap(), Some(1));
         assert!(matches!(rx.read_frame().unwrap(), ReadOutcome::WouldBlock));
+    }
+
+    #[test]
+    fn a_peer_closing_with_our_message_unread_leaves_econnreset_pending() {
+        let (a, b) = pair().unwrap();
+        let tx = {
+            let mut tx = FrameConnection::new(a, 1 << 20);
+            tx.send(&message(1, &[]), &[]).unwrap();
+            tx
+        };
+        assert_eq!(tx.take_error(), None);
+        drop(b);
+        assert_eq!(tx.take_error(), Some(Errno::CONNRESET));
+        // SO_ERROR is cleared by reading it.
+        assert_eq!(tx.take_error(), None);
+        assert_eq!(FramingError::Backlog { limit: 1 }.errno(), Some(Errno::NOBUFS));
+        assert_eq!(FramingError::Os(Errno::PIPE).errno(), Some(Errno::PIPE));
+        assert_eq!(FramingError::Truncated.errno(), None);
     }
 
     #[test]

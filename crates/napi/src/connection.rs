@@ -13,6 +13,7 @@ use napi_derive::napi;
 use std::cell::RefCell;
 use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
+use rustix::io::Errno;
 use vfio_user_core::{FrameConnection, FramingError, ReadOutcome, HEADER_SIZE};
 
 /// Socket reads per wake-up before yielding to the rest of the loop; the poll
@@ -40,7 +41,7 @@ enum Native {
     /// Not served natively: it goes to JS.
     NotServed,
     /// The reply could not be queued: the peer is cut off for this reason.
-    Failed(String),
+    Failed(Failure),
 }
 const ON_MESSAGE: usize = 0;
 const ON_CLOSE: usize = 1;
@@ -75,11 +76,14 @@ impl NativeConnection {
     /// as a view of a shared ArrayBuffer (never overwritten) and owns the fds
     /// (the peer sent more than fit when `fdsTruncated`); it returns `true`
     /// when it finishes the message later (and then calls `complete()`), or
-    /// the bytes of a reply to send now, without fds; `onClose(error?)` runs once when
-    /// the peer goes away or the stream breaks, not after a local `close()`.
+    /// the bytes of a reply to send now, without fds; `onClose(error?, errno?)`
+    /// runs once when the peer goes away or the stream breaks, not after a
+    /// local `close()`: `errno` names a failure the system reported (or
+    /// ENOBUFS for a peer cut off for not reading), `error` says what broke
+    /// when the system's word for `errno` would not.
     #[napi(
         constructor,
-        ts_args_type = "fd: number, maxFrame: number, onMessage: (buffer: ArrayBuffer, offset: number, length: number, fds: number[] | undefined, fdsTruncated: boolean) => boolean | Uint8Array | void, onClose: (error?: string) => void"
+        ts_args_type = "fd: number, maxFrame: number, onMessage: (buffer: ArrayBuffer, offset: number, length: number, fds: number[] | undefined, fdsTruncated: boolean) => boolean | Uint8Array | void, onClose: (error?: string, errno?: number) => void"
     )]
     pub fn new(
         env: Env,
@@ -118,31 +122,34 @@ impl NativeConnection {
         Ok(NativeConnection { conn })
     }
 
-    /// Sends one message; `fds` (borrowed, not closed) travel with it.
+    /// Sends one message; `fds` (borrowed, not closed) travel with it. A
+    /// failure throws an Error whose `code` is the errno in decimal: the
+    /// socket's own, ENOTCONN once closed, or ENOBUFS (with the reason as
+    /// the message) for a peer cut off for not reading.
     #[napi]
-    pub fn send(&self, bytes: &[u8], fds: Option<Vec<i32>>) -> Result<()> {
+    pub fn send(&self, bytes: &[u8], fds: Option<Vec<i32>>) -> Result<(), String> {
         let mut state = self.conn.state.borrow_mut();
-        if state.closing {
-            return Err(Error::new(Status::GenericFailure, "ENOTCONN: the connection is closed"));
+        if state.closing || state.frames.is_none() {
+            return Err(errno_error(Errno::NOTCONN, "the connection is closed"));
         }
         let fds = fds.unwrap_or_default();
         if fds.iter().any(|fd| *fd < 0) {
-            return Err(Error::new(Status::InvalidArg, "fds must be non-negative integers"));
+            return Err(Error::new(Status::InvalidArg.as_ref().to_string(), "fds must be non-negative integers".to_string()));
         }
         // SAFETY: the caller keeps these fds open for the duration of the call.
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|fd| unsafe { BorrowedFd::borrow_raw(*fd) }).collect();
-        let frames = state.frames.as_mut().ok_or_else(closed)?;
+        let frames = state.frames.as_mut().expect("checked above");
         match frames.send(bytes, &borrowed) {
             Ok(()) => {
                 state.watch();
                 Ok(())
             }
-            Err(FramingError::Os(e)) => Err(Error::new(Status::GenericFailure, format!("{}: send failed", errno_name(e)))),
+            Err(FramingError::Os(e)) => Err(errno_error(e, "")),
             Err(e) => {
                 // A peer that stopped reading: what is queued for it is dropped now.
                 drop(state);
                 self.conn.teardown();
-                Err(Error::new(Status::GenericFailure, format!("ENOBUFS: {e}")))
+                Err(errno_error(Errno::NOBUFS, &e.to_string()))
             }
         }
     }
@@ -232,13 +239,30 @@ impl NativeConnection {
     }
 }
 
-fn closed() -> Error {
-    Error::new(Status::GenericFailure, "ENOTCONN: the connection is closed")
+/// An Error for JS whose `code` is `errno` in decimal (JS names it).
+fn errno_error(errno: Errno, reason: &str) -> Error<String> {
+    Error::new(errno.raw_os_error().to_string(), reason.to_string())
 }
 
-fn errno_name(e: rustix::io::Errno) -> String {
-    let io = std::io::Error::from_raw_os_error(e.raw_os_error());
-    format!("E{} ({io})", e.raw_os_error())
+/// Why a connection ended, as `onClose` hears it.
+struct Failure {
+    errno: Option<Errno>,
+    /// What broke, when `errno` alone does not say it.
+    reason: Option<String>,
+}
+
+impl From<FramingError> for Failure {
+    fn from(e: FramingError) -> Self {
+        // An OS error is said by its errno alone; the others need words.
+        let reason = (!matches!(e, FramingError::Os(_))).then(|| e.to_string());
+        Failure { errno: e.errno(), reason }
+    }
+}
+
+impl From<Errno> for Failure {
+    fn from(e: Errno) -> Self {
+        Failure { errno: Some(e), reason: None }
+    }
 }
 
 impl State {
@@ -257,12 +281,18 @@ impl Conn {
         let js = self.js.borrow().clone();
         let mut scope = js.as_ref().map(|j| j.scope());
         if status < 0 {
-            return self.fail(scope.as_mut(), js.as_deref(), &format!("poll error {status}"));
+            // libuv reports any POLLERR as EBADF; the socket knows the real error.
+            let pending = self.state.borrow().frames.as_ref().and_then(|f| f.take_error());
+            let failure = match pending {
+                Some(e) => Failure::from(e),
+                None => Failure { errno: None, reason: Some(format!("the socket reported an error (libuv status {status})")) },
+            };
+            return self.fail(scope.as_mut(), js.as_deref(), failure);
         }
         if events & WRITABLE != 0 {
             let flushed = self.state.borrow_mut().frames.as_mut().map(|f| f.flush());
             if let Some(Err(e)) = flushed {
-                return self.fail(scope.as_mut(), js.as_deref(), &errno_name(e));
+                return self.fail(scope.as_mut(), js.as_deref(), e.into());
             }
             let mut state = self.state.borrow_mut();
             if state.closing && !state.frames.as_ref().is_some_and(|f| f.wants_write()) {
@@ -281,7 +311,7 @@ impl Conn {
         self.read_messages(&mut scope, js.as_ref());
         let sent = self.state.borrow_mut().frames.as_mut().map(|f| f.uncork());
         if let Some(Err(e @ FramingError::Backlog { .. })) = sent {
-            return self.fail(scope.as_mut(), js.as_deref(), &e.to_string());
+            return self.fail(scope.as_mut(), js.as_deref(), e.into());
         }
         // Other failures surface on the read side, as for every reply.
         self.state.borrow_mut().watch();
@@ -321,7 +351,7 @@ impl Conn {
                 Ok(ReadOutcome::Frame(frame)) => frame,
                 Ok(ReadOutcome::WouldBlock) => return,
                 Ok(ReadOutcome::Closed) => return self.end(scope.as_mut(), js.map(|j| &**j), None),
-                Err(e) => return self.fail(scope.as_mut(), js.map(|j| &**j), &e.to_string()),
+                Err(e) => return self.fail(scope.as_mut(), js.map(|j| &**j), e.into()),
             };
             let no_fds = frame.fds.is_empty() && !frame.fds_truncated;
             let (Some(scope), Some(js)) = (scope.as_mut(), js) else { return };
@@ -329,7 +359,7 @@ impl Conn {
                 match self.answer_natively(small) {
                     Native::Answered => continue,
                     Native::NotServed => {}
-                    Native::Failed(reason) => return self.fail(Some(scope), Some(js), &reason),
+                    Native::Failed(failure) => return self.fail(Some(scope), Some(js), failure),
                 }
             }
             let (buffer, offset, len) = match frame.bytes {
@@ -355,7 +385,7 @@ impl Conn {
                 // JS a native call per message.
                 let sent = self.state.borrow_mut().frames.as_mut().map(|f| f.send(reply, &[]));
                 if let Some(Err(e @ FramingError::Backlog { .. })) = sent {
-                    return self.fail(Some(scope), Some(js), &e.to_string());
+                    return self.fail(Some(scope), Some(js), e.into());
                 }
                 // Other failures surface on the read side, as for native replies.
                 self.state.borrow_mut().watch();
@@ -393,7 +423,7 @@ impl Conn {
         let Some(frames) = state.frames.as_mut() else { return Native::NotServed };
         match frames.send(&reply, &[]) {
             Ok(()) => {}
-            Err(e @ FramingError::Backlog { .. }) => return Native::Failed(e.to_string()),
+            Err(e @ FramingError::Backlog { .. }) => return Native::Failed(e.into()),
             // Let the read side see the broken stream and report it.
             Err(_) => return Native::Answered,
         }
@@ -402,16 +432,23 @@ impl Conn {
         Native::Answered
     }
 
-    fn fail(&self, scope: Option<&mut CallbackScope<'_>>, js: Option<&Callbacks>, reason: &str) {
-        self.end(scope, js, Some(reason))
+    fn fail(&self, scope: Option<&mut CallbackScope<'_>>, js: Option<&Callbacks>, failure: Failure) {
+        self.end(scope, js, Some(failure))
     }
 
-    /// The peer went away or the stream broke: close, then tell JS once.
-    fn end(&self, scope: Option<&mut CallbackScope<'_>>, js: Option<&Callbacks>, reason: Option<&str>) {
+    /// The peer went away (`None`: a clean end of stream) or the stream
+    /// broke: close, then tell JS once.
+    fn end(&self, scope: Option<&mut CallbackScope<'_>>, js: Option<&Callbacks>, failure: Option<Failure>) {
         self.teardown();
         let still_listening = self.js.borrow_mut().take().is_some();
         if let (true, Some(scope), Some(js)) = (still_listening, scope, js) {
-            js.call(scope, ON_CLOSE, |env| vec![reason.map_or_else(|| js::undefined(env), |r| js::string(env, r))]);
+            js.call(scope, ON_CLOSE, |env| match &failure {
+                None => vec![],
+                Some(Failure { errno, reason }) => vec![
+                    reason.as_deref().map_or_else(|| js::undefined(env), |r| js::string(env, r)),
+                    errno.map_or_else(|| js::undefined(env), |e| js::int(env, e.raw_os_error())),
+                ],
+            });
         }
     }
 
