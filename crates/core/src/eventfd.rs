@@ -17,7 +17,8 @@ pub fn signal(fd: impl AsFd) -> io::Result<()> {
 /// Adds `value` to the counter. A counter at its maximum already wakes its
 /// reader, so that is not an error. A peer's eventfd may be blocking (its
 /// file status flags are the peer's, see `adopt`): a write that would block
-/// is not attempted.
+/// is not attempted. A peer that fills the counter between the poll and the
+/// write still blocks it (docs/security.md, "What remains").
 pub fn add(fd: impl AsFd, value: u64) -> io::Result<()> {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let mut ready = [PollFd::new(&fd, PollFlags::OUT)];
@@ -53,8 +54,8 @@ pub fn is_eventfd(fd: impl AsFd) -> bool {
 /// eventfd. Its O_NONBLOCK flag is left alone: the flag belongs to the open
 /// file, shared with the peer's copy, and a peer may read its eventfd
 /// blocking (libvfio-user's client sample does, and fails on EAGAIN).
-/// Signalling one whose counter a hostile peer left at its maximum cannot
-/// stall the caller: `add` checks that the write would not block.
+/// Signalling one whose counter a hostile peer left at its maximum does not
+/// stall the caller: `add` checks that the write would not block first.
 pub fn adopt(fd: impl AsFd) -> io::Result<bool> {
     Ok(is_eventfd(&fd))
 }
