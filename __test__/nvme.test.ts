@@ -199,6 +199,18 @@ describe('shadow doorbells and EventIdx (Doorbell Buffer Config)', () => {
     expect(h.read(page + BigInt(PAGE / 2), 512)).toEqual(pattern(4096, 9).subarray(0, 512));
   });
 
+  test('--shadow-doorbells off: OACS clear and Doorbell Buffer Config an Invalid Opcode; refused with ioeventfd doorbells', async () => {
+    served = await serve(createDevice(['--size', '1M', '--shadow-doorbells', 'off']));
+    const h = (host = await NvmeHost.attach(await served.client()));
+    await h.enable();
+    const buf = h.alloc(PAGE);
+    expect((await h.admin({ opcode: 0x06, prp1: buf, cdw10: 1 })).status).toBe(S.SUCCESS);
+    expect(h.read(buf, PAGE).readUInt16LE(256)).toBe(0);
+    expect((await h.shadowDoorbells()).status).toBe(S.INVALID_OPCODE);
+    expect(() => createDevice(['--size', '1M', '--doorbells', 'ioeventfd', '--shadow-doorbells', 'off'])).toThrow(/need shadow doorbells/);
+    expect(() => createDevice(['--size', '1M', '--shadow-doorbells', 'maybe'])).toThrow(/expected on or off/);
+  });
+
   test('bad pages: unaligned is Invalid Field, outside guest memory a Data Transfer Error; I/O goes on by register', async () => {
     const h = await bringUp('trap');
     const page = h.alloc(PAGE);

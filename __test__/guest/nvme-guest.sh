@@ -1,5 +1,5 @@
-# Runs inside the guest kit (busybox sh) with QEMU's built-in NVMe (serial "qemu"), ours with
-# trapped doorbells ("ts-trap") and, when the runner asks, ours with mapped doorbells ("ts-mmap").
+# Runs inside the guest kit (busybox sh) with QEMU's built-in NVMe (serial "qemu") and ours:
+# "ts-trap-shadow" (the defaults), "ts-trap" (no shadow doorbells) and "ts-mmap" (mapped doorbells).
 # Prints NVME-* lines that __test__/guest/nvme.ts reads.
 set -e
 RUNTIME=__RUNTIME__
@@ -11,36 +11,40 @@ until [ "$(ls /dev/nvme*n1 2>/dev/null | wc -l)" -ge "$DEVICES" ]; do
   sleep 0.2
 done
 nvme list
-for c in /sys/class/nvme/nvme*; do
-  serial=$(tr -d ' ' < "$c/serial")
-  dev=/dev/${c##*/}n1
-  case "$serial" in ts-mmap) mmap=$dev ;; ts-trap) trap=$dev ;; qemu) qemu=$dev ;; esac
-done
-echo "NVME-DEVICES ts-trap=$trap ts-mmap=$mmap qemu=$qemu"
-[ -n "$trap" ] && [ -n "$qemu" ]
+# The namespace of the controller whose serial is $1.
+device() {
+  for c in /sys/class/nvme/nvme*; do
+    [ "$(tr -d ' ' < "$c/serial")" = "$1" ] && echo "/dev/${c##*/}n1"
+  done
+  return 0
+}
+ours=$(device ts-trap-shadow)
+qemu=$(device qemu)
+echo "NVME-DEVICES ts-trap-shadow=$ours ts-trap=$(device ts-trap) ts-mmap=$(device ts-mmap) qemu=$qemu"
+[ -n "$ours" ] && [ -n "$qemu" ]
 nvme list | grep -q "vfio-user TypeScript NVMe"
 
-# A filesystem on ours: write a file, drop every cache, read it back.
-mkfs.ext4 -q -F "$trap"
+# A filesystem on ours (as Linux drives it by default): write a file, drop every cache, read it back.
+mkfs.ext4 -q -F "$ours"
 mkdir -p /mnt/ours
-mount -t ext4 "$trap" /mnt/ours
+mount -t ext4 "$ours" /mnt/ours
 dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
 cp /tmp/data /mnt/ours/data
 sync
 written=$(md5sum < /tmp/data)
 umount /mnt/ours
 echo 3 > /proc/sys/vm/drop_caches
-mount -t ext4 "$trap" /mnt/ours
+mount -t ext4 "$ours" /mnt/ours
 read=$(md5sum < /mnt/ours/data)
 umount /mnt/ours
 echo "NVME-CHECKSUM written=${written%% *} read=${read%% *}"
 [ "$written" = "$read" ]
 
-# fio, each job on the three devices in turn (terse v3: field 7 read KiB/s, 8 read IOPS).
+# fio, each job on every device in turn (terse v3: field 7 read KiB/s, 8 read IOPS).
 for job in "randread 4k 1" "randread 4k 32" "read 128k 32"; do
   set -- $job
-  for name in qemu ts-trap ts-mmap; do
-    case $name in qemu) dev=$qemu ;; ts-mmap) dev=$mmap ;; ts-trap) dev=$trap ;; esac
+  for name in qemu ts-trap ts-trap-shadow ts-mmap; do
+    dev=$(device $name)
     [ -n "$dev" ] || continue
     line=$(fio --name=j --filename="$dev" --rw="$1" --bs="$2" --iodepth="$3" --ioengine=libaio --direct=1 \
       --runtime="$RUNTIME" --time_based --size=256M --output-format=terse --terse-version=3 | tail -n 1)

@@ -121,7 +121,9 @@ export function executeAdmin(ctrl: NvmeController, command: Command): number {
       return Status.SUCCESS;
     case AdminOpcode.KEEP_ALIVE:
       return Status.SUCCESS;
-    case AdminOpcode.DOORBELL_BUFFER_CONFIG: return doorbellBufferConfig(ctrl, command);
+    case AdminOpcode.DOORBELL_BUFFER_CONFIG:
+      if (!ctrl.offersShadowDoorbells) return Status.INVALID_OPCODE;
+      return doorbellBufferConfig(ctrl, command);
     default:
       return Status.INVALID_OPCODE;
   }
@@ -179,7 +181,7 @@ function identifyController(ctrl: NvmeController): Buffer {
   d.writeUInt16LE(0, 78); // CNTLID
   d.writeUInt32LE(0x00010400, 80); // VER 1.4
   d[111] = 1; // CNTRLTYPE: I/O controller
-  d.writeUInt16LE(OACS_DOORBELL_BUFFER_CONFIG, 256); // OACS
+  d.writeUInt16LE(ctrl.offersShadowDoorbells ? OACS_DOORBELL_BUFFER_CONFIG : 0, 256); // OACS
   d[258] = ABORT_LIMIT - 1; // ACL
   d[259] = AER_LIMIT - 1; // AERL
   d[260] = 0x03; // FRMW: one slot, read-only

@@ -29,7 +29,7 @@
  * shadow page, and the host writes the register only when EventIdx asks.
  */
 import { randomBytes } from 'node:crypto';
-import { PciDevice } from 'vfio-user';
+import { PciDevice, UsageError } from 'vfio-user';
 import { AsyncEvent, AsyncEvents, executeAdmin, Features, LogPage, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VENDOR_ID, type ErrorEntry } from './admin.js';
 import { Command, CommandError, DEFERRED, isDmaError, Status } from './command.js';
 import { BLOCK_SIZE, executeIo } from './io.js';
@@ -92,6 +92,12 @@ export type DoorbellMode = 'mmap' | 'trap' | 'ioeventfd';
 export interface NvmeOptions {
   store: BackingStore;
   doorbells?: DoorbellMode;
+  /**
+   * Whether Doorbell Buffer Config is offered (OACS bit 8; default true):
+   * false makes Linux write every doorbell to the register, for comparison.
+   * 'ioeventfd' mode needs it.
+   */
+  shadowDoorbells?: boolean;
   /** Identify's serial number (20 ASCII characters at most). */
   serial?: string;
 }
@@ -100,6 +106,7 @@ export class NvmeController extends PciDevice {
   readonly store: BackingStore;
   readonly blocks: number;
   readonly doorbellMode: DoorbellMode;
+  readonly offersShadowDoorbells: boolean;
   readonly serial: string;
   readonly nguid: Buffer;
   readonly vectors = VECTORS;
@@ -131,6 +138,8 @@ export class NvmeController extends PciDevice {
 
   constructor(options: NvmeOptions) {
     const mode = options.doorbells ?? 'trap';
+    const offersShadowDoorbells = options.shadowDoorbells ?? true;
+    if (mode === 'ioeventfd' && !offersShadowDoorbells) throw new UsageError('ioeventfd doorbells need shadow doorbells: an ioeventfd carries no value');
     super({
       vendorId: VENDOR_ID,
       // An unused ID beside the queue card's; stock drivers bind by the class code.
@@ -167,6 +176,7 @@ export class NvmeController extends PciDevice {
     this.store = options.store;
     this.blocks = Math.floor(options.store.size / BLOCK_SIZE);
     this.doorbellMode = mode;
+    this.offersShadowDoorbells = offersShadowDoorbells;
     const bar = this.bar(0).bytes;
     this.doorbells = mode === 'mmap' ? new Uint32Array(bar!.buffer, bar!.byteOffset + DOORBELLS, 1024) : undefined;
     // Doorbell 2 + i: the value is in the shadow page.

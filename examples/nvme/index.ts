@@ -3,11 +3,15 @@
  * stock Linux guest binds, formats and benchmarks. `vfio-user serve` loads
  * this folder; arguments after `--` reach the default export:
  *
- *   vfio-user serve examples/nvme --socket /tmp/nvme.sock -- --image disk.img [--size 1G] [--doorbells trap|mmap|ioeventfd] [--serial SN]
+ *   vfio-user serve examples/nvme --socket /tmp/nvme.sock -- --image disk.img [--size 1G]
+ *       [--doorbells trap|mmap|ioeventfd] [--shadow-doorbells on|off] [--serial SN]
  *
  * `--image FILE` is a raw image, created sparse at `--size` (default 1 GiB)
  * when missing; without it the namespace lives in memory (`--size` bytes).
- * `--serial` sets Identify's serial number (random by default).
+ * `--shadow-doorbells off` stops offering Doorbell Buffer Config, so a
+ * guest writes every doorbell to the register (to compare; not with
+ * ioeventfd doorbells). `--serial` sets Identify's serial number (random by
+ * default).
  *
  *   controller.ts  BAR0 registers, handshakes, resets, doorbells, interrupts, migration
  *   admin.ts       admin commands: Identify, queues, features, log pages, events
@@ -44,13 +48,27 @@ export function parseSize(text: string): number {
 export default function createDevice(args: readonly string[] = []): NvmeController {
   const { values } = parseArgs({
     args: [...args],
-    options: { image: { type: 'string' }, size: { type: 'string', default: '1G' }, doorbells: { type: 'string', default: 'trap' }, serial: { type: 'string' } },
+    options: {
+      image: { type: 'string' },
+      size: { type: 'string', default: '1G' },
+      doorbells: { type: 'string', default: 'trap' },
+      'shadow-doorbells': { type: 'string', default: 'on' },
+      serial: { type: 'string' },
+    },
     strict: true,
   });
   if (!DOORBELL_MODES.includes(values.doorbells as DoorbellMode)) throw new UsageError(`--doorbells ${values.doorbells}: expected ${DOORBELL_MODES.join(', ')}`);
+  const shadow = values['shadow-doorbells'];
+  if (shadow !== 'on' && shadow !== 'off') throw new UsageError(`--shadow-doorbells ${shadow}: expected on or off`);
   const size = parseSize(values.size);
   const store = values.image ? new FileStore(values.image, size) : new MemoryStore(size);
-  const controller = new NvmeController({ store, doorbells: values.doorbells as DoorbellMode, serial: values.serial });
+  let controller: NvmeController;
+  try {
+    controller = new NvmeController({ store, doorbells: values.doorbells as DoorbellMode, shadowDoorbells: shadow === 'on', serial: values.serial });
+  } catch (error) {
+    store.close();
+    throw error;
+  }
   controller.startPolling();
   return controller;
 }
