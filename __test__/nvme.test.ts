@@ -264,6 +264,23 @@ describe('commands', () => {
     expect(imageBytes(100 * 512, 4096)).toEqual(pattern(4096, 5));
   });
 
+  test('Dataset Management deallocate punches a hole in the image: its blocks go back to the filesystem', async () => {
+    const h = await bringUp('trap');
+    for (let i = 0; i < 4; i++) expect((await io(h, Op.WRITE, 256 * i, pattern(128 << 10, 10 + i))).c.status).toBe(S.SUCCESS);
+    expect((await h.submit(1, { opcode: Op.FLUSH, nsid: 1 })).status).toBe(S.SUCCESS);
+    const written = statSync(imagePath()).blocks;
+    expect(written * 512).toBeGreaterThanOrEqual(512 << 10);
+    const ranges = h.alloc(PAGE);
+    const r = Buffer.alloc(16);
+    r.writeUInt32LE(768, 4); r.writeBigUInt64LE(256n, 8); // the last 384 KiB of the 512
+    h.write(ranges, r);
+    expect((await h.submit(1, { opcode: Op.DSM, nsid: 1, prp1: ranges, cdw10: 0, cdw11: 4 })).status).toBe(S.SUCCESS);
+    expect(statSync(imagePath()).size).toBe(IMAGE_SIZE);
+    expect((written - statSync(imagePath()).blocks) * 512).toBeGreaterThanOrEqual(384 << 10);
+    expect(imageBytes(256 * 512, 384 << 10)).toEqual(Buffer.alloc(384 << 10));
+    expect(imageBytes(0, 128 << 10)).toEqual(pattern(128 << 10, 10));
+  });
+
   test('features: number of queues, write cache, coalescing, async event config', async () => {
     served = await serve(createDevice(['--size', '1M']));
     const h = (host = await NvmeHost.attach(await served.client()));

@@ -16,6 +16,7 @@ export {
 } from './server/server.js';
 export { ServerSession, type SessionOptions } from './server/session.js';
 export type { PeerCredentials } from './native-binding.js';
+export { punchHole } from './sparse.js';
 export {
   connect,
   VfioUserClient,

@@ -72,9 +72,9 @@ function byteRange(ctrl: NvmeController, lba: bigint, blocks: number): number {
 }
 
 /**
- * Deallocate (AD) zeroes the ranges: Identify Namespace reports deallocated
- * blocks as reading zeros (DLFEAT), and Node has no way to punch a hole. The
- * other attributes are hints, accepted and ignored.
+ * Deallocate (AD) gives the ranges back: a raw image gets holes punched in
+ * it, and they read as zeros, as Identify Namespace says deallocated blocks
+ * do (DLFEAT). The other attributes are hints, accepted and ignored.
  */
 function datasetManagement(ctrl: NvmeController, command: Command): number {
   const ranges = (command.dw(10) & 0xff) + 1;
@@ -82,13 +82,13 @@ function datasetManagement(ctrl: NvmeController, command: Command): number {
   const segments = prpSegments(ctrl.dma, command, list.length);
   forEachView(ctrl.dma, segments, (view, offset) => list.set(view, offset));
   if ((command.dw(11) & DSM_DEALLOCATE) === 0) return Status.SUCCESS;
-  const zeroed: Array<[number, number]> = [];
+  const freed: Array<[number, number]> = [];
   for (let i = 0; i < ranges; i++) {
     const blocks = list.readUInt32LE(DSM_RANGE * i + 4);
     if (blocks === 0) continue;
-    zeroed.push([byteRange(ctrl, list.readBigUInt64LE(DSM_RANGE * i + 8), blocks), blocks * BLOCK_SIZE]);
+    freed.push([byteRange(ctrl, list.readBigUInt64LE(DSM_RANGE * i + 8), blocks), blocks * BLOCK_SIZE]);
   }
-  // Every range is checked before any is zeroed.
-  for (const [position, length] of zeroed) ctrl.store.zero(position, length);
+  // Every range is checked before any is freed.
+  for (const [position, length] of freed) ctrl.store.deallocate(position, length);
   return Status.SUCCESS;
 }

@@ -5,20 +5,23 @@
  * and written straight from it, with no copy in between.
  */
 import * as fs from 'node:fs';
+import { punchHole } from 'vfio-user';
 
 export interface BackingStore {
   /** Bytes; a whole number of blocks. */
   readonly size: number;
   read(into: Uint8Array, position: number): void;
   write(from: Uint8Array, position: number): void;
-  /** Makes [position, position + length) read as zeros (Write Zeroes, deallocation). */
+  /** Makes [position, position + length) read as zeros (Write Zeroes). */
   zero(position: number, length: number): void;
+  /** Makes [position, position + length) read as zeros and, where it can, frees its space (Deallocate). */
+  deallocate(position: number, length: number): void;
   /** Makes completed writes durable. */
   flush(): void;
   close(): void;
 }
 
-/** Zeros are written from this buffer, a MiB at a time: Node has no fallocate(PUNCH_HOLE). */
+/** Zeros are written from this buffer, a MiB at a time. */
 const ZEROS = new Uint8Array(1 << 20);
 
 export class FileStore implements BackingStore {
@@ -57,6 +60,11 @@ export class FileStore implements BackingStore {
     }
   }
 
+  /** Punches a hole (the file stays sparse); writes zeros where the filesystem cannot. */
+  deallocate(position: number, length: number): void {
+    if (!punchHole(this.fd, position, length)) this.zero(position, length);
+  }
+
   flush(): void {
     fs.fdatasyncSync(this.fd);
   }
@@ -83,6 +91,10 @@ export class MemoryStore implements BackingStore {
 
   zero(position: number, length: number): void {
     this.bytes.fill(0, position, position + length);
+  }
+
+  deallocate(position: number, length: number): void {
+    this.zero(position, length);
   }
 
   flush(): void {}

@@ -13,6 +13,7 @@ pub mod memfd;
 pub mod mmap;
 pub mod safe_copy;
 pub mod socket;
+pub mod sparse;
 
 pub use framing::{Frame, FrameConnection, FramingError, ReadOutcome, HEADER_SIZE};
 pub use dirty::{DirtyBitmap, DIRTY_PAGE_SIZE};

@@ -15,7 +15,7 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::Path;
-use vfio_user_core::{eventfd, memfd, socket};
+use vfio_user_core::{eventfd, memfd, socket, sparse};
 
 fn os_error(what: &str, e: rustix::io::Errno) -> Error {
     let code = std::io::Error::from_raw_os_error(e.raw_os_error());
@@ -143,6 +143,13 @@ pub fn file_size(fd: i32) -> Result<BigInt> {
 pub fn truncate_fd(fd: i32, size: BigInt) -> Result<()> {
     let (_, size, _) = size.get_u64();
     rustix::fs::ftruncate(borrow_fd(fd)?, size).map_err(|e| os_error("ftruncate", e))
+}
+
+/// Deallocates `length` bytes of the file at `offset` (it reads as zeros,
+/// its size unchanged); false where the filesystem cannot, changing nothing.
+#[napi]
+pub fn punch_hole(fd: i32, offset: BigInt, length: BigInt) -> Result<bool> {
+    sparse::punch_hole(borrow_fd(fd)?, offset.get_u64().1, length.get_u64().1).map_err(|e| os_error("fallocate", e))
 }
 
 /// The fd numbers this process has open (for leak checks in tests and tools).
