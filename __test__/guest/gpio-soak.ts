@@ -1,7 +1,9 @@
 /**
  * The guest soak (issue 9; run by hand, not in CI): a QEMU guest toggles GPIO lines through
  * Linux's gpio-pci-idio-16 driver for a while against `vfio-user serve` of the GPIO example,
- * in a process of its own, whose RSS and open fds are sampled every 30 s.
+ * in a process of its own, whose RSS and open fds are sampled every 30 s, with V8's heap after
+ * its latest full GC (live and committed MB, from the server's --trace-gc lines): RSS steps up
+ * while V8 grows its young generation to its ceiling, so the heap tells a leak from growth.
  *
  *   VFIO_USER_QEMU=... VFIO_USER_GUEST=... npx tsx __test__/guest/gpio-soak.ts [SECONDS]
  *
@@ -11,6 +13,7 @@
 import { spawn } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
+import { createInterface } from 'node:readline';
 import { bootGuest } from './boot.js';
 import { tempSocketPath, until } from '../helpers.js';
 
@@ -18,18 +21,28 @@ const SECONDS = Number(process.argv[2] ?? 600);
 const SAMPLE_MS = 30_000;
 const ROOT = resolve(__dirname, '..', '..');
 
-interface Sample { t: number; rssKiB: number; fds: number }
+interface Sample { t: number; rssKiB: number; fds: number; heapLiveMB?: number; heapCommittedMB?: number }
+
+/** The heap after the server's latest full GC, as --trace-gc prints it: "Mark-Compact 17.2 (49.5) -> 9.2 (43.5) MB". */
+const heap: { liveMB?: number; committedMB?: number } = {};
+const FULL_GC = /Mark-Compact.*?-> ([\d.]+) \(([\d.]+)\) MB/;
 
 function sample(pid: number, start: number): Sample {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
   const rssKiB = Number(/^VmRSS:\s+(\d+) kB/m.exec(status)![1]);
-  return { t: Math.round((Date.now() - start) / 1000), rssKiB, fds: readdirSync(`/proc/${pid}/fd`).length };
+  const fds = readdirSync(`/proc/${pid}/fd`).length;
+  return { t: Math.round((Date.now() - start) / 1000), rssKiB, fds, heapLiveMB: heap.liveMB, heapCommittedMB: heap.committedMB };
 }
 
 async function main(): Promise<void> {
   const socket = tempSocketPath('gpio.sock');
-  const server = spawn(process.execPath, [join(ROOT, 'dist/ts/cli/main.js'), 'serve', join(ROOT, 'dist/examples/gpio.js'), '--socket', socket.path], {
-    stdio: ['ignore', 'inherit', 'inherit'],
+  const server = spawn(process.execPath, ['--trace-gc', join(ROOT, 'dist/ts/cli/main.js'), 'serve', join(ROOT, 'dist/examples/gpio.js'), '--socket', socket.path], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  createInterface({ input: server.stdout! }).on('line', (line) => {
+    const full = FULL_GC.exec(line);
+    if (full) [heap.liveMB, heap.committedMB] = [Number(full[1]), Number(full[2])];
+    else if (!line.includes('Scavenge')) console.log(line);
   });
   try {
     await until(() => existsSync(socket.path), 30_000);
@@ -38,7 +51,7 @@ async function main(): Promise<void> {
     const take = () => {
       const s = sample(server.pid!, start);
       samples.push(s);
-      console.log(`t=${s.t}s rss=${(s.rssKiB / 1024).toFixed(1)} MiB fds=${s.fds}`);
+      console.log(`t=${s.t}s rss=${(s.rssKiB / 1024).toFixed(1)} MiB fds=${s.fds} heap=${s.heapLiveMB ?? '-'} MB live, ${s.heapCommittedMB ?? '-'} MB committed`);
     };
     take();
     const timer = setInterval(take, SAMPLE_MS);
