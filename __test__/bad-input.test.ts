@@ -234,7 +234,7 @@ describe('fds from a misbehaving peer', () => {
     expect(replies.map(String)).toEqual([String(Errno.EINVAL), String(Errno.EINVAL), String(Errno.EINVAL)]);
     channel.close();
     native.closeFd(ev);
-    await new Promise((r) => setTimeout(r, 50));
+    await until(() => served.server.session === undefined);
     expect(openFdCount()).toBe(before);
   });
 

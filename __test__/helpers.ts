@@ -58,8 +58,15 @@ export async function rawConnect(path: string): Promise<Socket> {
   return s;
 }
 
+/**
+ * How long a helper waits for something that should happen soon: long enough
+ * that only a thing that never happens fails on a loaded machine, short of
+ * vitest's 20 s per test so the failure names what was awaited.
+ */
+const WAIT_MS = 15_000;
+
 /** Resolves once `predicate` holds, polling the event loop. */
-export async function until(predicate: () => boolean, timeoutMs = 3000): Promise<void> {
+export async function until(predicate: () => boolean, timeoutMs = WAIT_MS): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!predicate()) {
     if (Date.now() > deadline) throw new Error('condition not met in time');
@@ -95,7 +102,7 @@ function readerOf(s: Socket): MessageReader {
 }
 
 /** Resolves with the next whole message the server sent on a raw socket. */
-export async function nextMessage(s: Socket, timeoutMs = 3000): Promise<Buffer> {
+export async function nextMessage(s: Socket, timeoutMs = WAIT_MS): Promise<Buffer> {
   const reader = readerOf(s);
   if (reader.messages.length === 0) {
     await new Promise<void>((resolve, reject) => {
@@ -107,7 +114,7 @@ export async function nextMessage(s: Socket, timeoutMs = 3000): Promise<Buffer> 
 }
 
 /** Resolves when the peer closes the raw socket. */
-export function closedBy(s: Socket, timeoutMs = 3000): Promise<void> {
+export function closedBy(s: Socket, timeoutMs = WAIT_MS): Promise<void> {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error('socket not closed in time')), timeoutMs);
     s.on('close', () => { clearTimeout(timer); resolve(); });

@@ -175,7 +175,7 @@ describe('IRQ info and SET_IRQS', () => {
     const client = await served.client();
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [eventfd()] });
     client.close();
-    await new Promise((r) => setTimeout(r, 50));
+    await until(() => served.server.session === undefined);
     expect(served.device.interrupts.connected(IrqIndex.INTX, 0)).toBe(false);
     expect(openFdCount()).toBe(before + 1); // only our own eventfd
   });

@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, test } from 'vitest';
 import { Command, Errno, ProtocolError, connect, protocol } from '../ts/index.js';
-import { closedBy, nextMessage, qemuVersion, rawConnect, rawMessage, serve, type Served } from './helpers.js';
+import { closedBy, nextMessage, qemuVersion, rawConnect, rawMessage, serve, until, type Served } from './helpers.js';
 
 let served: Served;
 afterEach(async () => served?.close());
@@ -39,7 +39,7 @@ describe('VERSION negotiation', () => {
       expect(protocol.decodeHeader(reply).flags).toBe(1);
       expect(protocol.decodeVersion(reply.subarray(16)).minor).toBe(1);
       s.destroy();
-      await new Promise((r) => setTimeout(r, 20));
+      await until(() => served.server.session === undefined);
     }
   });
 
