@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, test } from 'vitest';
 import { Channel } from '../ts/channel.js';
-import { Command, connect, Errno, GuestMemory, ProtocolError, VfioUserClient } from '../ts/index.js';
-import { native } from '../ts/native.js';
+import { Command, connect, Errno, EventfdIrq, GuestMemory, ProtocolError, UsageError, VfioUserClient } from '../ts/index.js';
+import { closeFds, native } from '../ts/native.js';
 import { decodeVersion, encodeVersion as encode } from '../ts/protocol/index.js';
 import { openFdCount, serve, until, type Served } from './helpers.js';
 import { DmaTestDevice, PAGE } from './dma-device.js';
@@ -188,6 +188,33 @@ describe('twin socket negotiation, server side', () => {
     channel.close();
     await until(() => served.server.session === undefined);
     expect(openFdCount()).toBe(before);
+  });
+});
+
+describe('a server that takes no fds (max_msg_fds 0)', () => {
+  test('gets DMA_MAP without the memfd (it uses DMA_READ/WRITE), and no eventfds', async () => {
+    const [serverFd, clientFd] = native.socketPair();
+    const fdsSeen: number[] = [];
+    const server: Channel = new Channel(serverFd, {
+      side: 'server',
+      onCommand: (m) => {
+        fdsSeen.push(m.fds.length);
+        closeFds(m.fds);
+        server.reply(m.header, m.header.command === Command.VERSION ? encode({ major: 0, minor: 0, capabilities: { maxMsgFds: 0 } }) : undefined);
+      },
+      onClose: () => {},
+    });
+    const c = new VfioUserClient(clientFd);
+    clients.push(c);
+    await c.negotiate();
+    await c.dmaMap({ iova: 0x10000n, memory: memory(PAGE) });
+    expect(fdsSeen).toEqual([0, 0]);
+    await expect(c.dmaMap({ iova: 0x20000n, memory: memory(PAGE), shareFd: true })).rejects.toThrow(UsageError);
+    const irq = new EventfdIrq();
+    await expect(c.setIrqs({ index: 4, eventfds: [irq] })).rejects.toThrow(/takes no fds/);
+    expect(fdsSeen).toEqual([0, 0]);
+    irq.close();
+    server.close();
   });
 });
 

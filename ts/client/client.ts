@@ -89,7 +89,10 @@ export interface DmaMapOptions {
   size?: number;
   readable?: boolean;
   writable?: boolean;
-  /** Send the memfd so the server maps it (default); false makes the server use DMA_READ/WRITE. */
+  /**
+   * Send the memfd so the server maps it (the default when the server takes
+   * fds: `max_msg_fds` ≥ 1); false makes the server use DMA_READ/WRITE.
+   */
   shareFd?: boolean;
 }
 
@@ -367,7 +370,9 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     const readable = options.readable ?? true;
     const writable = options.writable ?? true;
     const flags = (readable ? DmaMapFlags.READ : 0) | (writable ? DmaMapFlags.WRITE : 0);
-    const share = options.shareFd ?? true;
+    const takesFds = this.server.capabilities.maxMsgFds > 0;
+    const share = options.shareFd ?? takesFds;
+    if (share && !takesFds) throw new UsageError('shareFd: the server takes no fds (max_msg_fds 0)');
     const payload = encodeDmaMapRequest({ flags, offset: share ? BigInt(offset) : 0n, address: options.iova, size: BigInt(size) });
     await this.request(Command.DMA_MAP, payload, share ? [options.memory.fd] : undefined);
     this.windows.push({ iova: options.iova, size, memory: options.memory, offset, readable, writable });
@@ -400,7 +405,8 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     const start = options.start ?? 0;
     if (options.eventfds && options.eventfds.length > 0) {
       const eventfds = options.eventfds.map((e) => (typeof e === 'number' ? e : e.fd));
-      const per = Math.max(1, this.server.capabilities.maxMsgFds);
+      const per = this.server.capabilities.maxMsgFds;
+      if (per === 0) throw new UsageError('eventfds: the server takes no fds (max_msg_fds 0)');
       for (let i = 0; i < eventfds.length; i += per) {
         const fds = eventfds.slice(i, i + per);
         const payload = encodeSetIrqsRequest({ flags: SetIrqsFlags.DATA_EVENTFD | action, index: options.index, start: start + i, count: fds.length });
