@@ -26,15 +26,23 @@ async function run(args: string[], command = cli, env: NodeJS.ProcessEnv = proce
   return { code, stdout, stderr };
 }
 
-describe('vfio-user serve', () => {
+/**
+ * How long a spawned command may take to start or answer, and a test that
+ * spawns some: Node and tsx starting on a loaded machine take seconds. Only
+ * a command that never gets there fails; nothing here is timed.
+ */
+const STARTED_MS = 60_000;
+const SPAWNING_TEST_MS = 180_000;
+
+describe('vfio-user serve', { timeout: SPAWNING_TEST_MS }, () => {
   test('serves a TS device module and cleans up on SIGTERM', async () => {
     const socket = tempSocketPath();
     const child = spawn(tsx, [join(root, 'ts/cli/main.ts'), 'serve', join(root, 'examples/gpio.ts'), '--socket', socket.path], { stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
     child.stderr.on('data', (d) => (stderr += d));
     try {
-      await until(() => existsSync(socket.path), 15000);
-      const client = await connect(socket.path);
+      await until(() => existsSync(socket.path), STARTED_MS);
+      const client = await connect(socket.path, { timeoutMs: STARTED_MS });
       expect((await client.regionRead(Region.CONFIG, 0n, 4)).readUInt32LE(0)).toBe(0x0dc8494f);
       await client.regionWrite(Region.BAR2, 0n, Buffer.from([3]));
       expect((await client.regionRead(Region.BAR2, 0n, 1))[0]).toBe(3);
@@ -65,9 +73,9 @@ describe('vfio-user serve', () => {
     let stderr = '';
     child.stderr!.on('data', (d) => (stderr += d));
     try {
-      await until(() => stderr.includes('serving') || child.exitCode !== null, 15000);
+      await until(() => stderr.includes('serving') || child.exitCode !== null, STARTED_MS);
       expect(stderr).toMatch(/serving/);
-      const client = await connect(socket.path);
+      const client = await connect(socket.path, { timeoutMs: STARTED_MS });
       expect((await client.regionRead(Region.CONFIG, 0n, 4)).readUInt32LE(0)).toBe(0x0dc8494f);
       client.close();
       child.kill('SIGTERM');
@@ -84,8 +92,8 @@ describe('vfio-user serve', () => {
     const module = join(root, '__test__/fixtures/args-device');
     const child = spawn(tsx, [join(root, 'ts/cli/main.ts'), 'serve', module, '--socket', socket.path, '--', '--device-id', '0xbeef'], { stdio: ['ignore', 'ignore', 'pipe'] });
     try {
-      await until(() => existsSync(socket.path), 15000);
-      const client = await connect(socket.path);
+      await until(() => existsSync(socket.path), STARTED_MS);
+      const client = await connect(socket.path, { timeoutMs: STARTED_MS });
       expect((await client.regionRead(Region.CONFIG, 0n, 4)).readUInt32LE(0)).toBe(0xbeef1234);
       client.close();
     } finally {
@@ -112,8 +120,8 @@ describe('vfio-user serve', () => {
     let stderr = '';
     child.stderr.on('data', (d) => (stderr += d));
     try {
-      await until(() => existsSync(socket.path) || child.exitCode !== null, 15000);
-      const client = await connect(socket.path);
+      await until(() => existsSync(socket.path) || child.exitCode !== null, STARTED_MS);
+      const client = await connect(socket.path, { timeoutMs: STARTED_MS });
       expect((await client.regionRead(Region.CONFIG, 0n, 4)).readUInt32LE(0)).toBe(0x0dc8494f);
       client.close();
       expect(stderr).toMatch(/serving .*dist\/examples\/gpio\.js/);
@@ -129,11 +137,11 @@ describe('vfio-user serve', () => {
     let stderr = '';
     child.stderr.on('data', (d) => (stderr += d));
     try {
-      await until(() => existsSync(socket.path) || child.exitCode !== null, 15000);
-      const client = await connect(socket.path);
+      await until(() => existsSync(socket.path) || child.exitCode !== null, STARTED_MS);
+      const client = await connect(socket.path, { timeoutMs: STARTED_MS });
       await client.regionRead(Region.BAR2, 6n, 1);
       client.close();
-      await until(() => stderr.includes('REGION_READ reply'), 5000);
+      await until(() => stderr.includes('REGION_READ reply'), STARTED_MS);
       expect(stderr).toContain('vfio-user(server): client→server REGION_READ #2 region=BAR2 offset=0x6 count=1\n');
       expect(stderr).toContain('vfio-user(server): server→client REGION_READ reply #2 region=BAR2 offset=0x6 count=1 data=00\n');
 
@@ -167,20 +175,20 @@ describe('vfio-user serve', () => {
     const uid = process.getuid!();
     const refusing = start(['--allow-uid', `${uid + 1}`]);
     try {
-      await until(() => refusing.stderr.includes('serving') || refusing.child.exitCode !== null, 15000);
-      await expect(connect(socket.path)).rejects.toThrow(ConnectionClosedError);
-      await until(() => refusing.stderr.includes('refused'), 15000);
+      await until(() => refusing.stderr.includes('serving') || refusing.child.exitCode !== null, STARTED_MS);
+      await expect(connect(socket.path, { timeoutMs: STARTED_MS })).rejects.toThrow(ConnectionClosedError);
+      await until(() => refusing.stderr.includes('refused'), STARTED_MS);
       expect(refusing.stderr).toContain(`vfio-user: refused a client (pid ${process.pid}): uid ${uid} is not allowed`);
     } finally {
       await stop(refusing.child);
     }
     const bounded = start([`--allow-uid=${uid + 1},${uid}`, '--allow-gid', `${process.getgid!()}`, '--allow-pid', `${process.pid}`, '--request-timeout-ms', '50', '--max-queued-bytes', '2097152']);
     try {
-      await until(() => bounded.stderr.includes('serving') || bounded.child.exitCode !== null, 15000);
-      const client = await connect(socket.path);
+      await until(() => bounded.stderr.includes('serving') || bounded.child.exitCode !== null, STARTED_MS);
+      const client = await connect(socket.path, { timeoutMs: STARTED_MS });
       await expect(client.regionRead(Region.BAR2, 0n, 1)).rejects.toMatchObject({ errno: Errno.ETIMEDOUT });
       client.close();
-      await until(() => bounded.stderr.includes('client disconnected'), 15000);
+      await until(() => bounded.stderr.includes('client disconnected'), STARTED_MS);
       expect(bounded.stderr).toContain('vfio-user: REGION_READ timed out; the client was answered ETIMEDOUT');
       // A client that reads no replies: cut off past 2 MiB of them.
       const raw = await rawConnect(socket.path);
@@ -190,14 +198,14 @@ describe('vfio-user serve', () => {
       raw.pause();
       const read = encodeRegionReadRequest({ offset: 0n, region: Region.BAR0, count: 1 << 20 });
       for (let id = 2; id < 40; id++) raw.write(encodeMessage({ msgId: id, command: Command.REGION_READ }, read));
-      await until(() => bounded.stderr.includes('unread'), 15000);
+      await until(() => bounded.stderr.includes('unread'), STARTED_MS);
       expect(bounded.stderr).toMatch(/client disconnected \(.*left more than 2097152 bytes unread/);
       raw.destroy();
     } finally {
       await stop(bounded.child);
       socket.cleanup();
     }
-  }, 60_000);
+  });
 
   test('--list-examples names every shipped device example', async () => {
     const { code, stdout } = await run(['serve', '--list-examples'], [join(root, 'dist/ts/cli/main.js')]);
@@ -269,5 +277,5 @@ describe('vfio-user command line', () => {
     } finally {
       socket.cleanup();
     }
-  }, 60_000); // three Node starts: slow on a loaded machine, never timed
+  }, SPAWNING_TEST_MS);
 });
