@@ -4,7 +4,7 @@ import { existsSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, test } from 'vitest';
 import { connect, EventfdIrq, GuestMemory, IrqIndex, Region, type VfioUserClient } from '../ts/index.js';
-import { serve, tempSocketPath, until, type Served } from './helpers.js';
+import { serve, SPAWNING_TEST_MS, STARTED_MS, tempSocketPath, until, type Served } from './helpers.js';
 import { DmaTestDevice, PAGE } from './dma-device.js';
 
 const root = join(__dirname, '..');
@@ -36,7 +36,7 @@ async function startTrace(served: Served<any>, ...extra: string[]): Promise<Trac
     child.kill('SIGKILL');
     socket.cleanup();
   });
-  await until(() => stderr.includes('listening on') || child.exitCode !== null, 15000);
+  await until(() => stderr.includes('listening on') || child.exitCode !== null, STARTED_MS);
   expect(existsSync(socket.path)).toBe(true);
   return { path: socket.path, child, stdout: () => stdout, stderr: () => stderr };
 }
@@ -53,7 +53,7 @@ function memory(size: number): GuestMemory {
   return ram;
 }
 
-describe('vfio-user trace', () => {
+describe('vfio-user trace', { timeout: SPAWNING_TEST_MS }, () => {
   test('passes a whole session through, fds included, and prints every message decoded', async () => {
     const served = await serve();
     cleanups.push(() => served.close());
@@ -107,18 +107,18 @@ describe('vfio-user trace', () => {
       'client→server DEVICE_SET_IRQS #7 index=INTX flags=DATA_EVENTFD|ACTION_TRIGGER start=0 count=1 fds=1',
       'server→client DEVICE_SET_IRQS reply #7',
     ];
-    await until(() => trace.stdout().split('\n').length > expected.length, 5000);
+    await until(() => trace.stdout().split('\n').length > expected.length);
     expect(trace.stdout().trimEnd().split('\n')).toEqual(expected);
 
     c.close();
-    await until(() => /session 1 ended: the client closed the connection/.test(trace.stderr()), 5000);
+    await until(() => /session 1 ended: the client closed the connection/.test(trace.stderr()));
     // The fds that crossed (the memfd, the eventfd) were closed on the way: the trace keeps no copy.
     const ours = heldFds('self').filter((fd) => fd === `eventfd ${/eventfd-id:\s*(\d+)/.exec(readFileSync(`/proc/self/fdinfo/${ev.fd}`, 'utf8'))![1]}` || fd.startsWith('/memfd:'));
     expect(ours.length).toBeGreaterThanOrEqual(2);
     const kept = heldFds(trace.child.pid!);
     expect(kept.filter((fd) => ours.includes(fd))).toEqual([]);
     // The server saw the client leave through the trace, and takes the next one.
-    await until(() => served.server.session === undefined, 5000);
+    await until(() => served.server.session === undefined);
     const next = await client(trace.path);
     expect((await next.regionRead(Region.CONFIG, 0n, 2)).readUInt16LE(0)).toBe(0x494f);
 
@@ -142,7 +142,7 @@ describe('vfio-user trace', () => {
     await device.dma.writeAsync(0x200000n + 8n, Buffer.from('back'));
     expect(ram.read(8, 4).toString()).toBe('back');
 
-    await until(() => trace.stdout().split('\n').length > 8, 5000);
+    await until(() => trace.stdout().split('\n').length > 8);
     const lines = trace.stdout().trimEnd().split('\n').map((line) => JSON.parse(line));
     expect(lines).toHaveLength(8);
     expect(lines[0]).toEqual({
@@ -165,7 +165,7 @@ describe('vfio-user trace', () => {
     const trace = await startTrace(served);
     await served.close();
     await expect(connect(trace.path)).rejects.toThrow();
-    await until(() => trace.stderr().includes('turned away'), 5000);
+    await until(() => trace.stderr().includes('turned away'));
     expect(trace.stderr()).toMatch(/session 1: .*cannot connect.*turned away/);
     expect(trace.child.exitCode).toBe(null);
   });

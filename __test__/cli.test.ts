@@ -8,7 +8,7 @@ import { once } from 'node:events';
 import { Command, connect, ConnectionClosedError, Errno, Region } from '../ts/index.js';
 import { encodeMessage, encodeRegionReadRequest, encodeVersion } from '../ts/protocol/index.js';
 import { main } from '../ts/cli/commands.js';
-import { rawConnect, tempSocketPath, until } from './helpers.js';
+import { rawConnect, SPAWNING_TEST_MS, STARTED_MS, tempSocketPath, until } from './helpers.js';
 
 const root = join(__dirname, '..');
 const tsx = join(root, 'node_modules', '.bin', 'tsx');
@@ -25,14 +25,6 @@ async function run(args: string[], command = cli, env: NodeJS.ProcessEnv = proce
   const code = await new Promise<number | null>((r) => child.on('exit', r));
   return { code, stdout, stderr };
 }
-
-/**
- * How long a spawned command may take to start or answer, and a test that
- * spawns some: Node and tsx starting on a loaded machine take seconds. Only
- * a command that never gets there fails; nothing here is timed.
- */
-const STARTED_MS = 60_000;
-const SPAWNING_TEST_MS = 180_000;
 
 describe('vfio-user serve', { timeout: SPAWNING_TEST_MS }, () => {
   test('serves a TS device module and cleans up on SIGTERM', async () => {

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, test } from 'vitest';
 import { connect, Errno, HandlerResultError, PciDevice, Region, type RegisterValue } from '../ts/index.js';
 import { BareDevice } from './bare-device.js';
-import { serve, tempSocketPath, until, type Served } from './helpers.js';
+import { serve, SPAWNING_TEST_MS, STARTED_MS, tempSocketPath, until, type Served } from './helpers.js';
 
 const root = join(__dirname, '..');
 
@@ -92,7 +92,7 @@ test('a device without the PCI model that reads short is named with the region',
   ]);
 });
 
-describe('stack traces', () => {
+describe('stack traces', { timeout: SPAWNING_TEST_MS }, () => {
   test('vfio-user serve run from dist reports a throwing handler at its .ts file and line, and the library at its .ts files', async () => {
     const fixture = join(root, '__test__/fixtures/throwing-device.ts');
     const line = readFileSync(fixture, 'utf8').split('\n').findIndex((l) => l.includes('THROW-LINE')) + 1;
@@ -101,7 +101,7 @@ describe('stack traces', () => {
     let stderr = '';
     child.stderr.on('data', (chunk: Buffer) => (stderr += chunk));
     try {
-      await until(() => stderr.includes('serving'), 15000);
+      await until(() => stderr.includes('serving'), STARTED_MS);
       const client = await connect(socket.path);
       await expect(client.regionRead(Region.BAR2, 0n, 4)).rejects.toMatchObject({ errno: Errno.EIO });
       client.close();

@@ -65,6 +65,14 @@ export async function rawConnect(path: string): Promise<Socket> {
  */
 const WAIT_MS = 15_000;
 
+/**
+ * How long a spawned Node (with tsx) may take to start or answer on a loaded
+ * machine, and a test that spawns some: only a command that never gets there
+ * fails, nothing is timed.
+ */
+export const STARTED_MS = 60_000;
+export const SPAWNING_TEST_MS = 180_000;
+
 /** Resolves once `predicate` holds, polling the event loop. */
 export async function until(predicate: () => boolean, timeoutMs = WAIT_MS): Promise<void> {
   const deadline = Date.now() + timeoutMs;

@@ -29,7 +29,7 @@ import type { ExtendedCapability } from '../ts/lspci/ext-caps.js';
 import { lspci } from '../ts/cli/lspci.js';
 import { DoorbellDevice } from '../examples/msix-device.js';
 import { QueueCard } from '../examples/nvme-doorbell.js';
-import { serve, tempSocketPath, until } from './helpers.js';
+import { serve, SPAWNING_TEST_MS, STARTED_MS, tempSocketPath, until } from './helpers.js';
 
 const root = join(__dirname, '..');
 const GOLDEN = join(__dirname, 'golden');
@@ -566,12 +566,12 @@ function run(args: string[]): Promise<{ code: number | null; stdout: string; std
   });
 }
 
-describe('vfio-user lspci', () => {
+describe('vfio-user lspci', { timeout: SPAWNING_TEST_MS }, () => {
   test('describes a device served by vfio-user serve, as text and as JSON', async () => {
     const socket = tempSocketPath();
     const server = spawn(tsx, [main, 'serve', join(root, 'examples/gpio.ts'), '--socket', socket.path], { stdio: 'ignore' });
     try {
-      await until(() => existsSync(socket.path), 15000);
+      await until(() => existsSync(socket.path), STARTED_MS);
       const text = await run(['lspci', socket.path]);
       expect(text.stderr).toBe('');
       expect(text.code).toBe(0);
@@ -590,7 +590,7 @@ describe('vfio-user lspci', () => {
     const socket = tempSocketPath();
     const server = spawn(tsx, [main, 'serve', join(root, 'examples/nvme-doorbell.ts'), '--socket', socket.path], { stdio: 'ignore' });
     try {
-      await until(() => existsSync(socket.path), 15000);
+      await until(() => existsSync(socket.path), STARTED_MS);
       const text = await run(['lspci', socket.path]);
       expect([text.code, text.stderr]).toEqual([0, '']);
       expect(text.stdout).toBe(readFileSync(join(GOLDEN, 'lspci-nvme-doorbell.txt'), 'utf8'));

@@ -9,7 +9,7 @@ import { constants as os } from 'node:os';
 import { Command, connect, ConnectionClosedError, createServer, DmaSpaceClosedError, Errno, GuestMemory, PciDevice, protocol, Region, UsageError } from '../ts/index.js';
 import { native } from '../ts/native.js';
 import { PciIdio16 } from '../examples/gpio.js';
-import { nextMessage, qemuVersion, rawConnect, rawMessage, serve, tempSocketPath, until, type Served } from './helpers.js';
+import { nextMessage, qemuVersion, rawConnect, rawMessage, serve, SPAWNING_TEST_MS, STARTED_MS, tempSocketPath, until, type Served } from './helpers.js';
 
 let served: Served;
 afterEach(async () => served?.close());
@@ -68,7 +68,7 @@ describe('listening', () => {
   });
 });
 
-describe('out of file descriptors', () => {
+describe('out of file descriptors', { timeout: SPAWNING_TEST_MS }, () => {
   test('an accept that fails with EMFILE is reported and retried, not spun on', async () => {
     const socket = tempSocketPath();
     const script = join(__dirname, 'fixtures/emfile-server.ts');
@@ -76,7 +76,7 @@ describe('out of file descriptors', () => {
     let out = '';
     child.stdout.on('data', (d) => (out += d));
     try {
-      await until(() => out.includes('ready'), 15000);
+      await until(() => out.includes('ready'), STARTED_MS);
       const client = await connect(socket.path);
       expect((await client.regionRead(Region.CONFIG, 0n, 2)).readUInt16LE(0)).toBe(0x494f);
       client.close();
