@@ -70,12 +70,6 @@ const CC_WRITABLE = 0x00fffff1;
 const CAP = BigInt(MAX_QUEUE_ENTRIES - 1) | (1n << 16n) | (2n << 24n) | (1n << 36n) | (1n << 37n);
 /** After this long without a doorbell, poll less often. */
 const IDLE_MS = 1000;
-/**
- * For this long after a doorbell, poll on every turn of the event loop: at
- * queue depth 1 the host's next command follows its last completion closely,
- * and a millisecond timer would make each command wait for it.
- */
-const BUSY_MS = 0.25;
 
 /** What saveState writes, as JSON: bigints as decimal strings. */
 interface SavedState {
@@ -542,27 +536,21 @@ export class NvmeController extends PciDevice {
   }
 
   /**
-   * Polls the doorbell page until close(): on every turn of the event loop
-   * for BUSY_MS after a doorbell, then every millisecond, every 10 ms once
-   * idle for a second. Never continuously: a spinning server takes a core
-   * from the VMM, and in a QEMU TCG guest that delayed interrupts by
+   * Polls the doorbell page until close(): every millisecond, every 10 ms
+   * once idle for a second. Never continuously: a spinning server takes a
+   * core from the VMM, and in a QEMU TCG guest that delayed interrupts by
    * seconds. The timers do not keep the process alive.
    */
   startPolling(): void {
     if (this.doorbellMode !== 'mmap' || this.stopPolling) return;
-    let polling = true;
+    let timer: NodeJS.Timeout;
     const loop = () => {
-      if (!polling) return;
       const now = performance.now();
       if (this.poll()) this.lastActive = now;
-      const idle = now - this.lastActive;
-      if (idle < BUSY_MS) setImmediate(loop).unref();
-      else setTimeout(loop, idle < IDLE_MS ? 1 : 10).unref();
+      timer = setTimeout(loop, now - this.lastActive < IDLE_MS ? 1 : 10).unref();
     };
-    setTimeout(loop, 1).unref();
-    this.stopPolling = () => {
-      polling = false;
-    };
+    timer = setTimeout(loop, 1).unref();
+    this.stopPolling = () => clearTimeout(timer);
   }
 
   /** Stops polling and closes the store, which the controller owns; then the library's close(). */
