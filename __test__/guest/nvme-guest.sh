@@ -24,6 +24,19 @@ echo "NVME-DEVICES ts-trap-shadow=$ours ts-trap=$(device ts-trap) ts-mmap=$(devi
 [ -n "$ours" ] && [ -n "$qemu" ]
 nvme list | grep -q "vfio-user TypeScript NVMe"
 
+# fio first, while every image is as sparse as the others, each job on every device in turn
+# (terse v3: field 7 read KiB/s, 8 read IOPS).
+for job in "randread 4k 1" "randread 4k 32" "read 128k 32"; do
+  set -- $job
+  for name in qemu ts-trap ts-trap-shadow ts-mmap; do
+    dev=$(device $name)
+    [ -n "$dev" ] || continue
+    line=$(fio --name=j --filename="$dev" --rw="$1" --bs="$2" --iodepth="$3" --ioengine=libaio --direct=1 \
+      --runtime="$RUNTIME" --time_based --size=256M --output-format=terse --terse-version=3 | tail -n 1)
+    echo "NVME-FIO device=$name job=$1-$2-qd$3 kibps=$(echo "$line" | cut -d';' -f7) iops=$(echo "$line" | cut -d';' -f8)"
+  done
+done
+
 # A filesystem on ours (as Linux drives it by default): write a file, drop every cache, read it back.
 mkfs.ext4 -q -F "$ours"
 mkdir -p /mnt/ours
@@ -39,15 +52,3 @@ read=$(md5sum < /mnt/ours/data)
 umount /mnt/ours
 echo "NVME-CHECKSUM written=${written%% *} read=${read%% *}"
 [ "$written" = "$read" ]
-
-# fio, each job on every device in turn (terse v3: field 7 read KiB/s, 8 read IOPS).
-for job in "randread 4k 1" "randread 4k 32" "read 128k 32"; do
-  set -- $job
-  for name in qemu ts-trap ts-trap-shadow ts-mmap; do
-    dev=$(device $name)
-    [ -n "$dev" ] || continue
-    line=$(fio --name=j --filename="$dev" --rw="$1" --bs="$2" --iodepth="$3" --ioengine=libaio --direct=1 \
-      --runtime="$RUNTIME" --time_based --size=256M --output-format=terse --terse-version=3 | tail -n 1)
-    echo "NVME-FIO device=$name job=$1-$2-qd$3 kibps=$(echo "$line" | cut -d';' -f7) iops=$(echo "$line" | cut -d';' -f8)"
-  done
-done
