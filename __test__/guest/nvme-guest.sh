@@ -1,5 +1,6 @@
 # Runs inside the guest kit (busybox sh) with QEMU's built-in NVMe (serial "qemu") and ours:
-# "ts-trap-shadow" (the defaults), "ts-trap" (no shadow doorbells) and "ts-mmap" (mapped doorbells).
+# "ts-trap-shadow" (the defaults), "ts-trap" (no shadow doorbells), "ts-mmap" (mapped doorbells)
+# and "ts-ioeventfd" (ioeventfd doorbells).
 # Prints NVME-* lines that __test__/guest/nvme.ts reads.
 set -e
 RUNTIME=__RUNTIME__
@@ -28,7 +29,7 @@ nvme list | grep -q "vfio-user TypeScript NVMe"
 # (terse v3: field 7 read KiB/s, 8 read IOPS).
 for job in "randread 4k 1" "randread 4k 32" "read 128k 32"; do
   set -- $job
-  for name in qemu ts-trap ts-trap-shadow ts-mmap; do
+  for name in qemu ts-trap ts-trap-shadow ts-mmap ts-ioeventfd; do
     dev=$(device $name)
     [ -n "$dev" ] || continue
     line=$(fio --name=j --filename="$dev" --rw="$1" --bs="$2" --iodepth="$3" --ioengine=libaio --direct=1 \

@@ -231,8 +231,6 @@ function queueIdAndSize(ctrl: NvmeController, command: Command): { id: number; s
   // CAP.CQR: physically contiguous rings only (PC set), page aligned.
   if ((command.dw(11) & 1) === 0) throw new CommandError(Status.INVALID_FIELD, 'queues must be physically contiguous');
   if ((command.prp1 & 0xfffn) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, 'a queue starts on a page');
-  // An ioeventfd carries no value: without shadow doorbells the queue's could never be known.
-  if (ctrl.doorbellMode === 'ioeventfd' && !ctrl.shadow) throw new CommandError(Status.COMMAND_SEQUENCE_ERROR, 'ioeventfd doorbells need Doorbell Buffer Config first');
   return { id, size };
 }
 

@@ -19,11 +19,12 @@
  * - 'ioeventfd': each I/O queue's two doorbells have an ioeventfd, which a
  *   VMM has KVM signal on a guest write (GET_REGION_IO_FDS), with no message
  *   and no exit to the VMM; the controller wakes on the eventfd. A signal
- *   carries no value, so the values come from shadow doorbells: I/O queues
- *   can be created only after Doorbell Buffer Config (Command Sequence Error
- *   before). The admin queue's doorbells stay trapped: Linux never shadows
- *   them. A VMM that does not wire the ioeventfds (QEMU 10.2) sends the
- *   writes as messages, which the library turns into the same signals.
+ *   carries no value, so the values come from shadow doorbells: a kick
+ *   before Doorbell Buffer Config has nothing to act on and waits for it
+ *   (Linux creates its I/O queues, then sends the command, then starts I/O).
+ *   The admin queue's doorbells stay trapped: Linux never shadows them. A VMM
+ *   that does not wire the ioeventfds (QEMU 10.2) sends the writes as
+ *   messages, which the library turns into the same signals.
  * In every mode a host may set up shadow doorbells (Doorbell Buffer Config,
  * shadow.ts), as Linux does: I/O queues' values are then read from the
  * shadow page, and the host writes the register only when EventIdx asks.
@@ -179,8 +180,10 @@ export class NvmeController extends PciDevice {
     this.offersShadowDoorbells = offersShadowDoorbells;
     const bar = this.bar(0).bytes;
     this.doorbells = mode === 'mmap' ? new Uint32Array(bar!.buffer, bar!.byteOffset + DOORBELLS, 1024) : undefined;
-    // Doorbell 2 + i: the value is in the shadow page.
-    this.bar(0).ioeventfds.forEach((kick, i) => kick.on('signal', () => this.ringDoorbell(i + 2)));
+    // Doorbell 2 + i: the value is in the shadow page; without one, the kick waits for Doorbell Buffer Config.
+    this.bar(0).ioeventfds.forEach((kick, i) => kick.on('signal', () => {
+      if (this.shadow) this.ringDoorbell(i + 2);
+    }));
     this.serial = (options.serial ?? randomBytes(6).toString('hex')).slice(0, 20);
     this.nguid = Buffer.concat([Buffer.from('vfio-user'), Buffer.from(this.serial.padEnd(7, ' ').slice(0, 7))]);
   }
@@ -342,19 +345,24 @@ export class NvmeController extends PciDevice {
   /**
    * Doorbell Buffer Config: I/O queues' doorbells are read from `shadow`
    * from now on, and their EventIdx published in `eventIdx`. Queues that
-   * exist already go on from where they are. Returns false when the pages
-   * are not guest memory the controller can view.
+   * exist already go on from where they are (Linux creates them first), and
+   * are looked at once the command has completed, for kicks that came before.
+   * Returns false when the pages are not guest memory the controller can view.
    */
   useShadowDoorbells(shadow: ShadowDoorbells): boolean {
     try {
-      for (const sq of this.sqs) if (sq && sq.id > 0) shadow.reset(2 * sq.id, sq.tail);
-      for (const cq of this.cqs) if (cq && cq.id > 0) shadow.reset(2 * cq.id + 1, cq.head);
+      // What the controller knows goes in the pages; kicks by ioeventfd told it nothing, so there the host's values stand.
+      if (this.doorbellMode !== 'ioeventfd') {
+        for (const sq of this.sqs) if (sq && sq.id > 0) shadow.reset(2 * sq.id, sq.tail);
+        for (const cq of this.cqs) if (cq && cq.id > 0) shadow.reset(2 * cq.id + 1, cq.head);
+      }
       shadow.value(0);
     } catch (error) {
       if (!isDmaError(error)) throw error;
       return false;
     }
     this.shadow = shadow;
+    setImmediate(() => this.serviceAll());
     return true;
   }
 
