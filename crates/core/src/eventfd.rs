@@ -16,19 +16,33 @@ pub fn signal(fd: impl AsFd) -> io::Result<()> {
 
 /// Adds `value` to the counter. A counter at its maximum already wakes its
 /// reader, so that is not an error. A peer's eventfd may be blocking (its
-/// file status flags are the peer's, see `adopt`): a write that would block
-/// is not attempted. A peer that fills the counter between the poll and the
-/// write still blocks it (docs/security.md, "What remains").
+/// file status flags are the peer's, see `adopt`), and a write to a full one
+/// blocks: one that would is not attempted, and a peer that fills the counter
+/// between that check and the write gets the write interrupted within
+/// `deadline::LIMIT` (the counter it left at its maximum is the signal).
+/// Without a deadline (no free real-time signal, no POSIX timer), that race
+/// still blocks the caller until the peer reads (docs/security.md).
 pub fn add(fd: impl AsFd, value: u64) -> io::Result<()> {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let mut ready = [PollFd::new(&fd, PollFlags::OUT)];
-    if poll(&mut ready, Some(&Timespec { tv_sec: 0, tv_nsec: 0 }))? == 0 {
+    if !writable(&fd)? {
         return Ok(());
     }
-    match rustix::io::write(fd, &value.to_ne_bytes()) {
-        Ok(_) | Err(Errno::AGAIN) => Ok(()),
+    write_bounded(fd, value)
+}
+
+/// The write itself, bounded by this thread's deadline where it has one.
+fn write_bounded(fd: impl AsFd, value: u64) -> io::Result<()> {
+    let write = || rustix::io::write(&fd, &value.to_ne_bytes());
+    match crate::deadline::bounded(write).unwrap_or_else(write) {
+        Ok(_) | Err(Errno::AGAIN) | Err(Errno::INTR) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Whether a write of 1 would not block now (the counter is below its maximum).
+fn writable(fd: impl AsFd) -> io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut ready = [PollFd::new(&fd, PollFlags::OUT)];
+    Ok(poll(&mut ready, Some(&Timespec { tv_sec: 0, tv_nsec: 0 }))? > 0)
 }
 
 /// Reads and clears the counter; `None` if it was zero (non-blocking fd).
@@ -54,8 +68,8 @@ pub fn is_eventfd(fd: impl AsFd) -> bool {
 /// eventfd. Its O_NONBLOCK flag is left alone: the flag belongs to the open
 /// file, shared with the peer's copy, and a peer may read its eventfd
 /// blocking (libvfio-user's client sample does, and fails on EAGAIN).
-/// Signalling one whose counter a hostile peer left at its maximum does not
-/// stall the caller: `add` checks that the write would not block first.
+/// Signalling one whose counter a hostile peer holds at its maximum does not
+/// stall the caller (`add`).
 pub fn adopt(fd: impl AsFd) -> io::Result<bool> {
     Ok(is_eventfd(&fd))
 }
@@ -99,5 +113,41 @@ mod tests {
         assert!(adopt(&fd).unwrap());
         signal(&fd).unwrap();
         assert_eq!(take(&fd).unwrap(), Some(0xffff_ffff_ffff_fffe));
+    }
+
+    const MAXIMUM: u64 = 0xffff_ffff_ffff_fffe;
+
+    /// Runs `f` on a thread of its own; panics if it has not returned after a
+    /// generous minute (a blocked write would never return).
+    fn returns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()).unwrap());
+        rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the write blocked")
+    }
+
+    #[test]
+    fn a_write_racing_a_peer_that_filled_the_counter_returns() {
+        // What `add` does after its check said writable, had the peer filled
+        // the counter in between: the write itself meets a full counter.
+        let fd = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
+        rustix::io::write(&fd, &MAXIMUM.to_ne_bytes()).unwrap();
+        let peer = fd.try_clone().unwrap();
+        returns(move || write_bounded(&peer, 1)).unwrap();
+        assert_eq!(rustix::io::read(&fd, &mut [0u8; 8]), Ok(8));
+    }
+
+    #[test]
+    fn once_the_peer_reads_a_full_counter_signals_arrive_again() {
+        let fd = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
+        rustix::io::write(&fd, &MAXIMUM.to_ne_bytes()).unwrap();
+        let peer = fd.try_clone().unwrap();
+        let ours = fd.try_clone().unwrap();
+        returns(move || write_bounded(&ours, 1)).unwrap();
+        let mut buf = [0u8; 8];
+        rustix::io::read(&peer, &mut buf).unwrap();
+        assert_eq!(u64::from_ne_bytes(buf), MAXIMUM);
+        signal(&fd).unwrap();
+        rustix::io::read(&peer, &mut buf).unwrap();
+        assert_eq!(u64::from_ne_bytes(buf), 1);
     }
 }

@@ -6,6 +6,7 @@
 //! with SIGBUS-safe copies and dirty-page bitmaps for guest memory.
 //! Protocol semantics live in the TypeScript layer above.
 
+pub mod deadline;
 pub mod dirty;
 pub mod eventfd;
 pub mod framing;
