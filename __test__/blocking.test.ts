@@ -50,11 +50,13 @@ describe('connect', () => {
   }, FROZEN_AFTER_MS + 30_000);
 });
 
-describe('SET_IRQS eventfds', () => {
-  test('one a client left at its maximum count (and blocking) is signalled without blocking', () => {
-    const r = runChild(`
+/**
+ * Child code: a served device with one MSI-X vector, enabled, and a client
+ * connected in the same process; `fd` is an eventfd in blocking mode, as a
+ * client may hand one over.
+ */
+const MSIX_SERVER_WITH_BLOCKING_EVENTFD = `
       const { spawnSync } = await import('node:child_process');
-      const { readFileSync, writeSync } = await import('node:fs');
       const device = new lib.PciDevice({
         vendorId: 0x1234, deviceId: 0x5678, classCode: 0,
         bars: { 0: { kind: 'memory', size: 0x4000 } },
@@ -74,6 +76,13 @@ describe('SET_IRQS eventfds', () => {
       // libuv makes a spawned child's stdin blocking, and O_NONBLOCK belongs to
       // the open file, so this turns our non-blocking eventfd into a blocking one.
       spawnSync('true', [], { stdio: [fd, 'ignore', 'ignore'] });
+`;
+
+describe('SET_IRQS eventfds', () => {
+  test('one a client left at its maximum count (and blocking) is signalled without blocking', () => {
+    const r = runChild(`
+      const { readFileSync, writeSync } = await import('node:fs');
+      ${MSIX_SERVER_WITH_BLOCKING_EVENTFD}
       const flags = () => parseInt(/flags:\\s*(\\d+)/.exec(readFileSync('/proc/self/fdinfo/' + fd, 'utf8'))[1], 8);
       const O_NONBLOCK = 0o4000;
       const blockingBefore = (flags() & O_NONBLOCK) === 0;
@@ -90,5 +99,72 @@ describe('SET_IRQS eventfds', () => {
       client.close(); await server.close(); device.close();
     `, FROZEN_AFTER_MS);
     expect(result(r)).toEqual({ blockingBefore: true, count: 'fffffffffffffffe' });
+  }, FROZEN_AFTER_MS + 30_000);
+
+  test('one a client fills to its maximum while interrupts fire does not stop the loop answering', () => {
+    // The racer (a process of its own, as a client is) drains the eventfd and
+    // fills it to its maximum, over and over, racing the server's
+    // check-then-write. When it sees the server's thread waiting on the
+    // eventfd (its only wait there is a write) it has won: it stops for good,
+    // holding the counter full, and the server's write must still return
+    // (interrupted) for the reads that follow to be answered.
+    const r = runChild(`
+      const { spawn } = await import('node:child_process');
+      ${MSIX_SERVER_WITH_BLOCKING_EVENTFD}
+      await client.setIrqs({ index: lib.IrqIndex.MSIX, eventfds: [fd] });
+      const racer = spawn(process.execPath, ['-e', \`
+        const { openSync, readSync, writeSync } = require('node:fs');
+        const { Worker } = require('node:worker_threads');
+        const waiting = (path) => {
+          const file = openSync(path, 'r');
+          const text = Buffer.alloc(64);
+          return () => text.toString('latin1', 0, readSync(file, text, 0, 64, 0)) === 'do_wait_intr_irq';
+        };
+        const serverWaits = waiting('/proc/' + process.argv[1] + '/wchan');
+        const won = new Int32Array(new SharedArrayBuffer(4));
+        // Our own full write waits when the server signalled since our read:
+        // a second thread reads then (the counter is not zero) to let it go on.
+        new Worker(\\\`
+          const { workerData: { won, main } } = require('node:worker_threads');
+          const { openSync, readSync } = require('node:fs');
+          const file = openSync('/proc/self/task/' + main + '/syscall', 'r');
+          const text = Buffer.alloc(256);
+          const write = process.arch === 'arm64' ? '64' : '1';
+          const count = Buffer.alloc(8);
+          while (!Atomics.load(won, 0)) {
+            Atomics.wait(won, 0, 0, 1);
+            if (text.toString('latin1', 0, readSync(file, text, 0, 256, 0)).split(' ')[0] === write) readSync(3, count);
+          }
+        \\\`, { eval: true, workerData: { won, main: process.pid } });
+        const full = Buffer.alloc(8);
+        full.writeBigUInt64LE(0xfffffffffffffffen);
+        const count = Buffer.alloc(8);
+        for (let round = 1; ; round++) {
+          readSync(3, count);
+          writeSync(3, full);
+          if (serverWaits()) { Atomics.store(won, 0, 1); console.log('won after ' + round + ' rounds'); break; }
+        }
+        // Hold the counter full until the server's process is gone.
+        process.stdin.on('end', () => process.exit(0)).resume();
+      \`, String(process.pid)], { stdio: ['pipe', 'pipe', 'inherit', fd] });
+      let won = '';
+      racer.stdout.on('data', (d) => (won += d));
+      let firing = true;
+      const fire = () => { for (let i = 0; i < 100; i++) device.irq.trigger(0); if (firing) setImmediate(fire); };
+      fire();
+      let reads = 0;
+      while (!won && reads < 20000) {
+        await cfg(0, 4);
+        reads++;
+      }
+      for (let i = 0; i < 100; i++) await cfg(0, 4); // the racer holds the counter full from here on
+      firing = false;
+      racer.kill('SIGKILL');
+      console.error('racer: ' + (won.trim() || 'never won') + ', ' + reads + ' reads');
+      console.log('RESULT ' + JSON.stringify({ answered: true }));
+      client.close(); await server.close(); device.close();
+    `, FROZEN_AFTER_MS);
+    console.log(r.out);
+    expect(result(r)).toEqual({ answered: true });
   }, FROZEN_AFTER_MS + 30_000);
 });
