@@ -65,7 +65,8 @@ impl Timer {
             let mut event: libc::sigevent = std::mem::zeroed();
             event.sigev_notify = libc::SIGEV_THREAD_ID;
             event.sigev_signo = sig;
-            event.sigev_notify_thread_id = libc::gettid();
+            // The syscall, not glibc's gettid(): that wrapper came in glibc 2.30, past the 2.17 we link against.
+            event.sigev_notify_thread_id = libc::syscall(libc::SYS_gettid) as libc::pid_t;
             let mut timer: libc::timer_t = std::mem::zeroed();
             (libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) == 0).then_some(Timer(timer))
         }
@@ -140,7 +141,7 @@ mod tests {
     fn a_threads_timer_is_deleted_when_it_exits() {
         let (tid, owners) = std::thread::spawn(|| {
             assert!(available());
-            (format!("signal/tid.{}", unsafe { libc::gettid() }), timer_threads())
+            (format!("signal/tid.{}", unsafe { libc::syscall(libc::SYS_gettid) }), timer_threads())
         })
         .join()
         .unwrap();
