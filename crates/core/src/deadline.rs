@@ -3,7 +3,7 @@
 //! installed without SA_RESTART) makes a call still blocked return EINTR.
 //!
 //! Why: a peer's eventfd may be blocking (its O_NONBLOCK flag is shared with
-//! the peer, see `eventfd::adopt`), and writing one whose counter the peer
+//! the peer, see `eventfd::is_eventfd`), and writing one whose counter the peer
 //! holds at its maximum blocks. The timer fires only if the call outlasts
 //! `LIMIT`; a call that does not wait never sees it (a signal ends a wait,
 //! not a write that is running), so the common case costs two

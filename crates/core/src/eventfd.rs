@@ -1,6 +1,6 @@
 //! eventfds: the protocol's interrupt lines (SET_IRQS) and ioeventfds.
 
-use rustix::event::{eventfd, EventfdFlags};
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::io::{self, Errno};
 
@@ -16,14 +16,14 @@ pub fn signal(fd: impl AsFd) -> io::Result<()> {
 
 /// Adds `value` to the counter. A counter at its maximum already wakes its
 /// reader, so that is not an error. A peer's eventfd may be blocking (its
-/// file status flags are the peer's, see `adopt`), and a write to a full one
+/// file status flags are the peer's, see `is_eventfd`), and a write to a full one
 /// blocks: one that would is not attempted, and a peer that fills the counter
 /// between that check and the write gets the write interrupted within
 /// `deadline::LIMIT` (the counter it left at its maximum is the signal).
 /// Without a deadline (no free real-time signal, no POSIX timer), that race
 /// still blocks the caller until the peer reads (docs/security.md).
 pub fn add(fd: impl AsFd, value: u64) -> io::Result<()> {
-    if !writable(&fd)? {
+    if !ready(&fd, PollFlags::OUT)? {
         return Ok(());
     }
     write_bounded(fd, value)
@@ -38,10 +38,10 @@ fn write_bounded(fd: impl AsFd, value: u64) -> io::Result<()> {
     }
 }
 
-/// Whether a write of 1 would not block now (the counter is below its maximum).
-fn writable(fd: impl AsFd) -> io::Result<bool> {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let mut ready = [PollFd::new(&fd, PollFlags::OUT)];
+/// Whether `fd` is ready for `events` now: OUT, a write of 1 would not block
+/// (the counter is below its maximum); IN, a read would not (it is not zero).
+pub fn ready(fd: impl AsFd, events: PollFlags) -> io::Result<bool> {
+    let mut ready = [PollFd::new(&fd, events)];
     Ok(poll(&mut ready, Some(&Timespec { tv_sec: 0, tv_nsec: 0 }))? > 0)
 }
 
@@ -57,21 +57,14 @@ pub fn take(fd: impl AsFd) -> io::Result<Option<u64>> {
 }
 
 /// Whether `fd` really is an eventfd. SET_IRQS must not accept a pipe or a
-/// socket where the spec requires an eventfd (libvfio-user does).
+/// socket where the spec requires an eventfd (libvfio-user does). A peer's
+/// eventfd keeps its O_NONBLOCK flag as the peer set it: the flag belongs to
+/// the open file, shared with the peer's copy, and a peer may read its
+/// eventfd blocking (libvfio-user's client sample does, and fails on EAGAIN).
 pub fn is_eventfd(fd: impl AsFd) -> bool {
     use std::os::fd::AsRawFd;
     let path = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
     matches!(std::fs::read_link(path), Ok(target) if target.as_os_str() == "anon_inode:[eventfd]")
-}
-
-/// Takes a peer's fd for use as an interrupt line: `false` unless it is an
-/// eventfd. Its O_NONBLOCK flag is left alone: the flag belongs to the open
-/// file, shared with the peer's copy, and a peer may read its eventfd
-/// blocking (libvfio-user's client sample does, and fails on EAGAIN).
-/// Signalling one whose counter a hostile peer holds at its maximum does not
-/// stall the caller (`add`).
-pub fn adopt(fd: impl AsFd) -> io::Result<bool> {
-    Ok(is_eventfd(&fd))
 }
 
 #[cfg(test)]
@@ -94,23 +87,22 @@ mod tests {
         assert!(is_eventfd(&fd));
         let (r, _w) = rustix::pipe::pipe().unwrap();
         assert!(!is_eventfd(&r));
-        assert!(!adopt(&r).unwrap());
     }
 
     #[test]
-    fn adopting_leaves_the_peers_blocking_mode_alone() {
+    fn signalling_leaves_the_peers_blocking_mode_alone() {
         let fd = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
-        assert!(adopt(&fd).unwrap());
+        assert!(is_eventfd(&fd));
         signal(&fd).unwrap();
         let flags = rustix::fs::fcntl_getfl(&fd).unwrap();
         assert!(!flags.contains(rustix::fs::OFlags::NONBLOCK));
     }
 
     #[test]
-    fn an_adopted_eventfd_at_its_maximum_is_signalled_without_blocking() {
+    fn a_peers_blocking_eventfd_at_its_maximum_is_signalled_without_blocking() {
         let fd = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
         rustix::io::write(&fd, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
-        assert!(adopt(&fd).unwrap());
+        assert!(is_eventfd(&fd));
         signal(&fd).unwrap();
         assert_eq!(take(&fd).unwrap(), Some(0xffff_ffff_ffff_fffe));
     }

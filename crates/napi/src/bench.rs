@@ -30,13 +30,12 @@ pub fn memcpy_baseline(mut target: Uint8ArraySlice<'_>, source: &[u8], iteration
 /// zero), so neither ever meets a full one.
 #[napi]
 pub fn eventfd_signal_costs(iterations: u32) -> napi::Result<Vec<f64>> {
-    use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
-    use vfio_user_core::eventfd::{signal, take};
+    use rustix::event::{eventfd, EventfdFlags, PollFlags};
+    use vfio_user_core::eventfd::{ready, signal, take};
     let failed = |e: rustix::io::Errno| napi::Error::from_reason(format!("eventfd bench: {e}"));
     let fd = eventfd(0, EventfdFlags::CLOEXEC).map_err(failed)?;
     let check_then_write = || -> rustix::io::Result<()> {
-        let mut ready = [PollFd::new(&fd, PollFlags::OUT)];
-        if poll(&mut ready, Some(&Timespec { tv_sec: 0, tv_nsec: 0 }))? > 0 {
+        if ready(&fd, PollFlags::OUT)? {
             rustix::io::write(&fd, &1u64.to_ne_bytes())?;
         }
         Ok(())

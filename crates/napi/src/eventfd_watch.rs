@@ -1,5 +1,5 @@
 //! `NativeEventfd`: an eventfd this process owns (its own, or one a peer
-//! sent and `eventfdAdopt` accepted), optionally watched on the
+//! sent that `isEventfd` accepted), optionally watched on the
 //! JS thread's loop (the same libuv poll the sockets use), so a waiter costs
 //! nothing while idle and hears each signal without polling.
 
@@ -36,8 +36,8 @@ impl NativeEventfd {
         Ok(NativeEventfd { inner: Rc::new(RefCell::new(Watched { fd: Some(fd), poll: None, js: None, keep_alive: true })) })
     }
 
-    /// Takes ownership of `fd`, an eventfd a peer sent that `eventfdAdopt`
-    /// accepted (so it is non-blocking): INTx's resample eventfd, say, which
+    /// Takes ownership of `fd`, an eventfd a peer sent that `isEventfd`
+    /// accepted (blocking or not, as the peer made it): INTx's resample eventfd, say, which
     /// the server watches. `close()` closes it.
     #[napi(factory)]
     pub fn from_fd(fd: i32) -> Result<Self> {

@@ -86,12 +86,6 @@ pub fn is_eventfd(fd: i32) -> Result<bool> {
     Ok(eventfd::is_eventfd(borrow_fd(fd)?))
 }
 
-/// Takes a peer's fd as an interrupt line: false unless it is an eventfd.
-/// Its blocking mode stays the peer's; signals never block (eventfd::add).
-#[napi]
-pub fn eventfd_adopt(fd: i32) -> Result<bool> {
-    eventfd::adopt(borrow_fd(fd)?).map_err(|e| os_error("eventfd check", e))
-}
 
 #[napi(object)]
 pub struct PeerCredentials {

@@ -34,7 +34,7 @@ export function deviceSetIrqs(session: HandlerContext, message: Message): Reply 
     throw fail(Errno.EINVAL, C, 'eventfds are for TRIGGER, and for UNMASK of INTx only');
   }
   // Adopting makes each non-blocking: one a client left at its maximum count cannot stall a signal.
-  if (!message.fds.every((fd) => native.eventfdAdopt(fd))) throw fail(Errno.EINVAL, C, 'every fd must be an eventfd');
+  if (!message.fds.every((fd) => native.isEventfd(fd))) throw fail(Errno.EINVAL, C, 'every fd must be an eventfd');
   // The device owns the fds once setIrqs returns; if it throws, they are still ours to close.
   session.device.setIrqs(req, [...message.fds]);
   message.fds.length = 0;
