@@ -45,13 +45,34 @@ pub fn ready(fd: impl AsFd, events: PollFlags) -> io::Result<bool> {
     Ok(poll(&mut ready, Some(&Timespec { tv_sec: 0, tv_nsec: 0 }))? > 0)
 }
 
-/// Reads and clears the counter; `None` if it was zero (non-blocking fd).
+/// Reads and clears the counter of one of our own (non-blocking) eventfds;
+/// `None` if it was zero.
 pub fn take(fd: impl AsFd) -> io::Result<Option<u64>> {
     let mut buf = [0u8; 8];
-    match rustix::io::read(fd, &mut buf) {
+    counted(rustix::io::read(fd, &mut buf), buf)
+}
+
+/// `take` for an eventfd a peer sent (INTx's resample line): it may be
+/// blocking, and the peer may read it too. A read that would block is not
+/// attempted, and one that loses the race to the peer is interrupted within
+/// `deadline::LIMIT`, as `add`'s write is.
+pub fn take_from_peer(fd: impl AsFd) -> io::Result<Option<u64>> {
+    if !ready(&fd, PollFlags::IN)? {
+        return Ok(None);
+    }
+    let mut buf = [0u8; 8];
+    let read = match crate::deadline::bounded(|| rustix::io::read(&fd, &mut buf)) {
+        Some(read) => read,
+        None => rustix::io::read(&fd, &mut buf),
+    };
+    counted(read, buf)
+}
+
+fn counted(read: io::Result<usize>, buf: [u8; 8]) -> io::Result<Option<u64>> {
+    match read {
         Ok(8) => Ok(Some(u64::from_ne_bytes(buf))),
         Ok(_) => Err(Errno::INVAL),
-        Err(Errno::AGAIN) => Ok(None),
+        Err(Errno::AGAIN) | Err(Errno::INTR) => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -126,6 +147,15 @@ mod tests {
         let peer = fd.try_clone().unwrap();
         returns(move || write_bounded(&peer, 1)).unwrap();
         assert_eq!(rustix::io::read(&fd, &mut [0u8; 8]), Ok(8));
+    }
+
+    #[test]
+    fn taking_from_a_peers_blocking_eventfd_that_is_empty_returns_none() {
+        let fd = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
+        let ours = fd.try_clone().unwrap();
+        assert_eq!(returns(move || take_from_peer(&ours)).unwrap(), None);
+        signal(&fd).unwrap();
+        assert_eq!(take_from_peer(&fd).unwrap(), Some(1));
     }
 
     #[test]

@@ -20,6 +20,19 @@ struct Watched {
     poll: Option<Poll>,
     js: Option<Rc<Callbacks>>,
     keep_alive: bool,
+    /// A peer's eventfd (blocking maybe, read by the peer too): read with care.
+    from_peer: bool,
+}
+
+impl Watched {
+    fn new(fd: OwnedFd, from_peer: bool) -> Rc<RefCell<Watched>> {
+        Rc::new(RefCell::new(Watched { fd: Some(fd), poll: None, js: None, keep_alive: true, from_peer }))
+    }
+}
+
+/// Reads and clears `fd`'s counter, the careful way for a peer's eventfd.
+fn take_counter(fd: &OwnedFd, from_peer: bool) -> rustix::io::Result<Option<u64>> {
+    if from_peer { eventfd::take_from_peer(fd) } else { eventfd::take(fd) }
 }
 
 #[napi]
@@ -33,7 +46,7 @@ impl NativeEventfd {
     #[napi(constructor)]
     pub fn new() -> Result<Self> {
         let fd = eventfd::create().map_err(|e| os_error("eventfd", e))?;
-        Ok(NativeEventfd { inner: Rc::new(RefCell::new(Watched { fd: Some(fd), poll: None, js: None, keep_alive: true })) })
+        Ok(NativeEventfd { inner: Watched::new(fd, false) })
     }
 
     /// Takes ownership of `fd`, an eventfd a peer sent that `isEventfd`
@@ -46,7 +59,7 @@ impl NativeEventfd {
         }
         // SAFETY: the caller hands over ownership of the fd.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(NativeEventfd { inner: Rc::new(RefCell::new(Watched { fd: Some(fd), poll: None, js: None, keep_alive: true })) })
+        Ok(NativeEventfd { inner: Watched::new(fd, true) })
     }
 
     /// The fd number, -1 once closed.
@@ -60,7 +73,7 @@ impl NativeEventfd {
     pub fn take(&self) -> Result<f64> {
         let inner = self.inner.borrow();
         let fd = inner.fd.as_ref().ok_or_else(closed)?;
-        let value = eventfd::take(fd).map_err(|e| os_error("eventfd read", e))?;
+        let value = take_counter(fd, inner.from_peer).map_err(|e| os_error("eventfd read", e))?;
         Ok(value.unwrap_or(0) as f64)
     }
 
@@ -133,7 +146,7 @@ fn on_readable(inner: &Rc<RefCell<Watched>>) {
     let (js, count) = {
         let w = inner.borrow();
         let (Some(fd), Some(js)) = (w.fd.as_ref(), w.js.clone()) else { return };
-        (js, eventfd::take(fd))
+        (js, take_counter(fd, w.from_peer))
     };
     // A zero counter means another reader took it first; a read error cannot
     // happen on an eventfd we own.
