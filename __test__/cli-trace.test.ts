@@ -2,8 +2,9 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterEach, describe, expect, test } from 'vitest';
-import { connect, EventfdIrq, GuestMemory, IrqIndex, Region, type VfioUserClient } from '../ts/index.js';
+import { describe, expect, test } from 'vitest';
+import { connect, EventfdIrq, IrqIndex, Region } from '../ts/index.js';
+import { testCleanups } from './cleanups.js';
 import { serve, SPAWNING_TEST_MS, STARTED_MS, tempSocketPath, until, type Served } from './helpers.js';
 import { DmaTestDevice, PAGE } from './dma-device.js';
 
@@ -16,10 +17,8 @@ interface Trace {
   stderr(): string;
 }
 
-const cleanups: (() => void | Promise<void>)[] = [];
-afterEach(async () => {
-  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
-});
+const cleanups = testCleanups();
+const { client, memory } = cleanups;
 
 async function startTrace(served: Served<any>, ...extra: string[]): Promise<Trace> {
   const socket = tempSocketPath('trace.sock');
@@ -32,7 +31,7 @@ async function startTrace(served: Served<any>, ...extra: string[]): Promise<Trac
   let stderr = '';
   child.stdout!.on('data', (d) => (stdout += d));
   child.stderr!.on('data', (d) => (stderr += d));
-  cleanups.push(() => {
+  cleanups.defer(() => {
     child.kill('SIGKILL');
     socket.cleanup();
   });
@@ -41,22 +40,10 @@ async function startTrace(served: Served<any>, ...extra: string[]): Promise<Trac
   return { path: socket.path, child, stdout: () => stdout, stderr: () => stderr };
 }
 
-async function client(path: string, options?: { twinSocket?: boolean }): Promise<VfioUserClient> {
-  const c = await connect(path, options);
-  cleanups.push(() => c.close());
-  return c;
-}
-
-function memory(size: number): GuestMemory {
-  const ram = new GuestMemory(size);
-  cleanups.push(() => ram.close());
-  return ram;
-}
-
 describe('vfio-user trace', { timeout: SPAWNING_TEST_MS }, () => {
   test('passes a whole session through, fds included, and prints every message decoded', async () => {
     const served = await serve();
-    cleanups.push(() => served.close());
+    cleanups.defer(() => served.close());
     const trace = await startTrace(served);
     /** memfds, and eventfds by their kernel id (Node holds eventfds of its own), held by `pid`. */
     const heldFds = (pid: number | string) =>
@@ -86,7 +73,7 @@ describe('vfio-user trace', { timeout: SPAWNING_TEST_MS }, () => {
 
     // SET_IRQS's eventfd crosses too: an interrupt raised by the device reaches the client's eventfd.
     const ev = new EventfdIrq();
-    cleanups.push(() => ev.close());
+    cleanups.defer(() => ev.close());
     await c.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
     served.device.assertIntx();
     expect(ev.take()).toBe(1);
@@ -130,7 +117,7 @@ describe('vfio-user trace', { timeout: SPAWNING_TEST_MS }, () => {
   test('relays the twin socket, so DMA_READ and DMA_WRITE show; --json prints one parsable object per message', async () => {
     const device = new DmaTestDevice();
     const served = await serve(device);
-    cleanups.push(() => served.close());
+    cleanups.defer(() => served.close());
     const trace = await startTrace(served, '--json');
     const c = await client(trace.path, { twinSocket: true });
     expect(c.twinSocket).toBe(true);
@@ -161,7 +148,7 @@ describe('vfio-user trace', { timeout: SPAWNING_TEST_MS }, () => {
 
   test('a server that is not there turns the client away and the trace keeps listening', async () => {
     const served = await serve();
-    cleanups.push(() => served.close());
+    cleanups.defer(() => served.close());
     const trace = await startTrace(served);
     await served.close();
     await expect(connect(trace.path)).rejects.toThrow();

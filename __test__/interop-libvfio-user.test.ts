@@ -9,11 +9,12 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { chmodSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, describe, expect, test } from 'vitest';
-import { connect, createServer, Errno, GuestMemory, IrqIndex, Region, type VfioUserClient } from '../ts/index.js';
+import { describe, expect, test } from 'vitest';
+import { createServer, Errno, IrqIndex, Region } from '../ts/index.js';
 import { native } from '../ts/native.js';
 import { DeviceInfoFlags, RegionCapId } from '../ts/protocol/index.js';
 import { SampleServerMirror } from './fixtures/sample-server.js';
+import { testCleanups } from './cleanups.js';
 import { tempSocketPath, until } from './helpers.js';
 
 const LIBVFIO_USER = process.env.VFIO_USER_LIBVFIO_USER;
@@ -21,10 +22,8 @@ const LIBVFIO_USER_16K = process.env.VFIO_USER_LIBVFIO_USER_16K;
 const root = join(__dirname, '..');
 const PAGE = 4096;
 
-const cleanups: (() => void | Promise<void>)[] = [];
-afterEach(async () => {
-  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
-});
+const cleanups = testCleanups();
+const { client, memory } = cleanups;
 
 /** A process whose output is kept for assertions and failure messages. */
 function run(file: string, args: string[], options: { stdin?: boolean } = {}): { child: ChildProcess; output: () => string } {
@@ -32,7 +31,7 @@ function run(file: string, args: string[], options: { stdin?: boolean } = {}): {
   let output = '';
   child.stdout!.on('data', (d) => (output += d));
   child.stderr!.on('data', (d) => (output += d));
-  cleanups.push(() => {
+  cleanups.defer(() => {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
   });
   return { child, output: () => output };
@@ -50,23 +49,11 @@ function listening(path: string): boolean {
 /** Starts one of libvfio-user's sample servers and waits for it to listen. */
 async function sample(build: string, name: string, args: string[] = [], options: { stdin?: boolean } = {}) {
   const socket = tempSocketPath(`${name}.sock`);
-  cleanups.push(() => socket.cleanup());
+  cleanups.defer(() => socket.cleanup());
   const server = run(join(build, 'samples', name), [...args, socket.path], options);
   await until(() => listening(socket.path) || server.child.exitCode !== null, 10000).catch(() => undefined);
   if (!listening(socket.path)) throw new Error(`${name} did not start:\n${server.output()}`);
   return { ...server, path: socket.path };
-}
-
-async function client(path: string, options: Parameters<typeof connect>[1] = {}): Promise<VfioUserClient> {
-  const c = await connect(path, options);
-  cleanups.push(() => c.close());
-  return c;
-}
-
-function memory(size: number): GuestMemory {
-  const m = new GuestMemory(size);
-  cleanups.push(() => m.close());
-  return m;
 }
 
 async function lspci(path: string): Promise<string> {
@@ -101,23 +88,23 @@ describe.skipIf(!LIBVFIO_USER)('libvfio-user\'s client sample drives us (needs V
     // The client starts the destination as "<its own folder>/server -v SOCKET": a
     // folder with a link to it and a `server` that runs `vfio-user serve` on the mirror.
     const folder = mkdtempSync(join(tmpdir(), 'libvfio-user-client-'));
-    cleanups.push(() => rmSync(folder, { recursive: true, force: true }));
+    cleanups.defer(() => rmSync(folder, { recursive: true, force: true }));
     symlinkSync(join(LIBVFIO_USER!, 'samples', 'client'), join(folder, 'client'));
     const cli = `'${process.execPath}' --import tsx '${join(root, 'ts/cli/main.ts')}' serve '${join(root, '__test__/fixtures/sample-server.ts')}'`;
     writeFileSync(join(folder, 'server'), `#!/bin/sh\nfor socket; do :; done\nexec ${cli} --socket "$socket"\n`);
     chmodSync(join(folder, 'server'), 0o755);
 
     const socket = tempSocketPath('source.sock');
-    cleanups.push(() => socket.cleanup());
+    cleanups.defer(() => socket.cleanup());
     const sourceLog: string[] = [];
     const device = new SampleServerMirror((line) => sourceLog.push(line));
     const server = createServer(device);
     await server.listen(socket.path);
-    cleanups.push(async () => {
+    cleanups.defer(async () => {
       await server.close();
       device.close();
     });
-    cleanups.push(() => rmSync(`${socket.path}_migrated`, { force: true }));
+    cleanups.defer(() => rmSync(`${socket.path}_migrated`, { force: true }));
 
     // client.c's migrate_to() forks and execs the server in the *parent*: the
     // process started here becomes the destination, and the client carries on
@@ -166,7 +153,7 @@ describe.skipIf(!LIBVFIO_USER)('our client and lspci drive libvfio-user\'s sampl
     expect((await c.regionRead(Region.BAR2, 1n, 1))[0]).toBe(0xf8);
     expect((await c.getIrqInfo(IrqIndex.INTX)).count).toBe(1);
     const [intx] = await c.wireIrqs(IrqIndex.INTX);
-    cleanups.push(() => intx.close());
+    cleanups.defer(() => intx.close());
     const ram = memory(4 * PAGE);
     await c.dmaMap({ iova: 0x100000n, memory: ram });
     await c.dmaMap({ iova: 0x200000n, memory: memory(PAGE), shareFd: false });
@@ -202,12 +189,12 @@ describe.skipIf(!LIBVFIO_USER)('our client and lspci drive libvfio-user\'s sampl
 
     // BAR1: sparse-mmappable first and last pages, backed by the fd it sends.
     const bar1 = await c.getRegionInfo(Region.BAR1);
-    cleanups.push(() => native.closeFd(bar1.fd!));
+    cleanups.defer(() => native.closeFd(bar1.fd!));
     expect(bar1.size).toBe(0x4000n);
     expect(bar1.caps).toEqual([{ id: RegionCapId.SPARSE_MMAP, areas: [{ offset: 0n, size: 0x1000n }, { offset: 0x2000n, size: 0x1000n }] }]);
     await c.regionWrite(Region.BAR1, 0n, Buffer.from('through the socket'));
     const mapped = new native.NativeMapping(bar1.fd!, bar1.offset, 0x1000n, true, true);
-    cleanups.push(() => mapped.unmap());
+    cleanups.defer(() => mapped.unmap());
     expect(mapped.read(0, 18).toString()).toBe('through the socket');
     // (The sample's BAR1 read handler ignores the offset: only offset 0 reads back what was written.)
     expect((await c.regionRead(Region.BAR1, 0n, 18)).toString()).toBe('through the socket');
@@ -219,7 +206,7 @@ describe.skipIf(!LIBVFIO_USER)('our client and lspci drive libvfio-user\'s sampl
     await c.dmaMap({ iova: 0n, memory: byMessage, shareFd: false });
     await c.dmaMap({ iova: BigInt(PAGE), memory: byFd });
     const [intx] = await c.wireIrqs(IrqIndex.INTX);
-    cleanups.push(() => intx.close());
+    cleanups.defer(() => intx.close());
     await c.migration.startDirtyLogging(BigInt(PAGE));
 
     // BAR0 takes a time_t: the sample raises INTx at that second, then does its DMA.
