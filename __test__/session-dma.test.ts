@@ -113,6 +113,18 @@ describe('DMA_MAP and DMA_UNMAP', () => {
     expect(openFdCount()).toBe(before);
   });
 
+  test('DMA_UNMAP with the window\'s fd attached, as SPDK sends it, is accepted and the fd closed', async () => {
+    served = await serve();
+    const client = await served.client();
+    const ram = memory(8192);
+    const before = openFdCount();
+    await client.dmaMap({ iova: 0x4000n, memory: ram });
+    const reply = await (client as any).request(Command.DMA_UNMAP, Buffer.concat([u32(24), u32(0), u64(0x4000n), u64(8192n)]), [ram.fd]);
+    expect(reply.header.error).toBe(0);
+    expect(served.device.dma.count).toBe(0);
+    expect(openFdCount()).toBe(before);
+  });
+
   test('fds where none belong are refused and closed', async () => {
     served = await serve();
     const client = await served.client();
