@@ -1,12 +1,19 @@
 /**
  * Errors thrown by the API. Protocol failures are `ProtocolError` (errno +
  * command, from ts/protocol); misuse and connection state have their own
- * classes so callers can tell them apart with `instanceof`.
+ * classes so callers can tell them apart with `instanceof`, which holds even
+ * for an error made by another copy of the library (ts/brand.ts).
  */
+import { brand } from './brand.js';
+
 export { ProtocolError } from './protocol/errors.js';
 
 /** Base class of the library's own (non-protocol) errors. */
 export class VfioUserError extends Error {
+  static {
+    brand(this, 'VfioUserError');
+  }
+
   constructor(message: string) {
     super(message);
     this.name = new.target.name;
@@ -15,6 +22,10 @@ export class VfioUserError extends Error {
 
 /** The connection is closed, or closed while a request waited for its reply. */
 export class ConnectionClosedError extends VfioUserError {
+  static {
+    brand(this, 'ConnectionClosedError');
+  }
+
   /** The errno the system (or the send-queue bound: ENOBUFS) gave, when a failure ended the connection. */
   readonly errno?: number;
   /** The request that was waiting, or being sent, when it ended. */
@@ -28,16 +39,32 @@ export class ConnectionClosedError extends VfioUserError {
 }
 
 /** A request got no reply in time. */
-export class TimeoutError extends VfioUserError {}
+export class TimeoutError extends VfioUserError {
+  static {
+    brand(this, 'TimeoutError');
+  }
+}
 
 /** Every msg_id (16 bits) belongs to a request still awaiting its reply: wait for some to settle. */
-export class TooManyRequestsError extends VfioUserError {}
+export class TooManyRequestsError extends VfioUserError {
+  static {
+    brand(this, 'TooManyRequestsError');
+  }
+}
 
 /** The peer broke the protocol in a way that ends the connection. */
-export class PeerProtocolError extends VfioUserError {}
+export class PeerProtocolError extends VfioUserError {
+  static {
+    brand(this, 'PeerProtocolError');
+  }
+}
 
 /** The API was used wrongly (bad argument, wrong state). */
-export class UsageError extends VfioUserError {}
+export class UsageError extends VfioUserError {
+  static {
+    brand(this, 'UsageError');
+  }
+}
 
 /**
  * A read handler answered something that is not `size` bytes of register:
@@ -45,6 +72,10 @@ export class UsageError extends VfioUserError {}
  * so the mistake is found in device code rather than in the guest.
  */
 export class HandlerResultError extends UsageError {
+  static {
+    brand(this, 'HandlerResultError');
+  }
+
   constructor(
     readonly handler: string,
     readonly offset: number,

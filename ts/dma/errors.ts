@@ -1,7 +1,9 @@
 /**
  * Errors of device-side guest memory access. Each is a class (tell them apart
- * with `instanceof`); access failures carry the errno that names them.
+ * with `instanceof`, which holds across copies of the library: ts/brand.ts);
+ * access failures carry the errno that names them.
  */
+import { brand } from '../brand.js';
 import { VfioUserError } from '../errors.js';
 import { errnoName } from '../protocol/index.js';
 
@@ -11,6 +13,10 @@ import { errnoName } from '../protocol/index.js';
  * truncated), EPERM when the window does not allow the access.
  */
 export class DmaAccessError extends VfioUserError {
+  static {
+    brand(this, 'DmaAccessError');
+  }
+
   constructor(
     readonly errno: number,
     readonly iova: bigint,
@@ -27,6 +33,10 @@ export class DmaAccessError extends VfioUserError {
  * `...Async` method instead.
  */
 export class AsyncDmaRequiredError extends VfioUserError {
+  static {
+    brand(this, 'AsyncDmaRequiredError');
+  }
+
   constructor(readonly iova: bigint) {
     super(`guest memory at 0x${iova.toString(16)} is message-based (mapped without an fd): use the async methods`);
   }
@@ -38,6 +48,10 @@ export class AsyncDmaRequiredError extends VfioUserError {
  * this instead of reaching the memory of whoever connected next.
  */
 export class DmaSpaceClosedError extends VfioUserError {
+  static {
+    brand(this, 'DmaSpaceClosedError');
+  }
+
   constructor(readonly iova: bigint) {
     super(`guest memory at 0x${iova.toString(16)} belonged to a client that has disconnected`);
   }
@@ -57,6 +71,10 @@ export type DmaViewRefusal =
   | 'unsupported-runtime';
 
 export class DmaViewError extends VfioUserError {
+  static {
+    brand(this, 'DmaViewError');
+  }
+
   constructor(
     readonly reason: DmaViewRefusal,
     readonly iova: bigint,

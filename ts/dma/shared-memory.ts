@@ -7,6 +7,7 @@
  * while the register page still reaches device code.
  */
 import { mapNewMemfd, native, type NativeMapping, type NativeRegionReads } from '../native.js';
+import { brand } from '../brand.js';
 import { UsageError } from '../errors.js';
 import { RegionCapId, RegionInfoFlags, type SparseMmapArea } from '../protocol/index.js';
 import type { RegionDescription } from '../device.js';
@@ -22,6 +23,11 @@ export interface SharedRegionOptions {
 }
 
 export class SharedMemory {
+  // A device built with another copy of the library passes its own SharedMemory.
+  static {
+    brand(this, 'SharedMemory');
+  }
+
   /** The memfd; owned by this object until close(). Regions hand clients dups. */
   readonly fd: number;
   readonly size: number;

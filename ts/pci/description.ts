@@ -3,6 +3,7 @@
  * device. Everything here is data plus optional handlers; `PciDevice` checks
  * it at construction and throws `InvalidDeviceError` naming the bad field.
  */
+import { brand } from '../brand.js';
 import { HandlerResultError, UsageError } from '../errors.js';
 import type { SharedMemory } from '../dma/shared-memory.js';
 
@@ -253,6 +254,10 @@ export interface PciDeviceDescription {
 
 /** A description that cannot describe a real device; `field` names the culprit. */
 export class InvalidDeviceError extends UsageError {
+  static {
+    brand(this, 'InvalidDeviceError');
+  }
+
   constructor(readonly field: string, problem: string) {
     super(`${field}: ${problem}`);
   }

@@ -1,3 +1,4 @@
+import { brand } from '../brand.js';
 import { commandName } from './constants.js';
 
 /** The errno values the protocol code uses (Linux numbering). */
@@ -34,6 +35,10 @@ export function errnoName(n: number): string {
 
 /** A failed command: raised by decoders for malformed payloads, and for error replies. */
 export class ProtocolError extends Error {
+  static {
+    brand(this, 'ProtocolError');
+  }
+
   readonly errno: number;
   readonly command: number;
 
