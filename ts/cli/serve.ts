@@ -6,6 +6,7 @@ import { createServer, type ServerOptions } from '../server/server.js';
 import { UsageError } from '../errors.js';
 import { commandName } from '../protocol/index.js';
 import type { DeviceFactory, VfioUserDevice } from '../device.js';
+import { importWithOwnCopy, requireWithOwnCopy } from './own-copy.js';
 
 function isDevice(value: unknown): value is VfioUserDevice {
   return typeof value === 'object' && value !== null && typeof (value as VfioUserDevice).regionInfo === 'function';
@@ -21,7 +22,8 @@ function modulePath(file: string): string {
 }
 
 /**
- * Imports `file` (TS through tsx, or JS; a folder means its index module) and
+ * Imports `file` (TS through tsx, or JS; a folder means its index module),
+ * with `vfio-user` resolving to the running copy of the library (own-copy.ts), and
  * returns the device it exports: the default export itself, or what that
  * export returns when it is a `DeviceFactory`, called with `args`.
  */
@@ -30,7 +32,9 @@ export async function loadDevice(file: string, args: string[] = []): Promise<Vfi
   let exported: unknown;
   if (/\.m[jt]s$/.test(path)) {
     const { register } = await import('tsx/esm/api');
-    const unregister = register();
+    // Without tsconfig `paths`, which would send `vfio-user` to the sources, whatever the running copy.
+    const unregister = register({ tsconfig: false });
+    importWithOwnCopy();
     try {
       exported = await import(pathToFileURL(path).href);
     } finally {
@@ -41,7 +45,7 @@ export async function loadDevice(file: string, args: string[] = []): Promise<Vfi
     const { register } = await import('tsx/cjs/api');
     const unregister = register();
     try {
-      exported = require(path);
+      exported = requireWithOwnCopy(() => require(path));
     } finally {
       unregister();
     }
