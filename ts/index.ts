@@ -112,3 +112,13 @@ export {
   commandName,
   errnoName,
 } from './protocol/index.js';
+export {
+  fuzzDevice,
+  FuzzFinding,
+  type DeviceProfile,
+  type FuzzContext,
+  type FuzzMode,
+  type FuzzOp,
+  type FuzzOptions,
+  type FuzzReport,
+} from './fuzz/index.js';
