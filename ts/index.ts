@@ -99,6 +99,7 @@ export type {
   MigrationUnit,
 } from './device.js';
 export { ConnectionClosedError, HandlerResultError, PeerProtocolError, TimeoutError, TooManyRequestsError, UsageError, VfioUserError } from './errors.js';
+export * from './virtio/index.js';
 export * as protocol from './protocol/index.js';
 export {
   Command,

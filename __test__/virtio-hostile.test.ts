@@ -1,0 +1,157 @@
+/**
+ * A hostile driver: every malformed chain or ring marks the device
+ * NEEDS_RESET with a configuration interrupt (never a hang, never a crash),
+ * and a reset brings it back.
+ */
+import { describe, expect, test } from 'vitest';
+import { featureBit, KIT_FEATURES, VirtioFeature as F, VirtioStatus as S, type DriverQueue, type VirtioDriver } from '../ts/index.js';
+import { Common, Desc } from '../ts/virtio/spec.js';
+import { VirtioRng } from '../examples/virtio-rng.js';
+import { testCleanups } from './cleanups.js';
+import { drive, GUEST_MEMORY } from './virtio-helpers.js';
+
+const t = testCleanups();
+const WRITE = Desc.F_WRITE;
+const NEXT = Desc.F_NEXT;
+const INDIRECT = Desc.F_INDIRECT;
+
+interface Scene {
+  driver: VirtioDriver;
+  q: DriverQueue;
+  /** Guest memory for a buffer or a table. */
+  buffer(length: number): bigint;
+  /** Writes an indirect table of entries at a fresh address. */
+  table(entries: { addr: bigint; len: number; flags: number; next: number }[]): bigint;
+}
+
+/** Runs `misbehave` against a live rng device; expects NEEDS_RESET for `reason`, then recovery. */
+async function expectNeedsReset(reason: RegExp, misbehave: (s: Scene) => void | Promise<void>, features = KIT_FEATURES): Promise<void> {
+  const { driver, device } = await drive(t, new VirtioRng());
+  await driver.initialize({ features });
+  const [q] = driver.queues;
+  const scene: Scene = {
+    driver, q,
+    buffer: (length) => driver.allocate(length),
+    table(entries) {
+      const at = driver.allocate(entries.length * Desc.SIZE);
+      const view = new DataView(driver.at(at, entries.length * Desc.SIZE).buffer, driver.at(at, 1).byteOffset);
+      entries.forEach((e, i) => {
+        view.setBigUint64(i * 16, e.addr, true);
+        view.setUint32(i * 16 + 8, e.len, true);
+        view.setUint16(i * 16 + 12, e.flags, true);
+        view.setUint16(i * 16 + 14, e.next, true);
+      });
+      return at;
+    },
+  };
+  const configChange = driver.vectors[0].next();
+  await misbehave(scene);
+  await q.kick();
+  await configChange;
+  expect((await driver.status()) & S.NEEDS_RESET).toBe(S.NEEDS_RESET);
+  expect(device.needsReset?.message).toMatch(reason);
+  // Nothing more is taken until the driver resets; then the device works again.
+  driver.close();
+  await driver.initialize({ features });
+  expect(device.needsReset).toBeUndefined();
+  expect((await driver.queues[0].submit([{ writable: 16 }])).written).toBe(16);
+}
+
+describe('malformed chains', () => {
+  test('a loop', () => expectNeedsReset(/longer than the queue size 256 \(a loop\)/, ({ q, buffer }) => {
+    const b = buffer(64);
+    q.writeDescriptor(0, { addr: b, len: 8, flags: WRITE | NEXT, next: 1 });
+    q.writeDescriptor(1, { addr: b, len: 8, flags: WRITE | NEXT, next: 0 });
+    q.offer(0);
+  }));
+
+  test('a next index past the table', () => expectNeedsReset(/chains to 256, past the 256-entry table/, ({ q, buffer }) => {
+    q.writeDescriptor(0, { addr: buffer(8), len: 8, flags: WRITE | NEXT, next: 256 });
+    q.offer(0);
+  }));
+
+  test('a head past the queue size', () => expectNeedsReset(/descriptor 300, past the queue size/, ({ q }) => q.offer(300)));
+
+  test('a buffer outside guest memory', () => expectNeedsReset(/outside guest memory/, ({ q }) => {
+    q.writeDescriptor(0, { addr: 0x10n, len: 16, flags: WRITE, next: 0 });
+    q.offer(0);
+  }));
+
+  test('a buffer running off the end of guest memory', () => expectNeedsReset(/outside guest memory/, ({ q, driver }) => {
+    q.writeDescriptor(0, { addr: driver.iova + BigInt(GUEST_MEMORY) - 8n, len: 16, flags: WRITE, next: 0 });
+    q.offer(0);
+  }));
+
+  test('a device-readable buffer after a device-writable one', () => expectNeedsReset(/device-readable after a device-writable/, ({ q, buffer }) => {
+    const b = buffer(64);
+    q.writeDescriptor(0, { addr: b, len: 8, flags: WRITE | NEXT, next: 1 });
+    q.writeDescriptor(1, { addr: b + 8n, len: 8, flags: 0, next: 0 });
+    q.offer(0);
+  }));
+
+  test('an available index further ahead than the queue size', () => expectNeedsReset(/ahead of the device's 0, more than the queue size/, ({ q }) => q.setAvailIndex(1000)));
+});
+
+describe('malformed indirect tables', () => {
+  test('nested', () => expectNeedsReset(/indirect again \(nested\)/, ({ q, buffer, table }) => {
+    const inner = table([{ addr: buffer(8), len: 8, flags: WRITE, next: 0 }]);
+    const outer = table([{ addr: inner, len: 16, flags: INDIRECT, next: 0 }]);
+    q.writeDescriptor(0, { addr: outer, len: 16, flags: INDIRECT, next: 0 });
+    q.offer(0);
+  }));
+
+  test('with NEXT beside INDIRECT', () => expectNeedsReset(/also has NEXT/, ({ q, buffer, table }) => {
+    const inner = table([{ addr: buffer(8), len: 8, flags: WRITE, next: 0 }]);
+    q.writeDescriptor(0, { addr: inner, len: 16, flags: INDIRECT | NEXT, next: 1 });
+    q.offer(0);
+  }));
+
+  test('not negotiated', () => expectNeedsReset(/RING_INDIRECT_DESC was not negotiated/, ({ q, buffer, table }) => {
+    const inner = table([{ addr: buffer(8), len: 8, flags: WRITE, next: 0 }]);
+    q.writeDescriptor(0, { addr: inner, len: 16, flags: INDIRECT, next: 0 });
+    q.offer(0);
+  }, featureBit(F.VERSION_1)));
+
+  test('a length that is not whole descriptors', () => expectNeedsReset(/indirect table of 24 bytes/, ({ q, buffer, table }) => {
+    const inner = table([{ addr: buffer(8), len: 8, flags: WRITE, next: 0 }, { addr: 0n, len: 0, flags: 0, next: 0 }]);
+    q.writeDescriptor(0, { addr: inner, len: 24, flags: INDIRECT, next: 0 });
+    q.offer(0);
+  }));
+
+  test('a loop inside the table', () => expectNeedsReset(/indirect chain at head 0 is longer than its 2-entry table/, ({ q, buffer, table }) => {
+    const b = buffer(8);
+    const inner = table([{ addr: b, len: 8, flags: WRITE | NEXT, next: 1 }, { addr: b, len: 8, flags: WRITE | NEXT, next: 0 }]);
+    q.writeDescriptor(0, { addr: inner, len: 32, flags: INDIRECT, next: 0 });
+    q.offer(0);
+  }));
+
+  test('a table outside guest memory', () => expectNeedsReset(/indirect table .* is outside guest memory/, ({ q }) => {
+    q.writeDescriptor(0, { addr: 0x1000n, len: 32, flags: INDIRECT, next: 0 });
+    q.offer(0);
+  }));
+});
+
+describe('malformed queue layouts', () => {
+  /** Sets queue 0 up by hand with `layout`, then DRIVER_OK: the device refuses it. */
+  async function badLayout(reason: RegExp, layout: { size: number; desc: bigint; driver: bigint; device: bigint }): Promise<void> {
+    const { driver, device } = await drive(t, new VirtioRng());
+    await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER);
+    await driver.writeDriverFeatures(KIT_FEATURES);
+    await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK);
+    await driver.writeCommon(Common.QUEUE_SIZE, 2, layout.size);
+    await driver.writeCommon(Common.QUEUE_DESC, 8, layout.desc);
+    await driver.writeCommon(Common.QUEUE_DRIVER, 8, layout.driver);
+    await driver.writeCommon(Common.QUEUE_DEVICE, 8, layout.device);
+    await driver.writeCommon(Common.QUEUE_ENABLE, 2, 1);
+    await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK);
+    await driver.notifyQueue(0);
+    expect((await driver.status()) & S.NEEDS_RESET).toBe(S.NEEDS_RESET);
+    expect(device.needsReset?.message).toMatch(reason);
+  }
+
+  const base = 0x100000n;
+  test('a size that is not a power of two', () => badLayout(/queue_size 100 is not a power of two/, { size: 100, desc: base, driver: base + 0x1000n, device: base + 0x2000n }));
+  test('a misaligned descriptor table', () => badLayout(/desc area at 0x100008 is not 16-byte aligned/, { size: 8, desc: base + 8n, driver: base + 0x1000n, device: base + 0x2000n }));
+  test('a misaligned used ring', () => badLayout(/device area at 0x102002 is not 4-byte aligned/, { size: 8, desc: base, driver: base + 0x1000n, device: base + 0x2002n }));
+  test('rings outside guest memory', () => badLayout(/descriptor table .* is not in one shared, writable window/, { size: 8, desc: 0n, driver: base + 0x1000n, device: base + 0x2000n }));
+});
