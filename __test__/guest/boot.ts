@@ -1,9 +1,10 @@
 /**
- * Boots the guest kit (`shared/guest`, built into VFIO_USER_GUEST) under the QEMU in
+ * Boots the guest kit (scripts/peers/mkguest.sh, built into VFIO_USER_GUEST) under the QEMU in
  * VFIO_USER_QEMU, TCG only, with one vfio-user-pci device per socket, runs a shell script in it
- * as /test.sh and hands back its exit status and the console. The kit's own `init` reports the
- * status as `=== GUEST TEST RC=n`; its `run.sh` does the same from a shell, this does it from a
- * test so the test can watch the console while the guest runs (and act on a line it prints).
+ * as /test.sh and hands back its exit status and the console. The kit's `init`
+ * (scripts/peers/guest-init) reports the status as `=== GUEST TEST RC=n`;
+ * scripts/peers/run-guest.sh does the same from a shell, this does it from a test so the test
+ * can watch the console while the guest runs (and act on a line it prints).
  *
  * The script travels in a second initramfs archive appended to the kit's (Linux unpacks both),
  * with any extra files the test adds.

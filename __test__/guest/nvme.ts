@@ -13,9 +13,9 @@
  * that ext4 on ours keeps a file intact. Prints the fio figures side by
  * side with ratios to the built-in controller.
  *
- * Needs VFIO_USER_QEMU (qemu-system-x86_64 10.1+ with vfio-user-pci),
- * VFIO_USER_GUEST (the guest kit's output folder) and the kit's run.sh
- * (VFIO_USER_GUEST_KIT, default ../shared/guest beside the repository).
+ * Needs VFIO_USER_QEMU (qemu-system-x86_64 10.1+ with vfio-user-pci) and
+ * VFIO_USER_GUEST (scripts/peers/mkguest.sh's output); boots the guest with
+ * scripts/peers/run-guest.sh (docs/interop.md says how to build both).
  * NVME_GUEST_RUNTIME sets each fio job's seconds (default 10). Not run by CI.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
@@ -34,10 +34,8 @@ function fail(message: string): never {
 
 const qemu = process.env.VFIO_USER_QEMU;
 const guest = process.env.VFIO_USER_GUEST;
-const kit = process.env.VFIO_USER_GUEST_KIT ?? join(root, '..', 'shared', 'guest');
 if (!qemu || !existsSync(qemu)) fail('VFIO_USER_QEMU must name a qemu-system-x86_64 10.1+ built with vfio-user-pci (see docs/interop.md)');
 if (!guest || !existsSync(join(guest, 'vmlinuz'))) fail('VFIO_USER_GUEST must name the guest kit\'s output folder (vmlinuz, initramfs.cpio.gz; see docs/interop.md)');
-if (!existsSync(join(kit, 'run.sh'))) fail(`no run.sh in ${kit}: set VFIO_USER_GUEST_KIT to the guest kit's folder`);
 
 const dir = mkdtempSync(join(tmpdir(), 'vfu-guest-'));
 const servers: ChildProcess[] = [];
@@ -66,7 +64,7 @@ async function main(): Promise<number> {
   spawnSync('truncate', ['-s', IMAGE_SIZE, join(dir, 'qemu.img')]);
   const script = join(dir, 'nvme-guest.sh');
   writeFileSync(script, readFileSync(join(__dirname, 'nvme-guest.sh'), 'utf8').replaceAll('__RUNTIME__', String(runtime)).replaceAll('__DEVICES__', String(sockets.length + 1)));
-  const run = spawnSync('bash', [join(kit, 'run.sh'), '--qemu', qemu!, '--guest', guest!, ...sockets.flatMap((s) => ['--socket', s]),
+  const run = spawnSync(join(root, 'scripts', 'peers', 'run-guest.sh'), [ '--qemu', qemu!, '--guest', guest!, ...sockets.flatMap((s) => ['--socket', s]),
     '--mem', '1G', '--smp', '2', '--timeout', String(900 + 20 * runtime), script, '--',
     '-drive', `file=${join(dir, 'qemu.img')},if=none,id=ref,format=raw`, '-device', 'nvme,serial=qemu,drive=ref'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 64 << 20 });
   const console_ = run.stdout ?? '';
@@ -82,7 +80,7 @@ async function main(): Promise<number> {
     }
   }
   if (run.status !== 0) {
-    console.error(`test:guest: the guest run failed (run.sh exit ${run.status}: 124 timeout, 125 never ready, 126 died)`);
+    console.error(`test:guest: the guest run failed (run-guest.sh exit ${run.status}: 124 timeout, 125 never ready, 126 died)`);
     return 1;
   }
   console.log('test:guest: nvme bound, ext4 round trip intact, fio done');
