@@ -1,11 +1,12 @@
 /**
  * Admin commands (§5): Identify, queue creation and deletion, features,
- * log pages, asynchronous events, Abort and Keep Alive. Anything else is an
- * Invalid Command Opcode; a bad field gets the status the spec names for it.
+ * log pages, asynchronous events, Abort and Doorbell Buffer Config.
+ * Anything else (Keep Alive included: KAS is 0) is an Invalid Command
+ * Opcode; a bad field gets the status the spec names for it.
  */
-import { CommandError, DEFERRED, PAGE_SIZE, prpSegments, Status, writeSegments, type Command } from './command.js';
+import { checkFlags, checkTransfer, CommandError, DEFERRED, MDTS, PAGE_SIZE, prpSegments, Status, writeSegments, type Command } from './command.js';
 import type { NvmeController } from './controller.js';
-import { BLOCK_SHIFT, MDTS, NAMESPACE_ID } from './io.js';
+import { ALL_NAMESPACES, BLOCK_SHIFT, NAMESPACE_ID } from './io.js';
 import { CompletionQueue, SubmissionQueue } from './queues.js';
 import { ShadowDoorbells } from './shadow.js';
 
@@ -20,20 +21,21 @@ export const AdminOpcode = {
   SET_FEATURES: 0x09,
   GET_FEATURES: 0x0a,
   ASYNC_EVENT_REQUEST: 0x0c,
-  KEEP_ALIVE: 0x18,
   DOORBELL_BUFFER_CONFIG: 0x7c,
 } as const;
 
+/** The features offered: the mandatory ones of NVMe 1.4 (§5.21.1) and the volatile write cache. */
 export const Feature = {
   ARBITRATION: 0x01,
   POWER_MANAGEMENT: 0x02,
   TEMPERATURE_THRESHOLD: 0x04,
+  ERROR_RECOVERY: 0x05,
   VOLATILE_WRITE_CACHE: 0x06,
   NUMBER_OF_QUEUES: 0x07,
   INTERRUPT_COALESCING: 0x08,
+  INTERRUPT_VECTOR_CONFIG: 0x09,
   WRITE_ATOMICITY: 0x0a,
   ASYNC_EVENT_CONFIG: 0x0b,
-  KEEP_ALIVE_TIMER: 0x0f,
 } as const;
 
 export const LogPage = { ERROR: 0x01, SMART: 0x02, FIRMWARE_SLOT: 0x03 } as const;
@@ -49,41 +51,64 @@ export const AsyncEvent = {
 export const VENDOR_ID = 0x1b36;
 /** I/O queue pairs besides the admin pair; one MSI-X vector each, plus the admin queue's. */
 export const MAX_IO_QUEUES = 31;
+/** MSI-X vectors: the admin CQ's and one per I/O CQ. */
+export const VECTORS = MAX_IO_QUEUES + 1;
 /** CAP.MQES + 1: the largest queue. */
 export const MAX_QUEUE_ENTRIES = 1024;
 /** AERL + 1 and ACL + 1. */
-const AER_LIMIT = 4;
+export const AER_LIMIT = 4;
 const ABORT_LIMIT = 4;
 const ERROR_LOG_ENTRIES = 16;
 const IDENTIFY_SIZE = 4096;
 /** OACS bit 8: Doorbell Buffer Config is supported. */
 const OACS_DOORBELL_BUFFER_CONFIG = 1 << 8;
+/** LPA bit 2: Get Log Page takes NUMDU and LPOL/LPOU (extended data). */
+const LPA_EXTENDED_DATA = 1 << 2;
 const LOG_PAGE_SIZE = 512;
 const FIRMWARE_REVISION = '1.0';
 /** 40 °C and the default over-temperature threshold, in kelvins. */
 const TEMPERATURE = 313;
 const OVER_TEMPERATURE = 343;
 
+/** Features whose value is one dword, as Set Features stores it, and their defaults. */
+const SINGLE_DWORD_DEFAULTS: ReadonlyArray<[number, number]> = [
+  [Feature.ARBITRATION, 0],
+  [Feature.POWER_MANAGEMENT, 0],
+  [Feature.ERROR_RECOVERY, 0],
+  [Feature.VOLATILE_WRITE_CACHE, 1],
+  [Feature.INTERRUPT_COALESCING, 0],
+  [Feature.WRITE_ATOMICITY, 0],
+  [Feature.ASYNC_EVENT_CONFIG, 0],
+];
+
+/**
+ * The bits of each single-dword feature a host may set (the rest are
+ * reserved, or name what this controller does not do: DULBE, event notices
+ * it never sends): a value with others set is Invalid Field.
+ */
+export const FEATURE_BITS: ReadonlyMap<number, number> = new Map([
+  [Feature.ARBITRATION, 0xffffff07], // AB, LPW, MPW, HPW
+  [Feature.POWER_MANAGEMENT, 0x000000e0], // WH; PS 0 only (NPSS 0)
+  [Feature.ERROR_RECOVERY, 0x0000ffff], // TLER
+  [Feature.VOLATILE_WRITE_CACHE, 0x00000001], // WCE
+  [Feature.INTERRUPT_COALESCING, 0x0000ffff], // THR, TIME
+  [Feature.WRITE_ATOMICITY, 0x00000001], // DN
+  [Feature.ASYNC_EVENT_CONFIG, 0x000000ff], // SMART / Health critical warnings
+]);
+
 /** The values Set Features stores; Number of Queues is the pairs allocated (1-based here). */
 export class Features {
-  values = new Map<number, number>();
+  values = new Map<number, number>(SINGLE_DWORD_DEFAULTS);
+  /** Temperature Threshold of the composite sensor (the only one), kelvins. */
+  temperature = { over: OVER_TEMPERATURE, under: 0 };
+  /** Interrupt Vector Configuration: bit v set when vector v has coalescing disabled (CD). */
+  coalescingDisabled = 0;
   ioQueues = MAX_IO_QUEUES;
 
-  constructor() {
-    this.reset();
-  }
-
   reset(): void {
-    this.values = new Map([
-      [Feature.ARBITRATION, 0],
-      [Feature.POWER_MANAGEMENT, 0],
-      [Feature.TEMPERATURE_THRESHOLD, OVER_TEMPERATURE],
-      [Feature.VOLATILE_WRITE_CACHE, 1],
-      [Feature.INTERRUPT_COALESCING, 0],
-      [Feature.WRITE_ATOMICITY, 0],
-      [Feature.ASYNC_EVENT_CONFIG, 0],
-      [Feature.KEEP_ALIVE_TIMER, 0],
-    ]);
+    this.values = new Map(SINGLE_DWORD_DEFAULTS);
+    this.temperature = { over: OVER_TEMPERATURE, under: 0 };
+    this.coalescingDisabled = 0;
     this.ioQueues = MAX_IO_QUEUES;
   }
 
@@ -100,8 +125,13 @@ export interface ErrorEntry {
   status: number;
 }
 
+const ADMIN_OPCODES: ReadonlySet<number> = new Set(Object.values(AdminOpcode));
+
 export function executeAdmin(ctrl: NvmeController, command: Command): number {
-  switch (command.opcode) {
+  const op = command.opcode;
+  if (!ADMIN_OPCODES.has(op) || (op === AdminOpcode.DOORBELL_BUFFER_CONFIG && !ctrl.offersShadowDoorbells)) return Status.INVALID_OPCODE;
+  checkFlags(command);
+  switch (op) {
     case AdminOpcode.IDENTIFY: return identify(ctrl, command);
     case AdminOpcode.CREATE_IO_CQ: return createCompletionQueue(ctrl, command);
     case AdminOpcode.CREATE_IO_SQ: return createSubmissionQueue(ctrl, command);
@@ -113,20 +143,26 @@ export function executeAdmin(ctrl: NvmeController, command: Command): number {
     case AdminOpcode.ASYNC_EVENT_REQUEST:
       if (ctrl.events.requests.length >= AER_LIMIT) return Status.AER_LIMIT_EXCEEDED;
       ctrl.events.requests.push(command.cid);
-      ctrl.deliverEvents();
       return DEFERRED;
-    case AdminOpcode.ABORT:
-      // Commands run to completion as they are fetched: there is never one to abort (dword 0 bit 0: not aborted).
-      command.result = 1;
-      return Status.SUCCESS;
-    case AdminOpcode.KEEP_ALIVE:
-      return Status.SUCCESS;
-    case AdminOpcode.DOORBELL_BUFFER_CONFIG:
-      if (!ctrl.offersShadowDoorbells) return Status.INVALID_OPCODE;
-      return doorbellBufferConfig(ctrl, command);
-    default:
-      return Status.INVALID_OPCODE;
+    case AdminOpcode.ABORT: return abort(ctrl, command);
+    default: return doorbellBufferConfig(ctrl, command);
   }
+}
+
+/**
+ * Abort (§5.1): commands run to completion as they are fetched, so the only
+ * ones outstanding are Asynchronous Event Requests: one of those is
+ * completed as Aborted by Request, and dword 0 bit 0 clear says so; for any
+ * other command it is set (not aborted). An SQID that names no queue is
+ * Invalid Field, as QEMU answers.
+ */
+function abort(ctrl: NvmeController, command: Command): number {
+  const sqid = command.dw(10) & 0xffff;
+  const cid = command.dw(10) >>> 16;
+  if (!ctrl.sqs[sqid]) return Status.INVALID_FIELD;
+  command.result = 1;
+  if (sqid === 0 && ctrl.events.abort(cid)) command.result = 0;
+  return Status.SUCCESS;
 }
 
 // ---- Identify (§5.15) ----
@@ -185,16 +221,17 @@ function identifyController(ctrl: NvmeController): Buffer {
   d[258] = ABORT_LIMIT - 1; // ACL
   d[259] = AER_LIMIT - 1; // AERL
   d[260] = 0x03; // FRMW: one slot, read-only
+  d[261] = LPA_EXTENDED_DATA; // LPA
   d[262] = ERROR_LOG_ENTRIES - 1; // ELPE
   d.writeUInt16LE(OVER_TEMPERATURE, 266); // WCTEMP
   d.writeUInt16LE(OVER_TEMPERATURE + 20, 268); // CCTEMP
-  d.writeUInt16LE(1, 320); // KAS: 100 ms granularity
+  // KAS (320) 0: Keep Alive is not supported (optional over PCIe; nothing here would act on a missed one).
   d[512] = 0x66; // SQES: 64 bytes
   d[513] = 0x44; // CQES: 16 bytes
   d.writeUInt16LE(MAX_QUEUE_ENTRIES, 514); // MAXCMD
   d.writeUInt32LE(1, 516); // NN
   d.writeUInt16LE(0x000c, 520); // ONCS: Dataset Management, Write Zeroes
-  d[525] = 1; // VWC: a volatile write cache (the page cache), flushed by Flush
+  d[525] = 0x07; // VWC: a volatile write cache (the page cache), flushed by Flush, also with the broadcast NSID
   d.write(`nqn.2026-12.io.github.vfio-user:nvme:${ctrl.serial}`, 768, 'ascii'); // SUBNQN
   return d;
 }
@@ -223,14 +260,14 @@ function namespaceDescriptors(ctrl: NvmeController): Buffer {
 
 // ---- Queues (§5.3-5.7) ----
 
+/** Create I/O CQ and SQ: QID within the pairs allocated, QSIZE within CAP.MQES, PC set (CAP.CQR), the ring starting a page. */
 function queueIdAndSize(ctrl: NvmeController, command: Command): { id: number; size: number } {
   const id = command.dw(10) & 0xffff;
   const size = (command.dw(10) >>> 16) + 1;
   if (id === 0 || id > ctrl.features.ioQueues) throw new CommandError(Status.INVALID_QUEUE_ID, `queue ${id} is not one of the ${ctrl.features.ioQueues} allocated`);
   if (size < 2 || size > MAX_QUEUE_ENTRIES) throw new CommandError(Status.INVALID_QUEUE_SIZE, `${size} entries`);
-  // CAP.CQR: physically contiguous rings only (PC set), page aligned.
   if ((command.dw(11) & 1) === 0) throw new CommandError(Status.INVALID_FIELD, 'queues must be physically contiguous');
-  if ((command.prp1 & 0xfffn) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, 'a queue starts on a page');
+  if ((command.prp1 & BigInt(PAGE_SIZE - 1)) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, 'a queue starts on a page');
   return { id, size };
 }
 
@@ -238,7 +275,7 @@ function createCompletionQueue(ctrl: NvmeController, command: Command): number {
   const { id, size } = queueIdAndSize(ctrl, command);
   if (ctrl.cqs[id]) return Status.INVALID_QUEUE_ID;
   const vector = command.dw(11) >>> 16;
-  if (vector >= ctrl.vectors) return Status.INVALID_INTERRUPT_VECTOR;
+  if (vector >= VECTORS) return Status.INVALID_INTERRUPT_VECTOR;
   ctrl.addCompletionQueue(new CompletionQueue(id, command.prp1, size, vector, (command.dw(11) & 2) !== 0));
   return Status.SUCCESS;
 }
@@ -246,8 +283,9 @@ function createCompletionQueue(ctrl: NvmeController, command: Command): number {
 function createSubmissionQueue(ctrl: NvmeController, command: Command): number {
   const { id, size } = queueIdAndSize(ctrl, command);
   if (ctrl.sqs[id]) return Status.INVALID_QUEUE_ID;
-  const cq = ctrl.cqs[command.dw(11) >>> 16];
-  if (!cq || cq.id === 0) return Status.COMPLETION_QUEUE_INVALID;
+  const cqid = command.dw(11) >>> 16;
+  const cq = ctrl.cqs[cqid];
+  if (cqid === 0 || !cq) return Status.COMPLETION_QUEUE_INVALID;
   ctrl.addSubmissionQueue(new SubmissionQueue(id, command.prp1, size, cq));
   return Status.SUCCESS;
 }
@@ -281,25 +319,67 @@ function doorbellBufferConfig(ctrl: NvmeController, command: Command): number {
 // ---- Features (§5.21, §5.9) ----
 
 const Select = { CURRENT: 0, DEFAULT: 1, SAVED: 2, CAPABILITIES: 3 } as const;
-/** Supported capabilities: changeable, not saveable, not namespace specific. */
+/** Supported capabilities (SEL 3): changeable, not saveable; bit 1 when namespace specific. */
 const CHANGEABLE = 0x4;
+const NAMESPACE_SPECIFIC = 0x2;
+/** Temperature Threshold's fields (dword 11): TMPTH 15:0, TMPSEL 19:16, THSEL 21:20. */
+const TMPSEL_COMPOSITE = 0x0;
+const TMPSEL_ALL = 0xf;
+const THSEL_OVER = 0;
+const THSEL_UNDER = 1;
+/** Interrupt Vector Configuration's CD bit: coalescing disabled for the vector in bits 15:0. */
+const COALESCING_DISABLED = 1 << 16;
+
+/**
+ * Error Recovery is per namespace (§5.21.1.5): Get names namespace 1, Set
+ * namespace 1 or all of them. The other features are the controller's:
+ * NSID 0 or the broadcast NSID, and namespace 1 is Feature Not Namespace
+ * Specific. Any other NSID is Invalid Namespace.
+ */
+function checkFeatureNamespace(fid: number, nsid: number, set: boolean): number {
+  if (fid === Feature.ERROR_RECOVERY) return nsid === NAMESPACE_ID || (set && nsid === ALL_NAMESPACES) ? Status.SUCCESS : Status.INVALID_NAMESPACE;
+  if (nsid === 0 || nsid === ALL_NAMESPACES) return Status.SUCCESS;
+  return nsid === NAMESPACE_ID ? Status.FEATURE_NOT_NAMESPACE_SPECIFIC : Status.INVALID_NAMESPACE;
+}
+
+function isFeature(fid: number): boolean {
+  return FEATURE_BITS.has(fid) || fid === Feature.TEMPERATURE_THRESHOLD || fid === Feature.NUMBER_OF_QUEUES || fid === Feature.INTERRUPT_VECTOR_CONFIG;
+}
 
 function getFeatures(ctrl: NvmeController, command: Command): number {
   const fid = command.dw(10) & 0xff;
   const select = (command.dw(10) >>> 8) & 7;
-  if (select > Select.CAPABILITIES) return Status.INVALID_FIELD;
-  if (fid === Feature.NUMBER_OF_QUEUES) {
-    const n = (select === Select.CURRENT ? ctrl.features.ioQueues : MAX_IO_QUEUES) - 1;
-    command.result = select === Select.CAPABILITIES ? CHANGEABLE : n | (n << 16);
+  if (!isFeature(fid) || select > Select.CAPABILITIES) return Status.INVALID_FIELD;
+  const nsid = checkFeatureNamespace(fid, command.nsid, false);
+  if (nsid !== Status.SUCCESS) return nsid;
+  if (select === Select.CAPABILITIES) {
+    command.result = CHANGEABLE | (fid === Feature.ERROR_RECOVERY ? NAMESPACE_SPECIFIC : 0);
     return Status.SUCCESS;
   }
-  if (!ctrl.features.values.has(fid)) return Status.INVALID_FIELD;
-  if (select === Select.CAPABILITIES) command.result = CHANGEABLE;
-  else if (select === Select.CURRENT) command.result = ctrl.features.values.get(fid)!;
-  else command.result = new Features().values.get(fid)!;
-  if (fid === Feature.TEMPERATURE_THRESHOLD && select !== Select.CAPABILITIES && (command.dw(11) & 0x3f0000) !== 0) {
-    // Only the composite temperature's over threshold is kept; other sensors and the under threshold read as none.
-    command.result = (command.dw(11) & 0x300000) !== 0 ? 0 : 0xffff;
+  // Nothing is saveable: the saved value is the default.
+  const features = select === Select.CURRENT ? ctrl.features : new Features();
+  const dw11 = command.dw(11);
+  switch (fid) {
+    case Feature.NUMBER_OF_QUEUES:
+      command.result = (features.ioQueues - 1) * 0x10001;
+      break;
+    case Feature.TEMPERATURE_THRESHOLD: {
+      const sensor = (dw11 >>> 16) & 0xf;
+      const threshold = (dw11 >>> 20) & 3;
+      if (threshold > THSEL_UNDER || (sensor !== TMPSEL_COMPOSITE && sensor !== TMPSEL_ALL)) return Status.INVALID_FIELD;
+      command.result = threshold === THSEL_OVER ? features.temperature.over : features.temperature.under;
+      break;
+    }
+    case Feature.INTERRUPT_VECTOR_CONFIG: {
+      const vector = dw11 & 0xffff;
+      if (vector >= VECTORS) return Status.INVALID_FIELD;
+      // The admin CQ's vector is never coalesced.
+      const disabled = vector === 0 || ((features.coalescingDisabled >>> vector) & 1) === 1;
+      command.result = vector | (disabled ? COALESCING_DISABLED : 0);
+      break;
+    }
+    default:
+      command.result = features.values.get(fid)!;
   }
   return Status.SUCCESS;
 }
@@ -307,7 +387,10 @@ function getFeatures(ctrl: NvmeController, command: Command): number {
 function setFeatures(ctrl: NvmeController, command: Command): number {
   const fid = command.dw(10) & 0xff;
   const value = command.dw(11);
+  if (!isFeature(fid)) return Status.INVALID_FIELD;
   if (command.dw(10) & 0x80000000) return Status.FEATURE_NOT_SAVEABLE;
+  const nsid = checkFeatureNamespace(fid, command.nsid, true);
+  if (nsid !== Status.SUCCESS) return nsid;
   const features = ctrl.features;
   switch (fid) {
     case Feature.NUMBER_OF_QUEUES: {
@@ -317,38 +400,55 @@ function setFeatures(ctrl: NvmeController, command: Command): number {
       if (ctrl.sqs.some((q, id) => id > 0 && q) || ctrl.cqs.some((q, id) => id > 0 && q)) return Status.COMMAND_SEQUENCE_ERROR;
       // One count for both: each I/O CQ has its own vector, so pairs are what the controller has.
       features.ioQueues = Math.min(MAX_IO_QUEUES, Math.max(sqs, cqs) + 1);
-      command.result = (features.ioQueues - 1) | ((features.ioQueues - 1) << 16);
+      command.result = (features.ioQueues - 1) * 0x10001;
       return Status.SUCCESS;
     }
-    case Feature.POWER_MANAGEMENT:
-      if ((value & 0x1f) !== 0) return Status.INVALID_FIELD; // NPSS 0: power state 0 only
-      break;
-    case Feature.TEMPERATURE_THRESHOLD:
-      if ((value & 0x3f0000) !== 0) return Status.INVALID_FIELD; // the composite's over threshold only
-      features.values.set(fid, value & 0xffff);
+    case Feature.TEMPERATURE_THRESHOLD: {
+      const sensor = (value >>> 16) & 0xf;
+      const threshold = (value >>> 20) & 3;
+      if ((value >>> 22) !== 0 || threshold > THSEL_UNDER || (sensor !== TMPSEL_COMPOSITE && sensor !== TMPSEL_ALL)) return Status.INVALID_FIELD;
+      if (threshold === THSEL_OVER) features.temperature.over = value & 0xffff;
+      else features.temperature.under = value & 0xffff;
       return Status.SUCCESS;
-    case Feature.VOLATILE_WRITE_CACHE:
-      features.values.set(fid, value & 1);
-      if ((value & 1) === 0) ctrl.store.flush();
+    }
+    case Feature.INTERRUPT_VECTOR_CONFIG: {
+      const vector = value & 0xffff;
+      if (vector >= VECTORS || (value >>> 17) !== 0) return Status.INVALID_FIELD;
+      if (value & COALESCING_DISABLED) features.coalescingDisabled = (features.coalescingDisabled | (1 << vector)) >>> 0;
+      else features.coalescingDisabled = (features.coalescingDisabled & ~(1 << vector)) >>> 0;
       return Status.SUCCESS;
-    default:
-      if (!features.values.has(fid)) return Status.INVALID_FIELD;
+    }
   }
+  if ((value & ~FEATURE_BITS.get(fid)!) !== 0) return Status.INVALID_FIELD;
   features.values.set(fid, value);
+  if (fid === Feature.VOLATILE_WRITE_CACHE && value === 0) ctrl.store.flush();
   return Status.SUCCESS;
 }
 
 // ---- Log pages (§5.14) ----
 
+/**
+ * Get Log Page: NUMD (NUMDU:NUMDL, unsigned, 0-based dwords) is the host's
+ * buffer, bounded by MDTS (Invalid Field); LPOL/LPOU a dword-aligned offset
+ * into the log, which must lie inside it (Invalid Field). What is returned is
+ * the log from that offset, as much of it as fits the buffer: the PRPs are
+ * walked for that many bytes, never more than the log holds. SMART / Health
+ * is kept for the whole controller only (LPA bit 0 clear): its NSID is 0 or
+ * the broadcast NSID, else Invalid Field.
+ */
 function getLogPage(ctrl: NvmeController, command: Command): number {
   const lid = command.dw(10) & 0xff;
-  const dwords = ((command.dw(10) >>> 16) | ((command.dw(11) & 0xffff) << 16)) + 1;
-  const offset = Number(command.bytes.readBigUInt64LE(48));
-  if (offset % 4 !== 0) return Status.INVALID_FIELD;
+  const length = ((command.dw(11) & 0xffff) * 0x10000 + (command.dw(10) >>> 16) + 1) * 4;
+  checkTransfer(length);
+  const offset = command.bytes.readBigUInt64LE(48);
+  if (offset % 4n !== 0n) return Status.INVALID_FIELD;
   let page: Buffer;
   switch (lid) {
     case LogPage.ERROR: page = errorLog(ctrl); break;
-    case LogPage.SMART: page = smartLog(ctrl); break;
+    case LogPage.SMART:
+      if (command.nsid !== 0 && command.nsid !== ALL_NAMESPACES) return Status.INVALID_FIELD;
+      page = smartLog(ctrl);
+      break;
     case LogPage.FIRMWARE_SLOT:
       page = Buffer.alloc(LOG_PAGE_SIZE);
       page[0] = 1; // AFI: slot 1 active
@@ -357,11 +457,9 @@ function getLogPage(ctrl: NvmeController, command: Command): number {
     default:
       return Status.INVALID_LOG_PAGE;
   }
-  if (offset >= page.length) return Status.INVALID_FIELD;
-  const length = dwords * 4;
-  const data = Buffer.alloc(length);
-  page.copy(data, 0, offset, Math.min(page.length, offset + length));
-  writeSegments(ctrl.dma, prpSegments(ctrl.dma, command, length), data);
+  if (offset >= BigInt(page.length)) return Status.INVALID_FIELD;
+  const data = page.subarray(Number(offset), Number(offset) + Math.min(length, page.length - Number(offset)));
+  writeSegments(ctrl.dma, prpSegments(ctrl.dma, command, data.length), data);
   // Reading the page acknowledges its events, unless Retain Asynchronous Event says not to.
   if ((command.dw(10) & 0x8000) === 0 && lid === LogPage.ERROR) ctrl.events.masked.delete(AsyncEvent.ERROR);
   return Status.SUCCESS;
@@ -399,6 +497,8 @@ function smartLog(ctrl: NvmeController): Buffer {
 export class AsyncEvents {
   /** CIDs of outstanding requests, oldest first. */
   requests: number[] = [];
+  /** CIDs of requests an Abort ended, to be completed as Aborted by Request. */
+  aborted: number[] = [];
   /** Completion dword 0 of events not yet reported. */
   queued: number[] = [];
   /** Event types reported and not yet acknowledged by reading their log page. */
@@ -410,8 +510,18 @@ export class AsyncEvents {
     if (!this.masked.has(type) && !this.queued.includes(event)) this.queued.push(event);
   }
 
+  /** Ends the outstanding request `cid`; returns whether there was one. */
+  abort(cid: number): boolean {
+    const at = this.requests.indexOf(cid);
+    if (at < 0) return false;
+    this.requests.splice(at, 1);
+    this.aborted.push(cid);
+    return true;
+  }
+
   reset(): void {
     this.requests = [];
+    this.aborted = [];
     this.queued = [];
     this.masked.clear();
   }

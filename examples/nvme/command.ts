@@ -12,7 +12,7 @@ export const Status = {
   INVALID_FIELD: 0x002,
   DATA_TRANSFER_ERROR: 0x004,
   INTERNAL_ERROR: 0x006,
-  ABORTED_SQ_DELETION: 0x008,
+  ABORTED_BY_REQUEST: 0x007,
   INVALID_NAMESPACE: 0x00b,
   COMMAND_SEQUENCE_ERROR: 0x00c,
   PRP_OFFSET_INVALID: 0x013,
@@ -26,6 +26,7 @@ export const Status = {
   INVALID_LOG_PAGE: 0x109,
   INVALID_QUEUE_DELETION: 0x10c,
   FEATURE_NOT_SAVEABLE: 0x10d,
+  FEATURE_NOT_NAMESPACE_SPECIFIC: 0x10f,
 } as const;
 
 /** A handler's answer that completes later (an Asynchronous Event Request). */
@@ -41,6 +42,14 @@ export class CommandError extends Error {
 export const PAGE_SIZE = 4096;
 const PAGE = BigInt(PAGE_SIZE);
 const PRP_ENTRY = 8;
+/** MDTS 7: at most 2^7 pages (512 KiB) per command, in units of CAP.MPSMIN (4 KiB). */
+export const MDTS = 7;
+export const MAX_TRANSFER = PAGE_SIZE << MDTS;
+
+/** Every data-carrying command's length is checked against MDTS before anything else is read (Invalid Field, as QEMU answers). */
+export function checkTransfer(length: number): void {
+  if (length > MAX_TRANSFER) throw new CommandError(Status.INVALID_FIELD, `${length} bytes is past MDTS (${MAX_TRANSFER})`);
+}
 
 /** A submission queue entry, decoded in place; one is reused for every fetch. */
 export class Command {
@@ -51,6 +60,7 @@ export class Command {
   get opcode(): number { return this.bytes[0]; }
   /** PSDT: 0 for PRPs; SGLs are not supported. */
   get dataTransfer(): number { return this.bytes[1] >> 6; }
+  /** FUSE: 0 for a command on its own; fused operations are not supported. */
   get fused(): number { return this.bytes[1] & 3; }
   get cid(): number { return this.bytes.readUInt16LE(2); }
   get nsid(): number { return this.bytes.readUInt32LE(4); }
@@ -62,6 +72,12 @@ export class Command {
   get dw10_11(): bigint { return this.bytes.readBigUInt64LE(40); }
 }
 
+/** FUSE and PSDT (byte 1): fused operations and SGLs are not supported (FUSES, SGLS clear): Invalid Field. */
+export function checkFlags(command: Command): void {
+  if (command.fused !== 0) throw new CommandError(Status.INVALID_FIELD, 'fused operations are not supported');
+  if (command.dataTransfer !== 0) throw new CommandError(Status.INVALID_FIELD, 'SGLs are not supported');
+}
+
 /** A run of guest memory: one or more whole PRP pages that happen to be contiguous. */
 export interface Segment {
   iova: bigint;
@@ -70,11 +86,20 @@ export interface Segment {
 
 /**
  * The guest memory a command's PRP1/PRP2 describe for `length` bytes (§4.3):
- * PRP1 may start inside a page; PRP2 is the second page, or, past two pages,
- * a list of page pointers whose last entry chains to the next list page.
- * Adjacent pages are merged so a transfer takes as few copies as it can.
+ * PRP1 may start inside a page (dword aligned); PRP2 is the second page, or,
+ * past two pages, a qword-aligned pointer to a list of page pointers that
+ * runs to the end of its page, whose last entry chains to the next list page
+ * while more pages remain. Every data page starts a page, and so does every
+ * chained list page (QEMU's rule too): so a list whose last entry points at
+ * itself from inside its page is PRP Offset Invalid, and a list page after
+ * the first holds 511 data pages before it chains. The walk is bounded by
+ * `length` (at most MDTS): each data entry takes a page of it, and at most
+ * one list page (the first, when it has a single slot) takes none. A list
+ * outside guest memory is a Data Transfer Error. Adjacent pages are merged
+ * so a transfer takes as few copies as it can.
  */
 export function prpSegments(dma: DmaSpace, command: Command, length: number): Segment[] {
+  checkTransfer(length);
   const prp1 = command.prp1;
   if ((prp1 & 3n) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, 'PRP1 is not dword aligned');
   const segments: Segment[] = [];
@@ -99,19 +124,18 @@ export function prpSegments(dma: DmaSpace, command: Command, length: number): Se
   }
   let list = command.prp2;
   if ((list & 7n) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, 'the PRP list pointer is not qword aligned');
-  while (left > 0) {
-    // Entries up to the end of this list page; the last one chains on if more pages remain.
+  for (;;) {
     const slots = (PAGE_SIZE - Number(list & (PAGE - 1n))) / PRP_ENTRY;
     const pages = Math.ceil(left / PAGE_SIZE);
     const entries = dmaRead(dma, list, PRP_ENTRY * Math.min(slots, pages));
-    const here = pages <= slots ? pages : slots - 1;
-    for (let i = 0; i < here; i++) page(entries.readBigUInt64LE(PRP_ENTRY * i));
-    if (left > 0) {
-      list = entries.readBigUInt64LE(PRP_ENTRY * (slots - 1));
-      if ((list & 7n) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, 'a chained PRP list pointer is not qword aligned');
+    if (pages <= slots) {
+      for (let i = 0; i < pages; i++) page(entries.readBigUInt64LE(PRP_ENTRY * i));
+      return segments;
     }
+    for (let i = 0; i < slots - 1; i++) page(entries.readBigUInt64LE(PRP_ENTRY * i));
+    list = entries.readBigUInt64LE(PRP_ENTRY * (slots - 1));
+    if ((list & (PAGE - 1n)) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, `the chained PRP list 0x${list.toString(16)} does not start a page`);
   }
-  return segments;
 }
 
 /** Reads guest memory for the controller; a PRP or ring outside guest memory is a Data Transfer Error. */

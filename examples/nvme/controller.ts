@@ -31,11 +31,12 @@
  */
 import { randomBytes } from 'node:crypto';
 import { PciDevice, UsageError } from 'vfio-user';
-import { AsyncEvent, AsyncEvents, executeAdmin, Features, LogPage, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VENDOR_ID, type ErrorEntry } from './admin.js';
+import { AsyncEvent, AsyncEvents, executeAdmin, Features, LogPage, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VECTORS, VENDOR_ID, type ErrorEntry } from './admin.js';
 import { Command, CommandError, DEFERRED, isDmaError, Status } from './command.js';
 import { BLOCK_SIZE, executeIo } from './io.js';
-import { CompletionQueue, SubmissionQueue, type QueueState } from './queues.js';
+import { CompletionQueue, SubmissionQueue } from './queues.js';
 import { ShadowDoorbells } from './shadow.js';
+import { parseState, STATE_VERSION, type SavedState } from './state.js';
 import type { BackingStore } from './store.js';
 
 export const Register = {
@@ -60,10 +61,11 @@ export const BAR_SIZE = 0x4000;
 export const DOORBELLS = 0x1000;
 export const MSIX_TABLE = 0x2000;
 export const MSIX_PBA = 0x3000;
-export const VECTORS = MAX_IO_QUEUES + 1;
 const REGISTER_BYTES = 0x40;
 /** CC bits the host may set: EN, CSS, MPS, AMS, SHN, IOSQES, IOCQES. */
 const CC_WRITABLE = 0x00fffff1;
+/** CSTS bits the controller sets: RDY, CFS, SHST, NSSRO. */
+const CSTS_BITS = 0x1f;
 /**
  * CAP: MQES, CQR (contiguous queues), TO 1 s, DSTRD 0, NSSRS, CSS NVM,
  * MPSMIN = MPSMAX = 4 KiB.
@@ -71,22 +73,14 @@ const CC_WRITABLE = 0x00fffff1;
 const CAP = BigInt(MAX_QUEUE_ENTRIES - 1) | (1n << 16n) | (2n << 24n) | (1n << 36n) | (1n << 37n);
 /** After this long without a doorbell, poll less often. */
 const IDLE_MS = 1000;
-
-/** What saveState writes, as JSON: bigints as decimal strings. */
-interface SavedState {
-  version: 2;
-  registers: { cc: number; csts: number; aqa: number; asq: string; acq: string; intms: number };
-  features: [number, number][];
-  ioQueues: number;
-  cqs: QueueState[];
-  sqs: QueueState[];
-  events: { requests: number[]; queued: number[]; masked: number[] };
-  errors: ErrorEntry[];
-  errorCount: number;
-  smart: NvmeController['smart'];
-  /** Doorbell Buffer Config's pages, when the host set them. */
-  shadowDoorbells: { shadow: string; eventIdx: string } | null;
-}
+/**
+ * Commands one queue runs before the controller lets the event loop turn:
+ * a host that keeps its SQ full (or keeps moving its shadow tail) cannot
+ * hold the process; the rest run on the next turn.
+ */
+const BATCH = 64;
+/** Error Information entries kept (the log shows the newest 16). */
+const ERRORS_KEPT = 64;
 
 export type DoorbellMode = 'mmap' | 'trap' | 'ioeventfd';
 
@@ -110,7 +104,6 @@ export class NvmeController extends PciDevice {
   readonly offersShadowDoorbells: boolean;
   readonly serial: string;
   readonly nguid: Buffer;
-  readonly vectors = VECTORS;
 
   features = new Features();
   events = new AsyncEvents();
@@ -134,6 +127,8 @@ export class NvmeController extends PciDevice {
   /** The doorbell values already acted on. */
   private readonly seen = new Uint32Array(1024);
   private stopPolling: (() => void) | undefined;
+  /** Queues that used up their batch, to go on at the next turn of the event loop. */
+  private readonly resumable = new Set<SubmissionQueue>();
   private lastActive = 0;
   private storeClosed = false;
 
@@ -410,7 +405,11 @@ export class NvmeController extends PciDevice {
     this.deliverEvents();
   }
 
-  /** Runs `sq`'s commands while there are any and their CQ has room; then interrupts. */
+  /**
+   * Runs `sq`'s commands while there are any and their CQ has room, up to a
+   * batch; then interrupts. Every command fetched is answered (an
+   * Asynchronous Event Request later), whatever it holds.
+   */
   service(sq: SubmissionQueue): void {
     // Stopped for migration, or no client (no guest memory): doorbells wait.
     if (this.stopped || !this.ready || !this.attached) return;
@@ -418,16 +417,14 @@ export class NvmeController extends PciDevice {
     const command = this.command;
     const shadow = sq.id > 0 ? this.shadow : undefined;
     let posted = false;
-    do {
+    let budget = BATCH;
+    batch: do {
       while (sq.ready && this.ready) {
-        let status: number;
-        try {
-          sq.fetch(this.dma, command);
-          status = sq.id === 0 ? executeAdmin(this, command) : executeIo(this, command);
-        } catch (error) {
-          if (!(error instanceof CommandError)) throw error;
-          status = error.status;
+        if (budget-- === 0) {
+          this.resumeLater(sq);
+          break batch;
         }
+        const status = this.execute(sq, command);
         if (status === DEFERRED) continue;
         if (status !== Status.SUCCESS) this.logError(sq.id, command.cid, status);
         // A queue deleted by the command it ran (or by a reset) has nowhere to complete.
@@ -437,6 +434,38 @@ export class NvmeController extends PciDevice {
       }
     } while (shadow && this.ready && this.shadowAccess(() => this.lookAgain(sq, shadow)));
     if (posted) this.interrupt(cq);
+    // Admin commands may have given Asynchronous Event Requests something to complete.
+    if (sq.id === 0) this.deliverEvents();
+  }
+
+  /**
+   * Fetches and runs one command; returns its status. A field the command
+   * may not hold ends it with the spec's status (CommandError), guest memory
+   * that is not there with Data Transfer Error, and anything else (a bug
+   * here, a store that failed) with Internal Error, for that command only.
+   */
+  private execute(sq: SubmissionQueue, command: Command): number {
+    try {
+      sq.fetch(this.dma, command);
+      return sq.id === 0 ? executeAdmin(this, command) : executeIo(this, command);
+    } catch (error) {
+      if (error instanceof CommandError) return error.status;
+      if (isDmaError(error)) return Status.DATA_TRANSFER_ERROR;
+      console.error(`nvme: internal error in opcode 0x${command.opcode.toString(16)} on SQ ${sq.id}:`, error);
+      return Status.INTERNAL_ERROR;
+    }
+  }
+
+  /** Runs `sq` again at the next turn of the event loop (with the other queues waiting there). */
+  private resumeLater(sq: SubmissionQueue): void {
+    if (this.resumable.size === 0) {
+      setImmediate(() => {
+        const queues = [...this.resumable];
+        this.resumable.clear();
+        for (const q of queues) if (this.sqs[q.id] === q) this.service(q);
+      });
+    }
+    this.resumable.add(sq);
   }
 
   /**
@@ -484,21 +513,30 @@ export class NvmeController extends PciDevice {
 
   private logError(sqid: number, cid: number, status: number): void {
     this.errors.push({ count: ++this.errorCount, sqid, cid, status });
-    if (this.errors.length > 64) this.errors.shift();
+    if (this.errors.length > ERRORS_KEPT) this.errors.shift();
   }
 
-  /** Completes outstanding Asynchronous Event Requests with queued events, while the admin CQ has room. */
+  /**
+   * Completes Asynchronous Event Requests while the admin CQ has room: those
+   * an Abort ended first (Aborted by Request), then outstanding ones with
+   * queued events.
+   */
   deliverEvents(): void {
     const events = this.events;
     const admin = this.sqs[0];
+    if (!admin) return;
     let posted = false;
-    while (admin && events.requests.length > 0 && events.queued.length > 0 && !admin.cq.full && this.ready) {
-      const event = events.queued.shift()!;
-      events.masked.add(event & 7);
-      this.complete(admin.cq, admin, events.requests.shift()!, Status.SUCCESS, event);
+    while (!admin.cq.full && this.ready) {
+      if (events.aborted.length > 0) {
+        this.complete(admin.cq, admin, events.aborted.shift()!, Status.ABORTED_BY_REQUEST, 0);
+      } else if (events.requests.length > 0 && events.queued.length > 0) {
+        const event = events.queued.shift()!;
+        events.masked.add(event & 7);
+        this.complete(admin.cq, admin, events.requests.shift()!, Status.SUCCESS, event);
+      } else break;
       posted = true;
     }
-    if (posted) this.interrupt(admin!.cq);
+    if (posted) this.interrupt(admin.cq);
   }
 
   // ---- interrupts ----
@@ -575,17 +613,21 @@ export class NvmeController extends PciDevice {
 
   private saveState(): Uint8Array {
     const state: SavedState = {
-      version: 2,
+      version: STATE_VERSION,
       registers: { cc: this.cc, csts: this.csts, aqa: this.aqa, asq: this.asq.toString(), acq: this.acq.toString(), intms: this.intms },
-      features: [...this.features.values],
-      ioQueues: this.features.ioQueues,
-      cqs: this.cqs.filter((q) => q !== undefined).map((q): QueueState => ({
+      features: {
+        values: [...this.features.values],
+        temperature: this.features.temperature,
+        coalescingDisabled: this.features.coalescingDisabled,
+        ioQueues: this.features.ioQueues,
+      },
+      cqs: this.cqs.filter((q) => q !== undefined).map((q) => ({
         id: q.id, base: q.base.toString(), size: q.size, head: q.head, tail: q.tail, phase: q.phase, vector: q.vector, interrupts: q.interrupts,
       })),
-      sqs: this.sqs.filter((q) => q !== undefined).map((q): QueueState => ({
+      sqs: this.sqs.filter((q) => q !== undefined).map((q) => ({
         id: q.id, base: q.base.toString(), size: q.size, head: q.head, tail: q.tail, cq: q.cq.id,
       })),
-      events: { requests: this.events.requests, queued: this.events.queued, masked: [...this.events.masked] },
+      events: { requests: this.events.requests, aborted: this.events.aborted, queued: this.events.queued, masked: [...this.events.masked] },
       errors: this.errors,
       errorCount: this.errorCount,
       smart: this.smart,
@@ -594,34 +636,29 @@ export class NvmeController extends PciDevice {
     return Buffer.from(JSON.stringify(state));
   }
 
+  /** Checks the whole state first (parseState throws NvmeStateError), then applies it. */
   private loadState(data: Uint8Array): void {
-    const state = JSON.parse(Buffer.from(data).toString()) as SavedState;
-    if (state.version !== 2) throw new Error(`not version-2 NVMe controller state (version ${String(state.version)})`);
-    const r = state.registers;
+    const state = parseState(data, { ccWritable: CC_WRITABLE, cstsBits: CSTS_BITS, ready: Csts.RDY, shadowDoorbells: this.offersShadowDoorbells, errorsKept: ERRORS_KEPT });
     const cqs: CompletionQueue[] = [];
     for (const q of state.cqs) {
-      const cq = new CompletionQueue(q.id, BigInt(q.base), q.size, q.vector!, q.interrupts!);
+      const cq = new CompletionQueue(q.id, BigInt(q.base), q.size, q.vector, q.interrupts);
       Object.assign(cq, { head: q.head, tail: q.tail, phase: q.phase });
       cqs[q.id] = cq;
     }
     const sqs: SubmissionQueue[] = [];
     for (const q of state.sqs) {
-      const cq = cqs[q.cq!];
-      if (!cq) throw new Error(`SQ ${q.id} names CQ ${q.cq}, which is not in the state`);
-      const sq = new SubmissionQueue(q.id, BigInt(q.base), q.size, cq);
+      const sq = new SubmissionQueue(q.id, BigInt(q.base), q.size, cqs[q.cq]!);
       Object.assign(sq, { head: q.head, tail: q.tail });
-      cq.submissionQueues.add(q.id);
+      cqs[q.cq]!.submissionQueues.add(q.id);
       sqs[q.id] = sq;
     }
-    // Everything parsed: apply.
+    const r = state.registers;
     Object.assign(this, { cc: r.cc, csts: r.csts, aqa: r.aqa, asq: BigInt(r.asq), acq: BigInt(r.acq), intms: r.intms });
-    this.features.values = new Map(state.features);
-    this.features.ioQueues = state.ioQueues;
+    const f = state.features;
+    Object.assign(this.features, { values: new Map(f.values), temperature: f.temperature, coalescingDisabled: f.coalescingDisabled, ioQueues: f.ioQueues });
     this.cqs = cqs;
     this.sqs = sqs;
-    this.events.requests = state.events.requests;
-    this.events.queued = state.events.queued;
-    this.events.masked = new Set(state.events.masked);
+    Object.assign(this.events, { requests: state.events.requests, aborted: state.events.aborted, queued: state.events.queued, masked: new Set(state.events.masked) });
     this.errors = state.errors;
     this.errorCount = state.errorCount;
     this.smart = state.smart;

@@ -19,6 +19,7 @@
  *   command.ts     submission entries, status codes, PRPs
  *   queues.ts      submission and completion rings
  *   shadow.ts      shadow doorbells and EventIdx (Doorbell Buffer Config)
+ *   state.ts       migration state, checked before it is loaded
  *   store.ts       the backing file or memory
  */
 import { parseArgs } from 'node:util';

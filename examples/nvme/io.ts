@@ -3,7 +3,7 @@
  * Management on namespace 1. Data moves between the backing store and views
  * of guest memory, never through a buffer of our own.
  */
-import { CommandError, forEachView, prpSegments, Status, type Command } from './command.js';
+import { checkFlags, checkTransfer, CommandError, forEachView, prpSegments, Status, type Command } from './command.js';
 import type { NvmeController } from './controller.js';
 
 export const IoOpcode = {
@@ -15,38 +15,44 @@ export const IoOpcode = {
 } as const;
 
 export const NAMESPACE_ID = 1;
-const ALL_NAMESPACES = 0xffffffff;
+/** The broadcast NSID: every namespace (Flush; Get Log Page and features that are not per namespace). */
+export const ALL_NAMESPACES = 0xffffffff;
 /** LBA Data Size 2^9: 512-byte blocks. */
 export const BLOCK_SHIFT = 9;
 export const BLOCK_SIZE = 1 << BLOCK_SHIFT;
-/** MDTS 7: at most 2^7 pages (512 KiB) per command. */
-export const MDTS = 7;
-export const MAX_TRANSFER = 4096 << MDTS;
 
 const FUA = 1 << 30;
+/** Write Zeroes' Deallocate bit: the blocks may be freed (they read as zeros either way, DLFEAT). */
+const DEAC = 1 << 25;
 const DSM_DEALLOCATE = 1 << 2;
 const DSM_RANGE = 16;
 
+const IO_OPCODES: ReadonlySet<number> = new Set(Object.values(IoOpcode));
+
 export function executeIo(ctrl: NvmeController, command: Command): number {
   const op = command.opcode;
+  if (!IO_OPCODES.has(op)) return Status.INVALID_OPCODE;
+  checkFlags(command);
   if (op === IoOpcode.FLUSH) {
     if (command.nsid !== NAMESPACE_ID && command.nsid !== ALL_NAMESPACES) return Status.INVALID_NAMESPACE;
     ctrl.store.flush();
     return Status.SUCCESS;
   }
-  if (op !== IoOpcode.READ && op !== IoOpcode.WRITE && op !== IoOpcode.WRITE_ZEROES && op !== IoOpcode.DATASET_MANAGEMENT) return Status.INVALID_OPCODE;
+  // Namespace 1 only: 0, the broadcast NSID and any other are Invalid Namespace.
   if (command.nsid !== NAMESPACE_ID) return Status.INVALID_NAMESPACE;
-  if (command.dataTransfer !== 0 || command.fused !== 0) return Status.INVALID_FIELD;
   if (op === IoOpcode.DATASET_MANAGEMENT) return datasetManagement(ctrl, command);
 
   const blocks = (command.dw(12) & 0xffff) + 1;
-  const position = byteRange(ctrl, command.dw10_11, blocks);
   const length = blocks * BLOCK_SIZE;
   if (op === IoOpcode.WRITE_ZEROES) {
-    ctrl.store.zero(position, length);
+    const position = byteRange(ctrl, command.dw10_11, blocks);
+    if ((command.dw(12) & DEAC) !== 0) ctrl.store.deallocate(position, length);
+    else ctrl.store.zero(position, length);
     return Status.SUCCESS;
   }
-  if (length > MAX_TRANSFER) return Status.INVALID_FIELD;
+  // MDTS before the range, as QEMU checks them.
+  checkTransfer(length);
+  const position = byteRange(ctrl, command.dw10_11, blocks);
   const segments = prpSegments(ctrl.dma, command, length);
   const smart = ctrl.smart;
   if (op === IoOpcode.READ) {
@@ -63,7 +69,7 @@ export function executeIo(ctrl: NvmeController, command: Command): number {
   return Status.SUCCESS;
 }
 
-/** The byte offset of `blocks` blocks at `lba`, or LBA Out of Range. */
+/** The byte offset of `blocks` blocks at `lba` (64 bits: no sum overflows), or LBA Out of Range. */
 function byteRange(ctrl: NvmeController, lba: bigint, blocks: number): number {
   if (lba + BigInt(blocks) > BigInt(ctrl.blocks)) {
     throw new CommandError(Status.LBA_OUT_OF_RANGE, `LBA ${lba} + ${blocks} is past the namespace's ${ctrl.blocks} blocks`);

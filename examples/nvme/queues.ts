@@ -94,16 +94,3 @@ export class SubmissionQueue {
     }
   }
 }
-
-/** What migration and the admin commands need to know of a queue pair. */
-export interface QueueState {
-  id: number;
-  base: string;
-  size: number;
-  head: number;
-  tail: number;
-  phase?: number;
-  vector?: number;
-  interrupts?: boolean;
-  cq?: number;
-}
