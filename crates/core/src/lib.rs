@@ -8,6 +8,7 @@
 
 pub mod deadline;
 pub mod dirty;
+pub mod doorbells;
 pub mod eventfd;
 pub mod framing;
 pub mod memfd;

@@ -24,6 +24,8 @@ pub enum MappingError {
     BeyondFile { offset: u64, size: u64, file_size: u64 },
     #[error("access at {offset} of {len} bytes is outside the {size}-byte mapping")]
     OutOfBounds { offset: u64, len: u64, size: u64 },
+    #[error("the word at {offset} is not aligned to 4 bytes in memory")]
+    Unaligned { offset: u64 },
     #[error("the mapping is not {0}")]
     Forbidden(&'static str),
     #[error("the backing file no longer covers {len} bytes at {offset} (it was truncated)")]
@@ -38,7 +40,7 @@ impl MappingError {
     pub fn errno(&self) -> rustix::io::Errno {
         use rustix::io::Errno;
         match self {
-            MappingError::Empty | MappingError::BeyondFile { .. } => Errno::INVAL,
+            MappingError::Empty | MappingError::BeyondFile { .. } | MappingError::Unaligned { .. } => Errno::INVAL,
             MappingError::OutOfBounds { .. } | MappingError::Fault { .. } => Errno::FAULT,
             MappingError::Forbidden(_) => Errno::PERM,
             MappingError::Os(e) => *e,
@@ -66,6 +68,11 @@ pub struct Mapping {
 // SAFETY: the mapping is plain shared memory; it is owned (unmapped once) by
 // this value, and accesses go through bounds-checked copies.
 unsafe impl Send for Mapping {}
+// SAFETY: every `&self` access is a bounds-checked copy (or an atomic load)
+// of memory a peer writes concurrently anyway, and the dirty bitmap is
+// atomic; nothing is cached outside the shared memory. A thread that watches
+// a mapping (doorbells) reads it while its owner copies through it.
+unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Maps `size` bytes of `fd` from `offset`, refusing ranges past the end
@@ -158,6 +165,29 @@ impl Mapping {
         // concurrently, which makes the bytes racy but the copy sound.
         unsafe { safe_copy::copy(out.as_mut_ptr(), self.as_ptr().add(at), out.len()) }
             .map_err(|_| MappingError::Fault { offset, len: out.len() as u64 })
+    }
+
+    /// The aligned 32-bit word at `offset`, read in one access (never torn,
+    /// as a doorbell register is), with acquire ordering: what the writer
+    /// stored before it is visible after.
+    pub fn load_u32(&self, offset: u64) -> Result<u32, MappingError> {
+        let at = self.readable(offset, 4)?;
+        // SAFETY: in bounds.
+        let ptr = unsafe { self.as_ptr().add(at) };
+        if !(ptr as usize).is_multiple_of(4) {
+            return Err(MappingError::Unaligned { offset });
+        }
+        if self.size_sealed {
+            // SAFETY: in bounds, aligned, and the file cannot shrink, so the
+            // load cannot fault; an atomic load is sound on memory another
+            // process stores to.
+            let word = unsafe { &*(ptr as *const std::sync::atomic::AtomicU32) };
+            return Ok(word.load(std::sync::atomic::Ordering::Acquire));
+        }
+        let mut out = [0u8; 4];
+        self.read_at(offset, &mut out)?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        Ok(u32::from_ne_bytes(out))
     }
 
     /// Copies `data` to `offset` of the mapping and marks the pages dirty.
