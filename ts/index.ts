@@ -35,6 +35,7 @@ export { migrate, MigrationClient, type MigrationResult } from './client/migrati
 export { PciDevice } from './pci/device.js';
 export type { PciBar } from './pci/bars.js';
 export { IoEventfd, type IoEventfdEvents } from './pci/ioeventfds.js';
+export { DoorbellSource, type DoorbellSourceEvents, type DoorbellSourceOptions, type DoorbellStats, type DoorbellTiming, type Ring } from './doorbells.js';
 export {
   InvalidDeviceError,
   type AerCapability,

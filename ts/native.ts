@@ -78,6 +78,7 @@ export const native = load();
 
 export type NativeConnection = NativeBinding.NativeConnection;
 export type NativeMapping = NativeBinding.NativeMapping;
+export type NativeDoorbellWatcher = NativeBinding.NativeDoorbellWatcher;
 export type NativeRegionReads = NativeBinding.NativeRegionReads;
 export type PeerCredentials = NativeBinding.PeerCredentials;
 

@@ -75,6 +75,12 @@ export class SharedMemory {
     };
   }
 
+  /** The native mapping, for native readers of this memory (doorbell watching). @internal */
+  nativeMapping(): NativeMapping {
+    if (this.closed) throw new UsageError('the shared memory is closed');
+    return this.mapping;
+  }
+
   /**
    * Serves REGION_READs of `region` from this memory natively (offset 0 is the
    * region's start) for as long as it is mapped: after close() they reach the

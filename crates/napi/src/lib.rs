@@ -3,6 +3,7 @@
 
 pub mod bench;
 mod connection;
+mod doorbells;
 mod eventfd_watch;
 mod js;
 mod listener;

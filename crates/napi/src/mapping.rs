@@ -11,9 +11,12 @@ use std::cell::RefCell;
 use std::os::fd::BorrowedFd;
 use std::ptr::null_mut;
 use std::rc::Rc;
+use std::sync::Arc;
 use vfio_user_core::{Mapping, MappingError, Protection, DIRTY_PAGE_SIZE};
 
-pub(crate) type Shared = Rc<RefCell<Option<Mapping>>>;
+/// The mapping, shared with native readers; the `Arc` lets a thread that
+/// watches doorbells keep the memory mapped for as long as it reads it.
+pub(crate) type Shared = Rc<RefCell<Option<Arc<Mapping>>>>;
 
 #[napi]
 pub struct NativeMapping {
@@ -64,7 +67,7 @@ impl NativeMapping {
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
         let mapping = Mapping::new(fd, offset, size, Protection { read: readable, write: writable }).map_err(mapping_error)?;
         let file = mapping.file_identity();
-        Ok(NativeMapping { mapping: Rc::new(RefCell::new(Some(mapping))), size: size as f64, file, views: Vec::new(), prune_at: MIN_PRUNE_AT, env: env.raw() })
+        Ok(NativeMapping { mapping: Rc::new(RefCell::new(Some(Arc::new(mapping)))), size: size as f64, file, views: Vec::new(), prune_at: MIN_PRUNE_AT, env: env.raw() })
     }
 
     /// Which file is mapped, as "device:inode" (the form `fileIdentity(fd)` gives).
