@@ -115,8 +115,10 @@ export class Virtqueue {
       throw new UsageError(`queue ${this.index}: ${written} bytes written, but the chain has ${chain.writableLength} writable bytes`);
     }
     this.inFlight--;
-    this.ring.push(chain.head, written);
     if (this.inFlight === 0) this.wakeIdle();
+    // A device that needs a reset answers nothing more: the driver resets it.
+    if (!this.host.running) return;
+    this.ring.push(chain.head, written);
     if (!this.flushQueued && !this.processing) {
       this.flushQueued = true;
       queueMicrotask(() => this.flush());

@@ -1,0 +1,64 @@
+/** The virtio examples as users run them: `vfio-user serve examples/virtio-<name>`, driven from another process. */
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, test } from 'vitest';
+import { connect, VirtioDriver } from '../ts/index.js';
+import { testCleanups } from './cleanups.js';
+import { SPAWNING_TEST_MS, STARTED_MS, tempSocketPath, until } from './helpers.js';
+import { GUEST_MEMORY } from './virtio-helpers.js';
+
+const t = testCleanups();
+const root = join(__dirname, '..');
+
+/** Serves `example` with `args` in a child process; returns a driver (not initialized) of it. */
+async function served(example: string, args: string[] = []): Promise<VirtioDriver> {
+  const socket = tempSocketPath();
+  t.defer(() => socket.cleanup());
+  const cli = ['--import', 'tsx', join(root, 'ts/cli/main.ts'), 'serve', join(root, 'examples', example), '--socket', socket.path, '--', ...args];
+  const child = spawn(process.execPath, cli, { cwd: root, stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d) => (stderr += d));
+  t.defer(async () => {
+    child.kill('SIGTERM');
+    if (child.exitCode === null) await new Promise((r) => child.on('exit', r));
+  });
+  await until(() => existsSync(socket.path) || child.exitCode !== null, STARTED_MS);
+  if (child.exitCode !== null) throw new Error(`serve exited: ${stderr}`);
+  const client = await connect(socket.path, { timeoutMs: STARTED_MS });
+  t.defer(() => client.close());
+  const driver = await VirtioDriver.connect(client, { memory: t.memory(GUEST_MEMORY) });
+  t.defer(() => driver.close());
+  return driver;
+}
+
+describe('vfio-user serve', { timeout: SPAWNING_TEST_MS }, () => {
+  test('examples/virtio-rng', async () => {
+    const driver = await served('virtio-rng');
+    await driver.initialize();
+    const done = await driver.queues[0].submit([{ writable: 256 }]);
+    expect(done.written).toBe(256);
+    expect(new Set(done.writable[0]).size).toBeGreaterThan(64);
+  });
+
+  test('examples/virtio-blk -- --image FILE --queues 2 --serial ID', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'virtio-serve-'));
+    t.defer(() => rmSync(dir, { recursive: true, force: true }));
+    const image = join(dir, 'disk.img');
+    writeFileSync(image, Buffer.alloc(64 * 1024));
+    const driver = await served('virtio-blk', ['--image', image, '--queues', '2', '--serial', 'served-1']);
+    await driver.initialize();
+    expect(driver.queues.length).toBe(2);
+    const header = Buffer.alloc(16);
+    header.writeUInt32LE(1, 0); // OUT
+    header.writeBigUInt64LE(4n, 8);
+    const data = Buffer.alloc(512, 0x5a);
+    const done = await driver.queues[1].submit([{ data: header }, { data }, { writable: 1 }]);
+    expect(done.writable[0][0]).toBe(0);
+    expect(readFileSync(image).subarray(2048, 2560).equals(data)).toBe(true);
+    header.writeUInt32LE(8, 0); // GET_ID
+    const id = await driver.queues[0].submit([{ data: header }, { writable: 20 }, { writable: 1 }]);
+    expect(id.writable[0].toString('latin1').replace(/\0+$/, '')).toBe('served-1');
+  });
+});
