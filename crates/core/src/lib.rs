@@ -3,9 +3,11 @@
 //! It knows just enough of the wire to frame messages (the 16-byte header and
 //! its `msg_size`), carries SCM_RIGHTS fds in both directions, and wraps the
 //! few kernel objects the protocol hands around: eventfds, memfds and mmaps,
-//! with SIGBUS-safe copies and dirty-page bitmaps for guest memory.
+//! with SIGBUS-safe copies and dirty-page bitmaps for guest memory, and
+//! asynchronous block I/O between files and that memory.
 //! Protocol semantics live in the TypeScript layer above.
 
+pub mod block;
 pub mod deadline;
 pub mod dirty;
 pub mod doorbells;

@@ -71,7 +71,8 @@ unsafe impl Send for Mapping {}
 // SAFETY: every `&self` access is a bounds-checked copy (or an atomic load)
 // of memory a peer writes concurrently anyway, and the dirty bitmap is
 // atomic; nothing is cached outside the shared memory. A thread that watches
-// a mapping (doorbells) reads it while its owner copies through it.
+// a mapping (doorbells) reads it while its owner copies through it, and block
+// I/O shares it (with the kernel) through `Arc` for the I/O's lifetime.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
