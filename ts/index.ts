@@ -18,6 +18,17 @@ export { ServerSession, type SessionOptions } from './server/session.js';
 export type { PeerCredentials } from './native-binding.js';
 export { punchHole } from './sparse.js';
 export {
+  BlockDevice,
+  BlockDeviceClosedError,
+  BlockIoError,
+  BlockOpenError,
+  BlockQueueFullError,
+  type BlockAlignment,
+  type BlockEngine,
+  type BlockOp,
+  type BlockOpenOptions,
+} from './block/index.js';
+export {
   connect,
   VfioUserClient,
   GuestMemory,

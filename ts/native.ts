@@ -79,6 +79,7 @@ export const native = load();
 export type NativeConnection = NativeBinding.NativeConnection;
 export type NativeMapping = NativeBinding.NativeMapping;
 export type NativeDoorbellWatcher = NativeBinding.NativeDoorbellWatcher;
+export type NativeBlockDevice = NativeBinding.NativeBlockDevice;
 export type NativeRegionReads = NativeBinding.NativeRegionReads;
 export type PeerCredentials = NativeBinding.PeerCredentials;
 

@@ -37,8 +37,8 @@ export const MAX_VIEW_LENGTH = Math.min(bufferConstants.MAX_LENGTH, 2 ** 32);
 
 type Need = 'readable' | 'writable';
 
-/** The part of an access that falls inside one window. */
-interface Piece {
+/** The part of an access that falls inside one window. @internal */
+export interface Piece {
   window: DmaWindow;
   /** Offset of the piece in its window. */
   offset: number;
@@ -316,6 +316,14 @@ export abstract class GuestMemoryAccess {
       left -= n;
     }
     return into;
+  }
+
+  /**
+   * An SG list split at window boundaries, every byte checked (DmaAccessError
+   * otherwise), for native code that moves the data itself (block I/O). @internal
+   */
+  resolveSg(sg: SgList, need: 'readable' | 'writable'): Piece[] {
+    return this.sgPieces(sg, need);
   }
 
   private sgPieces(sg: SgList, need: Need): Piece[] {

@@ -2,6 +2,7 @@
 //! plus the event-loop hook. No protocol decisions are made here.
 
 pub mod bench;
+mod block;
 mod connection;
 mod doorbells;
 mod eventfd_watch;

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use vfio_user_core::{Mapping, MappingError, Protection, DIRTY_PAGE_SIZE};
 
 /// The mapping, shared with native readers; the `Arc` lets a thread that
-/// watches doorbells keep the memory mapped for as long as it reads it.
+/// watches doorbells, or block I/O in flight, keep the memory mapped for as
+/// long as it uses it (the munmap waits for them).
 pub(crate) type Shared = Rc<RefCell<Option<Arc<Mapping>>>>;
 
 #[napi]

@@ -1,0 +1,218 @@
+//! `NativeBlockDevice`: a file or block device and its queue of
+//! asynchronous requests (`vfio_user_core::block`) between the file and
+//! guest memory. Completions reach JS in batches: the queue's eventfd is
+//! watched by the JS thread's loop (the uv poll the sockets use), and one
+//! call of `onComplete` carries everything that finished since the last.
+//! Submissions return an errno (0 when started) rather than throwing: the
+//! TS layer raises typed errors that name the request.
+
+use crate::js::{self, Callbacks};
+use crate::mapping::NativeMapping;
+use crate::uv::{Poll, READABLE};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use std::cell::RefCell;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::rc::Rc;
+use vfio_user_core::block::{self, Completion, Direction, Engine, EngineChoice, OpenOptions, Queue, Request, Segment};
+
+const ON_COMPLETE: usize = 0;
+const EFAULT: i32 = rustix::io::Errno::FAULT.raw_os_error();
+const EBADF: i32 = rustix::io::Errno::BADF.raw_os_error();
+
+struct Inner {
+    queue: Option<Queue>,
+    poll: Option<Poll>,
+    js: Option<Rc<Callbacks>>,
+    /// Guest memory for the next read or write, added one piece at a time.
+    segments: Vec<Segment>,
+}
+
+#[napi(object)]
+pub struct BlockAlignment {
+    pub memory: u32,
+    pub offset: u32,
+}
+
+#[napi]
+pub struct NativeBlockDevice {
+    inner: Rc<RefCell<Inner>>,
+    size: u64,
+    engine: Engine,
+    alignment: Option<block::Alignment>,
+}
+
+#[napi]
+impl NativeBlockDevice {
+    /// Opens `path` for requests, `depth` at most in flight. `engine` is
+    /// "io_uring", "threads", or "" for io_uring where the kernel allows it
+    /// (VFIO_USER_BLOCK_ENGINE overrides ""). Throws with `code` the errno.
+    /// `onComplete(done)` gets [tag, errno, tag, errno, ...] (errno 0: success).
+    #[napi(factory, ts_args_type = "path: string, direct: boolean, readOnly: boolean, engine: string, depth: number, onComplete: (done: number[]) => void")]
+    pub fn open(env: Env, path: String, direct: bool, read_only: bool, engine: String, depth: u32, on_complete: Function<'_>) -> std::result::Result<Self, Error<String>> {
+        let fail = |code: i32, reason: String| Error::new(code.to_string(), reason);
+        let engine = match engine.as_str() {
+            "" => block::engine_from_env(),
+            "io_uring" => EngineChoice::Only(Engine::IoUring),
+            "threads" => EngineChoice::Only(Engine::Threads),
+            other => return Err(fail(rustix::io::Errno::INVAL.raw_os_error(), format!("unknown engine {other:?}"))),
+        };
+        let queue = Queue::open(Path::new(&path), &OpenOptions { direct, read_only, engine, depth })
+            .map_err(|e| fail(e.errno().raw_os_error(), e.to_string()))?;
+        let js = Callbacks::new(env.raw(), "VfioUserBlockDevice", &[on_complete.raw()]).map_err(|e| fail(EFAULT, e.reason))?;
+        let (size, engine, alignment) = (queue.size(), queue.engine(), queue.alignment());
+        let fd = queue.eventfd().as_raw_fd();
+        let inner = Rc::new(RefCell::new(Inner { queue: Some(queue), poll: None, js: Some(js), segments: Vec::new() }));
+        // The poll holds the device strongly, as a watched eventfd does; close() breaks the cycle.
+        let target = inner.clone();
+        let mut poll = Poll::new(env.raw(), fd, Box::new(move |_status, _events| on_readable(&target))).map_err(|e| fail(EFAULT, e.reason))?;
+        poll.set_events(READABLE);
+        // Only requests in flight keep the process alive.
+        poll.set_ref(false);
+        inner.borrow_mut().poll = Some(poll);
+        Ok(NativeBlockDevice { inner, size, engine, alignment })
+    }
+
+    #[napi(getter)]
+    pub fn size(&self) -> BigInt {
+        BigInt::from(self.size)
+    }
+
+    #[napi(getter, ts_return_type = "'io_uring' | 'threads'")]
+    pub fn engine(&self) -> &'static str {
+        match self.engine {
+            Engine::IoUring => "io_uring",
+            Engine::Threads => "threads",
+        }
+    }
+
+    /// What O_DIRECT requires; null for buffered I/O.
+    #[napi(getter)]
+    pub fn alignment(&self) -> Option<BlockAlignment> {
+        self.alignment.map(|a| BlockAlignment { memory: a.memory, offset: a.offset })
+    }
+
+    #[napi(getter)]
+    pub fn in_flight(&self) -> u32 {
+        self.inner.borrow().queue.as_ref().map_or(0, |q| q.in_flight() as u32)
+    }
+
+    /// Adds `length` bytes at `offset` of `mapping` to the next read
+    /// (`intoMemory`) or write; 0, EFAULT (outside the window, or unmapped)
+    /// or EPERM (the window lacks the access).
+    #[napi]
+    pub fn add_segment(&self, mapping: &NativeMapping, offset: f64, length: f64, into_memory: bool) -> i32 {
+        let shared = mapping.shared();
+        let guard = shared.borrow();
+        let Some(m) = guard.as_ref() else { return EFAULT };
+        if !(offset >= 0.0 && length >= 0.0 && offset.fract() == 0.0 && length.fract() == 0.0 && offset + length <= 9007199254740991.0) {
+            return EFAULT;
+        }
+        let direction = if into_memory { Direction::IntoMemory } else { Direction::FromMemory };
+        match Segment::new(m, offset as u64, length as usize, direction) {
+            Ok(segment) => {
+                self.inner.borrow_mut().segments.push(segment);
+                0
+            }
+            Err(e) => e.errno().raw_os_error(),
+        }
+    }
+
+    /// Forgets the segments added so far (a request that failed to resolve).
+    #[napi]
+    pub fn clear_segments(&self) {
+        self.inner.borrow_mut().segments.clear();
+    }
+
+    /// Reads into the segments added since the last request; 0 or an errno
+    /// (EAGAIN: the queue is full; EINVAL: outside the device or misaligned
+    /// for O_DIRECT; EBADF: closed).
+    #[napi]
+    pub fn read(&self, tag: u32, offset: BigInt) -> i32 {
+        let segments = std::mem::take(&mut self.inner.borrow_mut().segments);
+        self.submit(tag, Request::Read { at: u64_of(&offset), segments })
+    }
+
+    /// Writes from the segments added since the last request; as `read`, and
+    /// EBADF for a read-only device.
+    #[napi]
+    pub fn write(&self, tag: u32, offset: BigInt) -> i32 {
+        let segments = std::mem::take(&mut self.inner.borrow_mut().segments);
+        self.submit(tag, Request::Write { at: u64_of(&offset), segments })
+    }
+
+    #[napi]
+    pub fn flush(&self, tag: u32) -> i32 {
+        self.submit(tag, Request::Flush)
+    }
+
+    #[napi]
+    pub fn discard(&self, tag: u32, offset: BigInt, length: BigInt) -> i32 {
+        self.submit(tag, Request::Discard { at: u64_of(&offset), len: u64_of(&length) })
+    }
+
+    #[napi]
+    pub fn write_zeroes(&self, tag: u32, offset: BigInt, length: BigInt) -> i32 {
+        self.submit(tag, Request::WriteZeroes { at: u64_of(&offset), len: u64_of(&length) })
+    }
+
+    /// Stops watching and closes the file, after waiting for requests still in
+    /// flight (their completions are not delivered). Idempotent.
+    #[napi]
+    pub fn close(&self) {
+        let (poll, queue, js) = {
+            let mut inner = self.inner.borrow_mut();
+            inner.segments.clear();
+            (inner.poll.take(), inner.queue.take(), inner.js.take())
+        };
+        if let Some(poll) = poll {
+            poll.close();
+        }
+        drop(queue);
+        drop(js);
+    }
+
+    fn submit(&self, tag: u32, request: Request) -> i32 {
+        let mut inner = self.inner.borrow_mut();
+        let inner = &mut *inner;
+        let Some(queue) = inner.queue.as_mut() else { return EBADF };
+        match queue.submit(tag.into(), request) {
+            Ok(()) => {
+                if let Some(poll) = inner.poll.as_ref() {
+                    poll.set_ref(true);
+                }
+                0
+            }
+            Err(e) => e.raw_os_error(),
+        }
+    }
+}
+
+/// A BigInt's value, or u64::MAX for one that does not fit (refused as outside the device).
+fn u64_of(value: &BigInt) -> u64 {
+    match value.get_u64() {
+        (false, v, true) => v,
+        _ => u64::MAX,
+    }
+}
+
+fn on_readable(inner: &Rc<RefCell<Inner>>) {
+    let mut done: Vec<Completion> = Vec::new();
+    // Nothing is borrowed while JS runs: the callback may submit or close.
+    let js = {
+        let mut guard = inner.borrow_mut();
+        let state = &mut *guard;
+        let (Some(queue), Some(js)) = (state.queue.as_mut(), state.js.clone()) else { return };
+        queue.reap(&mut done);
+        if let Some(poll) = state.poll.as_ref() {
+            poll.set_ref(queue.in_flight() > 0);
+        }
+        js
+    };
+    if done.is_empty() {
+        return;
+    }
+    let flat: Vec<i32> = done.iter().flat_map(|c| [c.tag as i32, c.result.err().map_or(0, |e| e.raw_os_error())]).collect();
+    js.call(&mut js.scope(), ON_COMPLETE, |env| vec![js::int_array(env, &flat)]);
+}
