@@ -13,8 +13,8 @@ import { Csts, NvmeController, Register } from '../examples/nvme/controller.js';
 import { NvmeStateError, parseState } from '../examples/nvme/state.js';
 import { MemoryStore } from '../examples/nvme/store.js';
 import { testCleanups } from './cleanups.js';
-import { PAGE } from './nvme-host.js';
-import { attachNvme, bringUpNvme, Op, roundTrip, S, u64 } from './nvme-setup.js';
+import { MEMORY_BASE, PAGE } from './nvme-host.js';
+import { attachNvme, bringUpNvme, Op, roundTrip, S, SETUPS, u64 } from './nvme-setup.js';
 
 const cleanups = testCleanups();
 const BLOCKS = (4 << 20) / 512;
@@ -317,5 +317,66 @@ describe('migration state is input', () => {
     expect(destination.deviceErrors).toEqual([]);
     expect(destination.served.device.sqs[1]!.size).toBe(16);
     expect(await destination.host.reg32(Register.CSTS)).toBe(Csts.RDY);
+  });
+});
+
+/** xorshift32: the same commands for the same seed. */
+function random(seed: number): (n: number) => number {
+  let x = seed >>> 0 || 1;
+  return (n) => {
+    x ^= x << 13; x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5; x >>>= 0;
+    return x % n;
+  };
+}
+
+describe.each(SETUPS)('a hostile host, with %s doorbells', (setup) => {
+  const SEED = 0x5eed + setup.length;
+  test(`random commands with bad fields and PRPs all complete with a spec status (seed ${SEED})`, async () => {
+    const { host: h, deviceErrors } = await bringUpNvme(cleanups, setup, { ioEntries: 64 });
+    const next = random(SEED);
+    const pages = Array.from({ length: 8 }, () => h.alloc(PAGE));
+    const lists = Array.from({ length: 4 }, () => h.alloc(PAGE));
+    const outside = [0n, 0x1000n, MEMORY_BASE - BigInt(PAGE), MEMORY_BASE + BigInt(h.memory.size), (1n << 64n) - BigInt(PAGE)];
+    const pick = <T>(from: readonly T[]): T => from[next(from.length)];
+    const word = () => [0, 1, 0xffff, 0xffffffff, next(0x10000), next(0x100000000)][next(6)];
+    const address = (): bigint => {
+      switch (next(4)) {
+        case 0: return pick(pages) + BigInt(pick([0, 4, 512, PAGE - 4]));
+        case 1: return pick(lists) + BigInt(8 * next(PAGE / 8));
+        case 2: return pick(outside);
+        default: return pick(pages) + BigInt(next(PAGE));
+      }
+    };
+    // Lists of good pages, pages with offsets, addresses outside memory, and pointers back into the lists.
+    for (const list of lists) {
+      for (let i = 0; i < PAGE / 8; i++) h.write(list + BigInt(8 * i), u64(next(3) === 0 ? address() : pick(pages)));
+    }
+    const allowed: Set<number> = new Set(Object.values(S));
+    // Admin opcodes that would end the test's own queue or leave a command outstanding are sent with safe fields only.
+    const adminOpcodes = [0x01, 0x02, 0x05, 0x06, 0x08, 0x09, 0x0a, 0x18, 0x7f, 0x80, next(0x100)];
+    let answered = 0;
+    for (let burst = 0; burst < 40; burst++) {
+      const admin = Array.from({ length: 2 }, () => {
+        const opcode = pick(adminOpcodes);
+        if (opcode === 0x0c || opcode === 0x7c || opcode === 0x00 || opcode === 0x04) return h.admin({ opcode: 0x06, prp1: pick(pages), cdw10: 1 });
+        const cdw10 = opcode === 0x09 && next(2) === 0 ? 0x07 : word(); // Number of Queues, often
+        return h.admin({ opcode, nsid: pick([0, 1, 0xffffffff, word()]), prp1: address(), prp2: address(), cdw10, cdw11: word(), cdw12: word(), cdw13: word(), flags: next(4) === 0 ? next(0x100) : 0 });
+      });
+      const io = Array.from({ length: 8 }, () => h.enqueue(1, {
+        opcode: pick([0x00, 0x01, 0x02, 0x08, 0x09, next(0x100)]), nsid: pick([1, 1, 1, 0, 2, 0xffffffff]),
+        prp1: address(), prp2: address(), cdw10: pick([0, next(BLOCKS), word()]), cdw11: next(4) === 0 ? word() : 0, cdw12: pick([0, 7, 255, 1023, 1024, word()]),
+        flags: next(8) === 0 ? next(0x100) : 0,
+      }));
+      h.kick(1);
+      for (const c of await Promise.all([...admin, ...io])) {
+        expect(allowed.has(c.status), `status 0x${c.status.toString(16)} (seed ${SEED})`).toBe(true);
+        answered++;
+      }
+    }
+    expect(answered).toBe(40 * 10);
+    await roundTrip(h, 0x77);
+    expect(deviceErrors).toEqual([]);
   });
 });
