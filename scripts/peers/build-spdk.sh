@@ -40,7 +40,7 @@ PATH=/usr/bin:$PATH
 export PATH
 ./configure --with-vfio-user --disable-tests --disable-unit-tests --disable-examples \
   --without-crypto --without-isal-crypto --without-fio --without-xnvme --without-ocf \
-  --without-rdma --without-uring --without-usdt --without-idxd
+  --without-rdma --without-uring --without-usdt --without-idxd --without-nvme-cuse
 make -j "${JOBS:-$(nproc)}"
 for bin in nvmf_tgt spdk_tgt spdk_nvme_identify spdk_nvme_perf; do
   [ -x "build/bin/$bin" ] || { echo "build/bin/$bin was not built" >&2; exit 1; }
