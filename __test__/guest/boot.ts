@@ -84,7 +84,8 @@ export function bootGuest(options: BootOptions): Promise<GuestRun> {
     // vfio-user servers map guest memory from a shared memfd.
     '-object', `memory-backend-memfd,id=mem,size=${mem},share=on`, '-machine', 'q35,memory-backend=mem',
     '-kernel', join(GUEST, 'vmlinuz'), '-initrd', initrdPath,
-    '-append', 'console=ttyS0 panic=-1 loglevel=4 edd=off',
+    // no_timer_check: on a loaded host TCG can miss the kernel's IO-APIC timer check, which panics.
+    '-append', 'console=ttyS0 panic=-1 loglevel=4 edd=off no_timer_check',
     ...(options.sockets ?? []).flatMap((socket, i) => vfioUserPci(socket, options.rootPorts ? i : undefined)),
     ...(options.qemuArgs ?? []),
   ];

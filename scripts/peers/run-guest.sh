@@ -49,13 +49,14 @@ install -m 0755 "$script" "$work/add/test.sh"
 (cd "$work/add" && echo test.sh | cpio -o -H newc -R 0:0 --quiet | gzip) >"$work/test.cpio.gz"
 cat "$guest/initramfs.cpio.gz" "$work/test.cpio.gz" >"$work/initrd"
 
-# Guest RAM is a shared memfd: vfio-user servers map it from the fds DMA_MAP passes. SeaBIOS
-# writes terminal resets and escape sequences to the console, stripped on the way out.
+# Guest RAM is a shared memfd: vfio-user servers map it from the fds DMA_MAP passes.
+# no_timer_check: on a loaded host TCG can miss the kernel's IO-APIC timer check, which panics.
+# SeaBIOS writes terminal resets and escape sequences to the console, stripped on the way out.
 timeout --foreground -k 5 "$timeout" "$qemu" -accel tcg -nodefaults -nographic -no-reboot \
   -serial mon:stdio -smp "$smp" -m "$mem" \
   -object "memory-backend-memfd,id=mem,size=$mem,share=on" -machine q35,memory-backend=mem \
   -kernel "$guest/vmlinuz" -initrd "$work/initrd" \
-  -append "console=ttyS0 panic=-1 loglevel=4 edd=off $append" \
+  -append "console=ttyS0 panic=-1 loglevel=4 edd=off no_timer_check $append" \
   "${devices[@]}" "$@" </dev/null | sed -u 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g' | tee "$work/console"
 qemu_status=${PIPESTATUS[0]}
 
