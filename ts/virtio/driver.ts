@@ -19,6 +19,8 @@ export interface VirtioDriverOptions {
   memory: GuestMemory;
   /** Where the memory sits in the device's address space (default 1 MiB, so address 0 is outside). */
   iova?: bigint;
+  /** The client has mapped the memory at `iova` already (a fuzzer's runner does): no DMA_MAP. */
+  mapped?: boolean;
 }
 
 export interface InitOptions {
@@ -92,7 +94,7 @@ export class VirtioDriver {
     const notify = need(CapType.NOTIFY, 'notification');
     const isr = need(CapType.ISR, 'ISR');
     await client.pci.setCommand(PciCommand.MEMORY | PciCommand.BUS_MASTER, true);
-    await client.dmaMap({ iova, memory: options.memory });
+    if (!options.mapped) await client.dmaMap({ iova, memory: options.memory });
     return new VirtioDriver(client, options.memory, iova, options.memory.view(), common, { ...notify, multiplier: notify.extra }, isr, found.get(CapType.DEVICE));
   }
 
@@ -286,6 +288,10 @@ export class DriverQueue {
     private readonly area: QueueMemory,
   ) {
     ({ desc: this.desc, avail: this.avail, used: this.used } = area);
+    // Fresh rings are zeros (a queue set up again over old memory must not offer old entries).
+    driver.at(this.desc, size * Desc.SIZE).fill(0);
+    driver.at(this.avail, Ring.ENTRIES + 2 * size + 2).fill(0);
+    driver.at(this.used, Ring.ENTRIES + Ring.USED_ELEM_SIZE * size + 2).fill(0);
     const view = (iova: bigint, length: number) => {
       const bytes = driver.at(iova, length);
       return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);

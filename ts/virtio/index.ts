@@ -4,3 +4,4 @@ export { Virtqueue } from './queue.js';
 export { DescriptorChain, VirtqueueError } from './chain.js';
 export { Feature as VirtioFeature, Status as VirtioStatus, VirtioDeviceType, featureBit } from './spec.js';
 export { VirtioDriver, DriverQueue, type ChainBuffer, type Completion, type InitOptions, type VirtioDriverOptions } from './driver.js';
+export { virtioMode, type VirtioOp } from './fuzz.js';

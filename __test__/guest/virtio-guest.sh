@@ -1,0 +1,53 @@
+# Runs inside the guest kit (busybox sh) with our virtio-blk (serial "ts-blk"), our virtio-rng and
+# QEMU's built-in virtio-blk-pci (serial "qemu"). Prints VIRTIO-* lines that __test__/guest/virtio.ts reads.
+set -e
+RUNTIME=__RUNTIME__
+modprobe virtio_pci
+modprobe virtio_blk
+modprobe virtio-rng
+# The disk whose serial is $1.
+disk() {
+  for b in /sys/block/vd*; do
+    [ "$(cat "$b/serial" 2>/dev/null)" = "$1" ] && echo "/dev/${b##*/}"
+  done
+  return 0
+}
+i=0
+until [ -n "$(disk ts-blk)" ] && [ -n "$(disk qemu)" ]; do
+  i=$((i + 1)); [ $i -lt 1500 ] || { echo "VIRTIO-FAIL the disks did not appear"; ls /sys/block; dmesg | grep -i virtio; exit 1; }
+  sleep 0.2
+done
+ours=$(disk ts-blk)
+qemu=$(disk qemu)
+echo "VIRTIO-DISKS ts-blk=$ours qemu=$qemu sectors=$(cat /sys/block/${ours#/dev/}/size)"
+lspci -nn -k | grep -A3 '1af4:104'
+
+# fio first, each job on both disks in turn (terse v3: field 7 read KiB/s, 8 read IOPS).
+for job in "randread 4k 1" "randread 4k 32"; do
+  set -- $job
+  for name in qemu ts-blk; do
+    line=$(fio --name=j --filename="$(disk $name)" --rw="$1" --bs="$2" --iodepth="$3" --ioengine=libaio --direct=1 \
+      --runtime="$RUNTIME" --time_based --size=128M --output-format=terse --terse-version=3 | tail -n 1)
+    echo "VIRTIO-FIO device=$name job=$1-$2-qd$3 kibps=$(echo "$line" | cut -d';' -f7) iops=$(echo "$line" | cut -d';' -f8)"
+  done
+done
+
+# ext4 on ours: write a file, drop every cache, read it back.
+/usr/sbin/mke2fs -q -t ext4 -F "$ours"
+mkdir -p /mnt/ours
+mount -t ext4 "$ours" /mnt/ours
+dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
+cp /tmp/data /mnt/ours/data
+sync
+written=$(md5sum < /tmp/data)
+umount /mnt/ours
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext4 "$ours" /mnt/ours
+[ "$(md5sum < /mnt/ours/data)" = "$written" ] && echo "VIRTIO-EXT4 intact"
+fstrim -v /mnt/ours 2>/dev/null || true
+umount /mnt/ours
+
+# /dev/hwrng from our virtio-rng.
+echo "VIRTIO-RNG current=$(cat /sys/class/misc/hw_random/rng_current)"
+bytes=$(dd if=/dev/hwrng bs=512 count=1 2>/dev/null | wc -c)
+[ "$bytes" = 512 ] && echo "VIRTIO-RNG read=$bytes"
