@@ -360,8 +360,9 @@ export async function fuzz(target: FuzzTarget, options: FuzzOptions = {}): Promi
 
 /**
  * The shortest sequence that still fails with `kind`, by replays against
- * fresh starts of the target, deterministically: the failing operation
- * alone, then delta debugging (drop ever smaller chunks while it fails).
+ * fresh starts of the target, deterministically: the shortest failing
+ * suffix of 1, 2, 4... operations, then delta debugging on it (drop ever
+ * smaller chunks while it fails).
  */
 async function shrink(target: FuzzTarget, modes: readonly FuzzMode[], ops: FuzzOp[], kind: FindingKind, options: FuzzOptions, profile: DeviceProfile | undefined, log: (line: string) => void): Promise<{ ops: FuzzOp[]; confirmed: boolean }> {
   let budget = options.shrinkAttempts ?? DEFAULT_SHRINK_ATTEMPTS;
@@ -371,13 +372,16 @@ async function shrink(target: FuzzTarget, modes: readonly FuzzMode[], ops: FuzzO
     const replay = await attempt(target, modes, { kind: 'list', ops: list }, options, profile);
     return replay.finding?.kind === kind;
   };
-  const last = ops[ops.length - 1];
-  if (ops.length > 1 && (await fails([last]))) {
-    log('shrunk to the failing operation alone');
-    return { ops: [last], confirmed: true };
-  }
+  // The cause is most often just before the failure: the shortest failing suffix (1, 2, 4... operations) first.
   let current = ops;
   let confirmed = false;
+  for (let length = 1; length < ops.length && budget > 0; length *= 2) {
+    if (await fails(ops.slice(-length))) {
+      current = ops.slice(-length);
+      confirmed = true;
+      break;
+    }
+  }
   let chunks = 2;
   while (current.length > 1 && budget > 0) {
     const size = Math.ceil(current.length / chunks);
