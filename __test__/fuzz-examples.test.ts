@@ -10,12 +10,7 @@ import { formatFinding, fuzzDevice, type FuzzReport } from '../ts/fuzz/index.js'
 import createGpio from '../examples/gpio.js';
 import createDoorbellDevice from '../examples/msix-device.js';
 import createQueueCard from '../examples/nvme-doorbell.js';
-
-function rotatingSeed(): number {
-  if (process.env.FUZZ_SEED) return Number(process.env.FUZZ_SEED) >>> 0;
-  if (process.env.GITHUB_RUN_ID) return Number(process.env.GITHUB_RUN_ID) >>> 0;
-  return Math.floor(Date.now() / 86_400_000) >>> 0;
-}
+import { rotatingSeed } from './fuzz-seed.js';
 
 const SEED = rotatingSeed();
 const OPS = Number(process.env.FUZZ_OPS ?? 3000);

@@ -126,12 +126,15 @@ export {
   errnoName,
 } from './protocol/index.js';
 export {
+  formatFinding,
   fuzzDevice,
   FuzzFinding,
+  nvmeMode,
   type DeviceProfile,
   type FuzzContext,
   type FuzzMode,
   type FuzzOp,
   type FuzzOptions,
   type FuzzReport,
+  type Random,
 } from './fuzz/index.js';

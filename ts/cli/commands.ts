@@ -13,6 +13,7 @@ import { setMessageObserver } from '../channel.js';
 import { colorFor, messageLogger } from '../debug.js';
 import { startTrace } from './trace.js';
 import { MAX_REQUEST_TIMEOUT_MS, type ServerOptions } from '../server/server.js';
+import { fuzzCommand } from './fuzz.js';
 
 export const Exit = { OK: 0, FAILURE: 1, USAGE: 2 } as const;
 
@@ -46,8 +47,8 @@ interface Subcommand {
   options: Options;
   /** Whether what follows `--` is handed on (to the served module) instead of parsed. */
   handsOnRest?: boolean;
-  /** `rest` is what followed `--` on the command line. */
-  run(values: Values, positionals: string[], rest: string[], io: CommandIo): Promise<void>;
+  /** `rest` is what followed `--` on the command line. Resolves with the exit status when not OK. */
+  run(values: Values, positionals: string[], rest: string[], io: CommandIo): Promise<void | number>;
 }
 
 const help: Options = { help: { type: 'boolean', short: 'h' } };
@@ -208,6 +209,81 @@ ${EXIT_STATUS}`,
       trace.stop();
     },
   },
+  fuzz: {
+    summary: 'attack a served device with a hostile, seeded client',
+    help: `usage:
+  vfio-user fuzz SOCKET [OPTIONS]
+  vfio-user fuzz --serve MODULE [OPTIONS] [-- ARGS...]
+  vfio-user fuzz --example NAME [OPTIONS] [-- ARGS...]
+
+Connect to the vfio-user server at SOCKET (or serve MODULE, or a shipped
+example, in a child \`vfio-user serve\` restarted for every replay) and
+perform a seeded sequence of hostile operations: config writes (BAR sizing,
+command register, capabilities, MSI and MSI-X), region accesses of every
+size and offset in and out of range, DMA windows that overlap, move and
+vanish, interrupt wiring and teardown, resets (DEVICE_RESET, FLR),
+migration states and data, disconnects with a request in flight, and what
+the --mode options add. After each operation it checks that every request
+was answered within the deadline, that the server answered no EIO (a
+device error) and, when the server runs on this machine, that its process
+lives with steady fds and memory.
+
+On a finding it prints the seed, what went wrong and a reproducing sequence
+of operations (JSON, one per line), shrunk by replays when the device can
+be started afresh (--serve, --example); over SOCKET it cannot restart the
+server, so the sequence is the whole run.
+
+options:
+      --seed N           the seed, 0 to 4294967295 (default: from the clock,
+                         printed); the same seed gives the same operations
+      --ops N            operations to perform (default 10000)
+      --mode NAME        add a device-class mode (may be repeated): nvme
+                         drives an NVMe controller as a hostile host
+      --deadline-ms MS   how long the device may take to answer (default 5000)
+      --replay FILE      perform the operations saved in FILE instead
+      --save FILE        on a finding, save the reproducer to FILE
+      --serve MODULE     serve MODULE in a child process (ARGS after --)
+      --example NAME     serve the shipped example NAME in a child process
+  -h, --help             show this help
+
+exit status:
+  0  nothing found
+  1  a finding (printed), or the fuzzer could not run
+  2  usage error`,
+    options: {
+      ...help,
+      seed: { type: 'string' },
+      ops: { type: 'string' },
+      mode: { type: 'string', multiple: true },
+      'deadline-ms': { type: 'string' },
+      replay: { type: 'string' },
+      save: { type: 'string' },
+      serve: { type: 'string' },
+      example: { type: 'string' },
+    },
+    handsOnRest: true,
+    async run(values, positionals, rest, io) {
+      const module = values.example !== undefined ? examplePathOrUsage(values.example as string) : (values.serve as string | undefined);
+      if ((values.example !== undefined && values.serve !== undefined) || (module === undefined) === (positionals.length === 0)) {
+        throw new CommandLineError('give one SOCKET, or --serve MODULE, or --example NAME');
+      }
+      if (positionals.length > 1) throw new CommandLineError(`unexpected argument ${positionals[1]}`);
+      if (module === undefined && rest.length > 0) throw new CommandLineError('ARGS after -- go to a served module (--serve, --example)');
+      const number = (flag: string, min: number, max: number) => (values[flag] === undefined ? undefined : wholeNumber(flag, values[flag] as string, min, max));
+      const report = await fuzzCommand({
+        target: module === undefined ? { socket: positionals[0] } : { module, args: rest },
+        seed: number('seed', 0, 0xffffffff),
+        ops: number('ops', 0, Number.MAX_SAFE_INTEGER),
+        deadlineMs: number('deadline-ms', 1, MAX_REQUEST_TIMEOUT_MS),
+        modes: (values.mode as string[] | undefined) ?? [],
+        replay: values.replay as string | undefined,
+        save: values.save as string | undefined,
+        log: (line) => io.stderr.write(`vfio-user fuzz: ${line}\n`),
+        print: (text) => io.stdout.write(text),
+      });
+      return report.finding ? Exit.FAILURE : Exit.OK;
+    },
+  },
 };
 
 const USAGE = `usage: vfio-user COMMAND [OPTIONS]
@@ -289,8 +365,7 @@ export async function main(argv: string[], io: CommandIo = process): Promise<num
       io.stdout.write(`${command.help}\n`);
       return Exit.OK;
     }
-    await command.run(values, positionals, rest, io);
-    return Exit.OK;
+    return (await command.run(values, positionals, rest, io)) ?? Exit.OK;
   } catch (error) {
     if (error instanceof CommandLineError || isParseError(error)) {
       // Node's own messages go on with advice about `--` that does not apply here.

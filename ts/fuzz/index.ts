@@ -12,6 +12,8 @@ export { FuzzFinding, GUEST_MEMORY, big, hex } from './mode.js';
 export type { DeviceProfile, FindingKind, FuzzContext, FuzzMode, FuzzOp, MsixProfile, OpValue, RegionProfile } from './mode.js';
 export { Random } from './random.js';
 export { pciMode, type PciOp } from './modes/pci.js';
+export { nvmeMode, type NvmeOp } from './modes/nvme.js';
+export { FUZZ_MODES } from './modes/index.js';
 export { fuzz, formatFinding, randomSeed, reproducerFile, type FuzzFindingReport, type FuzzOptions, type FuzzReport, type ReproducerFile } from './runner.js';
 export { childTarget, inProcessTarget, socketTarget, type DeviceModule, type FuzzTarget, type TargetInstance } from './targets.js';
 

@@ -135,6 +135,13 @@ export interface FuzzMode<Op extends FuzzOp = FuzzOp> {
    * controller and creates its queues).
    */
   restart?(ctx: FuzzContext): Promise<void>;
+  /**
+   * Whether `op` may have changed the device under the other modes (so they
+   * restart before their next operation); true when absent. Reads say no.
+   */
+  disturbs?(op: Op): boolean;
+  /** The run (or a replay) is over: release what the mode holds (a mapped page, its own fds). */
+  close?(): void;
 }
 
 /** What the runner reports as wrong with the device. */

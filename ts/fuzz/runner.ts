@@ -93,6 +93,8 @@ const FD_SLACK = 16;
  */
 const RSS_SLACK = 512 << 20;
 const EVENTFDS = 8;
+/** How long waitFor checks on every loop turn before it settles for once a millisecond. */
+const SPIN_MS = 5;
 
 /** The per-run state a mode sees as its FuzzContext. */
 class Session implements FuzzContext {
@@ -136,11 +138,12 @@ class Session implements FuzzContext {
   }
 
   async waitFor(what: string, done: () => boolean | Promise<boolean>): Promise<void> {
-    const deadline = Date.now() + this.deadlineMs;
-    for (let turn = 0; !(await done()); turn++) {
-      if (Date.now() > deadline) throw new FuzzFinding('stalled', `${what}: not within ${this.deadlineMs} ms`);
-      // The first turns at once (an in-process device runs in them), then every millisecond.
-      if (turn < 64) await nextTurn();
+    const start = Date.now();
+    while (!(await done())) {
+      const waited = Date.now() - start;
+      if (waited > this.deadlineMs) throw new FuzzFinding('stalled', `${what}: not within ${this.deadlineMs} ms`);
+      // Every loop turn for a few ms (replies and an in-process device arrive in them), then every millisecond.
+      if (waited < SPIN_MS) await nextTurn();
       else await sleep(1);
     }
   }
@@ -277,7 +280,9 @@ async function attempt(target: FuzzTarget, modes: readonly FuzzMode[], source: O
         }
         checkDeviceErrors();
         // Whatever one mode did may have changed the device under the others (and a reconnect under all).
-        for (const other of modes) if (other !== mode || session.connections !== connections) stale.add(other);
+        const reconnected = session.connections !== connections;
+        const disturbed = reconnected || (mode.disturbs?.(op) ?? true);
+        for (const other of modes) if ((other !== mode && disturbed) || reconnected) stale.add(other);
         if ((i + 1) % CHECK_EVERY === 0) {
           health('checked');
           await checkAtRest();
@@ -299,6 +304,7 @@ async function attempt(target: FuzzTarget, modes: readonly FuzzMode[], source: O
       result.finding = error;
     }
   } finally {
+    for (const mode of modes) mode.close?.();
     session.client?.close();
     await instance.stop();
     result.serverOutput = instance.output?.();

@@ -247,9 +247,13 @@ async function runPciOp(op: PciOp, ctx: FuzzContext): Promise<void> {
   }
 }
 
+/** Reads leave the device as it was (a burst or a disconnect may carry writes). */
+const READS = new Set(['region-read', 'irq-info', 'migration-read']);
+
 export const pciMode: FuzzMode<PciOp> = {
   name: 'pci',
   weight: 1,
   generate: generatePciOp,
   run: runPciOp,
+  disturbs: (op) => !READS.has(op.kind),
 };
