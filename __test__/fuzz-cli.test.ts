@@ -63,6 +63,6 @@ describe('vfio-user fuzz', () => {
     expect(await main(['fuzz', 'a.sock', '--example', 'gpio'], io)).toBe(2);
     expect(await main(['fuzz', 'a.sock', '--seed', '-1'], io)).toBe(2);
     expect(out.stderr).toContain('give one SOCKET, or --serve MODULE, or --example NAME');
-    await expect(main(['fuzz', 'a.sock', '--mode', 'nope'], io)).rejects.toThrow(/no fuzz mode called nope; the modes are: pci, nvme/);
+    await expect(main(['fuzz', 'a.sock', '--mode', 'nope'], io)).rejects.toThrow(/no fuzz mode called nope; the modes are: pci, nvme, virtio/);
   });
 });

@@ -238,7 +238,8 @@ options:
                          printed); the same seed gives the same operations
       --ops N            operations to perform (default 10000)
       --mode NAME        add a device-class mode (may be repeated): nvme
-                         drives an NVMe controller as a hostile host
+                         drives an NVMe controller as a hostile host,
+                         virtio a virtio-pci device as a hostile driver
       --deadline-ms MS   how long the device may take to answer (default 5000)
       --replay FILE      perform the operations saved in FILE instead
       --save FILE        on a finding, save the reproducer to FILE

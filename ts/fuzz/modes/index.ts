@@ -5,5 +5,6 @@
  */
 import type { FuzzMode } from '../mode.js';
 import { nvmeMode } from './nvme.js';
+import { virtioMode } from '../../virtio/fuzz.js';
 
-export const FUZZ_MODES: Record<string, () => FuzzMode> = { nvme: nvmeMode };
+export const FUZZ_MODES: Record<string, () => FuzzMode> = { nvme: nvmeMode, virtio: virtioMode as () => FuzzMode };
