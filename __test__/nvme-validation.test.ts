@@ -19,6 +19,24 @@ import { attachNvme, bringUpNvme, Op, roundTrip, S, SETUPS, u64 } from './nvme-s
 const cleanups = testCleanups();
 const BLOCKS = (4 << 20) / 512;
 
+describe('registers', () => {
+  test('CC.EN with a page size, command set, arbitration or queue entry size the controller lacks is a fatal status (CSTS.CFS)', async () => {
+    const { host: h } = await attachNvme(cleanups, createDevice(['--size', '1M']));
+    const q = h.newQueue(0, 8, 8);
+    await h.setReg32(Register.AQA, (7 << 16) | 7);
+    await h.setReg64(Register.ASQ, q.sqBase);
+    await h.setReg64(Register.ACQ, q.cqBase);
+    const good = (4 << 20) | (6 << 16) | 1;
+    for (const cc of [good | (1 << 7), good | (1 << 4), good | (1 << 11), (good & ~(0xf << 16)) | (7 << 16), (good & ~(0xf << 20)) | (5 << 20), 1]) {
+      await h.setReg32(Register.CC, cc);
+      expect((await h.reg32(Register.CSTS)) & (Csts.CFS | Csts.RDY), `CC 0x${cc.toString(16)}`).toBe(Csts.CFS);
+      await h.setReg32(Register.CC, 0);
+    }
+    await h.setReg32(Register.CC, good);
+    expect((await h.reg32(Register.CSTS)) & (Csts.CFS | Csts.RDY)).toBe(Csts.RDY);
+  });
+});
+
 describe('command fields', () => {
   test('opcodes, FUSE and PSDT: Invalid Opcode, then Invalid Field; Keep Alive is not offered (KAS 0)', async () => {
     const { host: h, deviceErrors } = await bringUpNvme(cleanups, 'trap');

@@ -261,13 +261,20 @@ export class NvmeController extends PciDevice {
     }
   }
 
-  /** CC.EN 0 to 1: the admin queues from AQA/ASQ/ACQ, then ready; bad settings are a fatal status instead. */
+  /**
+   * CC.EN 0 to 1: the admin queues from AQA/ASQ/ACQ, then ready; settings
+   * the controller does not have (page size, command set, arbitration,
+   * queue entry sizes) are a fatal status instead.
+   */
   private enable(): void {
     const sqSize = (this.aqa & 0xfff) + 1;
     const cqSize = ((this.aqa >>> 16) & 0xfff) + 1;
     const mps = (this.cc >>> 7) & 0xf;
     const css = (this.cc >>> 4) & 7;
-    if (sqSize < 2 || cqSize < 2 || mps !== 0 || css !== 0 || this.asq === 0n || this.acq === 0n) {
+    const ams = (this.cc >>> 11) & 7;
+    // Entry sizes as Identify's SQES and CQES allow (64 and 16 bytes only), as QEMU checks them at enable.
+    const entrySizes = ((this.cc >>> Cc.IOSQES_SHIFT) & 0xf) === 6 && ((this.cc >>> Cc.IOCQES_SHIFT) & 0xf) === 4;
+    if (sqSize < 2 || cqSize < 2 || mps !== 0 || css !== 0 || ams !== 0 || !entrySizes || this.asq === 0n || this.acq === 0n) {
       this.csts |= Csts.CFS;
       return;
     }
