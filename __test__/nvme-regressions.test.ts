@@ -6,9 +6,13 @@
  * goes on.
  */
 import { describe, expect, test } from 'vitest';
+import { MigrationState } from '../ts/index.js';
+import createDevice from '../examples/nvme/index.js';
+import { Csts, Register } from '../examples/nvme/controller.js';
 import { testCleanups } from './cleanups.js';
-import { PAGE } from './nvme-host.js';
-import { bringUpNvme, Op, roundTrip, S, SETUPS, u64 } from './nvme-setup.js';
+import { until } from './helpers.js';
+import { NvmeHost, PAGE } from './nvme-host.js';
+import { attachNvme, bringUpNvme, Op, roundTrip, S, SETUPS, u64 } from './nvme-setup.js';
 
 const cleanups = testCleanups();
 
@@ -105,4 +109,23 @@ describe.each(SETUPS)('with %s doorbells', (setup) => {
     await roundTrip(h, 0x33);
     expect(deviceErrors).toEqual([]);
   });
+});
+
+test('found by vfio-user fuzz --mode nvme: ioeventfd kicks after a client that resumed the device left reach the next client\'s queues', async () => {
+  const { host: first, served } = await attachNvme(cleanups, createDevice(['--size', '4M', '--doorbells', 'ioeventfd']));
+  expect((await first.enable()) & Csts.RDY).toBe(Csts.RDY);
+  // Resuming re-arms the ioeventfd watches inside this client's request.
+  await first.client.migration.setState(MigrationState.STOP);
+  await first.client.migration.setState(MigrationState.RUNNING);
+  first.client.close();
+  await until(() => served.server.session === undefined);
+  const next = await NvmeHost.attach(await served.client());
+  cleanups.defer(() => next.close());
+  await next.disable();
+  expect((await next.enable()) & Csts.RDY).toBe(Csts.RDY);
+  expect((await next.createIoQueuePair(1, 16)).map((c) => c.status)).toEqual([S.SUCCESS, S.SUCCESS]);
+  expect((await next.shadowDoorbells()).status).toBe(S.SUCCESS);
+  // Kicked through the ioeventfd: once run in the first client's context, on its closed guest memory (a Data Transfer Error, then a fatal status).
+  await roundTrip(next, 0x44);
+  expect(await next.reg32(Register.CSTS)).toBe(Csts.RDY);
 });

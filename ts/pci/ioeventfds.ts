@@ -6,7 +6,7 @@
 import { EventEmitter } from 'node:events';
 import { native } from '../native.js';
 import { ioeventfdMatches, KvmIoeventfdFlags } from '../protocol/index.js';
-import type { RegionIoFd } from '../device.js';
+import { requestAttachment, type RegionIoFd } from '../device.js';
 import { InvalidDeviceError, type BarArea, type IoEventfdDescription } from './description.js';
 
 const SIZES: readonly number[] = [0, 1, 2, 4, 8];
@@ -107,7 +107,10 @@ export class IoEventfd extends EventEmitter<IoEventfdEvents> {
 
   private rewatch(adding = 0): void {
     const wanted = !this.paused && this.eventfd.fd >= 0 && this.listenerCount('signal') + adding > 0;
-    if (wanted && !this.watching) this.eventfd.watch((count) => this.emit('signal', count));
+    // The watch outlives whichever request (re)starts it (a migration's resume, a reset): its
+    // signals must not run in that client's context, or device code would see that client's
+    // guest memory, closed once it leaves, instead of the one attached when they come.
+    if (wanted && !this.watching) requestAttachment.exit(() => this.eventfd.watch((count) => this.emit('signal', count)));
     else if (!wanted && this.watching) this.eventfd.unwatch();
     this.watching = wanted;
   }
