@@ -3,8 +3,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
-import { featureBit, VirtioStatus as S, type DriverQueue } from '../ts/index.js';
-import { BlkFeature, BlkRequest as R, BlkStatus, FileBackend, SECTOR, VirtioBlk, type VirtioBlkOptions } from '../examples/virtio-blk/index.js';
+import { BlockDevice, featureBit, VirtioStatus as S, type DriverQueue } from '../ts/index.js';
+import { BlkFeature, BlkRequest as R, BlkStatus, SECTOR, VirtioBlk, type VirtioBlkOptions } from '../examples/virtio-blk/index.js';
 import { testCleanups } from './cleanups.js';
 import { drive } from './virtio-helpers.js';
 
@@ -16,7 +16,7 @@ async function blk(options: VirtioBlkOptions = {}, image?: Buffer) {
   t.defer(() => rmSync(dir, { recursive: true, force: true }));
   const path = join(dir, 'disk.img');
   writeFileSync(path, image ?? Buffer.alloc(DISK));
-  const device = new VirtioBlk(await FileBackend.open(path, options.readOnly ?? false), { serial: 'vfio-user-blk-0', ...options });
+  const device = new VirtioBlk(BlockDevice.open(path, { readOnly: options.readOnly ?? false }), { serial: 'vfio-user-blk-0', ...options });
   const { driver } = await drive(t, device);
   await driver.initialize();
   return { path, device, driver };

@@ -8,9 +8,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
 import { formatFinding, fuzzDevice, type FuzzReport } from '../ts/fuzz/index.js';
-import { VirtioDevice, virtioMode } from '../ts/index.js';
+import { BlockDevice, VirtioDevice, virtioMode } from '../ts/index.js';
 import { VirtioRng } from '../examples/virtio-rng.js';
-import { FileBackend, VirtioBlk } from '../examples/virtio-blk/index.js';
+import { VirtioBlk } from '../examples/virtio-blk/index.js';
 import { testCleanups } from './cleanups.js';
 
 const t = testCleanups();
@@ -33,7 +33,7 @@ describe('the virtio fuzz mode', () => {
     t.defer(() => rmSync(dir, { recursive: true, force: true }));
     const image = join(dir, 'disk.img');
     writeFileSync(image, Buffer.alloc(1 << 20));
-    const create = async () => new VirtioBlk(await FileBackend.open(image, false), { queues: 2 });
+    const create = () => new VirtioBlk(BlockDevice.open(image), { queues: 2 });
     expectNothingFound('virtio-blk', await fuzzDevice(create, { seed: SEED, ops: OPS, modes: [virtioMode()] }));
   }, 120_000);
 

@@ -4,11 +4,12 @@
  * and a reset brings it back.
  */
 import { describe, expect, test } from 'vitest';
-import { featureBit, KIT_FEATURES, VirtioFeature as F, VirtioStatus as S, type DriverQueue, type VirtioDriver } from '../ts/index.js';
+import { featureBit, KIT_FEATURES, VirtioDevice, VirtioFeature as F, VirtioStatus as S, type DescriptorChain, type DriverQueue, type VirtioDriver } from '../ts/index.js';
 import { Common, Desc } from '../ts/virtio/spec.js';
 import { VirtioRng } from '../examples/virtio-rng.js';
 import { testCleanups } from './cleanups.js';
 import { drive, GUEST_MEMORY } from './virtio-helpers.js';
+import { until } from './helpers.js';
 
 const t = testCleanups();
 const WRITE = Desc.F_WRITE;
@@ -154,4 +155,25 @@ describe('malformed queue layouts', () => {
   test('a misaligned descriptor table', () => badLayout(/desc area at 0x100008 is not 16-byte aligned/, { size: 8, desc: base + 8n, driver: base + 0x1000n, device: base + 0x2000n }));
   test('a misaligned used ring', () => badLayout(/device area at 0x102002 is not 4-byte aligned/, { size: 8, desc: base, driver: base + 0x1000n, device: base + 0x2002n }));
   test('rings outside guest memory', () => badLayout(/descriptor table .* is not in one shared, writable window/, { size: 8, desc: 0n, driver: base + 0x1000n, device: base + 0x2000n }));
+});
+
+test('heads offered again while in flight: the device holds at most a queue of chains', async () => {
+  const held: DescriptorChain[] = [];
+  const device = new VirtioDevice({ deviceId: 63, queues: [{ size: 8 }], onQueue: (q) => { for (let c = q.pop(); c; c = q.pop()) held.push(c); } });
+  const { driver } = await drive(t, device);
+  await driver.initialize();
+  const [q] = driver.queues;
+  q.forget(); // raw offers: the driver's bookkeeping must not see them
+  q.writeDescriptor(0, { addr: driver.allocate(16), len: 16, flags: WRITE, next: 0 });
+  // Two queues' worth, never more than a queue ahead of what the device took.
+  for (let round = 0; round < 2; round++) {
+    for (let i = 0; i < 8; i++) q.offer(0); // the same head, again and again
+    await q.kick();
+  }
+  await until(() => held.length === 8);
+  expect(device.queues[0].pending).toBe(8);
+  // Completions make room: the kit comes back for the chains still available.
+  for (const chain of held.splice(0)) device.queues[0].complete(chain, 0);
+  await until(() => held.length === 8);
+  expect(device.needsReset).toBeUndefined();
 });

@@ -58,6 +58,8 @@ export class Virtqueue {
   private processing = false;
   private flushQueued = false;
   private kickQueued = false;
+  /** pop() refused for chains in flight: the next completion comes back for the rest. */
+  private full = false;
   private idleWaiters: (() => void)[] = [];
 
   constructor(
@@ -80,14 +82,21 @@ export class Virtqueue {
   /**
    * The next chain the driver made available, checked (a broken one marks
    * the device NEEDS_RESET and ends the batch: undefined). Undefined when the
-   * queue is empty, not running, or after `maxSize` chains in one turn of
-   * the event loop (the kit comes back for the rest).
+   * queue is empty, not running, after a queue's worth of chains in one turn
+   * of the event loop, or while a queue's worth is in flight (the kit comes
+   * back for the rest).
    */
   pop(): DescriptorChain | undefined {
     const ring = this.ring;
     if (!ring || !this.host.running) return undefined;
     if (this.popsThisTurn >= this.size) {
       this.kickSoon();
+      return undefined;
+    }
+    // A driver cannot have more chains outstanding than descriptors; one re-offering heads still
+    // in flight would otherwise grow the device's work without bound. Completions resume it.
+    if (this.inFlight >= this.size) {
+      this.full = true;
       return undefined;
     }
     try {
@@ -116,6 +125,10 @@ export class Virtqueue {
     }
     this.inFlight--;
     if (this.inFlight === 0) this.wakeIdle();
+    if (this.full) {
+      this.full = false;
+      this.kickSoon();
+    }
     // A device that needs a reset answers nothing more: the driver resets it.
     if (!this.host.running) return;
     this.ring.push(chain.head, written);
@@ -195,6 +208,7 @@ export class Virtqueue {
     this.ring = undefined;
     this.generation++;
     this.inFlight = 0;
+    this.full = false;
     this.wakeIdle();
     this.size = this.maxSize;
     this.vector = NO_VECTOR;
