@@ -7,7 +7,7 @@
  * migration state from a client is checked like any other input.
  */
 import { describe, expect, test } from 'vitest';
-import { MigrationState } from '../ts/index.js';
+import { MigrationState, type DmaSpace, type SgList } from '../ts/index.js';
 import createDevice from '../examples/nvme/index.js';
 import { Csts, NvmeController, Register } from '../examples/nvme/controller.js';
 import { NvmeStateError, parseState } from '../examples/nvme/state.js';
@@ -235,9 +235,9 @@ describe('events and errors', () => {
 
   test('an unexpected exception while running a command is Internal Error for that command only', async () => {
     class FailingStore extends MemoryStore {
-      override read(into: Uint8Array, position: number): void {
+      override read(dma: DmaSpace, sg: SgList, position: number): Promise<void> {
         if (position === 0) throw new Error('planted failure');
-        super.read(into, position);
+        return super.read(dma, sg, position);
       }
     }
     const { host: h, deviceErrors } = await attachNvme(cleanups, new NvmeController({ store: new FailingStore(1 << 20) }));

@@ -127,7 +127,7 @@ export interface ErrorEntry {
 
 const ADMIN_OPCODES: ReadonlySet<number> = new Set(Object.values(AdminOpcode));
 
-export function executeAdmin(ctrl: NvmeController, command: Command): number {
+export function executeAdmin(ctrl: NvmeController, command: Command): number | Promise<number> {
   const op = command.opcode;
   if (!ADMIN_OPCODES.has(op) || (op === AdminOpcode.DOORBELL_BUFFER_CONFIG && !ctrl.offersShadowDoorbells)) return Status.INVALID_OPCODE;
   checkFlags(command);
@@ -150,10 +150,10 @@ export function executeAdmin(ctrl: NvmeController, command: Command): number {
 }
 
 /**
- * Abort (§5.1): commands run to completion as they are fetched, so the only
- * ones outstanding are Asynchronous Event Requests: one of those is
- * completed as Aborted by Request, and dword 0 bit 0 clear says so; for any
- * other command it is set (not aborted). An SQID that names no queue is
+ * Abort (§5.1): an Asynchronous Event Request is completed as Aborted by
+ * Request, and dword 0 bit 0 clear says so; for any other command it is set
+ * (not aborted): the rest run to completion as they are fetched, or, once
+ * their store operation has started, when it finishes. An SQID that names no queue is
  * Invalid Field, as QEMU answers.
  */
 function abort(ctrl: NvmeController, command: Command): number {
@@ -384,7 +384,7 @@ function getFeatures(ctrl: NvmeController, command: Command): number {
   return Status.SUCCESS;
 }
 
-function setFeatures(ctrl: NvmeController, command: Command): number {
+function setFeatures(ctrl: NvmeController, command: Command): number | Promise<number> {
   const fid = command.dw(10) & 0xff;
   const value = command.dw(11);
   if (!isFeature(fid)) return Status.INVALID_FIELD;
@@ -421,7 +421,8 @@ function setFeatures(ctrl: NvmeController, command: Command): number {
   }
   if ((value & ~FEATURE_BITS.get(fid)!) !== 0) return Status.INVALID_FIELD;
   features.values.set(fid, value);
-  if (fid === Feature.VOLATILE_WRITE_CACHE && value === 0) ctrl.store.flush();
+  // Turning the write cache off writes back what it holds before the command completes.
+  if (fid === Feature.VOLATILE_WRITE_CACHE && value === 0) return ctrl.store.flush().then(() => Status.SUCCESS);
   return Status.SUCCESS;
 }
 

@@ -1,7 +1,9 @@
 /**
  * The NVMe controller as a PCI function: BAR0's registers (§3.1), the
  * enable, disable and shutdown handshakes, resets, doorbells, interrupts and
- * migration. Commands are run as they are fetched (admin.ts, io.ts).
+ * migration. Commands are run as they are fetched (admin.ts, io.ts); one
+ * that waits for the store completes when the store is done, its CQ entry
+ * held for it meanwhile.
  *
  * BAR0, 16 KiB, 64-bit:
  *   0x0000 controller registers, trapped
@@ -30,7 +32,7 @@
  * shadow page, and the host writes the register only when EventIdx asks.
  */
 import { randomBytes } from 'node:crypto';
-import { PciDevice, UsageError } from 'vfio-user';
+import { BlockIoError, Errno, PciDevice, UsageError } from 'vfio-user';
 import { AsyncEvent, AsyncEvents, executeAdmin, Features, LogPage, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VECTORS, VENDOR_ID, type ErrorEntry } from './admin.js';
 import { Command, CommandError, DEFERRED, isDmaError, Status } from './command.js';
 import { BLOCK_SIZE, executeIo } from './io.js';
@@ -53,7 +55,7 @@ export const Register = {
 } as const;
 
 export const Cc = { EN: 1, SHN_MASK: 3 << 14, IOSQES_SHIFT: 16, IOCQES_SHIFT: 20 } as const;
-export const Csts = { RDY: 1, CFS: 2, SHST_COMPLETE: 2 << 2, SHST_MASK: 3 << 2, NSSRO: 1 << 4 } as const;
+export const Csts = { RDY: 1, CFS: 2, SHST_OCCURRING: 1 << 2, SHST_COMPLETE: 2 << 2, SHST_MASK: 3 << 2, NSSRO: 1 << 4 } as const;
 /** "NVMe": the value that starts an NVM subsystem reset. */
 export const NSSR_RESET = 0x4e564d65;
 
@@ -131,6 +133,12 @@ export class NvmeController extends PciDevice {
   private readonly resumable = new Set<SubmissionQueue>();
   private lastActive = 0;
   private storeClosed = false;
+  /** Commands waiting for the store; no more than `store.queueDepth` are started. */
+  private inFlight = 0;
+  /** Called once nothing waits for the store (migration's stop, shutdown). */
+  private idleWaiters: (() => void)[] = [];
+  /** CQs that got completions in this batch, interrupted once it is posted. */
+  private readonly finished = new Set<CompletionQueue>();
 
   constructor(options: NvmeOptions) {
     const mode = options.doorbells ?? 'trap';
@@ -165,6 +173,8 @@ export class NvmeController extends PciDevice {
       migration: {
         saveState: () => this.saveState(),
         loadState: (data) => this.loadState(data),
+        // Commands already running finish (and post) before the state is saved.
+        stop: () => this.idle(),
         // Held doorbells are picked up once the library lets interrupts through again.
         start: () => void setImmediate(() => this.serviceAll()),
       },
@@ -206,7 +216,8 @@ export class NvmeController extends PciDevice {
     return out;
   }
 
-  private writeBar(offset: number, data: Buffer): void {
+  /** A shutdown's promise: the reply to the CC write waits for it. */
+  private writeBar(offset: number, data: Buffer): void | Promise<void> {
     if (offset >= DOORBELLS && offset < DOORBELLS + 0x1000) {
       if (data.length === 4 && offset % 4 === 0) this.ringDoorbell((offset - DOORBELLS) / 4, data.readUInt32LE(0));
       return;
@@ -217,10 +228,15 @@ export class NvmeController extends PciDevice {
     const end = (offset + data.length + 3) & ~3;
     const merged = this.registerFile().subarray(start, Math.min(end, REGISTER_BYTES));
     data.copy(merged, offset - start);
-    for (let at = 0; at < merged.length; at += 4) this.writeRegister(start + at, merged.readUInt32LE(at));
+    let shutdown: Promise<void> | undefined;
+    for (let at = 0; at < merged.length; at += 4) {
+      const pending: unknown = this.writeRegister(start + at, merged.readUInt32LE(at));
+      if (pending instanceof Promise) shutdown = pending;
+    }
+    return shutdown;
   }
 
-  private writeRegister(offset: number, value: number): void {
+  private writeRegister(offset: number, value: number): void | Promise<void> {
     switch (offset) {
       case Register.INTMS:
         this.intms = (this.intms | value) >>> 0;
@@ -249,16 +265,25 @@ export class NvmeController extends PciDevice {
     }
   }
 
-  private writeCc(value: number): void {
+  private writeCc(value: number): void | Promise<void> {
     const was = this.cc;
     this.cc = value;
     if (!(was & Cc.EN) && value & Cc.EN) this.enable();
     else if (was & Cc.EN && !(value & Cc.EN)) this.controllerReset();
-    // Shutdown: nothing is in flight (commands complete as they are fetched), so flush and report it done.
-    if ((value & Cc.SHN_MASK) !== 0 && (was & Cc.SHN_MASK) === 0) {
-      this.store.flush();
-      this.csts = (this.csts & ~Csts.SHST_MASK) | Csts.SHST_COMPLETE;
+    if ((value & Cc.SHN_MASK) !== 0 && (was & Cc.SHN_MASK) === 0) return this.shutDown();
+  }
+
+  /** Shutdown: commands still running finish, the store writes back, then SHST says done (occurring meanwhile). */
+  private async shutDown(): Promise<void> {
+    this.csts = (this.csts & ~Csts.SHST_MASK) | Csts.SHST_OCCURRING;
+    await this.idle();
+    try {
+      await this.store.flush();
+    } catch (error) {
+      console.error('nvme: the store failed to flush at shutdown:', error);
     }
+    // A reset meanwhile ended the shutdown with it.
+    if ((this.csts & Csts.SHST_MASK) === Csts.SHST_OCCURRING) this.csts = (this.csts & ~Csts.SHST_MASK) | Csts.SHST_COMPLETE;
   }
 
   /**
@@ -426,41 +451,90 @@ export class NvmeController extends PciDevice {
     let posted = false;
     let budget = BATCH;
     batch: do {
-      while (sq.ready && this.ready) {
+      while (sq.ready && this.ready && this.inFlight < this.store.queueDepth) {
         if (budget-- === 0) {
           this.resumeLater(sq);
           break batch;
         }
         const status = this.execute(sq, command);
         if (status === DEFERRED) continue;
+        if (typeof status !== 'number') {
+          this.finishLater(sq, command.cid, status);
+          continue;
+        }
         if (status !== Status.SUCCESS) this.logError(sq.id, command.cid, status);
         // A queue deleted by the command it ran (or by a reset) has nowhere to complete.
         if (this.sqs[sq.id] !== sq) return;
         this.complete(cq, sq, command.cid, status, command.result);
         posted = true;
       }
-    } while (shadow && this.ready && this.shadowAccess(() => this.lookAgain(sq, shadow)));
+      // At the store's depth the queue goes on when a command finishes (finishLater).
+    } while (shadow && this.ready && this.inFlight < this.store.queueDepth && this.shadowAccess(() => this.lookAgain(sq, shadow)));
     if (posted) this.interrupt(cq);
     // Admin commands may have given Asynchronous Event Requests something to complete.
     if (sq.id === 0) this.deliverEvents();
   }
 
   /**
-   * Fetches and runs one command; returns its status. A field the command
-   * may not hold ends it with the spec's status (CommandError), guest memory
-   * that is not there with Data Transfer Error, and anything else (a bug
-   * here, a store that failed) with Internal Error, for that command only.
+   * Fetches and runs one command; returns its status, or the promise of it
+   * for a command the store completes later. A field the command may not
+   * hold ends it with the spec's status (CommandError), guest memory that is
+   * not there with Data Transfer Error, and anything else (a bug here, a
+   * store that failed) with Internal Error, for that command only.
    */
-  private execute(sq: SubmissionQueue, command: Command): number {
+  private execute(sq: SubmissionQueue, command: Command): number | Promise<number> {
     try {
       sq.fetch(this.dma, command);
-      return sq.id === 0 ? executeAdmin(this, command) : executeIo(this, command);
+      const opcode = command.opcode;
+      const status = sq.id === 0 ? executeAdmin(this, command) : executeIo(this, command);
+      return typeof status === 'number' ? status : status.catch((error: unknown) => failed(error, opcode, sq.id));
     } catch (error) {
-      if (error instanceof CommandError) return error.status;
-      if (isDmaError(error)) return Status.DATA_TRANSFER_ERROR;
-      console.error(`nvme: internal error in opcode 0x${command.opcode.toString(16)} on SQ ${sq.id}:`, error);
-      return Status.INTERNAL_ERROR;
+      return failed(error, command.opcode, sq.id);
     }
+  }
+
+  /**
+   * Completes a command when the store is done with it. Its CQ entry is held
+   * meanwhile (the SQ stops when every free entry is promised), so the
+   * completion always has room, unless the host moved the head backwards:
+   * then the controller cannot report it, and stops (CFS). A command whose
+   * queue was deleted, or whose controller was reset, meanwhile is not
+   * completed: its queue is gone. Completions that arrive together (one
+   * batch from the store) are posted with one interrupt per CQ. A queue
+   * held by a full CQ goes on when the host frees entries (its doorbell, or
+   * the EventIdx `lookAgain` set); one held by the store's depth, at the
+   * next turn of the event loop once a command finishes.
+   */
+  private finishLater(sq: SubmissionQueue, cid: number, status: Promise<number>): void {
+    const cq = sq.cq;
+    cq.reserved++;
+    this.inFlight++;
+    void status.then((status) => {
+      cq.reserved--;
+      if (this.inFlight-- === this.store.queueDepth) for (const q of this.sqs) if (q) this.resumeLater(q);
+      if (this.inFlight === 0) for (const resolve of this.idleWaiters.splice(0)) resolve();
+      if (this.sqs[sq.id] !== sq || this.cqs[cq.id] !== cq || !this.ready) return;
+      if (cq.full) {
+        this.csts |= Csts.CFS;
+        return;
+      }
+      if (status !== Status.SUCCESS) this.logError(sq.id, cid, status);
+      this.complete(cq, sq, cid, status, 0);
+      if (this.finished.size === 0) queueMicrotask(() => this.interruptFinished());
+      this.finished.add(cq);
+    });
+  }
+
+  /** After a batch of completions: one interrupt per CQ that got some. */
+  private interruptFinished(): void {
+    for (const cq of this.finished) this.interrupt(cq);
+    this.finished.clear();
+  }
+
+  /** Resolves once no command waits for the store. */
+  private idle(): Promise<void> | undefined {
+    if (this.inFlight === 0) return undefined;
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
   /** Runs `sq` again at the next turn of the event loop (with the other queues waiting there). */
@@ -672,4 +746,13 @@ export class NvmeController extends PciDevice {
     const shadow = state.shadowDoorbells;
     this.shadow = shadow ? new ShadowDoorbells(() => this.dma, BigInt(shadow.shadow), BigInt(shadow.eventIdx)) : undefined;
   }
+}
+
+/** The status of a command that threw (see `execute`). */
+function failed(error: unknown, opcode: number, sqid: number): number {
+  if (error instanceof CommandError) return error.status;
+  // Guest memory the client truncated under the I/O is as much a transfer error as memory never mapped.
+  if (isDmaError(error) || (error instanceof BlockIoError && error.errno === Errno.EFAULT)) return Status.DATA_TRANSFER_ERROR;
+  console.error(`nvme: internal error in opcode 0x${opcode.toString(16)} on SQ ${sqid}:`, error);
+  return Status.INTERNAL_ERROR;
 }

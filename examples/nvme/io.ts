@@ -1,7 +1,8 @@
 /**
  * The NVM command set (§6): Read, Write, Flush, Write Zeroes and Dataset
- * Management on namespace 1. Data moves between the backing store and views
- * of guest memory, never through a buffer of our own.
+ * Management on namespace 1. Data moves between the backing store and guest
+ * memory directly (a file is read into the guest's pages), never through a
+ * buffer of our own; the store's work completes the command later.
  */
 import { checkFlags, checkTransfer, CommandError, forEachView, prpSegments, Status, type Command } from './command.js';
 import type { NvmeController } from './controller.js';
@@ -29,14 +30,17 @@ const DSM_RANGE = 16;
 
 const IO_OPCODES: ReadonlySet<number> = new Set(Object.values(IoOpcode));
 
-export function executeIo(ctrl: NvmeController, command: Command): number {
+/**
+ * Runs an I/O command: a status at once for a command that fails its checks,
+ * or a promise of one for the store's work (which runs off the event loop).
+ */
+export function executeIo(ctrl: NvmeController, command: Command): number | Promise<number> {
   const op = command.opcode;
   if (!IO_OPCODES.has(op)) return Status.INVALID_OPCODE;
   checkFlags(command);
   if (op === IoOpcode.FLUSH) {
     if (command.nsid !== NAMESPACE_ID && command.nsid !== ALL_NAMESPACES) return Status.INVALID_NAMESPACE;
-    ctrl.store.flush();
-    return Status.SUCCESS;
+    return succeeded(ctrl.store.flush());
   }
   // Namespace 1 only: 0, the broadcast NSID and any other are Invalid Namespace.
   if (command.nsid !== NAMESPACE_ID) return Status.INVALID_NAMESPACE;
@@ -46,9 +50,7 @@ export function executeIo(ctrl: NvmeController, command: Command): number {
   const length = blocks * BLOCK_SIZE;
   if (op === IoOpcode.WRITE_ZEROES) {
     const position = byteRange(ctrl, command.dw10_11, blocks);
-    if ((command.dw(12) & DEAC) !== 0) ctrl.store.deallocate(position, length);
-    else ctrl.store.zero(position, length);
-    return Status.SUCCESS;
+    return succeeded((command.dw(12) & DEAC) !== 0 ? ctrl.store.deallocate(position, length) : ctrl.store.zero(position, length));
   }
   // MDTS before the range, as QEMU checks them.
   checkTransfer(length);
@@ -56,17 +58,20 @@ export function executeIo(ctrl: NvmeController, command: Command): number {
   const segments = prpSegments(ctrl.dma, command, length);
   const smart = ctrl.smart;
   if (op === IoOpcode.READ) {
-    forEachView(ctrl.dma, segments, (view, offset) => ctrl.store.read(view, position + offset));
-    smart.blocksRead += blocks;
-    smart.readCommands++;
-  } else {
-    forEachView(ctrl.dma, segments, (view, offset) => ctrl.store.write(view, position + offset));
-    // Without a volatile write cache, or with Force Unit Access, the write is durable before it completes.
-    if (!ctrl.features.writeCacheEnabled || (command.dw(12) & FUA) !== 0) ctrl.store.flush();
+    return ctrl.store.read(ctrl.dma, segments, position).then(() => {
+      smart.blocksRead += blocks;
+      smart.readCommands++;
+      return Status.SUCCESS;
+    });
+  }
+  // Without a volatile write cache, or with Force Unit Access, the write is durable before it completes.
+  const durable = !ctrl.features.writeCacheEnabled || (command.dw(12) & FUA) !== 0;
+  return ctrl.store.write(ctrl.dma, segments, position).then(async () => {
+    if (durable) await ctrl.store.flush();
     smart.blocksWritten += blocks;
     smart.writeCommands++;
-  }
-  return Status.SUCCESS;
+    return Status.SUCCESS;
+  });
 }
 
 /** The byte offset of `blocks` blocks at `lba` (64 bits: no sum overflows), or LBA Out of Range. */
@@ -82,7 +87,7 @@ function byteRange(ctrl: NvmeController, lba: bigint, blocks: number): number {
  * it, and they read as zeros, as Identify Namespace says deallocated blocks
  * do (DLFEAT). The other attributes are hints, accepted and ignored.
  */
-function datasetManagement(ctrl: NvmeController, command: Command): number {
+function datasetManagement(ctrl: NvmeController, command: Command): number | Promise<number> {
   const ranges = (command.dw(10) & 0xff) + 1;
   const list = Buffer.alloc(ranges * DSM_RANGE);
   const segments = prpSegments(ctrl.dma, command, list.length);
@@ -94,7 +99,14 @@ function datasetManagement(ctrl: NvmeController, command: Command): number {
     if (blocks === 0) continue;
     freed.push([byteRange(ctrl, list.readBigUInt64LE(DSM_RANGE * i + 8), blocks), blocks * BLOCK_SIZE]);
   }
-  // Every range is checked before any is freed.
-  for (const [position, length] of freed) ctrl.store.deallocate(position, length);
-  return Status.SUCCESS;
+  // Every range is checked before any is freed; one at a time, so a command holds one store operation.
+  return (async () => {
+    for (const [position, length] of freed) await ctrl.store.deallocate(position, length);
+    return Status.SUCCESS;
+  })();
+}
+
+/** Success once `work` is done. */
+function succeeded(work: Promise<void>): Promise<number> {
+  return work.then(() => Status.SUCCESS);
 }

@@ -24,8 +24,12 @@ export class CompletionQueue {
     readonly interrupts: boolean,
   ) {}
 
+  /** Entries promised to commands still running (the store completes them later). */
+  reserved = 0;
+
+  /** No entry left for another command: every free one is posted or promised. */
   get full(): boolean {
-    return (this.tail + 1) % this.size === this.head;
+    return (this.tail - this.head + this.size) % this.size + this.reserved >= this.size - 1;
   }
 
   /** Whether the host has entries it has not consumed yet (what a level interrupt shows). */

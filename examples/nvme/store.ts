@@ -1,103 +1,122 @@
 /**
  * The namespace's blocks: a raw image file (sparse when created here) or
- * memory. Reads and writes take the caller's buffer, which for I/O commands
- * is a view of guest memory: the file is read straight into the guest's page
- * and written straight from it, with no copy in between.
+ * memory. Reads and writes take scatter-gather lists of guest memory: a file
+ * is read straight into the guest's pages and written straight from them by
+ * the library's BlockDevice (io_uring, or native threads where the kernel
+ * refuses it), so no file call runs on the event loop and no byte is copied.
  */
 import * as fs from 'node:fs';
-import { punchHole } from 'vfio-user';
+import { BlockDevice, type DmaSpace, type SgList } from 'vfio-user';
 
 export interface BackingStore {
   /** Bytes; a whole number of blocks. */
   readonly size: number;
-  read(into: Uint8Array, position: number): void;
-  write(from: Uint8Array, position: number): void;
+  /** Operations the store runs at once; the controller starts no more than this many. */
+  readonly queueDepth: number;
+  /** Reads `position..` into guest memory along `sg`. */
+  read(dma: DmaSpace, sg: SgList, position: number): Promise<void>;
+  /** Writes guest memory along `sg` to `position..`. */
+  write(dma: DmaSpace, sg: SgList, position: number): Promise<void>;
   /** Makes [position, position + length) read as zeros (Write Zeroes). */
-  zero(position: number, length: number): void;
+  zero(position: number, length: number): Promise<void>;
   /** Makes [position, position + length) read as zeros and, where it can, frees its space (Deallocate). */
-  deallocate(position: number, length: number): void;
+  deallocate(position: number, length: number): Promise<void>;
   /** Makes completed writes durable. */
-  flush(): void;
+  flush(): Promise<void>;
+  /** Closes once what is in flight has finished. */
   close(): void;
 }
 
-/** Zeros are written from this buffer, a MiB at a time. */
-const ZEROS = new Uint8Array(1 << 20);
+/** Enough for every queue's commands to keep a disk busy; commands past it wait in their SQs. */
+const FILE_QUEUE_DEPTH = 256;
 
 export class FileStore implements BackingStore {
   readonly size: number;
-  private readonly fd: number;
+  readonly queueDepth = FILE_QUEUE_DEPTH;
+  private readonly block: BlockDevice;
 
-  /** Opens `path`, creating it sparse at `createSize` bytes when it does not exist. */
+  /** Opens `path`, creating it sparse at `createSize` bytes when it does not exist (at setup, before serving). */
   constructor(readonly path: string, createSize: number) {
     if (!fs.existsSync(path)) {
       const fd = fs.openSync(path, 'wx');
       fs.ftruncateSync(fd, createSize);
       fs.closeSync(fd);
     }
-    this.fd = fs.openSync(path, 'r+');
-    this.size = fs.fstatSync(this.fd).size;
+    this.block = BlockDevice.open(path, { queueDepth: FILE_QUEUE_DEPTH });
+    this.size = Number(this.block.size);
   }
 
-  read(into: Uint8Array, position: number): void {
-    // A read past the end of a file shorter than its namespace (never here: size is the file's) would return short.
-    for (let done = 0; done < into.length;) {
-      const n = fs.readSync(this.fd, into, done, into.length - done, position + done);
-      if (n === 0) throw new Error(`${this.path}: unexpected end of file at ${position + done}`);
-      done += n;
-    }
+  read(dma: DmaSpace, sg: SgList, position: number): Promise<void> {
+    return this.block.read(dma, sg, BigInt(position));
   }
 
-  write(from: Uint8Array, position: number): void {
-    for (let done = 0; done < from.length;) done += fs.writeSync(this.fd, from, done, from.length - done, position + done);
+  write(dma: DmaSpace, sg: SgList, position: number): Promise<void> {
+    return this.block.write(dma, sg, BigInt(position));
   }
 
-  zero(position: number, length: number): void {
-    for (let done = 0; done < length;) {
-      const n = Math.min(ZEROS.length, length - done);
-      this.write(ZEROS.subarray(0, n), position + done);
-      done += n;
-    }
+  zero(position: number, length: number): Promise<void> {
+    return this.block.writeZeroes(BigInt(position), BigInt(length));
   }
 
-  /** Punches a hole (the file stays sparse); writes zeros where the filesystem cannot. */
-  deallocate(position: number, length: number): void {
-    if (!punchHole(this.fd, position, length)) this.zero(position, length);
+  /** Punches a hole (the file stays sparse); zeros are written where the filesystem cannot. */
+  deallocate(position: number, length: number): Promise<void> {
+    return this.block.discard(BigInt(position), BigInt(length));
   }
 
-  flush(): void {
-    fs.fdatasyncSync(this.fd);
+  flush(): Promise<void> {
+    return this.block.flush();
   }
 
   close(): void {
-    fs.closeSync(this.fd);
+    void this.block.close();
   }
 }
 
 export class MemoryStore implements BackingStore {
+  /** Every operation is done before it returns: nothing is ever waiting. */
+  readonly queueDepth = Number.POSITIVE_INFINITY;
   private readonly bytes: Uint8Array;
 
   constructor(readonly size: number) {
     this.bytes = new Uint8Array(size);
   }
 
-  read(into: Uint8Array, position: number): void {
-    into.set(this.bytes.subarray(position, position + into.length));
+  read(dma: DmaSpace, sg: SgList, position: number): Promise<void> {
+    return settled(() => dma.writeSg(sg, this.bytes.subarray(position, position + sgLength(sg))));
   }
 
-  write(from: Uint8Array, position: number): void {
-    this.bytes.set(from, position);
+  write(dma: DmaSpace, sg: SgList, position: number): Promise<void> {
+    return settled(() => this.bytes.set(dma.readSg(sg), position));
   }
 
-  zero(position: number, length: number): void {
+  zero(position: number, length: number): Promise<void> {
     this.bytes.fill(0, position, position + length);
+    return DONE;
   }
 
-  deallocate(position: number, length: number): void {
-    this.zero(position, length);
+  deallocate(position: number, length: number): Promise<void> {
+    return this.zero(position, length);
   }
 
-  flush(): void {}
+  flush(): Promise<void> {
+    return DONE;
+  }
 
   close(): void {}
+}
+
+const DONE = Promise.resolve();
+
+/** Runs `work` now, as a settled promise. */
+function settled(work: () => void): Promise<void> {
+  try {
+    work();
+    return DONE;
+  } catch (error) {
+    return Promise.reject(error);
+  }
+}
+
+function sgLength(sg: SgList): number {
+  return sg.reduce((n, e) => n + e.length, 0);
 }
