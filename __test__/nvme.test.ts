@@ -155,8 +155,10 @@ describe('shadow doorbells and EventIdx (Doorbell Buffer Config)', () => {
     const writes = await Promise.all(Array.from({ length: 8 }, (_, i) => io(h, Op.WRITE, 8 * i, pattern(4096, 200 + i))));
     expect(writes.map((w) => w.c.status)).toEqual(new Array(8).fill(S.SUCCESS));
     for (let i = 0; i < 8; i++) expect(imageBytes(8 * i * 512, 4096)).toEqual(pattern(4096, 200 + i));
-    // One SQ tail write and one CQ head write reached the register; seven tails went only to the shadow page.
-    expect([h.rings.written - before.written, h.rings.skipped - before.skipped]).toEqual([2, 7]);
+    // One SQ tail write and one CQ head write reached the register; seven tails went only to the shadow page
+    // (and the CQ heads of later reaps, when the store's completions came in more than one batch).
+    expect(h.rings.written - before.written).toBe(2);
+    expect(h.rings.skipped - before.skipped).toBeGreaterThanOrEqual(7);
     expect(h.read(shadowPage + 8n, 4).readUInt32LE(0)).toBe(8);
     expect(h.read(eventIdxPage + 8n, 4).readUInt32LE(0)).toBe(8); // the controller saw up to tail 8
     expect((await io(h, Op.READ, 8, 4096)).data).toEqual(pattern(4096, 201));
