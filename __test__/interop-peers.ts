@@ -13,6 +13,7 @@ export const REAL_PEERS: Readonly<Record<string, string>> = {
   VFIO_USER_LIBVFIO_USER_16K: 'a libvfio-user build with a 16 KiB BAR1 (scripts/peers/build-libvfio-user.sh SRC OUT --bar1-16k)',
   VFIO_USER_QEMU: 'OUT/qemu-system-x86_64 of scripts/peers/build-qemu.sh SRC OUT --multiprocess',
   VFIO_USER_GUEST: 'the guest kit (scripts/peers/mkguest.sh OUT)',
+  VFIO_USER_SPDK: 'an SPDK build (scripts/peers/build-spdk.sh SRC OUT), with 2 MiB hugepages reserved',
 };
 
 export default function setup(): void {
