@@ -158,6 +158,8 @@ interface Queue {
   head: number;
   phase: number;
   nextCid: number;
+  /** Completions reaped before anyone waited for them, by CID. */
+  reaped: Map<number, Completion>;
 }
 
 interface Sqe {
@@ -223,7 +225,7 @@ class NvmeHost implements FuzzMode<NvmeOp> {
     await this.setReg32(Reg.CC, 0);
     await ctx.waitFor('NVMe: CSTS.RDY clears after CC.EN = 0', async () => ((await this.reg32(Reg.CSTS)) & CSTS_RDY) === 0);
     ctx.memory.write(0, Buffer.alloc(Layout.DATA));
-    this.admin = { id: 0, sq: Layout.ADMIN_SQ, cq: Layout.ADMIN_CQ, entries: ADMIN_ENTRIES, tail: 0, head: 0, phase: 1, nextCid: 0 };
+    this.admin = { id: 0, sq: Layout.ADMIN_SQ, cq: Layout.ADMIN_CQ, entries: ADMIN_ENTRIES, tail: 0, head: 0, phase: 1, nextCid: 0, reaped: new Map() };
     this.io = undefined;
     this.shadow = false;
     await this.setReg32(Reg.AQA, ((ADMIN_ENTRIES - 1) << 16) | (ADMIN_ENTRIES - 1));
@@ -241,7 +243,7 @@ class NvmeHost implements FuzzMode<NvmeOp> {
     const entries = Math.min(IO_ENTRIES, maxEntries);
     await this.expectSuccess(this.admin, { opcode: Admin.CREATE_CQ, prp1: this.iova(Layout.IO_CQ), cdw10: ((entries - 1) << 16) | IO_QUEUE, cdw11: CQ_CONTIGUOUS_WITH_INTERRUPTS | (IO_QUEUE << 16) }, 'Create I/O Completion Queue');
     await this.expectSuccess(this.admin, { opcode: Admin.CREATE_SQ, prp1: this.iova(Layout.IO_SQ), cdw10: ((entries - 1) << 16) | IO_QUEUE, cdw11: (IO_QUEUE << 16) | 1 }, 'Create I/O Submission Queue');
-    this.io = { id: IO_QUEUE, sq: Layout.IO_SQ, cq: Layout.IO_CQ, entries, tail: 0, head: 0, phase: 1, nextCid: 0 };
+    this.io = { id: IO_QUEUE, sq: Layout.IO_SQ, cq: Layout.IO_CQ, entries, tail: 0, head: 0, phase: 1, nextCid: 0, reaped: new Map() };
     if (oacs & (1 << 8)) {
       await this.expectSuccess(this.admin, { opcode: Admin.DOORBELL_BUFFER_CONFIG, prp1: this.iova(Layout.SHADOW), prp2: this.iova(Layout.EVENT_IDX) }, 'Doorbell Buffer Config');
       this.shadow = true;
@@ -410,6 +412,8 @@ class NvmeHost implements FuzzMode<NvmeOp> {
   private enqueue(queue: Queue, sqe: Sqe): number {
     const cid = queue.nextCid;
     queue.nextCid = (queue.nextCid + 1) & 0xffff;
+    // A CID comes round again after 65536 commands: an unclaimed completion of its last use is stale.
+    queue.reaped.delete(cid);
     const b = Buffer.alloc(SQE);
     b.writeUInt32LE((sqe.opcode & 0xff) | ((sqe.flags ?? 0) << 8) | (cid << 16), 0);
     b.writeUInt32LE((sqe.nsid ?? 0) >>> 0, 4);
@@ -451,21 +455,26 @@ class NvmeHost implements FuzzMode<NvmeOp> {
     else await this.ctx.client.regionWrite(Region.BAR0, BigInt(offset), u32(value), { posted: true });
   }
 
-  /** Reaps completions until `cid`'s; others (an AER's, a batch's) are consumed on the way. */
+  /**
+   * Reaps completions until `cid`'s. Commands complete in any order: the
+   * others reaped on the way wait in `queue.reaped` for their own turn (an
+   * AER's stays there, unclaimed, until the queue is made again).
+   */
   private async waitCompletion(queue: Queue, cid: number, what: string): Promise<Completion> {
-    let found: Completion | undefined;
     await this.ctx.waitFor(`NVMe ${what} (cid ${cid}, queue ${queue.id}): its completion`, () => {
-      while (!found) {
+      while (!queue.reaped.has(cid)) {
         const entry = this.peek(queue);
         if (!entry) break;
         if (entry.sqid !== queue.id) throw new FuzzFinding('wrong-answer', `NVMe completion for SQ ${entry.sqid} posted to queue ${queue.id}'s CQ`);
         if (entry.status === INTERNAL_ERROR) throw new FuzzFinding('device-error', `NVMe ${what}: Internal Error (the controller failed on the command)`);
-        if (entry.cid === cid) found = entry;
+        queue.reaped.set(entry.cid, entry);
       }
-      return found !== undefined;
+      return queue.reaped.has(cid);
     });
     await this.writeDoorbell(2 * queue.id + 1, queue.head);
-    return found!;
+    const found = queue.reaped.get(cid)!;
+    queue.reaped.delete(cid);
+    return found;
   }
 
   /** The next completion if the controller has posted it (phase tag), consumed. */
