@@ -3,6 +3,8 @@ import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { createConnection } from 'node:net';
+import { once } from 'node:events';
 import { describe, expect, test } from 'vitest';
 import { connect, VirtioDriver } from '../ts/index.js';
 import { testCleanups } from './cleanups.js';
@@ -60,5 +62,25 @@ describe('vfio-user serve', { timeout: SPAWNING_TEST_MS }, () => {
     header.writeUInt32LE(8, 0); // GET_ID
     const id = await driver.queues[0].submit([{ data: header }, { writable: 20 }, { writable: 1 }]);
     expect(id.writable[0].toString('latin1').replace(/\0+$/, '')).toBe('served-1');
+  });
+
+  test('examples/virtio-console -- --listen PATH: the port is the socket\'s connection', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'virtio-serve-'));
+    t.defer(() => rmSync(dir, { recursive: true, force: true }));
+    const port = join(dir, 'console.sock');
+    const driver = await served('virtio-console', ['--listen', port]);
+    await driver.initialize();
+    const socket = createConnection(port);
+    t.defer(() => void socket.destroy());
+    await once(socket, 'connect');
+    let received = '';
+    socket.on('data', (d: Buffer) => (received += d.toString()));
+    const [rx, tx] = driver.queues;
+    const reply = rx.submit([{ writable: 64 }]);
+    await tx.submit([{ data: Buffer.from('ping\n') }]);
+    await until(() => received === 'ping\n');
+    socket.write('pong\n');
+    const done = await reply;
+    expect(done.writable[0].subarray(0, done.written).toString()).toBe('pong\n');
   });
 });

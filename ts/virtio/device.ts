@@ -24,6 +24,12 @@ import {
 export interface VirtioQueueDescription {
   /** The largest size the driver may choose: a power of two up to 32768. */
   size: number;
+  /**
+   * Device code keeps this queue's chains until something happens (receive
+   * buffers waiting for input): stopping for migration does not wait for
+   * them, and the destination gets them back from `pop()` first.
+   */
+  holds?: boolean;
 }
 
 export interface VirtioDeviceDescription {
@@ -133,9 +139,13 @@ export class VirtioDevice extends PciDevice {
         // Requests in flight finish first: the saved rings then hold every completion. A broken
         // device's requests complete into nothing, so there is nothing to wait for.
         stop: async () => {
-          if (!this.needsReset) await Promise.all(this.queues.map((q) => q.idle()));
+          if (!this.needsReset) await Promise.all(this.queues.filter((q) => !q.holds).map((q) => q.idle()));
         },
-        start: () => this.kickAll(),
+        // Interrupts are released after this hook: take what the driver made available meanwhile
+        // then, once guest memory is mapped (otherwise the driver's next notification does it).
+        start: () => void setImmediate(() => {
+          if (this.attached && this.dma.count > 0) this.kickAll();
+        }),
       },
     });
     this.virtio = description;
@@ -156,7 +166,7 @@ export class VirtioDevice extends PciDevice {
       fail: (error) => this.fail(error),
     };
     const device = this;
-    this.queues = description.queues.map((q, i) => new Virtqueue(i, q.size, host));
+    this.queues = description.queues.map((q, i) => new Virtqueue(i, q.size, host, q.holds === true));
     this.bar(VIRTIO_BAR).ioeventfds.forEach((fd, q) => fd.on('signal', () => this.queues[q].kick()));
   }
 
@@ -466,8 +476,9 @@ export class VirtioDevice extends PciDevice {
         size: u(s.size, 16, `queue ${i} size`), vector: u(s.vector, 16, `queue ${i} vector`), enabled: s.enabled === true,
         desc: hex(s.desc, `queue ${i} desc`), driver: hex(s.driver, `queue ${i} driver`), device: hex(s.device, `queue ${i} device`),
         lastAvail: u(s.lastAvail, 16, `queue ${i} lastAvail`), usedIdx: u(s.usedIdx, 16, `queue ${i} usedIdx`),
+        held: Array.isArray(s.held) ? s.held.map((h, n) => u(h, 16, `queue ${i} held[${n}]`)) : fail(`queue ${i} has no held list`),
       };
-      const problem = checkQueueState(q, this.queues[i].maxSize, vectors);
+      const problem = checkQueueState(q, this.queues[i].maxSize, vectors, this.queues[i].holds);
       if (problem) fail(`queue ${i}: ${problem}`);
       return q;
     });

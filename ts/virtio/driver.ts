@@ -343,9 +343,14 @@ export class DriverQueue {
       placed.forEach((p, i) => this.writeDescriptor(ids[i], { addr: p.iova, len: p.length, flags: (p.write ? Desc.F_WRITE : 0) | (i + 1 < ids.length ? Desc.F_NEXT : 0), next: ids[i + 1] ?? 0 }));
       head = ids[0];
     }
-    const done = new Promise<Completion>((resolve) => this.waiting.set(head, { writable: placed.filter((p) => p.write), resolve }));
+    let fail: (error: unknown) => void = () => {};
+    const done = new Promise<Completion>((resolve, reject) => {
+      this.waiting.set(head, { writable: placed.filter((p) => p.write), resolve });
+      fail = reject;
+    });
     this.offer(head);
-    if (options.notify !== false) void this.kickIfWanted();
+    // A notification that cannot be sent (the connection closed) fails the submission.
+    if (options.notify !== false) this.kickIfWanted().catch(fail);
     return done;
   }
 

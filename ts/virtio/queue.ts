@@ -38,6 +38,8 @@ export interface QueueState {
   device: bigint;
   lastAvail: number;
   usedIdx: number;
+  /** Heads device code held when it was saved, oldest first (queues that hold chains). */
+  held: number[];
 }
 
 export class Virtqueue {
@@ -60,12 +62,18 @@ export class Virtqueue {
   private kickQueued = false;
   /** pop() refused for chains in flight: the next completion comes back for the rest. */
   private full = false;
+  /** Heads of the chains device code holds, oldest first (only for a queue that `holds`). */
+  private held: number[] = [];
+  /** Held heads a migration brought: pop() hands them out again before new chains. */
+  private restored: number[] = [];
   private idleWaiters: (() => void)[] = [];
 
   constructor(
     readonly index: number,
     readonly maxSize: number,
     private readonly host: QueueHost,
+    /** Device code keeps chains until something happens (receive buffers): migration carries them. */
+    readonly holds = false,
   ) {
     this.size = maxSize;
   }
@@ -101,10 +109,12 @@ export class Virtqueue {
     }
     try {
       ring.attach(this.host.memory);
-      const chain = ring.pop();
+      const restored = this.restored.shift();
+      const chain = restored === undefined ? ring.pop() : ring.chainAt(restored);
       if (chain) {
         this.popsThisTurn++;
         this.inFlight++;
+        if (this.holds) this.held.push(chain.head);
       }
       return chain;
     } catch (error) {
@@ -124,6 +134,7 @@ export class Virtqueue {
       throw new UsageError(`queue ${this.index}: ${written} bytes written, but the chain has ${chain.writableLength} writable bytes`);
     }
     this.inFlight--;
+    if (this.holds) this.held.splice(this.held.indexOf(chain.head), 1);
     if (this.inFlight === 0) this.wakeIdle();
     if (this.full) {
       this.full = false;
@@ -209,6 +220,8 @@ export class Virtqueue {
     this.generation++;
     this.inFlight = 0;
     this.full = false;
+    this.held = [];
+    this.restored = [];
     this.wakeIdle();
     this.size = this.maxSize;
     this.vector = NO_VECTOR;
@@ -219,7 +232,7 @@ export class Virtqueue {
   save(): QueueState {
     return {
       size: this.size, vector: this.vector, enabled: this.enabled, desc: this.desc, driver: this.driver, device: this.device,
-      lastAvail: this.ring?.lastAvail ?? 0, usedIdx: this.ring?.usedIdx ?? 0,
+      lastAvail: this.ring?.lastAvail ?? 0, usedIdx: this.ring?.usedIdx ?? 0, held: [...this.restored, ...this.held],
     };
   }
 
@@ -230,6 +243,7 @@ export class Virtqueue {
     if (!state.enabled) return;
     this.enable();
     this.ring!.restore(state.lastAvail, state.usedIdx, this.generation);
+    this.restored = [...state.held];
   }
 
   private kickSoon(): void {
@@ -243,8 +257,9 @@ export class Virtqueue {
 }
 
 /** Why `state` cannot be a queue of up to `maxSize` entries (undefined when it can). */
-export function checkQueueState(state: QueueState, maxSize: number, vectors: number): string | undefined {
+export function checkQueueState(state: QueueState, maxSize: number, vectors: number, holds: boolean): string | undefined {
   const { size } = state;
+  if (!Array.isArray(state.held) || (!holds && state.held.length > 0)) return 'held chains do not fit this queue';
   if (!Number.isInteger(size) || size < 0 || size > Math.min(maxSize, MAX_QUEUE_SIZE)) return `size ${size} exceeds ${maxSize}`;
   if (state.vector !== NO_VECTOR && state.vector >= vectors) return `vector ${state.vector} is past the ${vectors} MSI-X vectors`;
   if (!state.enabled) return undefined;
@@ -252,6 +267,8 @@ export function checkQueueState(state: QueueState, maxSize: number, vectors: num
   for (const part of ['desc', 'driver', 'device'] as const) {
     if (state[part] % SPLIT_ALIGN[part] !== 0n) return `the ${part} area is not ${SPLIT_ALIGN[part]}-byte aligned`;
   }
-  if (((state.lastAvail - state.usedIdx) & 0xffff) !== 0) return `${(state.lastAvail - state.usedIdx) & 0xffff} chains were in flight when it was saved`;
+  const inFlight = (state.lastAvail - state.usedIdx) & 0xffff;
+  if (inFlight !== state.held.length) return `${inFlight} chains were in flight when it was saved, ${state.held.length} of them held`;
+  if (state.held.some((head) => !Number.isInteger(head) || head < 0 || head >= size)) return `a held head is past the queue size ${size}`;
   return undefined;
 }

@@ -88,9 +88,14 @@ export class SplitRing {
   pop(): DescriptorChain | undefined {
     if (this.seenAvail === this.lastAvail) this.loadAvail();
     if (this.seenAvail === this.lastAvail) return undefined;
-    const { size, queue, indirect } = this.layout;
-    const head = this.avail.getUint16(Ring.ENTRIES + 2 * (this.lastAvail % size), true);
+    const head = this.avail.getUint16(Ring.ENTRIES + 2 * (this.lastAvail % this.layout.size), true);
     this.lastAvail = (this.lastAvail + 1) & 0xffff;
+    return this.chainAt(head);
+  }
+
+  /** Walks the chain at `head` again (one a migration carried while device code held it). */
+  chainAt(head: number): DescriptorChain {
+    const { size, queue, indirect } = this.layout;
     return walkChain({ queue, size, table: this.table, indirect, memory: this.memory!, generation: this.generation }, head);
   }
 
