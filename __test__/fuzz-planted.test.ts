@@ -3,11 +3,14 @@
  * a crafted input (fixtures/fuzz-planted.ts), served by a child `vfio-user
  * serve` so that neither the throw nor the loop takes the test down. Each
  * must come back with the seed and a reproducer shrunk to the crafted write,
- * and replaying that reproducer must fail the same way.
+ * and replaying that reproducer must fail the same way. And a device that
+ * leaks an fd per write is caught by the check at rest.
  */
 import { resolve } from 'node:path';
 import { describe, expect, test } from 'vitest';
 import { fuzzDevice, type FuzzOp } from '../ts/fuzz/index.js';
+import { PciDevice } from '../ts/index.js';
+import { native } from '../ts/native.js';
 import { TRIGGER_BIT, TRIGGER_REGISTER } from './fixtures/fuzz-planted.js';
 import { SPAWNING_TEST_MS } from './helpers.js';
 
@@ -48,4 +51,22 @@ describe('planted bugs', () => {
     expect(report.finding?.reproducer).toHaveLength(1);
     expect(isCraftedWrite(report.finding!.reproducer[0])).toBe(true);
   }, SPAWNING_TEST_MS);
+});
+
+describe('planted leak', () => {
+  test('a device that keeps an fd per register write: the fds at rest grow, and the fuzzer says so', async () => {
+    const leaked: number[] = [];
+    const leaky = () => new PciDevice({
+      vendorId: 0x1234, deviceId: 0xf023, classCode: 0xff0000,
+      bars: { 0: { kind: 'memory', size: 16, write: () => void leaked.push(native.eventfdCreate()) } },
+    });
+    try {
+      // The check at rest runs every 2500 operations and at the end.
+      const report = await fuzzDevice(leaky, { seed: SEED, ops: 2600, shrinkAttempts: 0 });
+      expect(report.finding?.kind).toBe('leak');
+      expect(report.finding?.message).toMatch(/holds \d+ fds at rest, \d+ at the start/);
+    } finally {
+      for (const fd of leaked) native.closeFd(fd);
+    }
+  });
 });
