@@ -4,8 +4,8 @@
  * enables, MSI and MSI-X), region accesses of every size, offset and
  * alignment including out of range, MSI-X tables and PBA, DMA windows that
  * overlap, move and vanish, interrupt wiring and teardown, resets (DEVICE_RESET
- * and FLR), migration state changes and data, and disconnects with a request
- * in flight. Every run includes it.
+ * and FLR), migration state changes and data, dirty page logging, and
+ * disconnects with a request in flight. Every run includes it.
  */
 import { MigrationState, ProtocolError, Region } from '../../protocol/index.js';
 import { Cfg, DevCtl, Express, NUM_BARS, MsiX } from '../../pci/spec.js';
@@ -117,12 +117,25 @@ function dmaOp(random: Random): PciOp {
   }
 }
 
+/** Dirty page logging's page sizes and lengths: the usual, and what a server must refuse. */
+const LOG_PAGE_SIZES = [0x1000n, 0x1000n, 0x200000n, 0n, 3n, 1n << 63n];
+const LOG_LENGTHS = [BigInt(GUEST_MEMORY.size), 0x1000n, 0n, 0x1001n, 1n << 34n];
+
 function migrationOp(random: Random): PciOp {
-  switch (random.below(4)) {
+  const iova = () => hex(random.chance(0.8) ? GUEST_MEMORY.iova + BigInt(random.below(GUEST_MEMORY.size / 0x1000) * 0x1000) : random.u64());
+  switch (random.below(7)) {
     case 0:
       return { mode: 'pci', kind: 'migration-read', size: random.pick([0, 1, 16, 4096, 65536]) };
     case 1:
       return { mode: 'pci', kind: 'migration-write', data: random.hexBytes(random.pick([0, 1, 8, 64, 512])) };
+    case 2: {
+      const ranges = Array.from({ length: random.below(4) }, () => ({ iova: iova(), length: hex(random.pick(LOG_LENGTHS)) }));
+      return { mode: 'pci', kind: 'dirty-start', pageSize: hex(random.pick(LOG_PAGE_SIZES)), ranges };
+    }
+    case 3:
+      return random.chance(0.5)
+        ? { mode: 'pci', kind: 'dirty-stop' }
+        : { mode: 'pci', kind: 'dirty-report', iova: iova(), length: hex(random.pick(LOG_LENGTHS)), pageSize: hex(random.pick(LOG_PAGE_SIZES)) };
     default:
       return { mode: 'pci', kind: 'migration-state', state: random.pick(MIGRATION_STATES) };
   }
@@ -227,6 +240,15 @@ async function runPciOp(op: PciOp, ctx: FuzzContext): Promise<void> {
     case 'migration-write':
       await client.migDataWrite(Buffer.from(op.data as string, 'hex'));
       return;
+    case 'dirty-start':
+      await client.migration.startDirtyLogging(big(op.pageSize), (op.ranges as { iova: string; length: string }[]).map((r) => ({ iova: big(r.iova), length: big(r.length) })));
+      return;
+    case 'dirty-stop':
+      await client.migration.stopDirtyLogging();
+      return;
+    case 'dirty-report':
+      await client.migration.dirtyReport(big(op.iova), big(op.length), big(op.pageSize));
+      return;
     case 'disconnect': {
       // The request goes out, the connection goes before its reply: the server must cope and serve the next client.
       const inflight = runPciOp(op.inflight as PciOp, ctx).catch(() => undefined);
@@ -248,7 +270,7 @@ async function runPciOp(op: PciOp, ctx: FuzzContext): Promise<void> {
 }
 
 /** Reads leave the device as it was (a burst or a disconnect may carry writes). */
-const READS = new Set(['region-read', 'irq-info', 'migration-read']);
+const READS = new Set(['region-read', 'irq-info', 'migration-read', 'dirty-report']);
 
 export const pciMode: FuzzMode<PciOp> = {
   name: 'pci',
