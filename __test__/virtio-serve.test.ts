@@ -10,6 +10,7 @@ import { connect, VirtioDriver } from '../ts/index.js';
 import { testCleanups } from './cleanups.js';
 import { SPAWNING_TEST_MS, STARTED_MS, tempSocketPath, until } from './helpers.js';
 import { GUEST_MEMORY } from './virtio-helpers.js';
+import { L2Switch } from '../examples/virtio-net/index.js';
 
 const t = testCleanups();
 const root = join(__dirname, '..');
@@ -82,5 +83,28 @@ describe('vfio-user serve', { timeout: SPAWNING_TEST_MS }, () => {
     socket.write('pong\n');
     const done = await reply;
     expect(done.writable[0].subarray(0, done.written).toString()).toBe('pong\n');
+  });
+
+  test('examples/virtio-net -- --switch PATH --mac M: frames out through the switch', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'virtio-serve-'));
+    t.defer(() => rmSync(dir, { recursive: true, force: true }));
+    const path = join(dir, 'switch.sock');
+    const l2 = new L2Switch();
+    await l2.listen(path);
+    t.defer(() => l2.close());
+    // A second port of the switch, listening as a NIC would.
+    const other = createConnection(path);
+    t.defer(() => void other.destroy());
+    await once(other, 'connect');
+    let heard = Buffer.alloc(0);
+    other.on('data', (d: Buffer) => (heard = Buffer.concat([heard, d])));
+    const driver = await served('virtio-net', ['--switch', path, '--mac', '52:54:00:00:00:42']);
+    await driver.initialize();
+    expect((await driver.readConfig(0, 6)).toString('hex')).toBe('525400000042');
+    const frame = Buffer.concat([Buffer.alloc(6, 0xff), Buffer.from('525400000042', 'hex'), Buffer.from('88b5', 'hex'), Buffer.from('broadcast')]);
+    await driver.queues[1].submit([{ data: Buffer.alloc(12) }, { data: frame }]);
+    await until(() => heard.length >= 4 + frame.length);
+    expect(heard.readUInt32LE(0)).toBe(frame.length);
+    expect(heard.subarray(4).equals(frame)).toBe(true);
   });
 });

@@ -5,6 +5,7 @@ RUNTIME=__RUNTIME__
 modprobe virtio_pci
 modprobe virtio_blk
 modprobe virtio-rng
+modprobe virtio_console
 # The disk whose serial is $1.
 disk() {
   for b in /sys/block/vd*; do
@@ -51,3 +52,14 @@ umount /mnt/ours
 echo "VIRTIO-RNG current=$(cat /sys/class/misc/hw_random/rng_current)"
 bytes=$(dd if=/dev/hwrng bs=512 count=1 2>/dev/null | wc -c)
 [ "$bytes" = 512 ] && echo "VIRTIO-RNG read=$bytes"
+
+# Our virtio-console: a line out through /dev/hvc0, and the host's answer back in.
+i=0
+until [ -c /dev/hvc0 ]; do i=$((i + 1)); [ $i -lt 100 ] || { echo "VIRTIO-FAIL no /dev/hvc0"; exit 1; }; sleep 0.1; done
+stty -F /dev/hvc0 raw -echo 2>/dev/null || true
+(head -n 1 /dev/hvc0 > /tmp/console-in) &
+reader=$!
+sleep 0.5
+echo "ping from the guest" > /dev/hvc0
+wait $reader
+echo "VIRTIO-CONSOLE got=$(cat /tmp/console-in)"
