@@ -99,10 +99,12 @@ export function regionRead(session: HandlerContext, message: Message): Reply | P
   const offset = checkAccess(session, Command.REGION_READ, a.region, a.offset, a.count, RegionInfoFlags.READ);
   const reply = allocRegionReadReplyMessage(message.header.msgId, a);
   if (a.count === 0) return { message: reply };
-  const data = session.device.read(a.region, offset, a.count);
+  // `a` is the session's scratch, which the next REGION_READ overwrites while this one may still wait for the device.
+  const { region, count } = a;
+  const data = session.device.read(region, offset, count);
   const fill = (bytes: Uint8Array): Reply => {
-    if (!(bytes instanceof Uint8Array) || bytes.length !== a.count) {
-      throw new HandlerResultError(`device.read of region ${a.region}`, offset, a.count, bytes, `a read of ${a.count} bytes needs a Uint8Array of ${a.count} bytes`);
+    if (!(bytes instanceof Uint8Array) || bytes.length !== count) {
+      throw new HandlerResultError(`device.read of region ${region}`, offset, count, bytes, `a read of ${count} bytes needs a Uint8Array of ${count} bytes`);
     }
     reply.set(bytes, REGION_READ_REPLY_DATA_OFFSET);
     return { message: reply };
