@@ -22,7 +22,7 @@ async function serveAnswering(answer: (offset: number) => unknown): Promise<Erro
     bars: { 2: { kind: 'memory', size: 4096, read: (offset) => answer(offset) as RegisterValue } },
     capabilities: [{ kind: 'vendor', data: Buffer.alloc(4), read: () => undefined as unknown as RegisterValue }],
   });
-  served = await serve<PciDevice>(device);
+  served = await serve<PciDevice>(device, { deviceErrors: 'expected' });
   const errors: Error[] = [];
   served.server.on('deviceError', (error) => errors.push(error));
   return errors;
@@ -82,7 +82,7 @@ class ShortReads extends BareDevice {
 }
 
 test('a device without the PCI model that reads short is named with the region', async () => {
-  served = await serve<BareDevice>(new ShortReads());
+  served = await serve<BareDevice>(new ShortReads(), { deviceErrors: 'expected' });
   const errors: Error[] = [];
   served.server.on('deviceError', (error) => errors.push(error));
   const client = await served.client();

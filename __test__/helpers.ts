@@ -22,10 +22,21 @@ export interface Served<D extends VfioUserDevice = PciIdio16> {
   close(): Promise<void>;
 }
 
+export interface ServeOptions {
+  /**
+   * 'expected' when the test makes device code throw (and checks the
+   * `deviceError` events itself); otherwise any `deviceError` fails the test
+   * when it closes the server.
+   */
+  deviceErrors?: 'expected';
+}
+
 /** Serves `device` (the GPIO card by default) on a fresh socket. */
-export async function serve<D extends VfioUserDevice = PciIdio16>(device?: D): Promise<Served<D>> {
+export async function serve<D extends VfioUserDevice = PciIdio16>(device?: D, options: ServeOptions = {}): Promise<Served<D>> {
   const dev = (device ?? new PciIdio16()) as D;
   const server = createServer(dev);
+  const unexpected: Error[] = [];
+  if (options.deviceErrors !== 'expected') server.on('deviceError', (error) => unexpected.push(error));
   const socket = tempSocketPath();
   await server.listen(socket.path);
   const clients: VfioUserClient[] = [];
@@ -43,6 +54,9 @@ export async function serve<D extends VfioUserDevice = PciIdio16>(device?: D): P
       for (const s of rawSockets) s.destroy();
       await server.close();
       socket.cleanup();
+      if (unexpected.length > 0) {
+        throw new AggregateError(unexpected, `device code threw (deviceError) where the test expected none: ${unexpected.map((e) => e.stack ?? e.message).join('\n')}`);
+      }
     },
   };
 }

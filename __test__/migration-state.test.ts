@@ -15,8 +15,8 @@ afterEach(async () => {
   served = undefined;
 });
 
-async function start(options: { preCopy?: boolean } = {}): Promise<{ device: CounterDevice; client: VfioUserClient }> {
-  served = await serve(new CounterDevice(options));
+async function start(options: { preCopy?: boolean; deviceErrors?: 'expected' } = {}): Promise<{ device: CounterDevice; client: VfioUserClient }> {
+  served = await serve(new CounterDevice({ preCopy: options.preCopy }), { deviceErrors: options.deviceErrors });
   return { device: served.device, client: await served.client() };
 }
 
@@ -138,28 +138,31 @@ describe('MIG_DEVICE_STATE over the wire', () => {
     expect(await client.migration.state()).toBe(S.RUNNING);
   });
 
-  test('a failed arc leaves the device in the state it was in, and the client gets EIO', async () => {
-    const { device, client } = await start();
+  test('a failed arc fails the device (EIO until DEVICE_RESET) and leaves it in the state it was in', async () => {
+    const { device, client } = await start({ deviceErrors: 'expected' });
     const errors: Error[] = [];
     served!.server.on('deviceError', (error) => errors.push(error));
     device.failing.add('save:stopcopy');
     await expect(client.migration.setState(S.STOP_COPY)).rejects.toMatchObject({ errno: Errno.EIO, command: Command.DEVICE_FEATURE });
-    expect(await client.migration.state()).toBe(S.STOP); // RUNNING → STOP succeeded, STOP → STOP_COPY did not
     expect(errors.map((e) => e.message)).toEqual(['save:stopcopy:0 failed']);
+    await expect(client.migration.state()).rejects.toMatchObject({ errno: Errno.EIO });
     device.failing.clear();
+    await client.reset();
+    expect(await client.migration.state()).toBe(S.STOP); // RUNNING → STOP succeeded, STOP → STOP_COPY did not
     await client.migration.setState(S.STOP_COPY);
   });
 
   test('an arc that cannot be undone puts the device in ERROR; only DEVICE_RESET leaves it', async () => {
-    const { device, client } = await start({ preCopy: true });
+    const { device, client } = await start({ preCopy: true, deviceErrors: 'expected' });
+    const errors: Error[] = [];
+    served!.server.on('deviceError', (error) => errors.push(error));
     await client.migration.setState(S.PRE_COPY);
     device.failing.add('save:stopcopy').add('start'); // PRE_COPY → STOP_COPY stops, fails to save, cannot restart
     await expect(client.migration.setState(S.STOP_COPY)).rejects.toMatchObject({ errno: Errno.EIO });
-    expect(await client.migration.state()).toBe(S.ERROR);
-    await expect(client.migration.setState(S.RUNNING)).rejects.toMatchObject(einval);
-    await expect(client.migration.read()).rejects.toMatchObject({ errno: Errno.EINVAL, command: Command.MIG_DATA_READ });
-    await expect(client.reset()).rejects.toMatchObject({ errno: Errno.EIO }); // start still fails: still ERROR
-    expect(await client.migration.state()).toBe(S.ERROR);
+    await expect(client.migration.state()).rejects.toMatchObject({ errno: Errno.EIO }); // failed: nothing reaches it
+    await expect(client.reset()).rejects.toMatchObject({ errno: Errno.EIO }); // the reset works, leaving ERROR does not: start fails
+    await expect(client.migration.state()).rejects.toMatchObject({ errno: Errno.EIO });
+    expect(errors.map((e) => e.message)).toEqual(['save:stopcopy:1 failed', 'start failed']);
     device.failing.clear();
     await client.reset();
     expect(await client.migration.state()).toBe(S.RUNNING);
@@ -306,14 +309,16 @@ describe('a client leaving mid-migration', () => {
     expect(await next.migration.state()).toBe(S.RUNNING);
   });
 
-  test('ERROR stays for the next client to reset', async () => {
-    const { device, client } = await start({ preCopy: true });
+  test('a device failed into ERROR is reset for the next client, out of ERROR too', async () => {
+    const { device, client } = await start({ preCopy: true, deviceErrors: 'expected' });
     await client.migration.setState(S.PRE_COPY);
     device.failing.add('save:stopcopy').add('start');
     await expect(client.migration.setState(S.STOP_COPY)).rejects.toThrow();
     client.close();
+    device.failing.clear();
     const next = await served!.client();
-    expect(await next.migration.state()).toBe(S.ERROR);
+    expect(await next.migration.state()).toBe(S.RUNNING);
+    expect(device.running).toBe(true);
   });
 });
 

@@ -30,10 +30,10 @@ afterEach(async () => {
   eventfds.closeAll();
 });
 
-async function pair<A extends PciDevice, B extends PciDevice>(source: A, destination: B) {
+async function pair<A extends PciDevice, B extends PciDevice>(source: A, destination: B, options: { destinationErrors?: 'expected' } = {}) {
   devices.push(source, destination);
   const a = await serve(source);
-  const b = await serve(destination);
+  const b = await serve(destination, { deviceErrors: options.destinationErrors });
   servers.push(a, b);
   const from = await a.client();
   const to = await b.client();
@@ -278,7 +278,7 @@ describe('memory BARs and ioeventfds', () => {
     }
   });
 
-  test('a loadState that throws fails the load (EIO) and the library puts config space and BARs back', async () => {
+  test('a loadState that throws fails the load (EIO) and the device, and the library puts config space and BARs back', async () => {
     const description = (loadState: (data: Uint8Array) => void): PciDeviceDescription => ({
       ...base,
       bars: { 0: { kind: 'memory', size: 4096 } },
@@ -289,14 +289,15 @@ describe('memory BARs and ioeventfds', () => {
       seen = Buffer.from(destinationDevice.bar(0).bytes!.subarray(0, 6)).toString(); // the library's part is applied first
       throw new Error('refused');
     }));
-    const { destination, from, to } = await pair(new PciDevice(description(() => {})), destinationDevice);
+    const { destination, from, to } = await pair(new PciDevice(description(() => {})), destinationDevice, { destinationErrors: 'expected' });
     await from.regionWrite(Region.BAR0, 0n, Buffer.from('source'));
     await guest(from).setCfg16(Cfg.COMMAND, CommandBits.MEMORY);
     destination.bar(0).bytes!.set(Buffer.from('mine!!'));
     const config = Buffer.from(destination.config.bytes);
     await expect(migrate(from, to)).rejects.toMatchObject({ errno: Errno.EIO });
     expect(seen).toBe('source');
-    expect(await to.migration.state()).toBe(S.RESUMING);
+    await expect(to.migration.state()).rejects.toMatchObject({ errno: Errno.EIO }); // failed until reset
+    expect(destination.context.failed).toBe(true);
     expect(destination.config.bytes.equals(config)).toBe(true);
     expect(Buffer.from(destination.bar(0).bytes!.subarray(0, 6)).toString()).toBe('mine!!');
   });

@@ -79,8 +79,7 @@ describe('SET_IRQS', () => {
         throw new Error('no interrupts today');
       }
     }
-    served = await serve(new Refusing({ vendorId: 1, deviceId: 2, classCode: 0, intx: 'A' }));
-    served.server.on('deviceError', () => {});
+    served = await serve(new Refusing({ vendorId: 1, deviceId: 2, classCode: 0, intx: 'A' }), { deviceErrors: 'expected' });
     const client = await served.client();
     const before = openFdCount();
     const [ev] = eventfds.create(1);

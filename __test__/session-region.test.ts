@@ -123,18 +123,23 @@ describe('region read and write', () => {
     expect(order).toEqual(['slow', 'slow-reply', 'config-reply']);
   });
 
-  test('a throwing device handler answers EIO and the server keeps serving', async () => {
+  test('a throwing device handler answers EIO and fails the device until DEVICE_RESET; the server keeps serving', async () => {
     const errors: Error[] = [];
     served = await serve(new PciDevice({
       vendorId: 1, deviceId: 2, classCode: 0,
       bars: { 2: { kind: 'io', size: 4, read: () => { throw new Error('boom'); }, write: async () => { throw new Error('async boom'); } } },
-    }));
+    }), { deviceErrors: 'expected' });
     served.server.on('deviceError', (e) => errors.push(e));
     const client = await served.client();
     await expect(client.regionRead(Region.BAR2, 0n, 1)).rejects.toMatchObject({ errno: Errno.EIO, command: Command.REGION_READ });
+    // Failed: config space too is EIO, not answered natively, and nothing reaches the handlers.
+    await expect(client.regionRead(Region.CONFIG, 0n, 2)).rejects.toMatchObject({ errno: Errno.EIO });
+    await expect(client.regionWrite(Region.BAR2, 0n, Buffer.from([1]))).rejects.toMatchObject({ errno: Errno.EIO });
+    expect(errors.map((e) => e.message)).toEqual(['boom']);
+    await client.reset();
+    expect((await client.regionRead(Region.CONFIG, 0n, 2)).readUInt16LE(0)).toBe(1);
     await expect(client.regionWrite(Region.BAR2, 0n, Buffer.from([1]))).rejects.toMatchObject({ errno: Errno.EIO });
     expect(errors.map((e) => e.message)).toEqual(['boom', 'async boom']);
-    expect((await client.regionRead(Region.CONFIG, 0n, 2)).readUInt16LE(0)).toBe(1);
   });
 });
 

@@ -8,6 +8,7 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import type { NativeRegionReads } from './native.js';
 import type { DmaSpace } from './dma/space.js';
 import type { IrqInfo, RegionCap, SetIrqs } from './protocol/index.js';
+import type { DeviceContext } from './boundary.js';
 
 export interface RegionDescription {
   size: bigint;
@@ -127,6 +128,11 @@ export interface VfioUserDevice {
   detach(): void;
   /** Live migration; without it DEVICE_FEATURE and MIG_DATA_* answer ENOTSUP. */
   readonly migration?: DeviceMigration;
+  /**
+   * Where device code schedules its own work (timers, async work) under the
+   * error boundary (ts/boundary.ts); the library keeps one for a device without.
+   */
+  readonly context?: DeviceContext;
 }
 
 /**

@@ -110,6 +110,7 @@ export type {
   MigrationPhase,
   MigrationUnit,
 } from './device.js';
+export { DeviceContext } from './boundary.js';
 export { ConnectionClosedError, HandlerResultError, PeerProtocolError, TimeoutError, TooManyRequestsError, UsageError, VfioUserError } from './errors.js';
 export * from './virtio/index.js';
 export * as protocol from './protocol/index.js';

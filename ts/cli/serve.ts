@@ -7,6 +7,7 @@ import { UsageError } from '../errors.js';
 import { commandName } from '../protocol/index.js';
 import type { DeviceFactory, VfioUserDevice } from '../device.js';
 import { importWithOwnCopy, requireWithOwnCopy } from './own-copy.js';
+import { contextOf } from '../boundary.js';
 
 function isDevice(value: unknown): value is VfioUserDevice {
   return typeof value === 'object' && value !== null && typeof (value as VfioUserDevice).regionInfo === 'function';
@@ -75,11 +76,21 @@ export async function serve(file: string, socket: string | { fd: number }, optio
   server.on('connectionRefused', (peer, reason) => console.error(`vfio-user: refused a client (pid ${peer.pid}): ${reason}`));
   server.on('requestTimeout', (command) => console.error(`vfio-user: ${commandName(command)} timed out; the client was answered ETIMEDOUT`));
   server.on('disconnect', (_s, error) => console.error(`vfio-user: client disconnected${error ? ` (${error.message})` : ''}`));
-  server.on('deviceError', (error, command) => console.error(`vfio-user: device error in ${commandName(command)}: ${error.stack ?? error.message}`));
+  server.on('deviceError', (error, command) => {
+    const where = command === undefined ? 'device code running on its own' : commandName(command);
+    console.error(`vfio-user: device error in ${where} (the device is failed until reset): ${error.stack ?? error.message}`);
+  });
   await server.listen(socket, { mode: options.mode });
+  // One device per process: what escapes its own plain timers and promises is the device failing too.
+  const boundary = contextOf(device);
+  const failed = (error: unknown) => boundary.fail(error);
+  process.on('uncaughtException', failed);
+  process.on('unhandledRejection', failed);
   console.error(`vfio-user: serving ${file} on ${typeof socket === 'string' ? socket : `fd ${socket.fd}`}`);
   await untilSignal();
   await server.close();
+  process.off('uncaughtException', failed);
+  process.off('unhandledRejection', failed);
 }
 
 /** Resolves on the first SIGINT or SIGTERM: the way a served device or a trace is stopped. */

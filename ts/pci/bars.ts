@@ -18,6 +18,7 @@ import {
   type BarIndex,
 } from './description.js';
 import { checkIoEventfds, IoEventfd } from './ioeventfds.js';
+import type { DeviceContext } from '../boundary.js';
 import { checkSharing } from './shared-bar.js';
 import { BarBits, Cfg, NUM_BARS, Rom } from './spec.js';
 
@@ -65,6 +66,8 @@ export class Bar implements PciBar {
     readonly description: BarDescription,
     /** Areas the client may mmap (shared BARs only). */
     private readonly mappable: readonly BarArea[],
+    /** The device's error boundary, which ioeventfd notifications run under. */
+    context: DeviceContext,
   ) {
     const shared = description.kind === 'memory' ? description.shared : undefined;
     this.ownsShared = shared === true;
@@ -75,7 +78,7 @@ export class Bar implements PciBar {
     this.region = this.shared
       ? this.shared.region({ mmap: mappable.map((a) => ({ offset: BigInt(a.offset), size: BigInt(a.size) })) })
       : { size: BigInt(description.size), flags: RegionInfoFlags.READ | RegionInfoFlags.WRITE };
-    this.ioeventfds = (description.ioeventfds ?? []).map((e) => new IoEventfd(e));
+    this.ioeventfds = (description.ioeventfds ?? []).map((e) => new IoEventfd(e, context));
     this.ioFds = this.ioeventfds.map((e) => e.entry(description.kind === 'io'));
     // REGION_READ/WRITE of a mapped area must agree with the client's mapping, so they skip the handlers.
     if (this.shared && (description.read || description.write)) {
@@ -188,7 +191,7 @@ export class Bar implements PciBar {
 }
 
 /** Checks the BAR descriptions and defines their registers; returns the BARs by slot. */
-export function defineBars(config: ConfigSpace, bars: Partial<Record<BarIndex, BarDescription>>): (Bar | undefined)[] {
+export function defineBars(config: ConfigSpace, bars: Partial<Record<BarIndex, BarDescription>>, context: DeviceContext): (Bar | undefined)[] {
   const checked: { index: BarIndex; bar: BarDescription; mappable: BarArea[] }[] = [];
   for (let i = 0; i < NUM_BARS; i++) {
     const bar = bars[i as BarIndex];
@@ -228,7 +231,7 @@ export function defineBars(config: ConfigSpace, bars: Partial<Record<BarIndex, B
   }
   // Created only once every BAR is valid: a later bad one must not leak memfds and eventfds.
   const out: (Bar | undefined)[] = new Array(NUM_BARS).fill(undefined);
-  for (const { index, bar, mappable } of checked) out[index] = new Bar(index, bar, mappable);
+  for (const { index, bar, mappable } of checked) out[index] = new Bar(index, bar, mappable, context);
   return out;
 }
 

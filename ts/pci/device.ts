@@ -10,6 +10,7 @@ import { native, type NativeRegionReads } from '../native.js';
 import { UsageError } from '../errors.js';
 import { requestAttachment, type DeviceAttachment, type DeviceMigration, type RegionDescription, type RegionIoFd, type VfioUserDevice } from '../device.js';
 import type { DmaSpace } from '../dma/space.js';
+import { DeviceContext } from '../boundary.js';
 import {
   DeviceInfoFlags,
   IrqIndex,
@@ -80,6 +81,12 @@ export class PciDevice implements VfioUserDevice {
   readonly migration?: DeviceMigration;
   /** Why the device does not migrate (undefined when it does). */
   readonly migrationBlocker: string | undefined;
+  /**
+   * The device's own work, scheduled under the error boundary:
+   * `context.setTimeout()`, `setInterval()`, `setImmediate()`, `run()`
+   * (docs/errors.md). What throws there fails the device, not the process.
+   */
+  readonly context = new DeviceContext();
   private readonly bars: (Bar | undefined)[];
   private readonly rom: Buffer | undefined;
   private readonly description: PciDeviceDescription;
@@ -103,7 +110,7 @@ export class PciDevice implements VfioUserDevice {
     }
     this.config = new ConfigSpace(express ? EXTENDED_CONFIG_SIZE : CONFIG_SIZE);
     defineHeader(this.config, description, express);
-    this.bars = defineBars(this.config, description.bars ?? {});
+    this.bars = defineBars(this.config, description.bars ?? {}, this.context);
     try {
       if (description.rom) this.rom = defineRom(this.config, description.rom);
       // Checked before anything is sized from them (the vector counts).

@@ -7,6 +7,7 @@ import { EventEmitter } from 'node:events';
 import { native } from '../native.js';
 import { ioeventfdMatches, KvmIoeventfdFlags } from '../protocol/index.js';
 import { requestAttachment, type RegionIoFd } from '../device.js';
+import type { DeviceContext } from '../boundary.js';
 import { InvalidDeviceError, type BarArea, type IoEventfdDescription } from './description.js';
 
 const SIZES: readonly number[] = [0, 1, 2, 4, 8];
@@ -67,7 +68,11 @@ export class IoEventfd extends EventEmitter<IoEventfdEvents> {
   private watching = false;
   private paused = false;
 
-  constructor(description: IoEventfdDescription) {
+  constructor(
+    description: IoEventfdDescription,
+    /** Listeners run under the device's error boundary: one that throws fails the device, not the process. */
+    private readonly context: DeviceContext,
+  ) {
     super();
     this.offset = description.offset;
     this.size = description.size;
@@ -110,7 +115,7 @@ export class IoEventfd extends EventEmitter<IoEventfdEvents> {
     // The watch outlives whichever request (re)starts it (a migration's resume, a reset): its
     // signals must not run in that client's context, or device code would see that client's
     // guest memory, closed once it leaves, instead of the one attached when they come.
-    if (wanted && !this.watching) requestAttachment.exit(() => this.eventfd.watch((count) => this.emit('signal', count)));
+    if (wanted && !this.watching) requestAttachment.exit(() => this.eventfd.watch((count) => this.context.run(() => this.emit('signal', count))));
     else if (!wanted && this.watching) this.eventfd.unwatch();
     this.watching = wanted;
   }

@@ -9,6 +9,7 @@ import { native, type PeerCredentials } from '../native.js';
 import { UsageError, VfioUserError } from '../errors.js';
 import { errnoName } from '../protocol/index.js';
 import type { VfioUserDevice } from '../device.js';
+import { contextOf } from '../boundary.js';
 import { ServerSession, type SessionOptions } from './session.js';
 
 /** How long to wait before accepting again after a failed accept. */
@@ -64,8 +65,12 @@ export interface VfioUserServerEvents {
   acceptError: [error: Error];
   /** A peer that `allowedPeers` does not allow connected and was closed at once. */
   connectionRefused: [peer: PeerCredentials, reason: string];
-  /** A device handler threw or rejected; the client was answered EIO. */
-  deviceError: [error: Error, command: number];
+  /**
+   * Device code threw: serving `command` (the client was answered EIO), or
+   * on its own (`command` undefined: a timer, an ioeventfd notification).
+   * The device is failed until reset (docs/errors.md); `error` is what it threw.
+   */
+  deviceError: [error: Error, command: number | undefined];
   /** A handler missed `requestTimeoutMs`; the client was answered ETIMEDOUT. */
   requestTimeout: [command: number];
   close: [];
@@ -80,6 +85,7 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
   private keepAlive = true;
 
   private readonly sessionOptions: SessionOptions;
+  private readonly stopReporting: () => void;
 
   constructor(
     readonly device: VfioUserDevice,
@@ -89,6 +95,7 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
     checkOptions(options);
     const { requestTimeoutMs, maxQueuedBytes } = options;
     this.sessionOptions = { requestTimeoutMs, maxQueuedBytes };
+    this.stopReporting = contextOf(device).onFailure((error, command) => this.emit('deviceError', error, command));
   }
 
   /**
@@ -142,6 +149,7 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
   /** Stops listening, removes the socket file and ends the current session. */
   async close(): Promise<void> {
     if (!this.listener) return;
+    this.stopReporting();
     this.listener.close();
     this.listener = undefined;
     this.socketPath = undefined;
@@ -165,7 +173,6 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
     this.listener!.pause();
     const session = new ServerSession(fd, this.device, {
       onClose: (s, error) => this.ended(s, error),
-      onDeviceError: (error, command) => this.emit('deviceError', error, command),
       onRequestTimeout: (command) => this.emit('requestTimeout', command),
     }, this.sessionOptions);
     this.current = session;

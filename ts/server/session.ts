@@ -10,6 +10,7 @@ import { DmaSpace } from '../dma/space.js';
 import { MessageDma } from '../dma/messages.js';
 import { ConnectionClosedError, type PeerProtocolError } from '../errors.js';
 import { requestAttachment, type DeviceAttachment, type VfioUserDevice } from '../device.js';
+import { contextOf, type DeviceContext } from '../boundary.js';
 import { MigrationSession, migrationStateOf } from './migration/index.js';
 import {
   Command,
@@ -24,6 +25,17 @@ import {
 import { fail, handlers, SERVER_CAPABILITIES, type HandlerContext, type Reply } from './handlers/index.js';
 import { RequestQueue } from './ordering.js';
 
+/** Commands that reach device code: a failed device answers them EIO until it is reset. */
+const DEVICE_COMMANDS: ReadonlySet<number> = new Set([
+  Command.REGION_READ,
+  Command.REGION_WRITE,
+  Command.REGION_WRITE_MULTI,
+  Command.DEVICE_SET_IRQS,
+  Command.DEVICE_FEATURE,
+  Command.MIG_DATA_READ,
+  Command.MIG_DATA_WRITE,
+]);
+
 export interface SessionOptions {
   /** How long one handler may keep the client's later commands waiting; undefined: no limit. */
   requestTimeoutMs?: number;
@@ -34,8 +46,6 @@ export interface SessionOptions {
 export interface SessionEvents {
   /** The session ended; `error` says why when it was not a clean disconnect. */
   onClose(session: ServerSession, error?: Error): void;
-  /** A device handler threw: the client got EIO, the server goes on. */
-  onDeviceError(error: Error, command: number): void;
   /** A handler missed the deadline: the client got ETIMEDOUT, its later commands run. */
   onRequestTimeout(command: number): void;
 }
@@ -50,6 +60,10 @@ export class ServerSession {
   readonly dma = new DmaSpace(SERVER_CAPABILITIES.maxDmaMaps);
   /** What the device sees of this client; handlers run inside it (requestAttachment). */
   private readonly attachment: DeviceAttachment = { dma: this.dma };
+  private readonly boundary: DeviceContext;
+  /** A device that failed before this client came is reset before its first command runs. */
+  private recovery: Promise<void> | undefined;
+  private readonly stopWatching: () => void;
 
   /** @internal Sessions are made by VfioUserServer. */
   constructor(
@@ -60,6 +74,9 @@ export class ServerSession {
   ) {
     const { migration } = device;
     const session = this;
+    this.boundary = contextOf(device);
+    if (this.boundary.failed) this.recovery = this.reset().catch((error: unknown) => this.boundary.fail(error));
+    this.stopWatching = this.boundary.onFailure(() => this.deviceFailed());
     const scratch: RegionAccess = { offset: 0n, region: 0, count: 0 };
     this.context = {
       device,
@@ -72,6 +89,7 @@ export class ServerSession {
         return session.negotiated;
       },
       establish: (peer) => this.establish(peer),
+      reset: () => this.reset(),
       close: () => this.close(),
     };
     this.channel = new Channel(fd, {
@@ -115,10 +133,18 @@ export class ServerSession {
   }
 
   private dispatch(message: Message): Reply | Promise<Reply> {
+    if (this.recovery) {
+      const recovery = this.recovery;
+      this.recovery = undefined;
+      return recovery.then(() => this.dispatch(message));
+    }
     const { header } = message;
     if (message.fdsTruncated) throw fail(Errno.EINVAL, header.command, 'more fds than max_msg_fds');
     if (!this.negotiated && header.command !== Command.VERSION) {
       throw fail(Errno.EINVAL, header.command, 'VERSION must come first');
+    }
+    if (this.boundary.failed && DEVICE_COMMANDS.has(header.command)) {
+      throw fail(Errno.EIO, header.command, 'the device failed: DEVICE_RESET, or a new connection, resets it');
     }
     this.context.migration?.check(header.command);
     const handler = handlers.get(header.command);
@@ -133,7 +159,7 @@ export class ServerSession {
     closeFds(message.fds);
     const { header } = message;
     if (error !== undefined && !(error instanceof ProtocolError)) {
-      this.events.onDeviceError(error instanceof Error ? error : new Error(String(error)), header.command);
+      this.boundary.fail(error, header.command);
       error = fail(Errno.EIO, header.command, 'the device failed');
     }
     // Reply fds are ours (dups): the peer gets its own copies with the send.
@@ -157,9 +183,7 @@ export class ServerSession {
   /** A handler finished after its deadline: its answer has no one to go to. */
   private late(message: Message, reply: Reply, error?: unknown): void {
     if (reply && !reply.message) closeFds(reply.fds ?? []);
-    if (error !== undefined && !(error instanceof ProtocolError)) {
-      this.events.onDeviceError(error instanceof Error ? error : new Error(String(error)), message.header.command);
-    }
+    if (error !== undefined && !(error instanceof ProtocolError)) this.boundary.fail(error, message.header.command);
   }
 
   private overflow(error: PeerProtocolError): void {
@@ -173,7 +197,7 @@ export class ServerSession {
     this.negotiated = peer;
     const frame = SERVER_CAPABILITIES.maxDataXferSize + INITIAL_MAX_FRAME;
     this.channel.setMaxFrame(frame);
-    this.channel.setRegionReads(this.device.nativeReads?.(SERVER_CAPABILITIES.maxDataXferSize) ?? null);
+    this.answerNatively();
     // The twin socket travels as an fd: not to a client that takes none.
     const clientEnd = peer.capabilities.twinSocket.supported && peer.capabilities.maxMsgFds > 0 ? this.openTwin(frame) : undefined;
     // DMA_READ replies must fit our frame limit as well as the client's transfer limit.
@@ -181,6 +205,26 @@ export class ServerSession {
     this.dma.useMessages(new MessageDma(this.twin ?? this.channel, chunk));
     this.device.attach(this.attachment);
     return clientEnd;
+  }
+
+  /** DEVICE_RESET, and what a failed device gets before a new client's first command: a reset that succeeds clears the failure. */
+  private async reset(): Promise<void> {
+    await this.boundary.recover(async () => {
+      await this.device.reset();
+      await this.context.migration?.afterReset();
+    });
+    if (this.negotiated) this.answerNatively();
+  }
+
+  /** Reads of plain-memory regions are answered without device code, unless the device failed. */
+  private answerNatively(): void {
+    const reads = this.boundary.failed ? undefined : this.device.nativeReads?.(SERVER_CAPABILITIES.maxDataXferSize);
+    this.channel.setRegionReads(reads ?? null);
+  }
+
+  /** The device failed (in a handler or on its own): its regions are no longer read natively. */
+  private deviceFailed(): void {
+    if (this.negotiated && !this.channel.closed) this.channel.setRegionReads(null);
   }
 
   /**
@@ -218,8 +262,13 @@ export class ServerSession {
     this.twin?.close('the session ended');
     // Detaches every view before anything else can run; late device code gets DmaSpaceClosedError.
     this.dma.close();
-    if (this.negotiated) this.device.detach();
-    this.context.migration?.end().catch((failure: Error) => this.events.onDeviceError(failure, Command.DEVICE_FEATURE));
+    this.stopWatching();
+    try {
+      if (this.negotiated) this.device.detach();
+    } catch (failure) {
+      this.boundary.fail(failure);
+    }
+    this.context.migration?.end().catch((failure: unknown) => this.boundary.fail(failure, Command.DEVICE_FEATURE));
     this.events.onClose(this, error);
   }
 }

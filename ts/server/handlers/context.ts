@@ -30,6 +30,8 @@ export interface HandlerContext {
    * the twin socket's client end, for the VERSION reply.
    */
   establish(peer: Version): number | undefined;
+  /** Resets the device, leaving migration's ERROR; a reset that succeeds clears a failure (ts/boundary.ts). */
+  reset(): Promise<void>;
   /** Ends the session (after the current reply is sent). */
   close(): void;
 }
