@@ -8,7 +8,7 @@ import { expect } from 'vitest';
 import createDevice from '../examples/nvme/index.js';
 import { Csts, type NvmeController } from '../examples/nvme/controller.js';
 import type { TestCleanups } from './cleanups.js';
-import { serve, type Served } from './helpers.js';
+import { serve, type Served, type ServeOptions } from './helpers.js';
 import { NvmeHost } from './nvme-host.js';
 
 /** How the host rings: the controller's doorbell mode, and whether the host sets up shadow doorbells as Linux does. */
@@ -34,8 +34,8 @@ export interface NvmeRig {
 }
 
 /** Serves `device` and attaches a host to it; everything is closed after the test. */
-export async function attachNvme(cleanups: TestCleanups, device: NvmeController): Promise<NvmeRig> {
-  const served = await serve(device);
+export async function attachNvme(cleanups: TestCleanups, device: NvmeController, options: ServeOptions = {}): Promise<NvmeRig> {
+  const served = await serve(device, options);
   cleanups.defer(() => device.close());
   cleanups.defer(() => served.close());
   const deviceErrors: Error[] = [];

@@ -297,7 +297,7 @@ describe('migration state is input', () => {
       return user;
     });
 
-    const destination = await attachNvme(cleanups, createDevice(['--size', '4M']));
+    const destination = await attachNvme(cleanups, createDevice(['--size', '4M']), { deviceErrors: 'expected' });
     const target = destination.host.client;
     const tamper: Array<[string, (s: any) => void]> = [
       ['an SQ larger than CAP.MQES', (s) => { s.sqs[1].size = 1025; }],
@@ -327,6 +327,8 @@ describe('migration state is input', () => {
       // The library reports what the device threw: the controller's own typed refusal.
       expect(destination.deviceErrors.splice(0), why).toEqual([expect.any(NvmeStateError)]);
       expect(destination.served.device.sqs.filter(Boolean), why).toHaveLength(0);
+      // A plain exception fails the device (docs/errors.md): reset, as a VMM would; the migration state stays.
+      await target.reset();
       expect(await target.migration.state(), why).toBe(MigrationState.RESUMING);
     }
     expect(() => parseState(Buffer.from('{"version": 3'), limits)).toThrow(NvmeStateError);

@@ -32,6 +32,7 @@ import type { DmaSpace } from './dma/space.js';
 import { AsyncDmaRequiredError, DmaAccessError } from './dma/errors.js';
 import { Errno } from './protocol/index.js';
 import type { IoEventfd } from './pci/ioeventfds.js';
+import type { DeviceContext } from './boundary.js';
 
 export interface Ring {
   readonly doorbell: number;
@@ -49,6 +50,11 @@ export interface DoorbellTiming {
 export interface DoorbellSourceOptions extends DoorbellTiming {
   /** How many doorbells the device has (numbered from 0). */
   count: number;
+  /**
+   * The device's error boundary (`device.context`): `'ring'` listeners run
+   * under it, so one that throws fails the device, not the process.
+   */
+  context?: DeviceContext;
 }
 
 export interface DoorbellStats {
@@ -85,6 +91,7 @@ export class DoorbellSource extends EventEmitter<DoorbellSourceEvents> {
   private readonly takenValues: Uint32Array;
   private readonly signals = new Map<IoEventfd, () => void>();
   private timing: Required<DoorbellTiming>;
+  private readonly context: DeviceContext | undefined;
   private flushQueued = false;
   private closed = false;
   private batches = 0;
@@ -96,6 +103,7 @@ export class DoorbellSource extends EventEmitter<DoorbellSourceEvents> {
       throw new UsageError(`count ${String(options.count)} must be an integer from 1 to 65536`);
     }
     this.count = options.count;
+    this.context = options.context;
     this.timing = { spinMicros: DEFAULT_SPIN_MICROS, maxSleepMicros: DEFAULT_MAX_SLEEP_MICROS };
     this.timing = this.checkTiming(options);
     this.watcher = new native.NativeDoorbellWatcher(this.timing);
@@ -238,7 +246,8 @@ export class DoorbellSource extends EventEmitter<DoorbellSourceEvents> {
     this.rings += rings.length;
     // The device acts on these now; the guest's next doorbells follow soon.
     this.poke();
-    this.emit('ring', rings);
+    if (this.context) this.context.run(() => this.emit('ring', rings));
+    else this.emit('ring', rings);
   }
 
   private check(doorbell: number): void {

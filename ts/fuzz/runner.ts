@@ -29,7 +29,7 @@ export interface FuzzOptions {
   /** How long the device may take to answer a request or finish work a mode waits for (5000 ms, QEMU's reply timeout). */
   deadlineMs?: number;
   /** Device errors that are not findings (a device that throws on purpose); none by default. */
-  allowDeviceError?(error: Error, command: number): boolean;
+  allowDeviceError?(error: Error, command: number | undefined): boolean;
   /** Perform exactly these operations (a saved reproducer) instead of generating them. */
   replay?: readonly FuzzOp[];
   /** Most replays spent shrinking a failing sequence (48 by default; 0 reports it unshrunk). */
@@ -198,7 +198,7 @@ async function attempt(target: FuzzTarget, modes: readonly FuzzMode[], source: O
   const checkDeviceErrors = () => {
     for (const { error, command } of instance.takeDeviceErrors?.() ?? []) {
       if (options.allowDeviceError?.(error, command)) continue;
-      throw new FuzzFinding('device-error', `deviceError in ${commandName(command)}: ${error.stack ?? error.message}`);
+      throw new FuzzFinding('device-error', `deviceError in ${command === undefined ? 'device code running on its own' : commandName(command)}: ${error.stack ?? error.message}`);
     }
   };
   const health = (why: string) => {

@@ -24,7 +24,7 @@ export interface TargetInstance {
    * Device errors since the last call (in-process servers report each one);
    * undefined when they cannot be seen, and EIO replies stand for them.
    */
-  takeDeviceErrors?(): { error: Error; command: number }[];
+  takeDeviceErrors?(): { error: Error; command: number | undefined }[];
   /** What the serving process printed, for a report (child processes). */
   output?(): string;
   stop(): Promise<void>;
@@ -61,7 +61,7 @@ export function inProcessTarget(device: VfioUserDevice | DeviceFactory): FuzzTar
       used = true;
       const dev = fresh ? await device([]) : device;
       const server = createServer(dev);
-      const errors: { error: Error; command: number }[] = [];
+      const errors: { error: Error; command: number | undefined }[] = [];
       server.on('deviceError', (error, command) => errors.push({ error, command }));
       const socket = tempSocket();
       await server.listen(socket.path);

@@ -70,8 +70,8 @@ export class IoEventfd extends EventEmitter<IoEventfdEvents> {
 
   constructor(
     description: IoEventfdDescription,
-    /** Listeners run under the device's error boundary: one that throws fails the device, not the process. */
-    private readonly context: DeviceContext,
+    /** A BAR's ioeventfd runs its listeners under the device's error boundary: one that throws fails the device, not the process. */
+    private readonly context?: DeviceContext,
   ) {
     super();
     this.offset = description.offset;
@@ -115,7 +115,10 @@ export class IoEventfd extends EventEmitter<IoEventfdEvents> {
     // The watch outlives whichever request (re)starts it (a migration's resume, a reset): its
     // signals must not run in that client's context, or device code would see that client's
     // guest memory, closed once it leaves, instead of the one attached when they come.
-    if (wanted && !this.watching) requestAttachment.exit(() => this.eventfd.watch((count) => this.context.run(() => this.emit('signal', count))));
+    if (wanted && !this.watching) {
+      const signal = (count: number) => this.emit('signal', count);
+      requestAttachment.exit(() => this.eventfd.watch((count) => (this.context ? this.context.run(signal, count) : signal(count))));
+    }
     else if (!wanted && this.watching) this.eventfd.unwatch();
     this.watching = wanted;
   }
