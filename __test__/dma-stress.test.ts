@@ -4,6 +4,7 @@ import { runInNewContext } from 'node:vm';
 import { GuestMemory } from '../ts/index.js';
 import { openFdCount, serve, type Served } from './helpers.js';
 import { DmaTestDevice, PAGE } from './dma-device.js';
+import { bytesPerStep } from './leaks.js';
 
 let served: Served<DmaTestDevice>;
 afterEach(async () => {
@@ -16,14 +17,18 @@ const gc: () => void = runInNewContext('gc');
 
 /** Maps in flight at once, as QEMU sends them in a memory transaction. */
 const BATCH = 250;
-const ROUND = 50_000;
-const ROUNDS = 3;
+const WARM_UP = 20_000;
+/** Cycles between samples of the live heap, and how many samples the trend is fitted over. */
+const SAMPLE_EVERY = 5_000;
+const SAMPLES = 8;
+/**
+ * The live heap's growth allowed per cycle (one DMA_MAP and one DMA_UNMAP), fitted over every
+ * sample (taken after a full GC). Measured: -2 to +1 bytes a cycle; a leak planted in the session,
+ * 16 bytes a request (32 a cycle), measured 37 and fails.
+ */
+const MAX_HEAP_BYTES_PER_CYCLE = 8;
 
-// RSS climbs for the first 100-150k cycles as V8's heap and malloc's arenas reach their high-water
-// marks, in steps whose timing depends on the machine. A leak grows every round by the same amount;
-// so the test asserts that at least one round after warm-up left RSS where it was (< 4 MiB, which a
-// leak of 80 bytes per cycle would exceed).
-test(`${ROUND * ROUNDS} DMA_MAP/DMA_UNMAP cycles leave fds where they were and RSS levels off`, async () => {
+test(`${WARM_UP + SAMPLE_EVERY * SAMPLES} DMA_MAP/DMA_UNMAP cycles leave fds where they were and the live heap flat`, async () => {
   served = await serve(new DmaTestDevice());
   const client = await served.client();
   const ram = new GuestMemory(BATCH * PAGE);
@@ -35,22 +40,18 @@ test(`${ROUND * ROUNDS} DMA_MAP/DMA_UNMAP cycles leave fds where they were and R
       await Promise.all(iovas.map((iova) => client.dmaUnmap(iova, BigInt(PAGE))));
     }
   };
-  await cycle(ROUND); // warm up: JIT, heap and allocator high-water marks
-  gc();
+  await cycle(WARM_UP); // JIT, and the heap's working size
   const fds = openFdCount();
-  const growths: number[] = [];
-  const started = performance.now();
-  for (let round = 0; round < ROUNDS; round++) {
-    const rss = process.memoryUsage().rss;
-    await cycle(ROUND);
+  const heap: number[] = [];
+  for (let i = 0; i < SAMPLES; i++) {
+    await cycle(SAMPLE_EVERY);
     gc();
-    growths.push(process.memoryUsage().rss - rss);
+    heap.push(process.memoryUsage().heapUsed);
+    expect(openFdCount()).toBe(fds);
   }
-  const seconds = (performance.now() - started) / 1000;
-  const mib = growths.map((bytes) => (bytes / 2 ** 20).toFixed(1)).join(', ');
-  console.log(`${ROUND * ROUNDS} map/unmap cycles in ${seconds.toFixed(1)} s; RSS growth per ${ROUND}: ${mib} MiB`);
+  const perCycle = bytesPerStep(heap) / SAMPLE_EVERY;
+  console.log(`dma-stress: live heap ${heap.map((b) => (b / 2 ** 20).toFixed(2)).join(' ')} MiB; ${perCycle.toFixed(1)} bytes a cycle`);
   expect(served.device.dma.count).toBe(0);
-  expect(openFdCount()).toBe(fds);
-  expect(Math.min(...growths)).toBeLessThan(4 * 2 ** 20);
+  expect(perCycle).toBeLessThan(MAX_HEAP_BYTES_PER_CYCLE);
   ram.close();
 }, 120_000);
