@@ -22,13 +22,13 @@ const dir = mkdtempSync(join(tmpdir(), 'vfu-fuzz-cli-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 describe('vfio-user fuzz', () => {
-  test('a server that holds: exit 0, the seed and the error replies counted', async () => {
+  test('a server that holds: exit 0, the seed and the answers counted', async () => {
     const served = await serve();
     try {
       const { out, io } = capture();
       expect(await main(['fuzz', served.path, '--seed', '5', '--ops', '400'], io)).toBe(0);
       expect(out.stderr).toContain('with seed 5: 400 operations');
-      expect(out.stdout).toMatch(/^400 operations in \d+ ms, seed 5; error replies: .*EINVAL \d+/);
+      expect(out.stdout).toMatch(/^400 operations in \d+ ms, seed 5; answers: .*EINVAL \d+/);
       expect(out.stdout).toContain('no finding');
     } finally {
       await served.close();

@@ -35,6 +35,10 @@ describe('examples/nvme survives a hostile NVMe host', () => {
     console.log(`fuzz nvme --doorbells ${doorbells}: seed ${report.seed}, ${report.ops} operations in ${report.elapsedMs} ms`);
     expect(report.finding, report.finding ? formatFinding(report) : '').toBeUndefined();
     expect(report.ops).toBe(OPS);
+    // The host reached the controller's logic: many commands succeeded, and many kinds of error came back.
+    const statuses = Object.keys(report.answers).filter((answer) => answer.startsWith('nvme: status'));
+    expect(report.answers['nvme: success']).toBeGreaterThan(OPS / 4);
+    expect(statuses.length, statuses.join(', ')).toBeGreaterThanOrEqual(5);
   }, SPAWNING_TEST_MS);
 
   test('ioeventfd doorbells: a kick racing a disconnect after a migration stop and start is served by the next client (a finding, replayed)', async () => {

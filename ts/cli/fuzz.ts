@@ -48,7 +48,7 @@ export async function fuzzCommand(command: FuzzCommand): Promise<FuzzReport> {
     log: command.log,
   });
   const answers = Object.entries(report.answers).map(([name, count]) => `${name} ${count}`).join(', ');
-  command.print(`${report.ops} operations in ${report.elapsedMs} ms, seed ${report.seed}; error replies: ${answers || 'none'}\n`);
+  command.print(`${report.ops} operations in ${report.elapsedMs} ms, seed ${report.seed}; answers: ${answers || 'none'}\n`);
   if (!report.finding) {
     command.print('no finding\n');
     return report;

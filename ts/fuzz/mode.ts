@@ -99,6 +99,8 @@ export interface FuzzContext {
   waitFor(what: string, done: () => boolean | Promise<boolean>): Promise<void>;
   /** Closes the connection (a request may be in flight) and connects again; guest memory is mapped again. */
   reconnect(): Promise<void>;
+  /** Counts an answer the device gave (a status, say) under `answer`, for the report: what the run reached. */
+  tally(answer: string): void;
 }
 
 /**

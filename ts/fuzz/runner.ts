@@ -56,7 +56,11 @@ export interface FuzzReport {
   modes: string[];
   /** Operations performed (up to and including a failing one). */
   ops: number;
-  /** Error replies by errno name (plus 'refused by the client' for ops the client would not send): the device's answers, not findings. */
+  /**
+   * The device's answers, not findings: error replies by errno name, 'refused
+   * by the client' for ops the client would not send, and what modes tallied
+   * (the NVMe mode: 'nvme: success' and 'nvme: status 0x...').
+   */
   answers: Record<string, number>;
   elapsedMs: number;
   finding?: FuzzFindingReport;
@@ -110,7 +114,12 @@ class Session implements FuzzContext {
     readonly memory: GuestMemory,
     readonly eventfds: readonly EventfdIrq[],
     readonly deadlineMs: number,
+    readonly answers: Record<string, number>,
   ) {}
+
+  tally(answer: string): void {
+    this.answers[answer] = (this.answers[answer] ?? 0) + 1;
+  }
 
   async connect(): Promise<void> {
     this.client = await connect(this.instance.path, { timeoutMs: this.deadlineMs });
@@ -188,8 +197,8 @@ async function attempt(target: FuzzTarget, modes: readonly FuzzMode[], source: O
   const instance = await target.start();
   const memory = new GuestMemory(GUEST_MEMORY.size, { name: 'vfio-user-fuzz' });
   const eventfds = Array.from({ length: EVENTFDS }, () => new EventfdIrq());
-  const session = new Session(instance, memory, eventfds, deadlineMs);
   const result: AttemptResult = { performed: [], answers: {} };
+  const session = new Session(instance, memory, eventfds, deadlineMs, result.answers);
   const byName = new Map(modes.map((mode) => [mode.name, mode]));
   /** Modes whose picture of the device is out of date: restarted before their next op. */
   const stale = new Set(modes);
@@ -233,8 +242,7 @@ async function attempt(target: FuzzTarget, modes: readonly FuzzMode[], source: O
       if (error.errno === Errno.EIO && !instance.takeDeviceErrors) {
         throw new FuzzFinding('device-error', `EIO answered to ${commandName(error.command)}: the device failed (suspected; see the server's log)`);
       }
-      const name = errnoName(error.errno);
-      result.answers[name] = (result.answers[name] ?? 0) + 1;
+      session.tally(errnoName(error.errno));
       return;
     }
     if (error instanceof TimeoutError) {
@@ -246,7 +254,7 @@ async function attempt(target: FuzzTarget, modes: readonly FuzzMode[], source: O
       throw new FuzzFinding('disconnected', `the server closed the connection during ${op.mode}/${op.kind}: ${error.message}`);
     }
     if (error instanceof UsageError) {
-      result.answers['refused by the client'] = (result.answers['refused by the client'] ?? 0) + 1;
+      session.tally('refused by the client');
       return;
     }
     throw error;

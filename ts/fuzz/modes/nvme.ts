@@ -474,6 +474,7 @@ class NvmeHost implements FuzzMode<NvmeOp> {
     await this.writeDoorbell(2 * queue.id + 1, queue.head);
     const found = queue.reaped.get(cid)!;
     queue.reaped.delete(cid);
+    this.ctx.tally(found.status === 0 ? 'nvme: success' : `nvme: status 0x${found.status.toString(16).padStart(3, '0')}`);
     return found;
   }
 
