@@ -75,4 +75,15 @@ describe('virtio-console', () => {
     const done = await waiting;
     expect(done.writable[0].subarray(0, done.written).toString()).toBe('after the move');
   });
+
+  test('input for a buffer whose client left breaks the device, not the process', async () => {
+    const { driver, device, input } = await consoleDevice();
+    void driver.queues[0].submit([{ writable: 16 }]).catch(() => undefined);
+    await until(() => device.queues[0].pending === 1);
+    driver.client.close();
+    await until(() => !device.attached);
+    input.write('nobody home');
+    await until(() => device.needsReset !== undefined);
+    expect(device.needsReset?.name).toMatch(/DmaSpaceClosedError|UsageError/);
+  });
 });

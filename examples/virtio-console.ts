@@ -85,14 +85,20 @@ export class VirtioConsole extends VirtioDevice {
   /** Fills the oldest buffers with the oldest input. */
   private deliver(): void {
     const queue = this.queues[RECEIVE];
-    while (this.pending.length > 0 && this.buffers.length > 0) {
-      const chain = this.buffers.shift()!;
-      const data = Buffer.concat(this.pending);
-      const n = Math.min(data.length, chain.writableLength);
-      chain.writeAt(0, data.subarray(0, n));
-      queue.complete(chain, n);
-      this.pending = n < data.length ? [data.subarray(n)] : [];
-      this.pendingBytes = data.length - n;
+    try {
+      while (this.pending.length > 0 && this.buffers.length > 0) {
+        const chain = this.buffers.shift()!;
+        const data = Buffer.concat(this.pending);
+        const n = Math.min(data.length, chain.writableLength);
+        chain.writeAt(0, data.subarray(0, n));
+        queue.complete(chain, n);
+        this.pending = n < data.length ? [data.subarray(n)] : [];
+        this.pendingBytes = data.length - n;
+      }
+    } catch (error) {
+      // Guest memory went away under a held buffer (the client left): the device needs a reset.
+      this.buffers = [];
+      this.fail(error);
     }
     if (this.pendingBytes <= MAX_PENDING) this.input?.resume();
   }
@@ -110,6 +116,7 @@ export default function createDevice(args: readonly string[] = []): VirtioConsol
   const server: Server = createServer((socket) => {
     current?.destroy();
     current = socket;
+    socket.on('error', () => socket.destroy());
     console_.attachStream(socket, socket);
   });
   server.listen(values.listen);

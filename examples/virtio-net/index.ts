@@ -59,6 +59,8 @@ export class VirtioNet extends VirtioDevice {
   plug(wire: Socket): void {
     this.wire = wire;
     const reader = new FrameReader();
+    // A switch that goes away unplugs the cable; the NIC stays.
+    wire.on('error', () => wire.destroy());
     wire.on('data', (chunk: Buffer) => {
       const frames = reader.push(chunk);
       if (!frames) return wire.destroy();
@@ -91,19 +93,25 @@ export class VirtioNet extends VirtioDevice {
 
   private deliver(): void {
     const queue = this.queues[RECEIVE];
-    while (this.frames.length > 0 && this.buffers.length > 0) {
-      const frame = this.frames.shift()!;
-      const chain = this.buffers[0];
-      if (chain.writableLength < NET_HEADER + frame.length) {
-        this.dropped++;
-        continue;
+    try {
+      while (this.frames.length > 0 && this.buffers.length > 0) {
+        const frame = this.frames.shift()!;
+        const chain = this.buffers[0];
+        if (chain.writableLength < NET_HEADER + frame.length) {
+          this.dropped++;
+          continue;
+        }
+        this.buffers.shift();
+        const header = Buffer.alloc(NET_HEADER);
+        header.writeUInt16LE(1, NUM_BUFFERS);
+        chain.writeAt(0, header);
+        chain.writeAt(NET_HEADER, frame);
+        queue.complete(chain);
       }
-      this.buffers.shift();
-      const header = Buffer.alloc(NET_HEADER);
-      header.writeUInt16LE(1, NUM_BUFFERS);
-      chain.writeAt(0, header);
-      chain.writeAt(NET_HEADER, frame);
-      queue.complete(chain);
+    } catch (error) {
+      // Guest memory went away under a held buffer (the client left): the device needs a reset.
+      this.buffers = [];
+      this.fail(error);
     }
   }
 }

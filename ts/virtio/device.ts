@@ -347,10 +347,7 @@ export class VirtioDevice extends PciDevice {
    * DRIVER_OK without FEATURES_OK is a broken driver.
    */
   private setStatus(value: number): void {
-    if (value === 0) {
-      void this.resetVirtio();
-      return;
-    }
+    if (value === 0) return this.resetVirtio();
     const old = this.status;
     let next = (value & ~Status.NEEDS_RESET) | (old & Status.NEEDS_RESET);
     if ((next & old) !== old) return;

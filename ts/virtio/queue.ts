@@ -142,7 +142,14 @@ export class Virtqueue {
     }
     // A device that needs a reset answers nothing more: the driver resets it.
     if (!this.host.running) return;
-    this.ring.push(chain.head, written);
+    try {
+      // Guest memory may be gone (the client left while the chain was held).
+      this.ring.attach(this.host.memory);
+      this.ring.push(chain.head, written);
+    } catch (error) {
+      this.host.fail(error);
+      return;
+    }
     if (!this.flushQueued && !this.processing) {
       this.flushQueued = true;
       queueMicrotask(() => this.flush());
