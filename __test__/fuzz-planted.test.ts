@@ -1,7 +1,9 @@
 /**
  * The fuzzer finds what it exists to find: devices with a bug planted behind
  * a crafted input (fixtures/fuzz-planted.ts), served by a child `vfio-user
- * serve` so that neither the throw nor the loop takes the test down. Each
+ * serve` so that neither the throw nor the loop takes the test down (and
+ * in this process, a throw from work deferred through the device's
+ * DeviceContext). Each
  * must come back with the seed and a reproducer shrunk to the crafted write,
  * and replaying that reproducer must fail the same way. And a device that
  * leaks an fd per write is caught by the check at rest.
@@ -11,7 +13,7 @@ import { describe, expect, test } from 'vitest';
 import { fuzzDevice, type FuzzOp } from '../ts/fuzz/index.js';
 import { PciDevice } from '../ts/index.js';
 import { native } from '../ts/native.js';
-import { TRIGGER_BIT, TRIGGER_REGISTER } from './fixtures/fuzz-planted.js';
+import { plantedDevice, TRIGGER_BIT, TRIGGER_REGISTER } from './fixtures/fuzz-planted.js';
 import { SPAWNING_TEST_MS } from './helpers.js';
 
 const planted = resolve(__dirname, 'fixtures/fuzz-planted.ts');
@@ -42,6 +44,15 @@ describe('planted bugs', () => {
     const replay = await fuzzDevice({ module: planted, args: ['--bug', 'timer'] }, { replay: report.finding!.reproducer, deadlineMs: DEADLINE_MS, shrinkAttempts: 0 });
     expect(replay.finding?.kind).toBe(report.finding?.kind);
   }, SPAWNING_TEST_MS);
+
+  test('in this process: a throw from work deferred through the DeviceContext is a deviceError, named with its write', async () => {
+    const report = await fuzzDevice(() => plantedDevice('deferred'), { seed: SEED, ops: 2000 });
+    expect(report.finding?.kind).toBe('device-error');
+    expect(report.finding?.message).toContain('planted: thrown from deferred work');
+    expect(report.finding?.confirmed).toBe(true);
+    expect(report.finding?.reproducer).toHaveLength(1);
+    expect(isCraftedWrite(report.finding!.reproducer[0])).toBe(true);
+  });
 
   test('a device that loops forever on a crafted write: the missing reply is found within the deadline', async () => {
     const report = await fuzzDevice({ module: planted, args: ['--bug', 'loop'] }, { seed: SEED, ops: 2000, deadlineMs: DEADLINE_MS });

@@ -307,6 +307,7 @@ async function attempt(target: FuzzTarget, modes: readonly FuzzMode[], source: O
       }
       checkDeviceErrors();
       await checkAtRest();
+      checkDeviceErrors();
     } catch (error) {
       if (!(error instanceof FuzzFinding)) throw error;
       result.finding = error;
