@@ -4,8 +4,9 @@
  * and writes leave from them (the kernel is given the DMA windows' memory:
  * no copy, no buffer of ours), through io_uring where the kernel allows it
  * and a few native threads elsewhere. Nothing runs synchronously on the
- * event loop but the submission; completions arrive in batches, one wake-up
- * of the loop for everything that finished together.
+ * event loop but the submission, one system call for the requests made in
+ * one turn; completions arrive in batches, one wake-up of the loop for
+ * everything that finished together.
  *
  * Device-neutral: NVMe, virtio-blk or anything else that stores blocks
  * hands it scatter-gather lists of guest memory and byte offsets.
@@ -65,6 +66,12 @@ export class BlockDevice {
   private readonly freeTags: number[];
   private closing: Promise<void> | undefined;
   private drained: (() => void) | undefined;
+  /** Requests were queued in this turn: they go to the kernel together once it ends (one system call per batch). */
+  private submitting = false;
+  private readonly submitQueued = (): void => {
+    this.submitting = false;
+    this.native.submit();
+  };
 
   private constructor(
     readonly path: string,
@@ -192,6 +199,10 @@ export class BlockDevice {
     if (errno !== 0) {
       this.freeTags.push(tag);
       return Promise.reject(this.failure(errno, op, offset, length));
+    }
+    if (!this.submitting) {
+      this.submitting = true;
+      queueMicrotask(this.submitQueued);
     }
     return new Promise((resolve, reject) => (this.pending[tag] = { resolve, reject, op, offset, length }));
   }

@@ -3,8 +3,9 @@
 //! guest memory. Completions reach JS in batches: the queue's eventfd is
 //! watched by the JS thread's loop (the uv poll the sockets use), and one
 //! call of `onComplete` carries everything that finished since the last.
-//! Submissions return an errno (0 when started) rather than throwing: the
-//! TS layer raises typed errors that name the request.
+//! Requests return an errno (0 when queued) rather than throwing: the TS
+//! layer raises typed errors that name the request; `submit` starts what
+//! was queued.
 
 use crate::js::{self, Callbacks};
 use crate::mapping::NativeMapping;
@@ -131,7 +132,7 @@ impl NativeBlockDevice {
     #[napi]
     pub fn read(&self, tag: u32, offset: BigInt) -> i32 {
         let segments = std::mem::take(&mut self.inner.borrow_mut().segments);
-        self.submit(tag, Request::Read { at: u64_of(&offset), segments })
+        self.enqueue(tag, Request::Read { at: u64_of(&offset), segments })
     }
 
     /// Writes from the segments added since the last request; as `read`, and
@@ -139,22 +140,32 @@ impl NativeBlockDevice {
     #[napi]
     pub fn write(&self, tag: u32, offset: BigInt) -> i32 {
         let segments = std::mem::take(&mut self.inner.borrow_mut().segments);
-        self.submit(tag, Request::Write { at: u64_of(&offset), segments })
+        self.enqueue(tag, Request::Write { at: u64_of(&offset), segments })
     }
 
     #[napi]
     pub fn flush(&self, tag: u32) -> i32 {
-        self.submit(tag, Request::Flush)
+        self.enqueue(tag, Request::Flush)
     }
 
     #[napi]
     pub fn discard(&self, tag: u32, offset: BigInt, length: BigInt) -> i32 {
-        self.submit(tag, Request::Discard { at: u64_of(&offset), len: u64_of(&length) })
+        self.enqueue(tag, Request::Discard { at: u64_of(&offset), len: u64_of(&length) })
     }
 
     #[napi]
     pub fn write_zeroes(&self, tag: u32, offset: BigInt, length: BigInt) -> i32 {
-        self.submit(tag, Request::WriteZeroes { at: u64_of(&offset), len: u64_of(&length) })
+        self.enqueue(tag, Request::WriteZeroes { at: u64_of(&offset), len: u64_of(&length) })
+    }
+
+    /// Hands the requests made since the last call to the kernel at once (one
+    /// system call for a batch with io_uring); the TS layer calls it once per
+    /// turn of the microtask queue that made requests.
+    #[napi]
+    pub fn submit(&self) {
+        if let Some(queue) = self.inner.borrow_mut().queue.as_mut() {
+            queue.submit();
+        }
     }
 
     /// Stops watching and closes the file, after waiting for requests still in
@@ -173,11 +184,11 @@ impl NativeBlockDevice {
         drop(js);
     }
 
-    fn submit(&self, tag: u32, request: Request) -> i32 {
+    fn enqueue(&self, tag: u32, request: Request) -> i32 {
         let mut inner = self.inner.borrow_mut();
         let inner = &mut *inner;
         let Some(queue) = inner.queue.as_mut() else { return EBADF };
-        match queue.submit(tag.into(), request) {
+        match queue.push(tag.into(), request) {
             Ok(()) => {
                 if let Some(poll) = inner.poll.as_ref() {
                     poll.set_ref(true);

@@ -260,11 +260,12 @@ impl Queue {
         self.eventfd.as_fd()
     }
 
-    /// Starts a request; its completion carries `tag`. Refused at once, with
-    /// nothing started: AGAIN when `depth` requests are in flight, INVAL for a
-    /// range outside the device or not aligned as O_DIRECT needs, EBADF for a
-    /// change to a read-only device.
-    pub fn submit(&mut self, tag: u64, request: Request) -> Result<(), Errno> {
+    /// Queues a request; its completion carries `tag`. io_uring gets it at
+    /// the next `submit` (so a batch costs one system call), the thread
+    /// engine at once. Refused, with nothing queued: AGAIN when `depth`
+    /// requests are in flight, INVAL for a range outside the device or not
+    /// aligned as O_DIRECT needs, EBADF for a change to a read-only device.
+    pub fn push(&mut self, tag: u64, request: Request) -> Result<(), Errno> {
         if self.in_flight >= self.depth {
             return Err(Errno::AGAIN);
         }
@@ -275,6 +276,13 @@ impl Queue {
         }
         self.in_flight += 1;
         Ok(())
+    }
+
+    /// Hands the requests pushed since the last call to the kernel.
+    pub fn submit(&mut self) {
+        if let Backend::Uring(ring) = &mut self.backend {
+            ring.submit();
+        }
     }
 
     /// Clears the eventfd and appends the requests completed since the last
@@ -292,6 +300,7 @@ impl Queue {
 
     /// Blocks until nothing is in flight, collecting the completions.
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
+        self.submit();
         while self.in_flight > 0 {
             let _ = rustix::event::poll(&mut [rustix::event::PollFd::new(&*self.eventfd, rustix::event::PollFlags::IN)], None);
             self.reap(out);

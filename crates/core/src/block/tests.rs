@@ -62,6 +62,7 @@ fn segment(m: &Arc<Mapping>, offset: usize, len: usize, direction: Direction) ->
 
 /// Waits for `n` completions, as an event loop would: poll the eventfd, reap.
 fn wait(q: &mut Queue, n: usize) -> Vec<Completion> {
+    q.submit();
     let mut out = Vec::new();
     while out.len() < n {
         let mut fds = [rustix::event::PollFd::new(&q.eventfd, rustix::event::PollFlags::IN)];
@@ -90,7 +91,7 @@ fn reads_land_in_guest_pages_across_segments_and_windows() {
             segment(&b, 10, 8000, Direction::IntoMemory),
             segment(&a, 3 * PAGE, 3, Direction::IntoMemory),
         ];
-        q.submit(42, Request::Read { at: 1000, segments }).unwrap();
+        q.push(42, Request::Read { at: 1000, segments }).unwrap();
         assert_eq!(wait(&mut q, 1), [Completion { tag: 42, result: Ok(()) }]);
         let (mut x, mut y, mut z) = (vec![0u8; 100], vec![0u8; 8000], vec![0u8; 3]);
         a.read_at((PAGE - 100) as u64, &mut x).unwrap();
@@ -112,8 +113,8 @@ fn writes_leave_from_guest_pages_and_flush() {
         m.write_at(0, &[0xaa; 2 * PAGE]).unwrap();
         m.write_at(PAGE as u64, b"second").unwrap();
         let segments = vec![segment(&m, PAGE, 6, Direction::FromMemory), segment(&m, 0, 10, Direction::FromMemory)];
-        q.submit(1, Request::Write { at: 5000, segments }).unwrap();
-        q.submit(2, Request::Flush).unwrap();
+        q.push(1, Request::Write { at: 5000, segments }).unwrap();
+        q.push(2, Request::Flush).unwrap();
         let mut tags: Vec<_> = wait(&mut q, 2).into_iter().map(|c| (c.tag, c.result)).collect();
         tags.sort_by_key(|(tag, _)| *tag);
         assert_eq!(tags, [(1, Ok(())), (2, Ok(()))]);
@@ -128,8 +129,8 @@ fn discard_and_write_zeroes_read_back_as_zeros_on_disk_and_on_tmpfs() {
         for engine in engines() {
             let file = TempFile::new(dir, &format!("zero-{engine:?}"), 1 << 20);
             let mut q = Queue::open(&file.0, &options(engine)).unwrap();
-            q.submit(1, Request::Discard { at: 4096, len: 8192 }).unwrap();
-            q.submit(2, Request::WriteZeroes { at: 100_000, len: 300_000 }).unwrap();
+            q.push(1, Request::Discard { at: 4096, len: 8192 }).unwrap();
+            q.push(2, Request::WriteZeroes { at: 100_000, len: 300_000 }).unwrap();
             let results: Vec<_> = wait(&mut q, 2).into_iter().map(|c| c.result).collect();
             assert_eq!(results, [Ok(()), Ok(())], "{dir} {engine:?}");
             assert_eq!(file.read(4095, 8194), [&expected(4095, 1)[..], &[0; 8192], &expected(12288, 1)].concat());
@@ -145,21 +146,21 @@ fn bad_requests_are_refused_before_anything_starts() {
         let mut q = Queue::open(&file.0, &OpenOptions { depth: 2, ..options(engine) }).unwrap();
         let (_fd, m) = guest(1);
         let read = |at| Request::Read { at, segments: vec![segment(&m, 0, 16, Direction::IntoMemory)] };
-        assert_eq!(q.submit(1, read(8192 - 15)), Err(Errno::INVAL));
-        assert_eq!(q.submit(1, read(u64::MAX - 4)), Err(Errno::INVAL));
-        assert_eq!(q.submit(1, Request::Discard { at: 4096, len: 4097 }), Err(Errno::INVAL));
+        assert_eq!(q.push(1, read(8192 - 15)), Err(Errno::INVAL));
+        assert_eq!(q.push(1, read(u64::MAX - 4)), Err(Errno::INVAL));
+        assert_eq!(q.push(1, Request::Discard { at: 4096, len: 4097 }), Err(Errno::INVAL));
         // The depth bounds what is in flight.
-        q.submit(1, read(0)).unwrap();
-        q.submit(2, read(16)).unwrap();
-        assert_eq!(q.submit(3, read(32)), Err(Errno::AGAIN));
+        q.push(1, read(0)).unwrap();
+        q.push(2, read(16)).unwrap();
+        assert_eq!(q.push(3, read(32)), Err(Errno::AGAIN));
         assert_eq!(wait(&mut q, 2).len(), 2);
-        q.submit(3, read(32)).unwrap();
+        q.push(3, read(32)).unwrap();
         assert_eq!(wait(&mut q, 1)[0].result, Ok(()));
 
         let mut ro = Queue::open(&file.0, &OpenOptions { read_only: true, ..options(engine) }).unwrap();
         let write = Request::Write { at: 0, segments: vec![segment(&m, 0, 16, Direction::FromMemory)] };
-        assert_eq!(ro.submit(1, write), Err(Errno::BADF));
-        assert_eq!(ro.submit(1, Request::WriteZeroes { at: 0, len: 16 }), Err(Errno::BADF));
+        assert_eq!(ro.push(1, write), Err(Errno::BADF));
+        assert_eq!(ro.push(1, Request::WriteZeroes { at: 0, len: 16 }), Err(Errno::BADF));
         assert!(ro.read_only());
     }
 }
@@ -181,7 +182,7 @@ fn an_unmapped_window_stays_mapped_until_its_io_completes() {
         let mut q = Queue::open(&file.0, &options(engine)).unwrap();
         let (fd, m) = guest(16);
         let weak = Arc::downgrade(&m);
-        q.submit(7, Request::Read { at: 0, segments: vec![segment(&m, 0, 64 * 1024, Direction::IntoMemory)] }).unwrap();
+        q.push(7, Request::Read { at: 0, segments: vec![segment(&m, 0, 64 * 1024, Direction::IntoMemory)] }).unwrap();
         drop(m); // the window's owner unmaps it
         assert_eq!(wait(&mut q, 1)[0].result, Ok(()));
         // The data landed in the memory (still the guest's file), and the mapping went with the job.
@@ -199,8 +200,8 @@ fn a_read_into_guest_memory_the_client_truncated_fails_with_efault() {
         let mut q = Queue::open(&file.0, &options(engine)).unwrap();
         let (fd, m) = guest(4);
         ftruncate(&fd, PAGE as u64).unwrap();
-        q.submit(1, Request::Read { at: 0, segments: vec![segment(&m, 2 * PAGE, PAGE, Direction::IntoMemory)] }).unwrap();
-        q.submit(2, Request::Write { at: 0, segments: vec![segment(&m, 2 * PAGE, PAGE, Direction::FromMemory)] }).unwrap();
+        q.push(1, Request::Read { at: 0, segments: vec![segment(&m, 2 * PAGE, PAGE, Direction::IntoMemory)] }).unwrap();
+        q.push(2, Request::Write { at: 0, segments: vec![segment(&m, 2 * PAGE, PAGE, Direction::FromMemory)] }).unwrap();
         let results: Vec<_> = wait(&mut q, 2).into_iter().map(|c| c.result).collect();
         assert_eq!(results, [Err(Errno::FAULT), Err(Errno::FAULT)], "{engine:?}");
     }
@@ -222,12 +223,12 @@ fn direct_io_reports_and_checks_its_alignment() {
         assert!(mem.is_power_of_two() && off.is_power_of_two() && off <= PAGE, "{align:?}");
         let (_fd, m) = guest(4);
         let read = |at: u64, offset: usize, len: usize| Request::Read { at, segments: vec![segment(&m, offset, len, Direction::IntoMemory)] };
-        assert_eq!(q.submit(1, read(off as u64 / 2 + 1, 0, PAGE)), Err(Errno::INVAL));
-        assert_eq!(q.submit(1, read(0, 0, off + 1)), Err(Errno::INVAL));
+        assert_eq!(q.push(1, read(off as u64 / 2 + 1, 0, PAGE)), Err(Errno::INVAL));
+        assert_eq!(q.push(1, read(0, 0, off + 1)), Err(Errno::INVAL));
         if mem > 1 {
-            assert_eq!(q.submit(1, read(0, 1, off)), Err(Errno::INVAL));
+            assert_eq!(q.push(1, read(0, 1, off)), Err(Errno::INVAL));
         }
-        q.submit(1, read(2 * PAGE as u64, PAGE, 2 * PAGE)).unwrap();
+        q.push(1, read(2 * PAGE as u64, PAGE, 2 * PAGE)).unwrap();
         assert_eq!(wait(&mut q, 1)[0].result, Ok(()));
         let mut back = vec![0u8; 2 * PAGE];
         m.read_at(PAGE as u64, &mut back).unwrap();
@@ -253,9 +254,10 @@ fn dropping_a_queue_waits_for_its_requests() {
         let (fd, m) = guest(256);
         for i in 0..8u64 {
             let at = i * 128 * 1024;
-            q.submit(i, Request::Read { at, segments: vec![segment(&m, at as usize, 128 * 1024, Direction::IntoMemory)] }).unwrap();
+            q.push(i, Request::Read { at, segments: vec![segment(&m, at as usize, 128 * 1024, Direction::IntoMemory)] }).unwrap();
         }
         drop(m);
+        // Pushed, not yet submitted: dropping the queue submits and waits for them.
         drop(q);
         let mut back = vec![0u8; 16];
         assert_eq!(pread(&fd, &mut back, 1_000_000).unwrap(), 16);

@@ -1,5 +1,6 @@
 //! The io_uring engine: requests are pushed to the submission ring from the
-//! owning thread and submitted at once; the kernel signals the queue's
+//! owning thread and handed to the kernel together by `submit` (one system
+//! call for a batch of requests); the kernel signals the queue's
 //! eventfd as it posts completions, and `reap` walks the completion ring.
 //! Short transfers and fallbacks are resubmitted from there.
 
@@ -37,7 +38,7 @@ impl Uring {
         Ok(Uring { ring, jobs: Vec::new(), free: Vec::new() })
     }
 
-    /// Takes a job the queue has room for and submits its first step.
+    /// Takes a job the queue has room for and pushes its first step; `submit` starts it.
     pub fn start(&mut self, fd: RawFd, job: Box<Job>) {
         let slot = self.free.pop().unwrap_or_else(|| {
             self.jobs.push(None);
@@ -45,7 +46,6 @@ impl Uring {
         });
         self.jobs[slot] = Some(job);
         self.push(fd, slot);
-        self.submit();
     }
 
     fn push(&mut self, fd: RawFd, slot: usize) {
@@ -64,10 +64,12 @@ impl Uring {
         unsafe { self.ring.submission().push(&entry.user_data(slot as u64)) }.expect("a free submission entry");
     }
 
-    /// Hands what was pushed to the kernel. A failure leaves the entries in
-    /// the ring for the next submit (at the latest, the next reap's).
-    fn submit(&mut self) {
-        let _ = self.ring.submit();
+    /// Hands what was pushed to the kernel, if anything. A failure leaves
+    /// the entries in the ring for the next submit (at the latest, the next reap's).
+    pub fn submit(&mut self) {
+        if !self.ring.submission().is_empty() {
+            let _ = self.ring.submit();
+        }
     }
 
     pub fn reap(&mut self, fd: RawFd, out: &mut Vec<Completion>) {
@@ -83,8 +85,6 @@ impl Uring {
                 }
             }
         }
-        if !self.ring.submission().is_empty() {
-            self.submit();
-        }
+        self.submit();
     }
 }
