@@ -70,7 +70,9 @@ export class BlockDevice {
   private submitting = false;
   private readonly submitQueued = (): void => {
     this.submitting = false;
-    this.native.submit();
+    // Requests the kernel served within the submission (cached pages) settle now.
+    const done = this.native.submit();
+    if (done.length > 0) this.settle(done);
   };
 
   private constructor(

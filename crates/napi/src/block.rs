@@ -160,12 +160,22 @@ impl NativeBlockDevice {
 
     /// Hands the requests made since the last call to the kernel at once (one
     /// system call for a batch with io_uring); the TS layer calls it once per
-    /// turn of the microtask queue that made requests.
+    /// turn of the microtask queue that made requests. Returns what completed
+    /// already, as `onComplete` would get it: io_uring serves reads of cached
+    /// pages inside the submission, and they settle now rather than after
+    /// another turn of the event loop.
     #[napi]
-    pub fn submit(&self) {
-        if let Some(queue) = self.inner.borrow_mut().queue.as_mut() {
-            queue.submit();
+    pub fn submit(&self) -> Vec<i32> {
+        let mut inner = self.inner.borrow_mut();
+        let state = &mut *inner;
+        let Some(queue) = state.queue.as_mut() else { return Vec::new() };
+        queue.submit();
+        let mut done = Vec::new();
+        queue.reap(&mut done);
+        if let Some(poll) = state.poll.as_ref() {
+            poll.set_ref(queue.in_flight() > 0);
         }
+        flatten(&done)
     }
 
     /// Stops watching and closes the file, after waiting for requests still in
@@ -224,6 +234,11 @@ fn on_readable(inner: &Rc<RefCell<Inner>>) {
     if done.is_empty() {
         return;
     }
-    let flat: Vec<i32> = done.iter().flat_map(|c| [c.tag as i32, c.result.err().map_or(0, |e| e.raw_os_error())]).collect();
+    let flat = flatten(&done);
     js.call(&mut js.scope(), ON_COMPLETE, |env| vec![js::int_array(env, &flat)]);
+}
+
+/// Completions as JS gets them: [tag, errno, tag, errno, ...], errno 0 for success.
+fn flatten(done: &[Completion]) -> Vec<i32> {
+    done.iter().flat_map(|c| [c.tag as i32, c.result.err().map_or(0, |e| e.raw_os_error())]).collect()
 }
