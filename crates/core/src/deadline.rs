@@ -141,6 +141,7 @@ mod tests {
     fn a_threads_timer_is_deleted_when_it_exits() {
         let (tid, owners) = std::thread::spawn(|| {
             assert!(available());
+            // SAFETY: gettid takes no arguments and cannot fail.
             (format!("signal/tid.{}", unsafe { libc::syscall(libc::SYS_gettid) }), timer_threads())
         })
         .join()

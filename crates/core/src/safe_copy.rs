@@ -69,6 +69,7 @@ mod tests {
     fn copies_like_memmove() {
         let mut bytes: Vec<u8> = (0..16).collect();
         let p = bytes.as_mut_ptr();
+        // SAFETY: both ranges lie within the 16 bytes.
         unsafe { copy(p.add(2), p, 8) }.unwrap();
         assert_eq!(&bytes[..10], &[0, 1, 0, 1, 2, 3, 4, 5, 6, 7]);
     }
