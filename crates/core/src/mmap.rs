@@ -161,11 +161,22 @@ impl Mapping {
 
     /// Copies `out.len()` bytes from `offset` of the mapping.
     pub fn read_at(&self, offset: u64, out: &mut [u8]) -> Result<(), MappingError> {
-        let at = self.readable(offset, out.len())?;
-        // SAFETY: in bounds and mapped (self is alive); the peer may write
-        // concurrently, which makes the bytes racy but the copy sound.
-        unsafe { safe_copy::copy(out.as_mut_ptr(), self.as_ptr().add(at), out.len()) }
-            .map_err(|_| MappingError::Fault { offset, len: out.len() as u64 })
+        // SAFETY: `out` is valid for writes of its length.
+        unsafe { self.read_to_ptr(offset, out.as_mut_ptr(), out.len()) }
+    }
+
+    /// Copies `len` bytes from `offset` of the mapping to `out`, which may be
+    /// memory someone else writes meanwhile (a view of guest memory): no
+    /// reference is ever formed over it.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `len` bytes for the whole call.
+    pub unsafe fn read_to_ptr(&self, offset: u64, out: *mut u8, len: usize) -> Result<(), MappingError> {
+        let at = self.readable(offset, len)?;
+        // SAFETY: in bounds and mapped (self is alive), `out` valid per the
+        // caller; the peer may write concurrently, which makes the bytes racy
+        // but the copy sound.
+        unsafe { safe_copy::copy(out, self.as_ptr().add(at), len) }.map_err(|_| MappingError::Fault { offset, len: len as u64 })
     }
 
     /// The aligned 32-bit word at `offset`, read in one access (never torn,
@@ -193,11 +204,20 @@ impl Mapping {
 
     /// Copies `data` to `offset` of the mapping and marks the pages dirty.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), MappingError> {
-        let at = self.writable(offset, data.len())?;
-        self.dirty.mark(offset, data.len() as u64);
-        // SAFETY: in bounds, mapped and writable.
-        unsafe { safe_copy::copy(self.as_ptr().add(at), data.as_ptr(), data.len()) }
-            .map_err(|_| MappingError::Fault { offset, len: data.len() as u64 })
+        // SAFETY: `data` is valid for reads of its length.
+        unsafe { self.write_from_ptr(offset, data.as_ptr(), data.len()) }
+    }
+
+    /// Copies `len` bytes from `data`, which may be memory someone else
+    /// writes meanwhile, to `offset` of the mapping and marks the pages dirty.
+    ///
+    /// # Safety
+    /// `data` must be valid for reads of `len` bytes for the whole call.
+    pub unsafe fn write_from_ptr(&self, offset: u64, data: *const u8, len: usize) -> Result<(), MappingError> {
+        let at = self.writable(offset, len)?;
+        self.dirty.mark(offset, len as u64);
+        // SAFETY: in bounds, mapped and writable; `data` valid per the caller.
+        unsafe { safe_copy::copy(self.as_ptr().add(at), data, len) }.map_err(|_| MappingError::Fault { offset, len: len as u64 })
     }
 
     /// Copies `len` bytes from `offset` of this mapping to `to_offset` of

@@ -104,10 +104,12 @@ impl NativeMapping {
 
     /// Copies `data` to `offset`.
     #[napi]
-    pub fn write(&self, offset: f64, data: &[u8]) -> Result<()> {
+    pub fn write(&self, offset: f64, data: Uint8ArraySlice<'_>) -> Result<()> {
         let guard = self.mapping.borrow();
         let m = guard.as_ref().ok_or_else(unmapped)?;
-        m.write_at(offset_of(offset)?, data).map_err(mapping_error)
+        let (ptr, len) = raw_bytes(&data);
+        // SAFETY: the typed array's bytes stay valid while JS waits for this call.
+        unsafe { m.write_from_ptr(offset_of(offset)?, ptr, len) }.map_err(mapping_error)
     }
 
     // The three copies below are the DMA hot path. They return an errno (0
@@ -118,16 +120,18 @@ impl NativeMapping {
     /// Copies `target.length` bytes at `offset` into `target`; 0 or an errno
     /// (EFAULT: out of bounds, unmapped or truncated; EPERM: not readable).
     #[napi]
-    pub fn read_into(&self, offset: f64, mut target: Uint8ArraySlice<'_>) -> i32 {
-        // SAFETY: JS cannot run during the copy; the bytes are ours until we return.
-        let target = unsafe { target.as_mut() };
-        self.with(offset, |m, at| m.read_at(at, target))
+    pub fn read_into(&self, offset: f64, target: Uint8ArraySlice<'_>) -> i32 {
+        let (ptr, len) = raw_bytes(&target);
+        // SAFETY: the typed array's bytes stay valid while JS waits for this call.
+        self.with(offset, |m, at| unsafe { m.read_to_ptr(at, ptr, len) })
     }
 
     /// Copies `data` to `offset` and marks the pages dirty; 0 or an errno.
     #[napi]
-    pub fn write_from(&self, offset: f64, data: &[u8]) -> i32 {
-        self.with(offset, |m, at| m.write_at(at, data))
+    pub fn write_from(&self, offset: f64, data: Uint8ArraySlice<'_>) -> i32 {
+        let (ptr, len) = raw_bytes(&data);
+        // SAFETY: the typed array's bytes stay valid while JS waits for this call.
+        self.with(offset, |m, at| unsafe { m.write_from_ptr(at, ptr, len) })
     }
 
     /// Copies `length` bytes at `offset` to `targetOffset` of `target` (this
@@ -202,6 +206,7 @@ impl NativeMapping {
         m.dirty().mark(start, len);
         drop(guard);
         let value = self.external(env.raw(), ptr, len as usize, Some((start, len)))?;
+        // SAFETY: `value` is the ArrayBuffer just made in this env.
         Ok(unsafe { Unknown::from_raw_unchecked(env.raw(), value) })
     }
 
@@ -226,7 +231,9 @@ impl NativeMapping {
         let usable = m.size_sealed() && m.protection().read && m.protection().write && m.len() <= MAX_EXTERNAL;
         if !usable {
             let mut null = null_mut();
+            // SAFETY: always succeeds on a live env.
             unsafe { sys::napi_get_null(raw, &mut null) };
+            // SAFETY: `null` is a value of this env.
             return Ok(unsafe { Unknown::from_raw_unchecked(raw, null) });
         }
         let (bytes_ptr, bytes_len) = (m.as_ptr(), m.len());
@@ -235,11 +242,13 @@ impl NativeMapping {
         let bytes = self.external(raw, bytes_ptr, bytes_len, None)?;
         let dirty = self.external(raw, dirty_ptr, dirty_len, None)?;
         let mut object = null_mut();
+        // SAFETY: plain N-API calls on values of this env, in the current call's scope.
         unsafe {
             sys::napi_create_object(raw, &mut object);
             sys::napi_set_named_property(raw, object, c"bytes".as_ptr(), bytes);
             sys::napi_set_named_property(raw, object, c"dirty".as_ptr(), dirty);
         }
+        // SAFETY: `object` is the object just made in this env.
         Ok(unsafe { Unknown::from_raw_unchecked(raw, object) })
     }
 
@@ -252,6 +261,8 @@ impl NativeMapping {
         }
         let hint = Box::into_raw(Box::new(self.mapping.clone()));
         let mut value = null_mut();
+        // SAFETY: `ptr` covers `len` bytes of a live mapping, which `hint` (a
+        // count on the mapping) keeps mapped until the finalizer frees it.
         let status = unsafe {
             sys::napi_create_external_arraybuffer(raw, ptr.cast(), len, Some(release_view), hint.cast(), &mut value)
         };
@@ -268,6 +279,7 @@ impl NativeMapping {
             self.prune_at = MIN_PRUNE_AT.max(2 * self.views.len());
         }
         let mut weak = null_mut();
+        // SAFETY: `value` is live in the current scope; a weak reference (count 0).
         check(unsafe { sys::napi_create_reference(raw, value, 0, &mut weak) }, "napi_create_reference")?;
         self.views.push(Tracked { weak, dirty });
         Ok(value)
@@ -297,11 +309,28 @@ impl NativeMapping {
             // SAFETY: weak refs created in view(), on this thread.
             unsafe { sys::napi_get_reference_value(env, weak, &mut value) };
             if value.is_null() {
+                // SAFETY: the buffer is collected; its reference is deleted once, here.
                 unsafe { sys::napi_delete_reference(env, weak) };
             }
             !value.is_null()
         });
     }
+}
+
+/// The bytes of a Uint8Array as a pointer and length, never as a Rust
+/// slice: the array may be a view of guest memory (a DMA view, a shared BAR),
+/// which the guest writes while we copy, and a `&[u8]` or `&mut [u8]` over
+/// memory that changes under it is undefined behaviour.
+fn raw_bytes(array: &Uint8ArraySlice<'_>) -> (*mut u8, usize) {
+    let value = array.value();
+    let (mut kind, mut length, mut data) = (0, 0usize, null_mut());
+    let (mut buffer, mut offset) = (null_mut(), 0usize);
+    // SAFETY: a query on a live typed array of the current call.
+    let status = unsafe { sys::napi_get_typedarray_info(value.env, value.value, &mut kind, &mut length, &mut data, &mut buffer, &mut offset) };
+    if status != sys::Status::napi_ok || data.is_null() {
+        return (std::ptr::NonNull::dangling().as_ptr(), 0);
+    }
+    (data.cast(), length)
 }
 
 /// Views tracked before the first pruning.
@@ -318,7 +347,8 @@ fn unmapped() -> Error {
 }
 
 unsafe extern "C" fn release_view(_env: sys::napi_env, _data: *mut std::ffi::c_void, hint: *mut std::ffi::c_void) {
-    drop(Box::from_raw(hint.cast::<Shared>()));
+    // SAFETY: `hint` is the Box `external()` leaked for this buffer; V8 finalizes a buffer once.
+    drop(unsafe { Box::from_raw(hint.cast::<Shared>()) });
 }
 
 impl Drop for NativeMapping {
