@@ -32,6 +32,8 @@ enum Incoming {
     Js { buffer: sys::napi_value, offset: usize, len: usize },
     /// Nobody listens any more (closed locally).
     Dropped,
+    /// No ArrayBuffer could be had for the bytes: the connection ends.
+    NoMemory,
 }
 const REPLY: u32 = 1;
 
@@ -138,7 +140,9 @@ impl NativeConnection {
         }
         // SAFETY: the caller keeps these fds open for the duration of the call.
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|fd| unsafe { BorrowedFd::borrow_raw(*fd) }).collect();
-        let frames = state.frames.as_mut().expect("checked above");
+        let Some(frames) = state.frames.as_mut() else {
+            return Err(errno_error(Errno::NOTCONN, "the connection is closed"));
+        };
         match frames.send(bytes, &borrowed) {
             Ok(()) => {
                 state.watch();
@@ -333,8 +337,10 @@ impl Conn {
                     Err(_) => match scope.as_mut() {
                         Some(scope) => {
                             let env = scope.enter();
-                            let (buffer, offset) = slab.copy(env, bytes);
-                            Incoming::Js { buffer, offset, len: bytes.len() }
+                            match slab.copy(env, bytes) {
+                                Some((buffer, offset)) => Incoming::Js { buffer, offset, len: bytes.len() },
+                                None => Incoming::NoMemory,
+                            }
                         }
                         None => Incoming::Dropped,
                     },
@@ -362,14 +368,20 @@ impl Conn {
                     Native::Failed(failure) => return self.fail(Some(scope), Some(js), failure),
                 }
             }
-            let (buffer, offset, len) = match frame.bytes {
+            let copied = match frame.bytes {
                 Incoming::Small(small) => {
                     let env = scope.enter();
-                    let (buffer, offset) = self.slab.borrow_mut().copy(env, &small);
-                    (buffer, offset, small.len())
+                    let copied = self.slab.borrow_mut().copy(env, &small);
+                    copied.map(|(buffer, offset)| (buffer, offset, small.len()))
                 }
-                Incoming::Js { buffer, offset, len } => (buffer, offset, len),
+                Incoming::Js { buffer, offset, len } => Some((buffer, offset, len)),
+                Incoming::NoMemory => None,
                 Incoming::Dropped => return,
+            };
+            // The frame's fds are still owned here: dropped, they are closed.
+            let Some((buffer, offset, len)) = copied else {
+                let failure = Failure { errno: Some(Errno::NOMEM), reason: Some("no memory for a message's bytes".into()) };
+                return self.fail(Some(scope), Some(js), failure);
             };
             let truncated = frame.fds_truncated;
             let raw: Vec<i32> = frame.fds.into_iter().map(|fd| fd.into_raw_fd()).collect();
@@ -401,13 +413,13 @@ impl Conn {
             return Native::NotServed;
         }
         let Some(reads) = state.reads.clone() else { return Native::NotServed };
-        let u16_at = |o: usize| u16::from_le_bytes(msg[o..o + 2].try_into().unwrap());
-        let u32_at = |o: usize| u32::from_le_bytes(msg[o..o + 4].try_into().unwrap());
+        let u16_at = |o: usize| u16::from_le_bytes([msg[o], msg[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([msg[o], msg[o + 1], msg[o + 2], msg[o + 3]]);
         // A command (type 0) that wants a reply, with no error field set.
         if u16_at(2) != REGION_READ || u32_at(8) != 0 || u32_at(12) != 0 {
             return Native::NotServed;
         }
-        let offset = u64::from_le_bytes(msg[16..24].try_into().unwrap());
+        let offset = u64::from(u32_at(16)) | u64::from(u32_at(20)) << 32;
         let (region, count) = (u32_at(24), u32_at(28));
         let mut reply = Vec::with_capacity(REGION_READ_SIZE);
         reply.extend_from_slice(&msg[0..4]);

@@ -195,17 +195,18 @@ pub fn int_array(env: sys::napi_env, values: &[i32]) -> sys::napi_value {
 pub struct Callbacks {
     env: sys::napi_env,
     funcs: Vec<JsRef>,
-    context: Option<AsyncContext>,
+    /// Destroyed in `drop`, and only there.
+    context: std::mem::ManuallyDrop<AsyncContext>,
 }
 
 impl Callbacks {
     pub fn new(env: sys::napi_env, name: &str, funcs: &[sys::napi_value]) -> napi::Result<std::rc::Rc<Callbacks>> {
         let funcs = funcs.iter().map(|f| JsRef::new(env, *f)).collect::<napi::Result<Vec<_>>>()?;
-        Ok(std::rc::Rc::new(Callbacks { env, funcs, context: Some(AsyncContext::new(env, name)?) }))
+        Ok(std::rc::Rc::new(Callbacks { env, funcs, context: std::mem::ManuallyDrop::new(AsyncContext::new(env, name)?) }))
     }
 
     pub fn scope(&self) -> CallbackScope<'_> {
-        CallbackScope::new(self.env, self.context.as_ref().expect("context lives until drop"))
+        CallbackScope::new(self.env, &self.context)
     }
 
     /// Calls function `index` with `args` built inside an open scope.
@@ -222,9 +223,9 @@ impl Drop for Callbacks {
         for r in self.funcs.drain(..) {
             r.delete(self.env);
         }
-        if let Some(c) = self.context.take() {
-            c.destroy(self.env);
-        }
+        // SAFETY: `drop` runs once, and nothing uses the context after it.
+        let context = unsafe { std::mem::ManuallyDrop::take(&mut self.context) };
+        context.destroy(self.env);
     }
 }
 

@@ -24,30 +24,33 @@ impl Slab {
         Slab { env, current: None, data: null_mut(), used: SLAB }
     }
 
-    /// Copies `bytes` out; returns the ArrayBuffer and the offset they sit at.
+    /// Copies `bytes` out; returns the ArrayBuffer and the offset they sit at,
+    /// or `None` when V8 gives no ArrayBuffer (out of memory, or an exception
+    /// pending): this runs under libuv callbacks, where a panic would abort.
     /// Needs an open handle scope.
-    pub fn copy(&mut self, env: sys::napi_env, bytes: &[u8]) -> (sys::napi_value, usize) {
+    pub fn copy(&mut self, env: sys::napi_env, bytes: &[u8]) -> Option<(sys::napi_value, usize)> {
         if bytes.len() > OWN_BUFFER {
-            let (buffer, data) = new_array_buffer(env, bytes.len());
+            let (buffer, data) = new_array_buffer(env, bytes.len())?;
             // SAFETY: `data` has room for bytes.len() bytes.
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), data, bytes.len()) };
-            return (buffer, 0);
+            return Some((buffer, 0));
         }
         if self.used + bytes.len() > SLAB {
-            let (buffer, data) = new_array_buffer(env, SLAB);
-            if let Some(old) = self.current.replace(JsRef::new(env, buffer).expect("napi_create_reference")) {
+            let (buffer, data) = new_array_buffer(env, SLAB)?;
+            let fresh = JsRef::new(env, buffer).ok()?;
+            if let Some(old) = self.current.replace(fresh) {
                 old.delete(env);
             }
             self.data = data;
             self.used = 0;
         }
+        let current = self.current.as_ref()?;
         let offset = self.used;
         // SAFETY: offset + len <= SLAB, and the slab is alive (referenced).
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.data.add(offset), bytes.len()) };
         // Keep views 8-byte aligned.
         self.used = (offset + bytes.len() + 7) & !7;
-        let current = self.current.as_ref().expect("a slab exists after allocation");
-        (current.get(env), offset)
+        Some((current.get(env), offset))
     }
 }
 
@@ -59,11 +62,10 @@ impl Drop for Slab {
     }
 }
 
-fn new_array_buffer(env: sys::napi_env, len: usize) -> (sys::napi_value, *mut u8) {
+fn new_array_buffer(env: sys::napi_env, len: usize) -> Option<(sys::napi_value, *mut u8)> {
     let mut value = null_mut();
     let mut data = null_mut();
     // SAFETY: a plain allocation in the open handle scope.
     let status = unsafe { sys::napi_create_arraybuffer(env, len, &mut data, &mut value) };
-    assert_eq!(status, sys::Status::napi_ok, "napi_create_arraybuffer failed");
-    (value, data.cast())
+    (status == sys::Status::napi_ok && !data.is_null()).then_some((value, data.cast()))
 }

@@ -56,7 +56,7 @@ impl Poll {
         // SAFETY: plain N-API / libuv calls on the JS thread.
         unsafe {
             check(sys::napi_get_uv_event_loop(env, &mut lp), "napi_get_uv_event_loop")?;
-            let layout = Layout::from_size_align(uv_handle_size(UV_POLL), 16).unwrap();
+            let layout = Layout::from_size_align(uv_handle_size(UV_POLL), 16).map_err(|e| napi::Error::from_reason(e.to_string()))?;
             let handle = alloc_zeroed(layout).cast::<c_void>();
             let state = Rc::new(PollState {
                 handle,
