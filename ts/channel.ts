@@ -284,8 +284,15 @@ export class Channel {
 
   /** Returns true if the command finishes later, or the reply to send now. */
   private receive(bytes: Buffer, fds: number[], fdsTruncated: boolean): boolean | Buffer {
-    if (observer !== undefined) observer({ channel: this, from: this.peer, message: bytes, fds: fds.length });
-    const header = decodeHeader(bytes);
+    let header: Header;
+    try {
+      if (observer !== undefined) observer({ channel: this, from: this.peer, message: bytes, fds: fds.length });
+      header = decodeHeader(bytes);
+    } catch (error) {
+      // The fds are ours once the native layer hands them over: a throw before they reach a message must not leak them.
+      closeFds(fds);
+      throw error;
+    }
     if (!isValidType(header.flags)) {
       // A message of no known type: the stream cannot be trusted (§2).
       closeFds(fds);

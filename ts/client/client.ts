@@ -307,14 +307,21 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     const routes: IoEventfdRoute[] = [];
     // One owner per fd, however many entries share it.
     const eventfds = new Map<number, IoEventfdRoute['eventfd']>();
-    for (const entry of reply.entries) {
-      const fd = reply.fds[entry.fdIndex];
-      if (entry.type !== IoFdType.IOEVENTFD || fd === undefined) continue;
-      let eventfd = eventfds.get(fd);
-      if (!eventfd) eventfds.set(fd, (eventfd = native.NativeEventfd.fromFd(fd)));
-      const datamatch = entry.flags & KvmIoeventfdFlags.DATAMATCH ? entry.datamatch : undefined;
-      routes.push({ offset: Number(entry.offset), size: Number(entry.size), datamatch, eventfd });
-      wired.push(entry);
+    try {
+      for (const entry of reply.entries) {
+        const fd = reply.fds[entry.fdIndex];
+        if (entry.type !== IoFdType.IOEVENTFD || fd === undefined) continue;
+        let eventfd = eventfds.get(fd);
+        if (!eventfd) eventfds.set(fd, (eventfd = native.NativeEventfd.fromFd(fd)));
+        const datamatch = entry.flags & KvmIoeventfdFlags.DATAMATCH ? entry.datamatch : undefined;
+        routes.push({ offset: Number(entry.offset), size: Number(entry.size), datamatch, eventfd });
+        wired.push(entry);
+      }
+    } catch (error) {
+      // Every fd the reply brought is ours: the adopted ones close with their eventfds, the rest here.
+      for (const eventfd of eventfds.values()) eventfd.close();
+      closeFds(reply.fds.filter((fd) => !eventfds.has(fd)));
+      throw error;
     }
     closeFds(reply.fds.filter((fd) => !eventfds.has(fd)));
     if (routes.length > 0) this.ioEventfds.set(region, routes);

@@ -181,7 +181,15 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
 
   /** Whether the peer on `fd` may talk to the device; if not, `fd` is closed and the refusal reported. */
   private allowed(fd: number, allowed: AllowedPeers): boolean {
-    const peer = native.peerCredentials(fd);
+    let peer: PeerCredentials;
+    try {
+      peer = native.peerCredentials(fd);
+    } catch (error) {
+      // The fd is ours from the listener on: a throw here must not leak it.
+      native.closeFd(fd);
+      this.emit('acceptError', error instanceof Error ? error : new VfioUserError(String(error)));
+      return false;
+    }
     const refusal =
       allowed.uids && !allowed.uids.includes(peer.uid) ? `uid ${peer.uid} is not allowed` :
       allowed.gids && !allowed.gids.includes(peer.gid) ? `gid ${peer.gid} is not allowed` :

@@ -72,11 +72,22 @@ export class ServerSession {
     private readonly events: SessionEvents,
     options: SessionOptions = {},
   ) {
+    // The fd is the connection's from here on (closed by it, even if it cannot be made): nothing
+    // before may throw, and what follows closes the connection if it throws.
+    this.channel = new Channel(fd, {
+      side: 'server',
+      onCommand: (message) => this.requests.receive(message),
+      onClose: (error) => this.finish(error),
+    });
+    try {
+      this.boundary = contextOf(device);
+      this.stopWatching = this.boundary.onFailure(() => this.deviceFailed());
+    } catch (error) {
+      this.channel.close('the session could not start');
+      throw error;
+    }
     const { migration } = device;
     const session = this;
-    this.boundary = contextOf(device);
-    if (this.boundary.failed) this.recovery = this.reset().catch((error: unknown) => this.boundary.fail(error));
-    this.stopWatching = this.boundary.onFailure(() => this.deviceFailed());
     const scratch: RegionAccess = { offset: 0n, region: 0, count: 0 };
     this.context = {
       device,
@@ -92,11 +103,6 @@ export class ServerSession {
       reset: () => this.reset(),
       close: () => this.close(),
     };
-    this.channel = new Channel(fd, {
-      side: 'server',
-      onCommand: (message) => this.requests.receive(message),
-      onClose: (error) => this.finish(error),
-    });
     this.channel.setMaxFds(SERVER_CAPABILITIES.maxMsgFds);
     if (options.maxQueuedBytes !== undefined) this.channel.setMaxQueued(options.maxQueuedBytes);
     this.requests = new RequestQueue(this.channel, {
@@ -106,6 +112,7 @@ export class ServerSession {
       expired: (message) => this.expired(message),
       late: (message, reply, error) => this.late(message, reply, error),
     }, options.requestTimeoutMs);
+    if (this.boundary.failed) this.recovery = this.reset().catch((error: unknown) => this.boundary.fail(error));
   }
 
   /** The client's capabilities once VERSION is done. */
