@@ -101,7 +101,7 @@ describe('SET_IRQS eventfds', () => {
     expect(result(r)).toEqual({ blockingBefore: true, count: 'fffffffffffffffe' });
   }, FROZEN_AFTER_MS + 30_000);
 
-  test('one a client fills to its maximum while interrupts fire does not stop the loop answering', () => {
+  test('one a client fills to its maximum while interrupts fire does not stop the loop answering', (context) => {
     // The racer (a process of its own, as a client is) drains the eventfd and
     // fills it to its maximum, over and over, racing the server's
     // check-then-write. When it sees the server's thread waiting on the
@@ -161,10 +161,13 @@ describe('SET_IRQS eventfds', () => {
       firing = false;
       racer.kill('SIGKILL');
       console.error('racer: ' + (won.trim() || 'never won') + ', ' + reads + ' reads');
-      console.log('RESULT ' + JSON.stringify({ answered: true }));
+      console.log('RESULT ' + JSON.stringify({ answered: true, won: Boolean(won), reads }));
       client.close(); await server.close(); device.close();
     `, FROZEN_AFTER_MS);
     console.log(r.out);
-    expect(result(r)).toEqual({ answered: true });
+    const { answered, won, reads } = result(r) as { answered: boolean; won: boolean; reads: number };
+    expect(answered).toBe(true);
+    // Without a win the server never met a full counter: nothing was tested, and the test says so.
+    if (!won) context.skip(`the racer never caught the server writing the eventfd in ${reads} reads: the race was not run`);
   }, FROZEN_AFTER_MS + 30_000);
 });

@@ -131,13 +131,12 @@ describe('dirty logging: cost', () => {
     memories.push(ram);
     await client.dmaMap({ iova: 0x100000n, memory: ram });
     await client.migration.startDirtyLogging(4096n);
-    // 64 TiB of IOVA (a 46-bit guest physical space) at 16 GiB pages: a 4096-bit bitmap, one window mapped.
-    // The server walks it 1 GiB at a time whatever is mapped: ~65536 scans, seconds with the loop blocked.
-    // (2^63 bytes would wedge the process for days; the cost must follow the mapped windows, not the range.)
-    const t0 = Date.now();
-    const words = await client.migration.dirtyReport(0n, 1n << 46n, 1n << 34n);
-    expect(words.length).toBe(64);
-    expect(Date.now() - t0).toBeLessThan(500);
+    // 2^63 bytes of IOVA at 2^57-byte pages: a 64-bit bitmap, one window mapped. A server whose cost
+    // followed the range (a walk 1 GiB at a time: 2^33 steps) would not answer for days, and the
+    // test would time out; nothing is timed here. The cost must follow the mapped windows.
+    const words = await client.migration.dirtyReport(0n, 1n << 63n, 1n << 57n);
+    expect(words.length).toBe(1);
+    expect(words[0]).toBe(0n); // nothing was written
   });
 });
 
