@@ -29,9 +29,10 @@ export interface CommandIo {
 }
 
 const EXIT_STATUS = `exit status:
-  0  success (serve, trace: stopped by SIGINT or SIGTERM)
+  0  success (serve, trace: stopped by SIGINT or SIGTERM; fuzz: nothing
+     found)
   1  failure: the module did not load or gave no device, a socket or
-     protocol error, the peer refused
+     protocol error, the peer refused; fuzz found something
   2  usage error: unknown command or option, a bad value, missing or
      extra argument`;
 
