@@ -1,7 +1,8 @@
 /** The virtio PCI transport, status machine, feature negotiation and split queues, driven by the package's virtio driver. */
 import { describe, expect, test } from 'vitest';
 import {
-  Cfg, featureBit, IrqIndex, KIT_FEATURES, migrate, Region, VirtioDriver, VirtioFeature as F, VirtioStatus as S,
+  Cfg, featureBit, IrqIndex, KIT_FEATURES, migrate, Region, VirtioDevice, VirtioDriver, VirtioFeature as F, VirtioStatus as S,
+  type DescriptorChain,
 } from '../ts/index.js';
 import { Common, NO_VECTOR } from '../ts/virtio/spec.js';
 import { VirtioRng } from '../examples/virtio-rng.js';
@@ -234,6 +235,23 @@ describe('migration', () => {
     const done = await q.submit([{ writable: 8 }]);
     expect(done.written).toBe(8);
     expect(q.usedIndex).toBe(6);
+  });
+
+  test('stopping waits for the chains in flight; the saved rings then hold their completions', async () => {
+    const held: DescriptorChain[] = [];
+    const device = new VirtioDevice({ deviceId: 63, queues: [{ size: 8 }], onQueue: (q) => { for (let c = q.pop(); c; c = q.pop()) held.push(c); } });
+    const { driver } = await drive(t, device);
+    await driver.initialize();
+    const done = driver.queues[0].submit([{ writable: 4 }]);
+    await until(() => held.length === 1);
+    let stopped = false;
+    const stopping = Promise.resolve(device.migration!.stop!()).then(() => (stopped = true));
+    for (let turn = 0; turn < 5; turn++) await new Promise((r) => setImmediate(r));
+    expect(stopped).toBe(false);
+    device.queues[0].complete(held[0], 0);
+    await stopping;
+    expect((await done).written).toBe(0);
+    await device.migration!.start!();
   });
 
   test('a state that does not fit is refused before anything changes', async () => {

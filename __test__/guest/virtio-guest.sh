@@ -56,10 +56,10 @@ bytes=$(dd if=/dev/hwrng bs=512 count=1 2>/dev/null | wc -c)
 # Our virtio-console: a line out through /dev/hvc0, and the host's answer back in.
 i=0
 until [ -c /dev/hvc0 ]; do i=$((i + 1)); [ $i -lt 100 ] || { echo "VIRTIO-FAIL no /dev/hvc0"; exit 1; }; sleep 0.1; done
-stty -F /dev/hvc0 raw -echo 2>/dev/null || true
-(head -n 1 /dev/hvc0 > /tmp/console-in) &
+# hvc resets its termios on the last close: the line goes out as a tty writes it (\r\n).
+(timeout 60 head -n 1 /dev/hvc0 > /tmp/console-in) &
 reader=$!
 sleep 0.5
 echo "ping from the guest" > /dev/hvc0
-wait $reader
-echo "VIRTIO-CONSOLE got=$(cat /tmp/console-in)"
+wait $reader || true
+echo "VIRTIO-CONSOLE got=$(tr -d '\r' < /tmp/console-in)"

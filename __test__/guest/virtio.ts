@@ -56,7 +56,7 @@ async function main(): Promise<number> {
   let heard = '';
   consolePort.on('data', (data: Buffer) => {
     heard += data.toString();
-    if (heard.includes('ping from the guest\n')) {
+    if (heard.includes('ping from the guest')) {
       heard = '';
       consolePort.write('pong from the host\n');
     }
