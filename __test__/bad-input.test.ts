@@ -5,7 +5,8 @@
  */
 import { afterEach, describe, expect, test } from 'vitest';
 import { once } from 'node:events';
-import { Command, commandName, ConnectionClosedError, Errno, PciDevice, PeerProtocolError, protocol, Region, VfioUserClient } from '../ts/index.js';
+import { Command, commandName, ConnectionClosedError, Errno, PciDevice, PeerProtocolError, Region, VfioUserClient } from '../ts/index.js';
+import * as protocol from '../ts/protocol/index.js';
 import { native } from '../ts/native.js';
 import { Channel } from '../ts/channel.js';
 import { closedBy, nextMessage, openFdCount, qemuVersion, rawConnect, rawMessage, serve, until, type Served } from './helpers.js';

@@ -91,7 +91,7 @@ describe('SET_IRQS eventfds', () => {
       writeSync(fd, max);
 
       await client.setIrqs({ index: lib.IrqIndex.MSIX, eventfds: [fd] });
-      device.irq.trigger(0); // a blocking write would never return: the counter is full
+      device.irq.raise(0); // a blocking write would never return: the counter is full
       const count = Buffer.alloc(8);
       const { readSync } = await import('node:fs');
       readSync(fd, count);
@@ -150,7 +150,7 @@ describe('SET_IRQS eventfds', () => {
       let won = '';
       racer.stdout.on('data', (d) => (won += d));
       let firing = true;
-      const fire = () => { for (let i = 0; i < 100; i++) device.irq.trigger(0); if (firing) setImmediate(fire); };
+      const fire = () => { for (let i = 0; i < 100; i++) device.irq.raise(0); if (firing) setImmediate(fire); };
       fire();
       let reads = 0;
       while (!won && reads < 20000) {

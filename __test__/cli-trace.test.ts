@@ -75,7 +75,7 @@ describe('vfio-user trace', { timeout: SPAWNING_TEST_MS }, () => {
     const ev = new EventfdIrq();
     cleanups.defer(() => ev.close());
     await c.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
-    served.device.assertIntx();
+    served.device.irq.raise();
     expect(ev.take()).toBe(1);
 
     const expected = [

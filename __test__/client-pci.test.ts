@@ -4,6 +4,7 @@ import { CapabilityId, EventfdIrq, IrqIndex, PciDevice, Region, UsageError } fro
 import { Cfg, Command as PciCommand, Msi, MsiX } from '../ts/pci/spec.js';
 import { DoorbellDevice } from '../examples/msix-device.js';
 import { openFdCount, serve, type Served } from './helpers.js';
+import { pciFunction } from '../ts/pci/device.js';
 
 let served: Served<PciDevice> | undefined;
 const irqs: EventfdIrq[] = [];
@@ -27,8 +28,8 @@ describe('EventfdIrq', () => {
     await client.setIrqs({ index: IrqIndex.ERR, eventfds: [irq] });
     const counts: number[] = [];
     const heard = new Promise<void>((resolve) => irq.on('interrupt', (count) => (counts.push(count), resolve())));
-    served.device.interrupts.trigger(IrqIndex.ERR);
-    served.device.interrupts.trigger(IrqIndex.ERR);
+    pciFunction(served.device).interrupts.trigger(IrqIndex.ERR);
+    pciFunction(served.device).interrupts.trigger(IrqIndex.ERR);
     await heard;
     expect(counts).toEqual([2]); // both signals before the loop turned: one event, count 2
     const next = irq.next();
@@ -43,11 +44,11 @@ describe('EventfdIrq', () => {
     const irq = new EventfdIrq();
     irqs.push(irq);
     await client.setIrqs({ index: IrqIndex.ERR, eventfds: [irq] });
-    served.device.interrupts.trigger(IrqIndex.ERR);
+    pciFunction(served.device).interrupts.trigger(IrqIndex.ERR);
     await client.getDeviceInfo(); // the loop turns: nobody listens, so nobody reads the counter
     expect(irq.take()).toBe(1);
     expect(irq.take()).toBe(0);
-    served.device.interrupts.trigger(IrqIndex.ERR);
+    pciFunction(served.device).interrupts.trigger(IrqIndex.ERR);
     expect(await irq.next()).toBe(1);
     expect(irq.listenerCount('interrupt')).toBe(0);
   });
@@ -79,7 +80,7 @@ describe('client.pci', () => {
     await expect(gpio.pci.enableMsix()).rejects.toThrow(/no MSI-X capability/);
   });
 
-  test('MSI-X enabled from the client: device.irq.trigger arrives on the wired EventfdIrq', async () => {
+  test('MSI-X enabled from the client: device.irq.raise arrives on the wired EventfdIrq', async () => {
     const { client, device } = await doorbell();
     await client.pci.setBusMaster(true);
     await client.pci.enableMsix();
@@ -90,7 +91,7 @@ describe('client.pci', () => {
     const at = (await client.pci.findCapability(CapabilityId.MSIX))!;
     expect((await client.pci.read(at + MsiX.CONTROL, 2)) & (MsiX.ENABLE | MsiX.FUNCTION_MASK)).toBe(MsiX.ENABLE);
     const third = wired[3].next();
-    expect(device.irq.trigger(3)).toBe('sent');
+    expect(device.irq.raise(3)).toBe('sent');
     expect(await third).toBe(1);
     expect(wired.map((irq) => irq.take())).toEqual([0, 0, 0, 0, 0, 0, 0, 0]);
     await client.pci.disableMsix();
@@ -104,7 +105,7 @@ describe('client.pci', () => {
     expect((await client.pci.read(Cfg.COMMAND, 2)) & PciCommand.BUS_MASTER).toBe(0);
     const wired = await client.wireIrqs(IrqIndex.MSIX);
     irqs.push(...wired);
-    expect(device.irq.trigger(0)).toBe('dropped');
+    expect(device.irq.raise(0)).toBe('dropped');
     expect(wired[0].take()).toBe(0);
   });
 
@@ -120,7 +121,7 @@ describe('client.pci', () => {
     irqs.push(...wired);
     expect(device.irq.mode).toBe('msi');
     const second = wired[1].next();
-    expect(device.irq.trigger(1)).toBe('sent');
+    expect(device.irq.raise(1)).toBe('sent');
     expect(await second).toBe(1);
     expect(await client.pci.enableMsi()).toBe(4);
     await client.pci.disableMsi();

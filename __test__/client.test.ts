@@ -3,7 +3,8 @@ import { once } from 'node:events';
 import { createServer as createNetServer } from 'node:net';
 import { constants as os } from 'node:os';
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, connect, ConnectionClosedError, Errno, PciDevice, protocol, Region, TimeoutError, TooManyRequestsError, VfioUserClient } from '../ts/index.js';
+import { Command, connect, ConnectionClosedError, Errno, PciDevice, Region, TimeoutError, TooManyRequestsError, VfioUserClient } from '../ts/index.js';
+import * as protocol from '../ts/protocol/index.js';
 import { native } from '../ts/native.js';
 import { serve, tempSocketPath, type Served } from './helpers.js';
 

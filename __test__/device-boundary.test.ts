@@ -26,7 +26,7 @@ function device(actions: Record<number, (d: PciDevice) => void>): PciDevice & { 
       0: { kind: 'memory', size: 4096, ioeventfds: [{ offset: 0x10, size: 4 }] },
       2: { kind: 'memory', size: 4096, read: () => d.resets, write: (_offset, data) => actions[data[0]]?.(d) },
     },
-    reset: () => void d.resets++,
+    onReset: () => void d.resets++,
   }) as PciDevice & { resets: number };
   d.resets = 0;
   return d;

@@ -4,7 +4,8 @@
  * device state, and serves the next client.
  */
 import { describe, expect, test } from 'vitest';
-import { Command, protocol, Region } from '../ts/index.js';
+import { Command, Region } from '../ts/index.js';
+import * as protocol from '../ts/protocol/index.js';
 import { native } from '../ts/native.js';
 import { Channel } from '../ts/channel.js';
 import { closedBy, nextMessage, openFdCount, qemuVersion, rawConnect, rawMessage, serve, until } from './helpers.js';

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { createConnection, type Socket } from 'node:net';
 import { once } from 'node:events';
-import { connect, createServer, type VfioUserClient, type VfioUserDevice, type VfioUserServer } from '../ts/index.js';
+import { connect, createServer, type PciDevice, type VfioUserClient, type VfioUserDevice, type VfioUserServer } from '../ts/index.js';
 import { native } from '../ts/native.js';
 import { PciIdio16 } from '../examples/gpio.js';
 
@@ -14,7 +14,7 @@ export function tempSocketPath(name = 'dev.sock'): { path: string; cleanup(): vo
   return { path: join(dir, name), cleanup: () => rmSync(dir, { recursive: true, force: true }) };
 }
 
-export interface Served<D extends VfioUserDevice = PciIdio16> {
+export interface Served<D extends VfioUserDevice | PciDevice = PciIdio16> {
   device: D;
   server: VfioUserServer;
   path: string;
@@ -32,7 +32,7 @@ export interface ServeOptions {
 }
 
 /** Serves `device` (the GPIO card by default) on a fresh socket. */
-export async function serve<D extends VfioUserDevice = PciIdio16>(device?: D, options: ServeOptions = {}): Promise<Served<D>> {
+export async function serve<D extends VfioUserDevice | PciDevice = PciIdio16>(device?: D, options: ServeOptions = {}): Promise<Served<D>> {
   const dev = (device ?? new PciIdio16()) as D;
   const server = createServer(dev);
   const unexpected: Error[] = [];

@@ -3,7 +3,8 @@ import { afterEach, describe, expect, test } from 'vitest';
 import { setMessageObserver } from '../ts/channel.js';
 import { colorFor, debugRequested, messageLogger } from '../ts/debug.js';
 import { formatMessage, messageJson, MessageDescriber } from '../ts/protocol/describe.js';
-import { connect, EventfdIrq, GuestMemory, IrqIndex, Region, protocol } from '../ts/index.js';
+import { connect, EventfdIrq, GuestMemory, IrqIndex, Region } from '../ts/index.js';
+import * as protocol from '../ts/protocol/index.js';
 import { serve, type Served } from './helpers.js';
 import { DmaTestDevice, PAGE } from './dma-device.js';
 
@@ -39,7 +40,7 @@ describe('the message observer', () => {
     await client.regionRead(Region.BAR2, 0n, 1);
 
     // Config space reads are answered natively unless someone is watching.
-    expect(served.server.session!.nativeReads).toBe(0);
+    expect(served.server.session!.readsAnsweredNatively).toBe(0);
     for (const side of ['client', 'server']) {
       const seen = lines.filter((line) => line.startsWith(`vfio-user(${side}): `)).map((line) => line.slice(`vfio-user(${side}): `.length));
       expect(seen).toEqual([
@@ -84,7 +85,7 @@ describe('the message observer', () => {
     const client = await served.client();
     await client.regionRead(Region.CONFIG, 0n, 4);
     expect(lines).toEqual([]);
-    expect(served.server.session!.nativeReads).toBe(1);
+    expect(served.server.session!.readsAnsweredNatively).toBe(1);
   });
 });
 

@@ -10,6 +10,7 @@
 import { Region, RegionInfoFlags, type DeviceMigration, type MigrationUnit } from '../ts/index.js';
 import { native } from '../ts/native.js';
 import { BareDevice } from './bare-device.js';
+import { nativeRegionReads } from '../ts/device.js';
 
 export const BAR_SIZE = 64 * 1024;
 export const BAR_PAGE = 4096;
@@ -117,7 +118,7 @@ export class CounterDevice extends BareDevice {
   }
 
   /** Config space has no read side effects: served natively, in every migration state. */
-  nativeReads(maxCount: number) {
+  [nativeRegionReads](maxCount: number) {
     const reads = new native.NativeRegionReads(maxCount);
     reads.set(Region.CONFIG, this.config);
     return reads;

@@ -1,6 +1,7 @@
 /** DMA dirty logging (DMA_LOGGING_START/STOP/REPORT): what the device writes through dma.write, at 4 and 8 KiB pages. */
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, Errno, GuestMemory, protocol, type VfioUserClient } from '../ts/index.js';
+import { Command, Errno, GuestMemory, type VfioUserClient } from '../ts/index.js';
+import * as protocol from '../ts/protocol/index.js';
 import { serve, type Served } from './helpers.js';
 import { CounterDevice } from './migration-device.js';
 

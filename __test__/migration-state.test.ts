@@ -1,6 +1,7 @@
 /** Migration v2 state machine (§7) and DEVICE_FEATURE rules (§6.14), against CounterDevice over real sockets. */
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, Errno, MigrationFlags, MigrationState as S, PciDevice, protocol, Region, type VfioUserClient } from '../ts/index.js';
+import { Command, Errno, MigrationFlags, MigrationState as S, PciDevice, Region, type VfioUserClient } from '../ts/index.js';
+import * as protocol from '../ts/protocol/index.js';
 import { migrationPath } from '../ts/server/migration/index.js';
 import { serve, until, type Served } from './helpers.js';
 import { CounterDevice, SCRATCH } from './migration-device.js';
@@ -273,9 +274,9 @@ describe('migration data and device access by state', () => {
     const { device, client } = await start();
     await client.regionWrite(Region.CONFIG, BigInt(SCRATCH), Buffer.from([1, 2, 3, 4]));
     await client.migration.setState(S.STOP_COPY);
-    const nativeBefore = served!.server.session!.nativeReads;
+    const nativeBefore = served!.server.session!.readsAnsweredNatively;
     expect([...(await client.regionRead(Region.CONFIG, BigInt(SCRATCH), 4))]).toEqual([1, 2, 3, 4]);
-    expect(served!.server.session!.nativeReads).toBe(nativeBefore + 1);
+    expect(served!.server.session!.readsAnsweredNatively).toBe(nativeBefore + 1);
     expect((await client.regionRead(Region.BAR0, 0n, 4)).readUInt32LE(0)).toBe(0);
     const frozen = (command: number) => ({ errno: Errno.EINVAL, command });
     await expect(client.regionWrite(Region.CONFIG, BigInt(SCRATCH), Buffer.from([9]))).rejects.toMatchObject(frozen(Command.REGION_WRITE));

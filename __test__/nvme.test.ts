@@ -506,7 +506,7 @@ describe('interrupts', () => {
       const command = async () => {
         expect((await h.admin({ opcode: 0x0a, cdw10: 0x07 })).status).toBe(S.SUCCESS);
         // The host consumed the entry: the level drops; unmask as a VMM does after the guest's EOI.
-        await until(() => !served!.device.irq.intxAsserted);
+        await until(() => !served!.device.irq.intxRaised);
         await client.setIrqs({ index: IrqIndex.INTX, action: 'unmask', count: 1 });
         return intx.take();
       };

@@ -2,6 +2,7 @@
 import { describe, expect, test } from 'vitest';
 import { PciDevice, type PciDeviceDescription } from '../ts/index.js';
 import { base, fieldOf } from './pci-helpers.js';
+import { pciFunction } from '../ts/pci/device.js';
 const bar4 = { 4: { kind: 'memory', size: 4096 } } as const;
 
 describe('invalid descriptions throw InvalidDeviceError naming the field', () => {
@@ -49,7 +50,7 @@ describe('layout', () => {
         { kind: 'msi', vectors: 1, address64: false },
       ],
     });
-    const c = device.config;
+    const c = pciFunction(device).config;
     expect(c.size).toBe(256);
     // msix holds 0x44-0x4f, so pm (8 bytes) cannot fit at 0x40; msi follows pm.
     expect(c.u8(0x34)).toBe(0x44);
@@ -60,14 +61,14 @@ describe('layout', () => {
 
   test('no capabilities: status bit 4 clear, 0x34 zero, 256 bytes', () => {
     const device = new PciDevice(base);
-    expect(device.config.size).toBe(256);
-    expect(device.config.u16(0x06) & 0x10).toBe(0);
-    expect(device.config.u8(0x34)).toBe(0);
+    expect(pciFunction(device).config.size).toBe(256);
+    expect(pciFunction(device).config.u16(0x06) & 0x10).toBe(0);
+    expect(pciFunction(device).config.u8(0x34)).toBe(0);
   });
 
   test('PCIe without extended capabilities: 4 KiB and 0x100 reads 0', () => {
     const device = new PciDevice({ ...base, capabilities: [{ kind: 'pcie' }] });
-    expect(device.config.size).toBe(4096);
-    expect(device.config.u32(0x100)).toBe(0);
+    expect(pciFunction(device).config.size).toBe(4096);
+    expect(pciFunction(device).config.u32(0x100)).toBe(0);
   });
 });

@@ -5,6 +5,7 @@ import { DOORBELL_SERIAL, DoorbellDevice, MSIX_PBA_OFFSET } from '../examples/ms
 import { loadDevice } from '../ts/cli/serve.js';
 import { serve, type Served } from './helpers.js';
 import { guest } from './pci-helpers.js';
+import { pciFunction } from '../ts/pci/device.js';
 
 let served: Served<PciDevice>;
 afterEach(async () => served?.close());
@@ -15,11 +16,11 @@ describe('enumerating the doorbell card', () => {
     const client = await served.client();
     expect(await client.getRegionInfo(Region.CONFIG)).toMatchObject({ size: 4096n, flags: RegionInfoFlags.READ | RegionInfoFlags.WRITE });
     const g = guest(client);
-    const before = served.server.session!.nativeReads;
+    const before = served.server.session!.readsAnsweredNatively;
     expect(await g.cfg32(0)).toBe(0x10f01b36);
     expect(await g.cfg32(0x08)).toBe(0xff000001); // class ff0000, revision 1
     expect(await g.cfg8(0x0e)).toBe(0); // header type 0, single function
-    expect(served.server.session!.nativeReads).toBe(before + 3);
+    expect(served.server.session!.readsAnsweredNatively).toBe(before + 3);
   });
 
   test('walks the capability list: status bit 4, 0x34, chained in offset order', async () => {
@@ -75,7 +76,7 @@ describe('enumerating the doorbell card', () => {
     // AER: version 2; severity defaults; correctable status is RW1C.
     expect((await g.cfg32(0x11c)) >>> 16 & 0xf).toBe(2);
     expect(await g.cfg32(0x11c + 0x0c)).toBe(0x00062030);
-    served.device.config.bytes.writeUInt32LE(0x41, 0x11c + 0x10);
+    pciFunction(served.device).config.bytes.writeUInt32LE(0x41, 0x11c + 0x10);
     await g.setCfg32(0x11c + 0x10, 0x01);
     expect(await g.cfg32(0x11c + 0x10)).toBe(0x40);
     expect(await g.cfg32(0x164)).toBe(0); // past the last capability
@@ -128,7 +129,7 @@ describe('enumerating the doorbell card', () => {
     const device = await loadDevice('examples/msix-device.ts');
     // tsx loads its own copy of the module, so compare by shape rather than instanceof.
     expect(device.constructor.name).toBe('DoorbellDevice');
-    expect(device.regionInfo(Region.CONFIG).size).toBe(4096n);
-    expect(device.irqInfo(2).count).toBe(8);
+    expect(pciFunction(device as PciDevice).regionInfo(Region.CONFIG).size).toBe(4096n);
+    expect(pciFunction(device as PciDevice).irqInfo(2).count).toBe(8);
   });
 });

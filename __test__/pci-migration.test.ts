@@ -15,13 +15,14 @@ import {
   type VfioUserClient,
   type VfioUserDevice,
 } from '../ts/index.js';
+import { pciFunction } from '../ts/pci/device.js';
 import { IDIO16, PciIdio16 } from '../examples/gpio.js';
 import { DOORBELL, DoorbellDevice, MSIX_PBA_OFFSET } from '../examples/msix-device.js';
 import { serve, type Served } from './helpers.js';
 import { base, COMMAND_MEMORY_BUS_MASTER, Eventfds, guest, type Guest } from './pci-helpers.js';
 import { Cfg, Command as CommandBits, Status } from '../ts/pci/spec.js';
 
-const servers: Served<VfioUserDevice>[] = [];
+const servers: Served<VfioUserDevice | PciDevice>[] = [];
 const devices: PciDevice[] = [];
 const eventfds = new Eventfds();
 afterEach(async () => {
@@ -99,7 +100,7 @@ describe('the doorbell card (examples/msix-device.ts)', () => {
 
     // Config space (BAR addresses, command bits, MSI-X enable, vendor word) byte for byte.
     expect((await configOf(to, 4096)).equals(configBefore)).toBe(true);
-    expect(destination.config.bytes.equals(source.config.bytes)).toBe(true);
+    expect(pciFunction(destination).config.bytes.equals(pciFunction(source).config.bytes)).toBe(true);
     expect(await h.cfg32(Cfg.BAR0)).toBe(0xfe000004 >>> 0);
     expect(destination.busMaster).toBe(true);
     expect(destination.irq.mode).toBe('msix');
@@ -127,11 +128,11 @@ describe('the doorbell card (examples/msix-device.ts)', () => {
     const { from, to, destination } = await pair(new DoorbellDevice(), new PciIdio16());
     await bringUp(from);
     await to.regionWrite(Region.BAR2, BigInt(IDIO16.OUT0_7), Buffer.from([0xa5]));
-    const before = Buffer.from(destination.config.bytes);
+    const before = Buffer.from(pciFunction(destination).config.bytes);
     await expect(migrate(from, to)).rejects.toMatchObject({ errno: Errno.EINVAL, command: Command.DEVICE_FEATURE });
     expect(await to.migration.state()).toBe(S.RESUMING); // nothing loaded: the stream may be written again
     expect(await from.migration.state()).toBe(S.RUNNING); // migrate() set the source going again
-    expect(destination.config.bytes.equals(before)).toBe(true);
+    expect(pciFunction(destination).config.bytes.equals(before)).toBe(true);
     expect(destination.outputs).toBe(0xa5);
   });
 });
@@ -144,7 +145,7 @@ describe('stop holds interrupts', () => {
     await from.setIrqs({ index: IrqIndex.MSIX, eventfds: evs });
     await from.migration.setState(S.STOP);
     expect(source.stopped).toBe(true);
-    expect(source.irq.trigger(1)).toBe('pending');
+    expect(source.irq.raise(1)).toBe('pending');
     // Unmasking through config space while stopped still holds it.
     await g.setCfg16(await msixControl(g), ENABLE);
     expect(evs[1].take()).toBe(0);
@@ -163,7 +164,7 @@ describe('stop holds interrupts', () => {
     const fresh = eventfds.create(8);
     await to.setIrqs({ index: IrqIndex.MSIX, eventfds: fresh });
     await from.migration.setState(S.STOP);
-    expect(source.irq.trigger(2)).toBe('pending');
+    expect(source.irq.raise(2)).toBe('pending');
     await migrate(from, to);
     expect(evs[2].take()).toBe(0);
     expect(fresh[2].take()).toBe(1);
@@ -172,14 +173,14 @@ describe('stop holds interrupts', () => {
   test('MSI pending bits kept outside config space (no per-vector masking) travel too', async () => {
     const description: PciDeviceDescription = { ...base, bars: { 0: { kind: 'memory', size: 4096 } }, capabilities: [{ kind: 'msi', vectors: 4 }] };
     const { source, destination, from, to, g } = await pair(new PciDevice(description), new PciDevice(description));
-    expect(source.migration).toBeDefined(); // nothing but library state: migrates by default
+    expect(pciFunction(source).migration).toBeDefined(); // nothing but library state: migrates by default
     const msi = (await g.capabilities()).get(CapabilityId.MSI)!;
     await g.setCfg16(Cfg.COMMAND, COMMAND_MEMORY_BUS_MASTER);
     await g.setCfg16(msi + 2, 1 | (2 << 4)); // enable, 4 vectors
     const fresh = eventfds.create(4);
     await to.setIrqs({ index: IrqIndex.MSI, eventfds: fresh });
     await from.migration.setState(S.STOP);
-    expect(source.irq.trigger(3)).toBe('pending');
+    expect(source.irq.raise(3)).toBe('pending');
     await migrate(from, to);
     expect(destination.irq.mode).toBe('msi');
     expect(fresh[3].take()).toBe(1);
@@ -206,7 +207,7 @@ describe('the GPIO card (examples/gpio.ts): handler state through saveState/load
     expect(destination.outputs).toBe(0xc35a);
     expect(destination.interruptEnabled).toBe(true);
     expect(destination.filtersEnabled).toBe(true);
-    expect(destination.intxAssertedNow).toBe(true);
+    expect(destination.irq.intxRaised).toBe(true);
     expect(fresh.take()).toBe(1); // the line is high: the destination's client hears it
     const h = guest(to);
     expect(await h.cfg16(Cfg.STATUS) & Status.INTX).toBe(Status.INTX);
@@ -214,7 +215,7 @@ describe('the GPIO card (examples/gpio.ts): handler state through saveState/load
     expect((await to.regionRead(Region.BAR2, BigInt(IDIO16.IRQ_STATUS), 1))[0]).toBe(0b111);
     // The guest at the destination acknowledges: the line drops there.
     await to.regionWrite(Region.BAR2, BigInt(IDIO16.IN0_7), Buffer.from([0]));
-    expect(destination.intxAssertedNow).toBe(false);
+    expect(destination.irq.intxRaised).toBe(false);
   });
 
   test('INTx asserted while stopped is held until start', async () => {
@@ -224,7 +225,7 @@ describe('the GPIO card (examples/gpio.ts): handler state through saveState/load
     await from.setIrqs({ index: IrqIndex.INTX, eventfds: [intx] });
     await from.migration.setState(S.STOP);
     source.setInputs(1);
-    expect(source.intxAssertedNow).toBe(true);
+    expect(source.irq.intxRaised).toBe(true);
     expect(intx.take()).toBe(0);
     await from.migration.setState(S.RUNNING);
     expect(intx.take()).toBe(1);
@@ -261,10 +262,10 @@ describe('memory BARs and ioeventfds', () => {
     devices.push(a, b);
     b.bar(0).bytes!.fill(7);
     const unit = { phase: 'stopcopy', index: 0 } as const;
-    const data = Buffer.concat([...(a.migration!.save(unit) as Iterable<Uint8Array>)]);
+    const data = Buffer.concat([...(pciFunction(a).migration!.save(unit) as Iterable<Uint8Array>)]);
     let error: unknown;
     try {
-      await b.migration!.load(data, unit);
+      await pciFunction(b).migration!.load(data, unit);
     } catch (e) {
       error = e;
     }
@@ -274,7 +275,7 @@ describe('memory BARs and ioeventfds', () => {
     expect(b.bar(0).bytes!.every((x) => x === 7)).toBe(true);
     // Truncated, foreign and future-version data are refused the same way.
     for (const bad of [data.subarray(0, data.length - 1), Buffer.from('VFPX' + 'x'.repeat(20)), Buffer.concat([data.subarray(0, 4), Buffer.from([2, 0]), data.subarray(6)])]) {
-      await expect(Promise.resolve().then(() => a.migration!.load(bad, unit))).rejects.toMatchObject({ errno: Errno.EINVAL });
+      await expect(Promise.resolve().then(() => pciFunction(a).migration!.load(bad, unit))).rejects.toMatchObject({ errno: Errno.EINVAL });
     }
   });
 
@@ -293,12 +294,12 @@ describe('memory BARs and ioeventfds', () => {
     await from.regionWrite(Region.BAR0, 0n, Buffer.from('source'));
     await guest(from).setCfg16(Cfg.COMMAND, CommandBits.MEMORY);
     destination.bar(0).bytes!.set(Buffer.from('mine!!'));
-    const config = Buffer.from(destination.config.bytes);
+    const config = Buffer.from(pciFunction(destination).config.bytes);
     await expect(migrate(from, to)).rejects.toMatchObject({ errno: Errno.EIO });
     expect(seen).toBe('source');
     await expect(to.migration.state()).rejects.toMatchObject({ errno: Errno.EIO }); // failed until reset
     expect(destination.context.failed).toBe(true);
-    expect(destination.config.bytes.equals(config)).toBe(true);
+    expect(pciFunction(destination).config.bytes.equals(config)).toBe(true);
     expect(Buffer.from(destination.bar(0).bytes!.subarray(0, 6)).toString()).toBe('mine!!');
   });
 });
@@ -310,13 +311,13 @@ describe('when a PciDevice migrates', () => {
     const declared = new PciDevice({ ...base, bars: { 2: { kind: 'io', size: 8, read: () => 0 } }, migration: true });
     const refused = new PciDevice({ ...base, migration: false });
     devices.push(plain, handled, declared, refused);
-    expect(plain.migration).toBeDefined();
+    expect(pciFunction(plain).migration).toBeDefined();
     expect(plain.migrationBlocker).toBeUndefined();
-    expect(handled.migration).toBeUndefined();
+    expect(pciFunction(handled).migration).toBeUndefined();
     expect(handled.migrationBlocker).toMatch(/bars\[2\] has handlers/);
-    expect(declared.migration).toBeDefined();
-    expect(refused.migration).toBeUndefined();
-    expect(new PciIdio16().migration).toBeDefined();
+    expect(pciFunction(declared).migration).toBeDefined();
+    expect(pciFunction(refused).migration).toBeUndefined();
+    expect(pciFunction(new PciIdio16()).migration).toBeDefined();
   });
 
   test('saveState and loadState come together', () => {

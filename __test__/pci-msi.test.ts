@@ -1,4 +1,4 @@
-/** MSI (with per-vector masking) and the INTx fallback, through one irq.trigger(). */
+/** MSI (with per-vector masking) and the INTx fallback, through one irq.raise(). */
 import { afterEach, describe, expect, test } from 'vitest';
 import { IrqIndex, PciDevice, Region, type EventfdIrq, type VfioUserClient } from '../ts/index.js';
 import { DOORBELL, DoorbellDevice } from '../examples/msix-device.js';
@@ -48,10 +48,10 @@ describe('MSI', () => {
   test('a per-vector masked vector is pending until unmasked, then delivered', async () => {
     const { g, evs } = await msiEnabled();
     expect(served.device.irq.mode).toBe('msi');
-    expect(served.device.irq.trigger(2)).toBe('sent');
+    expect(served.device.irq.raise(2)).toBe('sent');
     expect(evs[2].take()).toBe(1);
     await g.setCfg32(MASK, 1 << 2);
-    expect(served.device.irq.trigger(2)).toBe('pending');
+    expect(served.device.irq.raise(2)).toBe('pending');
     expect(evs[2].take()).toBe(0);
     expect(await g.cfg32(PENDING)).toBe(1 << 2);
     await g.setCfg32(PENDING, 0); // read-only
@@ -70,15 +70,15 @@ describe('MSI', () => {
   test('with fewer vectors enabled, events share them', async () => {
     const { g, evs } = await msiEnabled();
     await g.setCfg16(CONTROL, (1 << 4) | 1); // 2 vectors
-    expect(served.device.irq.trigger(3)).toBe('sent');
+    expect(served.device.irq.raise(3)).toBe('sent');
     expect(evs[1].take()).toBe(1);
-    expect(() => served.device.irq.trigger(8)).toThrow(/vector 8/);
+    expect(() => served.device.irq.raise(8)).toThrow(/vector 8/);
   });
 
   test('SET_IRQS MASK/UNMASK holds MSI vectors too', async () => {
     const { client, evs } = await msiEnabled();
     await client.setIrqs({ index: IrqIndex.MSI, start: 0, count: 1, action: 'mask' });
-    expect(served.device.irq.trigger(0)).toBe('pending');
+    expect(served.device.irq.raise(0)).toBe('pending');
     expect(evs[0].take()).toBe(0);
     await client.setIrqs({ index: IrqIndex.MSI, start: 0, bools: [true], action: 'unmask' });
     expect(evs[0].take()).toBe(1);
@@ -99,13 +99,13 @@ describe('INTx fallback and level semantics', () => {
     // Acknowledging in the device's STATUS register drops the line.
     await g.setBar32(Region.BAR0, DOORBELL.STATUS, 1);
     expect((await g.cfg16(0x06)) & 0x08).toBe(0);
-    expect(served.device.intxAssertedNow).toBe(false);
+    expect(served.device.irq.intxRaised).toBe(false);
   });
 
   test('a device with no INTx pin and nothing enabled drops the interrupt', () => {
     const device = new PciDevice({ vendorId: 1, deviceId: 2, classCode: 0, capabilities: [{ kind: 'msi', vectors: 1 }] });
     expect(device.irq.mode).toBe('none');
-    expect(device.irq.trigger()).toBe('dropped');
+    expect(device.irq.raise()).toBe('dropped');
   });
 
   test('ERR and REQ are raised through the irq API', async () => {

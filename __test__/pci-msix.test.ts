@@ -4,6 +4,7 @@ import { IrqIndex, PciDevice, Region, type EventfdIrq, type VfioUserClient } fro
 import { DOORBELL, DoorbellDevice, MSIX_PBA_OFFSET } from '../examples/msix-device.js';
 import { serve, type Served } from './helpers.js';
 import { COMMAND_MEMORY_BUS_MASTER, Eventfds, guest, type Guest } from './pci-helpers.js';
+import { pciFunction } from '../ts/pci/device.js';
 
 let served: Served<DoorbellDevice>;
 const eventfds = new Eventfds();
@@ -54,22 +55,22 @@ describe('MSI-X', () => {
   test('the table powers on masked and reads natively from the BAR', async () => {
     served = await serve(new DoorbellDevice());
     const g = guest(await served.client());
-    const before = served.server.session!.nativeReads;
+    const before = served.server.session!.readsAnsweredNatively;
     expect(await g.bar32(Region.BAR4, 12)).toBe(1);
     expect(await g.bar32(Region.BAR4, 7 * 16 + 12)).toBe(1);
     expect(await pba(g)).toBe(0);
-    expect(served.server.session!.nativeReads).toBe(before + 3);
+    expect(served.server.session!.readsAnsweredNatively).toBe(before + 3);
   });
 
   test('an unmasked entry fires its eventfd; the guest rings doorbells through BAR0', async () => {
     const { g, evs } = await enabled();
     await g.setBar32(Region.BAR4, 2 * 16 + 12, 0);
     expect(served.device.irq.mode).toBe('msix');
-    expect(served.device.irq.trigger(2)).toBe('sent');
+    expect(served.device.irq.raise(2)).toBe('sent');
     expect(evs[2].take()).toBe(1);
     await g.setBar32(Region.BAR0, DOORBELL.RING, 2);
     expect(evs[2].take()).toBe(1);
-    expect(await g.bar32(Region.BAR0, DOORBELL.COUNTER)).toBe(1); // irq.trigger() is not a doorbell
+    expect(await g.bar32(Region.BAR0, DOORBELL.COUNTER)).toBe(1); // irq.raise() is not a doorbell
     // Reserved vector-control bits read 0; address and data read back.
     await g.setBar32(Region.BAR4, 2 * 16 + 12, 0xfffffffe);
     expect(await g.bar32(Region.BAR4, 2 * 16 + 12)).toBe(0);
@@ -78,7 +79,7 @@ describe('MSI-X', () => {
 
   test('a masked entry holds the vector in the PBA until it is unmasked', async () => {
     const { g, evs } = await enabled();
-    expect(served.device.irq.trigger(5)).toBe('pending');
+    expect(served.device.irq.raise(5)).toBe('pending');
     expect(evs[5].take()).toBe(0);
     expect(await pba(g)).toBe(1 << 5);
     // Guest writes to the PBA are dropped.
@@ -93,8 +94,8 @@ describe('MSI-X', () => {
     const { g, evs } = await enabled();
     await g.setBar32(Region.BAR4, 0 * 16 + 12, 0);
     await g.setCfg16(CONTROL, ENABLE | FUNCTION_MASK);
-    expect(served.device.irq.trigger(0)).toBe('pending');
-    expect(served.device.irq.trigger(1)).toBe('pending');
+    expect(served.device.irq.raise(0)).toBe('pending');
+    expect(served.device.irq.raise(1)).toBe('pending');
     expect(evs[0].take()).toBe(0);
     expect(await pba(g)).toBe(0b11);
     await g.setCfg16(CONTROL, ENABLE);
@@ -107,7 +108,7 @@ describe('MSI-X', () => {
     const { client, g, evs } = await enabled();
     await g.setBar32(Region.BAR4, 3 * 16 + 12, 0);
     await client.setIrqs({ index: IrqIndex.MSIX, start: 3, count: 1, action: 'mask' });
-    expect(served.device.irq.trigger(3)).toBe('pending');
+    expect(served.device.irq.raise(3)).toBe('pending');
     expect(evs[3].take()).toBe(0);
     expect(await pba(g)).toBe(1 << 3);
     await client.setIrqs({ index: IrqIndex.MSIX, start: 3, count: 1, action: 'unmask' });
@@ -123,7 +124,7 @@ describe('MSI-X', () => {
     const { g, evs } = await enabled();
     await g.setBar32(Region.BAR4, 12, 0);
     await g.setCfg16(0x04, 0x0002);
-    expect(served.device.irq.trigger(0)).toBe('dropped');
+    expect(served.device.irq.raise(0)).toBe('dropped');
     expect(evs[0].take()).toBe(0);
   });
 
@@ -135,13 +136,13 @@ describe('MSI-X', () => {
     await g.setCfg16(CONTROL, ENABLE);
     const [ev] = eventfds.create(1);
     await client.setIrqs({ index: IrqIndex.MSIX, start: 6, eventfds: [ev] });
-    expect(served.device.irq.trigger(6)).toBe('sent');
+    expect(served.device.irq.raise(6)).toBe('sent');
     expect(ev.take()).toBe(1);
   });
 
   test('DEVICE_RESET disables MSI-X, masks every entry and clears the PBA', async () => {
     const { client, g } = await enabled();
-    expect(served.device.irq.trigger(4)).toBe('pending');
+    expect(served.device.irq.raise(4)).toBe('pending');
     await g.setBar32(Region.BAR4, 16 + 12, 0);
     await client.reset();
     expect(await g.cfg16(CONTROL)).toBe(7);
@@ -182,9 +183,9 @@ describe('MSI-X in a handler-backed BAR', () => {
       expect(back.subarray(8, 16).equals(Buffer.alloc(8, 0xab))).toBe(true); // entry 0 address
       expect(back.readUInt32LE(16)).toBe(0); // entry 0 data was not written
       expect(log).toEqual(['write 248+8', 'read 248+8']);
-      served2.device.config.write(0x42, Buffer.from([0x00, 0x80]));
-      served2.device.config.write(0x04, Buffer.from([0x06, 0x00]));
-      expect(served2.device.irq.trigger(2)).toBe('pending');
+      pciFunction(served2.device).config.write(0x42, Buffer.from([0x00, 0x80]));
+      pciFunction(served2.device).config.write(0x04, Buffer.from([0x06, 0x00]));
+      expect(served2.device.irq.raise(2)).toBe('pending');
       expect((await client.regionRead(Region.BAR2, 0x200n, 8)).readUInt32LE(0)).toBe(1 << 2);
     } finally {
       await served2.close();

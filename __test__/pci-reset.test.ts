@@ -4,6 +4,7 @@ import { PciDevice, Region } from '../ts/index.js';
 import { DOORBELL, DoorbellDevice } from '../examples/msix-device.js';
 import { serve, type Served } from './helpers.js';
 import { COMMAND_MEMORY_BUS_MASTER, guest } from './pci-helpers.js';
+import { pciFunction } from '../ts/pci/device.js';
 
 let served: Served<PciDevice>;
 afterEach(async () => served?.close());
@@ -38,7 +39,7 @@ describe('Function Level Reset', () => {
 
   test('a device without FLR ignores Initiate FLR', async () => {
     let resets = 0;
-    served = await serve(new PciDevice({ vendorId: 1, deviceId: 2, classCode: 0, capabilities: [{ kind: 'pcie', flr: false }], reset: () => { resets++; } }));
+    served = await serve(new PciDevice({ vendorId: 1, deviceId: 2, classCode: 0, capabilities: [{ kind: 'pcie', flr: false }], onReset: () => { resets++; } }));
     const g = guest(await served.client());
     await g.setCfg16(0x04, 0x0002);
     await g.setCfg16(0x40 + 8, 0x8000);
@@ -50,7 +51,7 @@ describe('Function Level Reset', () => {
   test('Device Status error bits clear on a write of 1', async () => {
     served = await serve(new DoorbellDevice());
     const g = guest(await served.client());
-    served.device.config.bytes.writeUInt16LE(0x0005, DEVSTA);
+    pciFunction(served.device).config.bytes.writeUInt16LE(0x0005, DEVSTA);
     await g.setCfg16(DEVSTA, 0x0001);
     expect(await g.cfg16(DEVSTA)).toBe(0x0004);
   });
@@ -74,7 +75,7 @@ describe('Power Management', () => {
     const make = (noSoftReset: boolean) => new PciDevice({
       vendorId: 1, deviceId: 2, classCode: 0,
       capabilities: [{ kind: 'pm', noSoftReset, d1: true }],
-      reset: () => { resets++; },
+      onReset: () => { resets++; },
     });
     served = await serve(make(true));
     let g = guest(await served.client());
@@ -125,10 +126,10 @@ describe('vendor registers', () => {
       extendedCapabilities: [{ kind: 'vsec', vsecId: 7, data: Buffer.alloc(8), read: (offset, size) => { reads++; return Buffer.alloc(size, 0x10 + offset); } }],
     }));
     const client = await served.client();
-    const before = served.server.session!.nativeReads;
+    const before = served.server.session!.readsAnsweredNatively;
     expect((await client.regionRead(Region.CONFIG, 0x108n, 4)).toString('hex')).toBe('10101010');
     expect((await client.regionRead(Region.CONFIG, 0x104n, 8)).readUInt32LE(0)).toBe(7 | (16 << 20));
     expect(reads).toBe(2);
-    expect(served.server.session!.nativeReads).toBe(before);
+    expect(served.server.session!.readsAnsweredNatively).toBe(before);
   });
 });

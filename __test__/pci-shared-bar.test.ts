@@ -119,10 +119,10 @@ describe('trapped and mapped accesses', () => {
     const bytes = served.device.bar(0).bytes!;
     bytes.set([1, 2, 3, 4], 0x20);
     bytes[3 * PAGE] = 0x42;
-    const before = served.server.session!.nativeReads;
+    const before = served.server.session!.readsAnsweredNatively;
     expect([...(await client.regionRead(0, 0x20n, 4))]).toEqual([1, 2, 3, 4]);
     expect((await client.regionRead(0, BigInt(3 * PAGE), 1))[0]).toBe(0x42);
-    expect(served.server.session!.nativeReads).toBe(before + 2);
+    expect(served.server.session!.readsAnsweredNatively).toBe(before + 2);
     await client.regionWrite(0, 0x40n, Buffer.from([0xee]));
     expect([bytes[0x40], writes]).toEqual([0xee, [0x40]]);
   });

@@ -4,6 +4,7 @@
  * MSI-X vector fired before the client wired its eventfd (once lost).
  */
 import { afterEach, describe, expect, test } from 'vitest';
+import { pciFunction } from '../ts/pci/device.js';
 import { Errno, IrqIndex, PciDevice, Region } from '../ts/index.js';
 import { DoorbellDevice, MSIX_PBA_OFFSET } from '../examples/msix-device.js';
 import { openFdCount, runChild, serve, type Served } from './helpers.js';
@@ -60,7 +61,7 @@ describe('MSI-X', () => {
     await g.setCfg16(0x04, COMMAND_MEMORY_BUS_MASTER);
     // Linux: enable with the function masked; QEMU keeps the table itself (no table writes arrive).
     await g.setCfg16(CONTROL, ENABLE | FUNCTION_MASK);
-    expect(dev.irq.trigger(0)).toBe('pending');
+    expect(dev.irq.raise(0)).toBe('pending');
     expect(await g.bar32(Region.BAR4, MSIX_PBA_OFFSET)).toBe(1);
     // QEMU forwards the config write (function mask cleared) before it wires the vector's eventfd.
     await g.setCfg16(CONTROL, ENABLE);
@@ -74,12 +75,11 @@ describe('MSI-X', () => {
 
 describe('SET_IRQS', () => {
   test('fds of a SET_IRQS the device refuses by throwing are closed, not leaked', async () => {
-    class Refusing extends PciDevice {
-      setIrqs(): void {
-        throw new Error('no interrupts today');
-      }
-    }
-    served = await serve(new Refusing({ vendorId: 1, deviceId: 2, classCode: 0, intx: 'A' }), { deviceErrors: 'expected' });
+    const device = new PciDevice({ vendorId: 1, deviceId: 2, classCode: 0, intx: 'A' });
+    pciFunction(device).setIrqs = () => {
+      throw new Error('no interrupts today');
+    };
+    served = await serve(device, { deviceErrors: 'expected' });
     const client = await served.client();
     const before = openFdCount();
     const [ev] = eventfds.create(1);

@@ -6,9 +6,9 @@ import {
   IrqIndex,
   PciDevice,
   Region,
-  protocol,
   type VfioUserClient,
 } from '../ts/index.js';
+import * as protocol from '../ts/protocol/index.js';
 import { DeviceFeatureFlags, FeatureIndex } from '../ts/protocol/index.js';
 import { serve, type Served } from './helpers.js';
 import { CounterDevice } from './migration-device.js';
@@ -23,7 +23,7 @@ afterEach(async () => {
   eventfds.closeAll();
 });
 
-async function served<D extends import('../ts/index.js').VfioUserDevice>(device: D): Promise<{ s: Served<D>; client: VfioUserClient }> {
+async function served<D extends import('../ts/index.js').VfioUserDevice | PciDevice>(device: D): Promise<{ s: Served<D>; client: VfioUserClient }> {
   const s = await serve(device);
   servers.push(s);
   return { s, client: await s.client() };
@@ -90,7 +90,7 @@ describe('PCI: INTx while MSI is enabled', () => {
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [intx] });
     await client.setIrqs({ index: IrqIndex.MSI, eventfds: [msi] });
     await g.setCfg16(0x04, COMMAND_MEMORY_BUS_MASTER);
-    expect(device.irq.trigger(0)).toBe('sent'); // INTx mode: the line goes high, delivered, automasked
+    expect(device.irq.raise(0)).toBe('sent'); // INTx mode: the line goes high, delivered, automasked
     expect(intx.take()).toBe(1);
     await g.setCfg16(0x52, 0x0001); // the driver switches to MSI
     expect(device.irq.mode).toBe('msi');

@@ -6,10 +6,12 @@ import { join } from 'node:path';
 import { createServer as createNetServer } from 'node:net';
 import { once } from 'node:events';
 import { constants as os } from 'node:os';
-import { Command, connect, ConnectionClosedError, createServer, DmaSpaceClosedError, Errno, GuestMemory, PciDevice, protocol, Region, UsageError } from '../ts/index.js';
+import { Command, connect, ConnectionClosedError, createServer, DmaSpaceClosedError, Errno, GuestMemory, PciDevice, Region, UsageError } from '../ts/index.js';
+import * as protocol from '../ts/protocol/index.js';
 import { native } from '../ts/native.js';
 import { PciIdio16 } from '../examples/gpio.js';
 import { nextMessage, qemuVersion, rawConnect, rawMessage, serve, SPAWNING_TEST_MS, STARTED_MS, tempSocketPath, until, type Served } from './helpers.js';
+import { pciFunction } from '../ts/pci/device.js';
 
 let served: Served;
 afterEach(async () => served?.close());
@@ -122,8 +124,9 @@ describe('clients', () => {
     // Replies to one wake-up's messages are gathered for one sendmsg; closing must send them.
     const device = new PciIdio16();
     served = await serve(device);
-    const write = device.write.bind(device);
-    device.write = (region, offset, data) => (offset === 7 ? void served.server.close() : write(region, offset, data));
+    const fn = pciFunction(device);
+    const write = fn.write.bind(fn);
+    fn.write = (region, offset, data) => (offset === 7 ? void served.server.close() : write(region, offset, data));
     const s = await rawConnect(served.path);
     s.write(qemuVersion());
     await nextMessage(s);
@@ -154,7 +157,7 @@ describe('a client that drops the connection', () => {
       }
     });
     writeSync(fd, rawMessage({ msgId: 2, command: Command.REGION_READ }, protocol.encodeRegionReadRequest({ offset: 0n, region: Region.BAR0, count: 4 })));
-    await until(() => served.server.session!.nativeReads === 1);
+    await until(() => served.server.session!.readsAnsweredNatively === 1);
     native.closeFd(fd); // the reply is still in its receive queue: ECONNRESET
     const [, error] = (await disconnected) as [unknown, ConnectionClosedError];
     expect(error).toBeInstanceOf(ConnectionClosedError);

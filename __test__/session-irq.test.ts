@@ -3,6 +3,7 @@ import { Command, Errno, EventfdIrq, IrqIndex, Region } from '../ts/index.js';
 import { native } from '../ts/native.js';
 import { openFdCount, serve, until, type Served } from './helpers.js';
 import type { PciIdio16 } from '../examples/gpio.js';
+import { pciFunction } from '../ts/pci/device.js';
 
 let served: Served<PciIdio16>;
 const irqs: EventfdIrq[] = [];
@@ -35,7 +36,7 @@ describe('IRQ info and SET_IRQS', () => {
     await client.setIrqs({ index: IrqIndex.ERR, eventfds: [ev] });
     await client.setIrqs({ index: IrqIndex.ERR, count: 1, action: 'trigger' });
     expect(ev.take()).toBe(1);
-    served.device.interrupts.trigger(IrqIndex.ERR);
+    pciFunction(served.device).interrupts.trigger(IrqIndex.ERR);
     expect(ev.take()).toBe(1);
   });
 
@@ -44,12 +45,12 @@ describe('IRQ info and SET_IRQS', () => {
     const client = await served.client();
     const ev = eventfd();
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
-    served.device.assertIntx();
+    served.device.irq.raise();
     expect(ev.take()).toBe(1);
     expect((await client.regionRead(Region.CONFIG, 6n, 1))[0] & 0x08).toBe(0x08);
     await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'unmask' });
     expect(ev.take()).toBe(1);
-    served.device.deassertIntx();
+    served.device.irq.lower();
     await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'unmask' });
     expect(ev.take()).toBe(0);
     expect((await client.regionRead(Region.CONFIG, 6n, 1))[0] & 0x08).toBe(0);
@@ -66,28 +67,28 @@ describe('IRQ info and SET_IRQS', () => {
     await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'mask' });
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [resample], action: 'unmask' });
     await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'unmask' });
-    expect(served.device.interrupts.intxUnmaskConnected).toBe(true);
+    expect(pciFunction(served.device).interrupts.intxUnmaskConnected).toBe(true);
     expect(openFdCount()).toBe(before + 4); // two eventfds here, the server's copies of both
 
-    served.device.assertIntx();
+    served.device.irq.raise();
     expect(trigger.take()).toBe(1);
-    expect(served.device.interrupts.isMasked(IrqIndex.INTX, 0)).toBe(true); // automasked
+    expect(pciFunction(served.device).interrupts.isMasked(IrqIndex.INTX, 0)).toBe(true); // automasked
     // EOI with the line still asserted: unmasked, and fired again (and masked again).
     const again = trigger.next();
     native.eventfdSignal(resample.fd);
     expect(await again).toBe(1);
-    expect(served.device.interrupts.isMasked(IrqIndex.INTX, 0)).toBe(true);
+    expect(pciFunction(served.device).interrupts.isMasked(IrqIndex.INTX, 0)).toBe(true);
     // The device drops the line; the next EOI only unmasks, so the next assertion is delivered at once.
-    served.device.deassertIntx();
+    served.device.irq.lower();
     native.eventfdSignal(resample.fd);
-    await until(() => !served.device.interrupts.isMasked(IrqIndex.INTX, 0));
+    await until(() => !pciFunction(served.device).interrupts.isMasked(IrqIndex.INTX, 0));
     expect(trigger.take()).toBe(0);
-    served.device.assertIntx();
+    served.device.irq.raise();
     expect(trigger.take()).toBe(1);
 
     // No fd de-assigns the resample eventfd, and the server closes its copy.
     await client.setIrqs({ index: IrqIndex.INTX, count: 1, eventfds: [], action: 'unmask' });
-    expect(served.device.interrupts.intxUnmaskConnected).toBe(false);
+    expect(pciFunction(served.device).interrupts.intxUnmaskConnected).toBe(false);
     expect(openFdCount()).toBe(before + 3);
   });
 
@@ -108,11 +109,11 @@ describe('IRQ info and SET_IRQS', () => {
     const resample = eventfd();
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [resample], action: 'unmask' });
     await client.setIrqs({ index: IrqIndex.INTX, count: 0, start: 0 });
-    expect(served.device.interrupts.intxUnmaskConnected).toBe(false);
+    expect(pciFunction(served.device).interrupts.intxUnmaskConnected).toBe(false);
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [resample], action: 'unmask' });
     client.close();
     await until(() => served.server.session === undefined);
-    expect(served.device.interrupts.intxUnmaskConnected).toBe(false);
+    expect(pciFunction(served.device).interrupts.intxUnmaskConnected).toBe(false);
     expect(openFdCount()).toBe(before + 1); // only our own eventfd
   });
 
@@ -122,9 +123,9 @@ describe('IRQ info and SET_IRQS', () => {
     const ev = eventfd();
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
     await client.setIrqs({ index: IrqIndex.INTX, count: 1, action: 'mask' });
-    served.device.assertIntx();
+    served.device.irq.raise();
     expect(ev.take()).toBe(0);
-    expect(served.device.interrupts.isPending(IrqIndex.INTX, 0)).toBe(true);
+    expect(pciFunction(served.device).interrupts.isPending(IrqIndex.INTX, 0)).toBe(true);
     await client.setIrqs({ index: IrqIndex.INTX, bools: [true], action: 'unmask' });
     expect(ev.take()).toBe(1);
   });
@@ -135,7 +136,7 @@ describe('IRQ info and SET_IRQS', () => {
     const ev = eventfd();
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [ev] });
     await client.regionWrite(Region.CONFIG, 4n, Buffer.from([0x00, 0x04]));
-    served.device.assertIntx();
+    served.device.irq.raise();
     expect(ev.take()).toBe(0);
     await client.regionWrite(Region.CONFIG, 4n, Buffer.from([0x00, 0x00]));
     expect(ev.take()).toBe(1);
@@ -149,7 +150,7 @@ describe('IRQ info and SET_IRQS', () => {
     await client.setIrqs({ index: IrqIndex.REQ, eventfds: [eventfd()] });
     expect(openFdCount()).toBe(before + 4);
     await client.setIrqs({ index: IrqIndex.ERR, count: 1, eventfds: [] });
-    expect(served.device.interrupts.connected(IrqIndex.ERR, 0)).toBe(false);
+    expect(pciFunction(served.device).interrupts.connected(IrqIndex.ERR, 0)).toBe(false);
     expect(openFdCount()).toBe(before + 3);
     await client.setIrqs({ index: IrqIndex.REQ, count: 0, start: 0 });
     expect(openFdCount()).toBe(before + 2);
@@ -176,7 +177,7 @@ describe('IRQ info and SET_IRQS', () => {
     await client.setIrqs({ index: IrqIndex.INTX, eventfds: [eventfd()] });
     client.close();
     await until(() => served.server.session === undefined);
-    expect(served.device.interrupts.connected(IrqIndex.INTX, 0)).toBe(false);
+    expect(pciFunction(served.device).interrupts.connected(IrqIndex.INTX, 0)).toBe(false);
     expect(openFdCount()).toBe(before + 1); // only our own eventfd
   });
 });

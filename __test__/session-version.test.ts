@@ -1,5 +1,6 @@
 import { afterEach, describe, expect, test } from 'vitest';
-import { Command, Errno, ProtocolError, connect, protocol } from '../ts/index.js';
+import { Command, Errno, ProtocolError, connect } from '../ts/index.js';
+import * as protocol from '../ts/protocol/index.js';
 import { closedBy, nextMessage, qemuVersion, rawConnect, rawMessage, serve, until, type Served } from './helpers.js';
 
 let served: Served;

@@ -1,5 +1,6 @@
 /** The virtio PCI transport, status machine, feature negotiation and split queues, driven by the package's virtio driver. */
 import { describe, expect, test } from 'vitest';
+import { pciFunction } from '../ts/pci/device.js';
 import {
   Cfg, featureBit, IrqIndex, KIT_FEATURES, migrate, Region, VirtioDevice, VirtioDriver, VirtioFeature as F, VirtioStatus as S,
   type DescriptorChain,
@@ -260,8 +261,8 @@ describe('migration', () => {
     t.defer(() => other.close());
     const save = async (d: VirtioRng) => {
       const chunks: Uint8Array[] = [];
-      await d.migration!.stop?.();
-      const data = d.migration!.save({ phase: 'stopcopy', index: 0 });
+      await pciFunction(d).migration!.stop?.();
+      const data = pciFunction(d).migration!.save({ phase: 'stopcopy', index: 0 });
       for await (const c of data as AsyncIterable<Uint8Array> | Iterable<Uint8Array>) chunks.push(c);
       return Buffer.concat(chunks);
     };
@@ -279,7 +280,7 @@ describe('migration', () => {
       tamper((s) => (s.offered = 'ff')),
     ];
     for (const data of bad) {
-      await expect(Promise.resolve().then(() => other.migration!.load(data, { phase: 'stopcopy', index: 0 }))).rejects.toThrow();
+      await expect(Promise.resolve().then(() => pciFunction(other).migration!.load(data, { phase: 'stopcopy', index: 0 }))).rejects.toThrow();
     }
     expect(other.deviceStatus).toBe(0);
   });

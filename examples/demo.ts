@@ -26,7 +26,7 @@ async function main(): Promise<void> {
   const info = await client.getDeviceInfo();
   console.log(`client: device has ${info.numRegions} regions and ${info.numIrqs} IRQ types (flags ${hex(info.flags)})`);
   const ids = await client.regionRead(Region.CONFIG, 0n, 4);
-  console.log(`client: config space says vendor ${hex(ids.readUInt16LE(0), 4)} device ${hex(ids.readUInt16LE(2), 4)} (answered natively: ${server.session?.nativeReads} read)`);
+  console.log(`client: config space says vendor ${hex(ids.readUInt16LE(0), 4)} device ${hex(ids.readUInt16LE(2), 4)} (answered natively: ${server.session?.readsAnsweredNatively} read)`);
 
   const bar2 = await client.pci.sizeBar(2);
   console.log(`client: sized BAR2 (wrote all ones, read back, restored): ${bar2.kind} BAR of ${bar2.size} bytes`);

@@ -53,7 +53,7 @@ export class PciIdio16 extends PciDevice {
           write: (offset, data) => data.forEach((byte, i) => this.writeRegister(offset + i, byte)),
         },
       },
-      reset: () => {
+      onReset: () => {
         this.out = [0, 0];
         this.irqEnabled = false;
         this.filtersActive = false;
@@ -106,7 +106,7 @@ export class PciIdio16 extends PciDevice {
     // With the change interrupt disabled nothing is latched.
     if (!diff || !this.irqEnabled) return;
     this.changed |= (diff & 0xff ? 1 : 0) | (diff & 0xff00 ? 2 : 0);
-    this.assertIntx();
+    this.irq.raise();
   }
 
   private readRegisters(offset: number, size: number): Uint8Array {
@@ -127,7 +127,7 @@ export class PciIdio16 extends PciDevice {
         return 0;
       case IDIO16.OUT8_15: return this.out[1];
       case IDIO16.IN8_15: return this.inputs >> 8;
-      case IDIO16.IRQ_STATUS: return this.changed | (this.intxAssertedNow ? 4 : 0);
+      case IDIO16.IRQ_STATUS: return this.changed | (this.irq.intxRaised ? 4 : 0);
       default: return 0;
     }
   }
@@ -137,11 +137,11 @@ export class PciIdio16 extends PciDevice {
       case IDIO16.OUT0_7: this.out[0] = value; break;
       case IDIO16.IN0_7:
         this.changed = 0;
-        this.deassertIntx();
+        this.irq.lower();
         break;
       case IDIO16.IRQ_CTL:
         this.irqEnabled = false;
-        this.deassertIntx();
+        this.irq.lower();
         break;
       case IDIO16.FILTER_CTL: this.filtersActive = false; break;
       case IDIO16.OUT8_15: this.out[1] = value; break;

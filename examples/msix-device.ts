@@ -85,7 +85,7 @@ export class DoorbellDevice extends PciDevice {
         { kind: 'vsec', vsecId: 0x0001, vsecRevision: 1, data: Buffer.from('DBELL\0\0\0') },
         { kind: 'aer' },
       ],
-      reset: () => {
+      onReset: () => {
         this.counter = 0;
         this.status = 0;
         this.scratch = 0;
@@ -124,7 +124,7 @@ export class DoorbellDevice extends PciDevice {
   ring(vector: number): Delivery {
     this.counter = (this.counter + 1) >>> 0;
     this.status |= 1 << vector;
-    return this.irq.trigger(vector);
+    return this.irq.raise(vector);
   }
 
   private registers(): Buffer {
@@ -155,7 +155,7 @@ export class DoorbellDevice extends PciDevice {
           break;
         case DOORBELL.STATUS:
           this.status &= ~value;
-          if (this.status === 0) this.irq.deassert();
+          if (this.status === 0) this.irq.lower();
           break;
         case DOORBELL.SCRATCH: {
           const current = Buffer.alloc(4);

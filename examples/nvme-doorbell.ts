@@ -71,7 +71,7 @@ export class QueueCard extends PciDevice {
         { kind: 'pcie', type: 'endpoint' },
       ],
       // The library zeroes the BAR (doorbells included); kicks from before the reset are void.
-      reset: () => {
+      onReset: () => {
         this.heads.fill(0);
         this.completed = 0;
         for (const kick of this.bar(0).ioeventfds) kick.take();
@@ -107,7 +107,7 @@ export class QueueCard extends PciDevice {
     const tail = new DataView(bytes.buffer, bytes.byteOffset).getUint32(DOORBELL_PAGE + 4 * q, true);
     this.completed = (this.completed + ((tail - this.heads[q]) >>> 0)) >>> 0;
     this.heads[q] = tail;
-    this.irq.trigger(q);
+    this.irq.raise(q);
   }
 
   private readRegisters(offset: number, size: number): Uint8Array {

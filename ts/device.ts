@@ -7,6 +7,7 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type { NativeRegionReads } from './native.js';
 import type { DmaSpace } from './dma/space.js';
+import type { PciDevice } from './pci/device.js';
 import type { IrqInfo, RegionCap, SetIrqs } from './protocol/index.js';
 import type { DeviceContext } from './boundary.js';
 
@@ -118,10 +119,11 @@ export interface VfioUserDevice {
   reset(): void | Promise<void>;
   /**
    * Regions whose reads need no device code, answered natively (PciDevice's plain-memory BARs
-   * and config space); without it every read reaches `read`.
+   * and config space); without it every read reaches `read`. The session asks; the key keeps
+   * this transport detail out of the public contract.
    * @internal
    */
-  nativeReads?(maxCount: number): NativeRegionReads;
+  [nativeRegionReads]?(maxCount: number): NativeRegionReads;
   /** A client finished negotiation. */
   attach(attachment: DeviceAttachment): void;
   /** The client is gone: drop its interrupt fds; keep device state. */
@@ -133,6 +135,26 @@ export interface VfioUserDevice {
    * error boundary (ts/boundary.ts); the library keeps one for a device without.
    */
   readonly context?: DeviceContext;
+  /** Frees the device's resources and stops its own work; `vfio-user serve` calls it on SIGTERM/SIGINT. */
+  close?(): void | Promise<void>;
+}
+
+/**
+ * Where a device model (PciDevice) keeps the VfioUserDevice it is served
+ * through, off its public, subclassable surface. `Symbol.for`: copies of the
+ * library loaded side by side agree on it.
+ * @internal
+ */
+export const deviceContract: unique symbol = Symbol.for('vfio-user.device-contract');
+
+/** @internal */
+export const nativeRegionReads: unique symbol = Symbol.for('vfio-user.native-region-reads');
+
+/** The contract a served device keeps: its own, or the one a device model holds under `deviceContract`. @internal */
+export function contractOf(device: object): VfioUserDevice | undefined {
+  const held = (device as { [deviceContract]?: VfioUserDevice })[deviceContract];
+  if (held !== undefined) return held;
+  return typeof (device as VfioUserDevice).regionInfo === 'function' ? (device as VfioUserDevice) : undefined;
 }
 
 /**
@@ -141,4 +163,4 @@ export interface VfioUserDevice {
  * arguments after `--` (an empty array when there are none), so a module can
  * take its own options, e.g. `-- --image disk.img`.
  */
-export type DeviceFactory = (args: string[]) => VfioUserDevice | Promise<VfioUserDevice>;
+export type DeviceFactory = (args: string[]) => VfioUserDevice | PciDevice | Promise<VfioUserDevice | PciDevice>;

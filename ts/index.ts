@@ -14,7 +14,7 @@ export {
   type ServerOptions,
   type VfioUserServerEvents,
 } from './server/server.js';
-export { ServerSession, type SessionOptions } from './server/session.js';
+export type { ServerSession, SessionOptions } from './server/session.js';
 export type { PeerCredentials } from './native-binding.js';
 export { punchHole } from './sparse.js';
 export {
@@ -78,9 +78,8 @@ export {
   type VendorExtendedCapability,
 } from './pci/description.js';
 export { Cfg, CapabilityId, ExtendedCapabilityId } from './pci/spec.js';
-export { ConfigSpace, ConfigWrite, type ReadHook, type WriteHook } from './pci/config.js';
-export { Interrupts, type Delivery, type VectorRouter } from './pci/interrupts.js';
-export { DeviceIrq, type IrqMode } from './pci/irq.js';
+export type { Delivery } from './pci/interrupts.js';
+export type { DeviceIrq, IrqMode } from './pci/irq.js';
 export {
   AsyncDmaRequiredError,
   DmaAccessError,
@@ -113,7 +112,6 @@ export type {
 export { DeviceContext } from './boundary.js';
 export { ConnectionClosedError, HandlerResultError, PeerProtocolError, TimeoutError, TooManyRequestsError, UsageError, VfioUserError } from './errors.js';
 export * from './virtio/index.js';
-export * as protocol from './protocol/index.js';
 export {
   Command,
   Errno,

@@ -169,7 +169,7 @@ export class NvmeController extends PciDevice {
         { kind: 'msix', vectors: VECTORS, table: { bar: 0, offset: MSIX_TABLE }, pba: { bar: 0, offset: MSIX_PBA } },
         { kind: 'pcie', type: 'endpoint', flr: true },
       ],
-      reset: () => this.powerOnReset(),
+      onReset: () => this.powerOnReset(),
       migration: {
         saveState: () => this.saveState(),
         loadState: (data) => this.loadState(data),
@@ -244,7 +244,7 @@ export class NvmeController extends PciDevice {
       case Register.INTMC:
         this.intms = (this.intms & ~value) >>> 0;
         // A vector unmasked with completions waiting is signalled now (MSI; INTx follows the level).
-        if (this.irq.mode === 'msi') for (const cq of this.cqs) if (cq?.interrupts && cq.pending && (value >>> cq.vector) & 1) this.irq.trigger(cq.vector);
+        if (this.irq.mode === 'msi') for (const cq of this.cqs) if (cq?.interrupts && cq.pending && (value >>> cq.vector) & 1) this.irq.raise(cq.vector);
         return this.updateLevel();
       case Register.CC: return this.writeCc(value & CC_WRITABLE);
       case Register.CSTS:
@@ -626,18 +626,18 @@ export class NvmeController extends PciDevice {
   private interrupt(cq: CompletionQueue): void {
     if (!cq.interrupts) return;
     const mode = this.irq.mode;
-    if (mode === 'msix') this.irq.trigger(cq.vector);
+    if (mode === 'msix') this.irq.raise(cq.vector);
     else if (mode === 'msi') {
-      if (!((this.intms >>> cq.vector) & 1)) this.irq.trigger(cq.vector);
+      if (!((this.intms >>> cq.vector) & 1)) this.irq.raise(cq.vector);
     } else this.updateLevel();
   }
 
   /** INTx: asserted while any CQ with interrupts enabled holds entries the host has not consumed, unless INTMS masks it. */
   private updateLevel(): void {
-    if (this.irq.mode !== 'intx') return this.irq.deassert();
+    if (this.irq.mode !== 'intx') return this.irq.lower();
     const level = (this.intms & 1) === 0 && this.cqs.some((cq) => cq?.interrupts && cq.pending);
-    if (level) this.irq.trigger(0);
-    else this.irq.deassert();
+    if (level) this.irq.raise(0);
+    else this.irq.lower();
   }
 
   // ---- polling the mapped doorbells ----

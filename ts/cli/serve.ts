@@ -5,12 +5,13 @@ import { pathToFileURL } from 'node:url';
 import { createServer, type ServerOptions } from '../server/server.js';
 import { UsageError } from '../errors.js';
 import { commandName } from '../protocol/index.js';
-import type { DeviceFactory, VfioUserDevice } from '../device.js';
+import { contractOf, type DeviceFactory, type VfioUserDevice } from '../device.js';
+import type { PciDevice } from '../pci/device.js';
 import { importWithOwnCopy, requireWithOwnCopy } from './own-copy.js';
 import { contextOf } from '../boundary.js';
 
-function isDevice(value: unknown): value is VfioUserDevice {
-  return typeof value === 'object' && value !== null && typeof (value as VfioUserDevice).regionInfo === 'function';
+function isDevice(value: unknown): value is VfioUserDevice | PciDevice {
+  return typeof value === 'object' && value !== null && contractOf(value) !== undefined;
 }
 
 /** A folder stands for its index module (`examples/nvme` → `examples/nvme/index.ts`). */
@@ -28,7 +29,7 @@ function modulePath(file: string): string {
  * returns the device it exports: the default export itself, or what that
  * export returns when it is a `DeviceFactory`, called with `args`.
  */
-export async function loadDevice(file: string, args: string[] = []): Promise<VfioUserDevice> {
+export async function loadDevice(file: string, args: string[] = []): Promise<VfioUserDevice | PciDevice> {
   const path = modulePath(file);
   let exported: unknown;
   if (/\.m[jt]s$/.test(path)) {
@@ -82,7 +83,7 @@ export async function serve(file: string, socket: string | { fd: number }, optio
   });
   await server.listen(socket, { mode: options.mode });
   // One device per process: what escapes its own plain timers and promises is the device failing too.
-  const boundary = contextOf(device);
+  const boundary = contextOf(contractOf(device)!);
   const failed = (error: unknown) => boundary.fail(error);
   process.on('uncaughtException', failed);
   process.on('unhandledRejection', failed);

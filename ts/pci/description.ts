@@ -239,12 +239,23 @@ export interface PciDeviceDescription {
   capabilities?: Capability[];
   /** Needs a `pcie` capability. The one at the lowest offset must sit at 0x100. */
   extendedCapabilities?: ExtendedCapability[];
-  /** Called on DEVICE_RESET and FLR (after config space is back to its defaults). */
-  reset?(): void | Promise<void>;
+  /**
+   * Called on DEVICE_RESET, FLR and soft reset, after the library has put
+   * config space, BARs and interrupts back to their power-on state: device
+   * code resets its own registers here. (A PciDevice subclass cannot define
+   * a `reset` method: this hook is the one place.)
+   */
+  onReset?(): void | Promise<void>;
+  /**
+   * Called by `PciDevice.close()` (and so when `vfio-user serve` stops)
+   * before the library frees the device's memory: device code stops its
+   * timers, watches and workers here, so the process can exit.
+   */
+  onClose?(): void;
   /**
    * Live migration. Omitted: the device migrates when the library holds all
    * of its state, i.e. the description has no BAR or register handlers, no
-   * ioeventfds and no `reset` hook; otherwise it is not migratable (state in
+   * ioeventfds and no `onReset` hook; otherwise it is not migratable (state in
    * handlers would be lost silently), until this says how. `true`: migrate
    * what the library holds; device code keeps nothing else. Hooks: that,
    * plus device code's own state. `false`: never.

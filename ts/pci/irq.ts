@@ -1,7 +1,8 @@
 /**
- * The device's side of interrupts: one `trigger(vector)` that uses whichever
- * mode the guest enabled (MSI-X, else MSI, else the INTx pin), the INTx
- * line's level semantics, and ERR/REQ.
+ * The device's side of interrupts, one vocabulary for every mode: `raise(vector)`
+ * signals in whichever mode the guest enabled (MSI-X, else MSI, else the INTx
+ * pin), `lower()` ends the INTx line's level, `intxRaised` says where the
+ * line is; ERR and REQ go to the VMM.
  */
 import { UsageError } from '../errors.js';
 import { IrqIndex } from '../protocol/index.js';
@@ -48,10 +49,12 @@ export class DeviceIrq {
    * Raises interrupt `vector` in the guest's mode. MSI-X and MSI are edges:
    * a masked vector is held pending (PBA / pending bits) and delivered on
    * unmask; without Bus Master Enable the function cannot write the message,
-   * so it is dropped. INTx is a level: the line stays asserted until
-   * `deassert()`, and every vector shares it.
+   * so it is dropped. INTx is a level: the line stays raised until
+   * `lower()` (typically when the guest acknowledges the cause in a device
+   * register), and every vector shares it: a line left raised interrupts the
+   * guest again after each end of interrupt, an interrupt storm.
    */
-  trigger(vector = 0): Delivery {
+  raise(vector = 0): Delivery {
     const vectors = Math.max(1, this.msi?.vectors.count ?? 0, this.msix?.vectors.count ?? 0);
     if (!Number.isInteger(vector) || vector < 0 || vector >= vectors) {
       throw new UsageError(`vector ${vector} is not in 0-${vectors - 1}`);
@@ -63,24 +66,30 @@ export class DeviceIrq {
       case 'msi':
         return this.busMaster ? this.msi!.fire(vector) : 'dropped';
       case 'intx':
-        return this.assertIntx();
+        return this.raiseIntx();
       case 'none':
         return 'dropped';
     }
   }
 
-  /** Ends a level interrupt raised in INTx mode; message interrupts are edges and need nothing. */
-  deassert(): void {
-    if (this.asserted) this.deassertIntx();
+  /**
+   * Lowers the INTx line `raise()` raised in INTx mode (a no-op when it is
+   * low); message interrupts are edges and need nothing.
+   */
+  lower(): void {
+    if (this.asserted) this.lowerIntx();
+  }
+
+  /** Whether the INTx line is raised: by `raise()` in INTx mode, not yet lowered. */
+  get intxRaised(): boolean {
+    return this.asserted;
   }
 
   /**
-   * Raises the INTx line (level): delivered unless INTx is disabled, masked,
-   * or the guest enabled MSI or MSI-X (then the function must not use INTx:
-   * the line is held internally and offered if the guest goes back to INTx).
+   * Raises the INTx line (level): delivered unless INTx is disabled or
+   * masked; an asserted line is offered again when the guest unmasks it.
    */
-  assertIntx(): Delivery {
-    if (!this.hasPin) throw new UsageError('the device declares no INTx pin');
+  private raiseIntx(): Delivery {
     this.config.setBits16(Cfg.STATUS, Status.INTX, true);
     // An asserted line has already been offered: the guest sees it when it unmasks.
     if (this.asserted) return 'pending';
@@ -88,15 +97,11 @@ export class DeviceIrq {
     return this.intxLive ? this.offerIntx() : 'pending';
   }
 
-  deassertIntx(): void {
+  private lowerIntx(): void {
     this.asserted = false;
     this.heldIntx = false;
     this.config.setBits16(Cfg.STATUS, Status.INTX, false);
     this.interrupts.clearPending(IrqIndex.INTX, 0);
-  }
-
-  get intxAsserted(): boolean {
-    return this.asserted;
   }
 
   /** Reports an error to the client (ERR index, e.g. for AER). */
@@ -113,6 +118,7 @@ export class DeviceIrq {
    * After a SET_IRQS: an INTx line unmasked while still high fires again
    * (level), but only in INTx mode: with MSI or MSI-X enabled the function
    * does not use INTx (PCI 3.0 §6.8.1.3, MSI-X Enable), whatever the line does.
+   * @internal
    */
   clientChanged(index: number): void {
     if (index === IrqIndex.INTX && this.asserted && this.intxLive && !this.interrupts.isMasked(IrqIndex.INTX, 0)) {
@@ -120,7 +126,7 @@ export class DeviceIrq {
     }
   }
 
-  /** Whether the device is stopped for migration (interrupts are held, not signalled). */
+  /** Whether the device is stopped for migration (interrupts are held, not signalled). @internal */
   get held(): boolean {
     return this.stopped;
   }
@@ -130,13 +136,14 @@ export class DeviceIrq {
    * fires set their pending bits (PBA, MSI pending) and an INTx assertion is
    * held, so the state saved in STOP_COPY has them and nothing is lost.
    * ERR and REQ go to the VMM, not the guest, and are not held.
+   * @internal
    */
   stop(): void {
     this.stopped = true;
     for (const m of [this.msi, this.msix]) if (m) m.vectors.held = true;
   }
 
-  /** Undoes stop(): pending vectors no mask holds are delivered, a held INTx line is offered. */
+  /** Undoes stop(): pending vectors no mask holds are delivered, a held INTx line is offered. @internal */
   start(): void {
     this.stopped = false;
     for (const m of [this.msi, this.msix]) {
@@ -153,20 +160,21 @@ export class DeviceIrq {
   /**
    * Migration load: the INTx line as the source left it; `held` has start()
    * offer it (a destination's client has never seen the line go high).
+   * @internal
    */
   restoreIntx(asserted: boolean, held: boolean): void {
     this.asserted = asserted;
     this.heldIntx = asserted && held;
   }
 
-  /** An asserted INTx line not yet offered to the client because the device was stopped. */
+  /** An asserted INTx line not yet offered to the client because the device was stopped. @internal */
   get intxHeld(): boolean {
     return this.heldIntx;
   }
 
-  /** Device reset: the line drops and every pending event is forgotten. */
+  /** Device reset: the line drops and every pending event is forgotten. @internal */
   reset(): void {
-    this.deassertIntx();
+    this.lowerIntx();
     this.msi?.reset();
     this.msix?.reset();
     this.interrupts.clearAllPending();

@@ -71,7 +71,7 @@ export function migrationBlocker(d: PciDeviceDescription): string | undefined {
   (d.extendedCapabilities ?? []).forEach((c, i) => {
     if (c.kind === 'vsec' && (c.read || c.write)) found.push(`extendedCapabilities[${i}] has register hooks`);
   });
-  if (d.reset) found.push('it has a reset hook');
+  if (d.onReset) found.push('it has an onReset hook');
   if (found.length === 0) return undefined;
   return `${found.join(', ')}: device code may keep state the library cannot save. `
     + 'Declare `migration: true` if it keeps none, or give `migration: { saveState, loadState }`';
@@ -180,7 +180,7 @@ class PciState {
     const out: Section[] = [fixed('LAYO', Buffer.from(JSON.stringify(this.layout)))];
     out.push(fixed('CONF', Buffer.from(config.bytes)));
     const intr = Buffer.alloc(INTR_SIZE);
-    intr[0] = (irq.intxAsserted ? INTX_ASSERTED : 0) | (irq.intxHeld ? INTX_HELD : 0) | (msix?.state.tableDriven ? MSIX_TABLE_DRIVEN : 0);
+    intr[0] = (irq.intxRaised ? INTX_ASSERTED : 0) | (irq.intxHeld ? INTX_HELD : 0) | (msix?.state.tableDriven ? MSIX_TABLE_DRIVEN : 0);
     intr.writeUInt32LE(msi?.privatePending ?? 0, 4);
     out.push(fixed('INTR', intr));
     if (msix) {

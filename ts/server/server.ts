@@ -8,7 +8,8 @@ import { EventEmitter } from 'node:events';
 import { native, type PeerCredentials } from '../native.js';
 import { UsageError, VfioUserError } from '../errors.js';
 import { errnoName } from '../protocol/index.js';
-import type { VfioUserDevice } from '../device.js';
+import { contractOf, type VfioUserDevice } from '../device.js';
+import type { PciDevice } from '../pci/device.js';
 import { contextOf } from '../boundary.js';
 import { ServerSession, type SessionOptions } from './session.js';
 
@@ -87,15 +88,21 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
   private readonly sessionOptions: SessionOptions;
   private readonly stopReporting: () => void;
 
+  /** What sessions serve: `device` itself, or the contract a PciDevice keeps. */
+  private readonly contract: VfioUserDevice;
+
   constructor(
-    readonly device: VfioUserDevice,
+    readonly device: VfioUserDevice | PciDevice,
     private readonly options: ServerOptions = {},
   ) {
     super();
+    const contract = contractOf(device);
+    if (contract === undefined) throw new UsageError('createServer needs a PciDevice or a VfioUserDevice');
+    this.contract = contract;
     checkOptions(options);
     const { requestTimeoutMs, maxQueuedBytes } = options;
     this.sessionOptions = { requestTimeoutMs, maxQueuedBytes };
-    this.stopReporting = contextOf(device).onFailure((error, command) => this.emit('deviceError', error, command));
+    this.stopReporting = contextOf(contract).onFailure((error, command) => this.emit('deviceError', error, command));
   }
 
   /**
@@ -171,7 +178,7 @@ export class VfioUserServer extends EventEmitter<VfioUserServerEvents> {
     }
     if (this.options.allowedPeers && !this.allowed(fd, this.options.allowedPeers)) return;
     this.listener!.pause();
-    const session = new ServerSession(fd, this.device, {
+    const session = new ServerSession(fd, this.contract, {
       onClose: (s, error) => this.ended(s, error),
       onRequestTimeout: (command) => this.emit('requestTimeout', command),
     }, this.sessionOptions);
@@ -224,6 +231,6 @@ function checkOptions(options: ServerOptions): void {
 }
 
 /** Creates a server for `device`, like `net.createServer()`. */
-export function createServer(device: VfioUserDevice, options: ServerOptions = {}): VfioUserServer {
+export function createServer(device: VfioUserDevice | PciDevice, options: ServerOptions = {}): VfioUserServer {
   return new VfioUserServer(device, options);
 }

@@ -9,7 +9,7 @@ import { closeFds, native } from '../native.js';
 import { DmaSpace } from '../dma/space.js';
 import { MessageDma } from '../dma/messages.js';
 import { ConnectionClosedError, type PeerProtocolError } from '../errors.js';
-import { requestAttachment, type DeviceAttachment, type VfioUserDevice } from '../device.js';
+import { nativeRegionReads, requestAttachment, type DeviceAttachment, type VfioUserDevice } from '../device.js';
 import { contextOf, type DeviceContext } from '../boundary.js';
 import { MigrationSession, migrationStateOf } from './migration/index.js';
 import {
@@ -120,7 +120,8 @@ export class ServerSession {
     return this.negotiated?.capabilities;
   }
 
-  get nativeReads(): number {
+  /** REGION_READs answered natively, without device code. */
+  get readsAnsweredNatively(): number {
     return this.channel.nativeReads;
   }
 
@@ -225,7 +226,7 @@ export class ServerSession {
 
   /** Reads of plain-memory regions are answered without device code, unless the device failed. */
   private answerNatively(): void {
-    const reads = this.boundary.failed ? undefined : this.device.nativeReads?.(SERVER_CAPABILITIES.maxDataXferSize);
+    const reads = this.boundary.failed ? undefined : this.device[nativeRegionReads]?.(SERVER_CAPABILITIES.maxDataXferSize);
     this.channel.setRegionReads(reads ?? null);
   }
 

@@ -13,7 +13,7 @@
  *        +0x1000 ISR status               +0x3000 notifications, 4 bytes per queue
  */
 import { UsageError } from '../errors.js';
-import { PciDevice } from '../pci/device.js';
+import { PciDevice, pciFunction } from '../pci/device.js';
 import type { Capability, PciMigration } from '../pci/description.js';
 import { checkQueueState, Virtqueue, type QueueHost, type QueueState } from './queue.js';
 import {
@@ -132,7 +132,7 @@ export class VirtioDevice extends PciDevice {
         },
         { kind: 'msix', at: CapAt.MSIX, vectors: queues + 1, table: { bar: MSIX_BAR, offset: 0 }, pba: { bar: MSIX_BAR, offset: Layout.MSIX_PBA } },
       ],
-      reset: () => this.resetVirtio(),
+      onReset: () => this.resetVirtio(),
       migration: {
         saveState: () => this.saveState(),
         loadState: (data) => this.loadState(data),
@@ -215,11 +215,11 @@ export class VirtioDevice extends PciDevice {
   /** MSI-X to `vector` when the guest enabled it, else INTx with the ISR bit. */
   private interrupt(vector: number, isr: number): void {
     if (this.irq.mode === 'msix') {
-      if (vector !== NO_VECTOR) this.irq.trigger(vector);
+      if (vector !== NO_VECTOR) this.irq.raise(vector);
       return;
     }
     this.isr |= isr;
-    this.irq.trigger(0);
+    this.irq.raise(0);
   }
 
   // ---- BAR4 ----
@@ -233,7 +233,7 @@ export class VirtioDevice extends PciDevice {
       // Reading ISR acknowledges it (§4.1.4.5): INTx drops.
       out[0] = this.isr;
       this.isr = 0;
-      this.irq.deassert();
+      this.irq.lower();
     } else if (offset >= Layout.DEVICE && offset < Layout.NOTIFY) {
       const at = offset - Layout.DEVICE;
       if (at < this.deviceConfig.length) this.deviceConfig.copy(out, 0, at, Math.min(this.deviceConfig.length, at + size));
@@ -372,7 +372,7 @@ export class VirtioDevice extends PciDevice {
     this.queueSelect = 0;
     this.isr = 0;
     this.needsReset = undefined;
-    this.irq.deassert();
+    this.irq.lower();
     for (const q of this.queues) q.reset();
     this.virtio.reset?.call(this);
   }
@@ -385,15 +385,15 @@ export class VirtioDevice extends PciDevice {
 
   /** The window's target when it is one the driver may use: our BAR, 1/2/4 bytes, aligned, inside. */
   private pciWindowTarget(): { offset: number; length: number } | undefined {
-    const bar = this.config.u8(CapAt.PCI + Cap.BAR);
-    const offset = this.config.u32(CapAt.PCI + Cap.OFFSET);
-    const length = this.config.u32(CapAt.PCI + Cap.LENGTH);
+    const bar = pciFunction(this).config.u8(CapAt.PCI + Cap.BAR);
+    const offset = pciFunction(this).config.u32(CapAt.PCI + Cap.OFFSET);
+    const length = pciFunction(this).config.u32(CapAt.PCI + Cap.LENGTH);
     if (bar !== VIRTIO_BAR || ![1, 2, 4].includes(length) || offset % length !== 0 || offset + length > Layout.BAR_SIZE) return undefined;
     return { offset, length };
   }
 
   private readPciWindow(offset: number, size: number): Uint8Array {
-    const out = Buffer.from(this.config.bytes.subarray(CapAt.PCI + 3 + offset, CapAt.PCI + 3 + offset + size));
+    const out = Buffer.from(pciFunction(this).config.bytes.subarray(CapAt.PCI + 3 + offset, CapAt.PCI + 3 + offset + size));
     const data = Cap.EXTRA - 3;
     const target = this.pciWindowTarget();
     if (target && offset + size > data) {
@@ -408,9 +408,9 @@ export class VirtioDevice extends PciDevice {
     const window = Cap.EXTRA - 3;
     const target = this.pciWindowTarget();
     if (!target || offset + data.length <= window) return;
-    const bytes = this.config.bytes.subarray(CapAt.PCI + Cap.EXTRA, CapAt.PCI + Cap.EXTRA + target.length);
+    const bytes = pciFunction(this).config.bytes.subarray(CapAt.PCI + Cap.EXTRA, CapAt.PCI + Cap.EXTRA + target.length);
     // Through the BAR's own path, so a notification written here still reaches the queue.
-    void this.write(VIRTIO_BAR, target.offset, Buffer.from(bytes));
+    void pciFunction(this).write(VIRTIO_BAR, target.offset, Buffer.from(bytes));
   }
 
   // ---- migration ----
