@@ -68,6 +68,7 @@ export class Virtqueue {
   private restored: number[] = [];
   private idleWaiters: (() => void)[] = [];
 
+  /** @internal Queues are made by their VirtioDevice. */
   constructor(
     readonly index: number,
     readonly maxSize: number,
