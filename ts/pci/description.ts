@@ -101,8 +101,8 @@ export interface DeviceRegisters {
   writable?: Uint8Array | true;
   /**
    * Computes registers when the guest reads them (offset relative to `data`).
-   * Config reads then go through JS instead of the native fast path: see
-   * `PciDevice.nativeReads`.
+   * Config reads then go through JS instead of being answered natively
+   * (docs/pci-model.md, "Config reads and hooks").
    */
   read?(offset: number, size: number): RegisterValue;
   /** Sees every guest write to the registers, after the writable bits are stored. */
