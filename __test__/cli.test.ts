@@ -1,6 +1,6 @@
 /** `vfio-user serve`: a device module served to any client until a signal. */
 import { spawn } from 'node:child_process';
-import { existsSync, renameSync } from 'node:fs';
+import { existsSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { createServer as createNetServer } from 'node:net';
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
@@ -47,6 +47,30 @@ describe('vfio-user serve', { timeout: SPAWNING_TEST_MS }, () => {
     } finally {
       child.kill('SIGKILL');
       socket.cleanup();
+    }
+  });
+
+  test.each(['SIGTERM', 'SIGINT'] as const)('%s closes the server, calls the device\'s close() and exits 0 though device code holds a timer', async (signal) => {
+    const socket = tempSocketPath();
+    const closed = `${socket.path}.closed`;
+    const child = spawn(process.execPath, [...cli, 'serve', join(root, '__test__/fixtures/ticking-device.ts'), '--socket', socket.path, '--', closed], { cwd: root, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d) => (stderr += d));
+    try {
+      await until(() => stderr.includes('serving') || child.exitCode !== null, STARTED_MS);
+      const client = await connect(socket.path, { timeoutMs: STARTED_MS });
+      expect((await client.regionRead(Region.CONFIG, 0n, 4)).readUInt32LE(0)).toBe(0x00031234);
+      const exited = new Promise<number | null>((r) => child.on('exit', r));
+      // With the client still attached: the server lets it go before the device closes.
+      child.kill(signal);
+      expect(await exited, stderr).toBe(0);
+      expect(existsSync(socket.path)).toBe(false);
+      expect(readFileSync(closed, 'utf8')).toMatch(/^closed after \d+ ticks$/);
+      client.close();
+    } finally {
+      child.kill('SIGKILL');
+      socket.cleanup();
+      rmSync(closed, { force: true });
     }
   });
 

@@ -138,6 +138,9 @@ ${EXIT_STATUS}`,
       const module = example === undefined ? positionals[0] : examplePathOrUsage(example);
       applyVerbose(values);
       await serve(module, path ?? { fd: fd! }, { mode, args: rest, server });
+      // Stopped by SIGINT or SIGTERM, the server and the device closed: a handle device code
+      // still holds (a setInterval it never cleared) must not keep the process running.
+      process.exit(Exit.OK);
     },
   },
   lspci: {

@@ -90,6 +90,8 @@ export async function serve(file: string, socket: string | { fd: number }, optio
   console.error(`vfio-user: serving ${file} on ${typeof socket === 'string' ? socket : `fd ${socket.fd}`}`);
   await untilSignal();
   await server.close();
+  // The device's cleanup hook (PciDevice's runs the description's onClose): timers, watches, files.
+  await device.close?.();
   process.off('uncaughtException', failed);
   process.off('unhandledRejection', failed);
 }
