@@ -26,9 +26,10 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 /** The ```ts sample of `markdown` that starts with `firstLine`, written out as the user saves it. */
 function sample(markdown: string, firstLine: string): string {
   const text = readFileSync(join(root, markdown), 'utf8');
-  const start = text.indexOf(`\`\`\`ts\n${firstLine}`);
-  if (start < 0) throw new Error(`${markdown} has no ts sample starting with ${firstLine}`);
-  const body = text.slice(start + '```ts\n'.length, text.indexOf('\n```', start));
+  const fence = new RegExp(`^\`\`\`ts[^\\n]*\\n(?=${firstLine})`, 'm').exec(text);
+  if (fence === null) throw new Error(`${markdown} has no ts sample starting with ${firstLine}`);
+  const start = fence.index + fence[0].length;
+  const body = text.slice(start, text.indexOf('\n```', start));
   const path = join(dir, `${markdown.replace(/[/.]/g, '_')}_counter.mts`);
   writeFileSync(path, body);
   return path;

@@ -1,14 +1,20 @@
 /**
  * Every ```ts sample in README.md and docs/*.md is type-checked against the
- * built package (as a user's file importing 'vfio-user' would be); the ones
- * fenced as ```ts run are run too, and ```ts vitest ones run as a vitest file. An HTML comment `<!-- sample
- * prelude: CODE -->` right above a fence puts CODE before the sample (for a
- * fragment that uses names an earlier sample defined).
+ * built package (as a user's file importing 'vfio-user' would be) and run:
+ * ```ts run ones with tsx, ```ts vitest ones as a vitest file, and ```ts device
+ * ones (a device module, as `vfio-user serve` takes) loaded as `serve` loads
+ * them, served and read by a client. Each is saved as an `.mts` file, an ES
+ * module as the docs tell users to save them (top-level await). An HTML comment
+ * `<!-- sample prelude: CODE -->` right above a fence puts CODE before the
+ * sample (for a fragment that uses names an earlier sample defined).
  */
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, test } from 'vitest';
+import { connect, createServer, Region } from '../ts/index.js';
+import { loadDevice } from '../ts/cli/serve.js';
+import { tempSocketPath } from './helpers.js';
 
 const root = join(__dirname, '..');
 
@@ -16,7 +22,7 @@ interface Sample {
   /** `docs/dma.md:42`: where the fence opens. */
   where: string;
   file: string;
-  run: 'tsx' | 'vitest' | undefined;
+  run: 'tsx' | 'vitest' | 'device' | undefined;
   prelude: string;
   code: string;
 }
@@ -25,13 +31,13 @@ function samplesOf(markdown: string): Sample[] {
   const lines = readFileSync(join(root, markdown), 'utf8').split('\n');
   const samples: Sample[] = [];
   for (let i = 0; i < lines.length; i++) {
-    const fence = /^```ts(?:\s+(run|vitest))?\s*$/.exec(lines[i]);
+    const fence = /^```ts(?:\s+(run|vitest|device))?\s*$/.exec(lines[i]);
     if (!fence) continue;
     const prelude = /^<!-- sample prelude: (.*) -->$/.exec(lines[i - 1] ?? '')?.[1] ?? '';
     const start = i;
     const body: string[] = [];
     for (i++; i < lines.length && lines[i] !== '```'; i++) body.push(lines[i]);
-    const run = fence[1] === 'run' ? 'tsx' : fence[1] === 'vitest' ? 'vitest' : undefined;
+    const run = fence[1] === 'run' ? 'tsx' : (fence[1] as 'vitest' | 'device' | undefined);
     const name = `${markdown.replace(/[/.]/g, '_')}_${start + 1}${run === 'vitest' ? '.test' : ''}.mts`;
     samples.push({ where: `${markdown}:${start + 1}`, file: name, run, prelude, code: body.join('\n') });
   }
@@ -60,10 +66,11 @@ function vitestConfig(): string {
 }
 
 describe('code samples in README.md and docs/', () => {
-  test('there are samples, some of them runnable', () => {
+  test('there are samples, and every one of them runs (fenced run, vitest or device)', () => {
     expect(samples.length).toBeGreaterThan(10);
-    expect(samples.filter((s) => s.run === 'tsx').length).toBeGreaterThan(2);
     expect(samples.filter((s) => s.run === 'vitest').length).toBeGreaterThan(0);
+    expect(samples.filter((s) => s.run === 'device').length).toBeGreaterThan(0);
+    expect(samples.filter((s) => s.run === undefined).map((s) => s.where)).toEqual([]);
   });
 
   test('every ts sample type-checks against the package with the project\'s strict settings', () => {
@@ -85,7 +92,29 @@ describe('code samples in README.md and docs/', () => {
     expect(tsc.status).toBe(0);
   }, 120_000);
 
-  for (const sample of samples.filter((s) => s.run)) {
+  for (const sample of samples.filter((s) => s.run === 'device')) {
+    test(`${sample.where} is a device module vfio-user serve serves`, async () => {
+      const device = await loadDevice(write(sample));
+      const socket = tempSocketPath();
+      const server = createServer(device);
+      try {
+        await server.listen(socket.path);
+        const client = await connect(socket.path);
+        try {
+          expect((await client.regionRead(Region.CONFIG, 0n, 2)).readUInt16LE(0)).not.toBe(0xffff);
+          expect((await client.pci.sizeBar(0))?.size).toBeGreaterThan(0n);
+        } finally {
+          client.close();
+        }
+      } finally {
+        await server.close();
+        await device.close?.();
+        socket.cleanup();
+      }
+    });
+  }
+
+  for (const sample of samples.filter((s) => s.run === 'tsx' || s.run === 'vitest')) {
     test(`${sample.where} runs to completion`, () => {
       const path = write(sample);
       const command = sample.run === 'tsx'
