@@ -1,18 +1,21 @@
 /**
- * What `npm install vfio-user` gives a user. The main package (with the
- * optionalDependencies a release gives it) and the linux-x64-gnu platform
- * package holding the addon `npm ci` built are packed into tarballs and
- * installed, offline from npm's cache, into a fresh project whose PATH has no
- * cargo, rustc or C compiler. From there the package is required, imported,
- * served and read with its own command, and a small TS device is type-checked
- * on TypeScript 5 and 6 with the project's strict settings and no skipLibCheck.
+ * What `npm install vfio-user` gives a user. `npm run pack:local`'s tarballs
+ * (the main package, its manifest pinned to the platform packages and without
+ * the repository's scripts, and the linux-x64-gnu platform package holding the
+ * addon `npm ci` built) are installed, offline from npm's cache and with no
+ * warning from npm, into a fresh project whose PATH has no cargo, rustc or C
+ * compiler. From there the package is required, imported, served (a shipped
+ * example without tsx, a TS device with it) and read with its own command,
+ * and a small TS device is type-checked on TypeScript 5 and 6 with the
+ * project's strict settings and no skipLibCheck.
  */
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import ts from 'typescript';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { connect, Errno, Region } from '../ts/index.js';
 import { until } from './helpers.js';
 
 const repo = join(__dirname, '..');
@@ -20,6 +23,7 @@ const PLATFORM = 'linux-x64-gnu';
 const ADDON = join(repo, 'native', `vfio-user.${PLATFORM}.node`);
 
 interface LockEntry {
+  version?: string;
   dependencies?: Record<string, string>;
   optionalDependencies?: Record<string, string>;
   peerDependencies?: Record<string, string>;
@@ -70,16 +74,43 @@ function inApp(command: string, args: string[]): string {
   return execFileSync(command, args, { cwd: app, env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
 }
 
-/** `npm pack` of `files` (copied from the repo) in a scratch folder; the tarball's path. */
-function pack(name: string, files: Record<string, string>, prepare?: (dir: string) => void): string {
-  const dir = join(work, `stage-${name}`);
-  for (const [to, from] of Object.entries(files)) cpSync(from, join(dir, to), { recursive: true });
-  prepare?.(dir);
-  const [{ filename }] = JSON.parse(
-    execFileSync('npm', ['pack', '--json', '--ignore-scripts', '--pack-destination', work], { cwd: dir, encoding: 'utf8' }),
-  ) as { filename: string }[];
-  return join(work, filename);
+/** Runs `body` with tsx uninstalled from the fresh project (it is an optional peer dependency). */
+async function withoutTsx<T>(body: () => Promise<T>): Promise<T> {
+  const installed = join(app, 'node_modules', 'tsx');
+  renameSync(installed, `${installed}.away`);
+  try {
+    return await body();
+  } finally {
+    renameSync(`${installed}.away`, installed);
+  }
 }
+
+/** `npx vfio-user serve ARGS` in its own process group (npx does not pass SIGTERM on); resolves once it serves. */
+async function served(args: string[]): Promise<{ server: ChildProcess; stderr: () => string; stop(): Promise<number | null> }> {
+  const server = spawn('npx', ['vfio-user', 'serve', ...args], { cwd: app, env, detached: true, stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  server.stderr!.on('data', (chunk) => (stderr += chunk));
+  const exited = new Promise<number | null>((r) => server.on('exit', r));
+  await until(() => stderr.includes('serving') || server.exitCode !== null, 30_000);
+  return {
+    server,
+    stderr: () => stderr,
+    async stop() {
+      try {
+        process.kill(-server.pid!, 'SIGTERM');
+        return await exited;
+      } finally {
+        try {
+          process.kill(-server.pid!, 'SIGKILL');
+        } catch {
+          // the whole group has exited
+        }
+      }
+    },
+  };
+}
+
+let installLog: string;
 
 /** tsconfig.json options about the repo's build output and layout, not about checking. */
 const REPO_ONLY_OPTIONS = new Set([
@@ -89,31 +120,30 @@ const REPO_ONLY_OPTIONS = new Set([
 describe.skipIf(!existsSync(ADDON))(`the packed package installed without Rust (needs ${ADDON} from npm ci)`, () => {
   beforeAll(() => {
     work = mkdtempSync(join(tmpdir(), 'vfu-pack-'));
-    const main = pack('main', {
-      'package.json': join(repo, 'package.json'),
-      'README.md': join(repo, 'README.md'),
-      LICENSE: join(repo, 'LICENSE'),
-      dist: join(repo, 'dist'),
-    }, (dir) => execFileSync(process.execPath, [join(repo, 'scripts', 'pin-platform-packages.mjs'), join(dir, 'package.json')]));
-    const binary = pack(PLATFORM, {
-      'package.json': join(repo, 'npm', PLATFORM, 'package.json'),
-      'README.md': join(repo, 'npm', PLATFORM, 'README.md'),
-      [`vfio-user.${PLATFORM}.node`]: ADDON,
-    });
+    // What `npm run pack:local` does, into the scratch folder.
+    const manifest = JSON.parse(readFileSync(join(repo, 'package.json'), 'utf8')) as {
+      version: string;
+      peerDependencies: Record<string, string>;
+    };
+    const packed = execFileSync(process.execPath, [join(repo, 'scripts', 'pack.mjs'), '--out', join(work, 'packages')], { encoding: 'utf8' });
+    const main = join(work, 'packages', `vfio-user-${manifest.version}.tgz`);
+    const binary = join(work, 'packages', `vfio-user-${PLATFORM}-${manifest.version}.tgz`);
+    expect(packed.trim().split('\n')).toEqual([main, binary]);
 
     app = join(work, 'app');
     mkdirSync(app);
-    const manifest = JSON.parse(readFileSync(join(repo, 'package.json'), 'utf8')) as {
-      dependencies: Record<string, string>;
-      peerDependencies: Record<string, string>;
-    };
+    // A TypeScript user's project: tsx to serve .ts devices, Node's types.
+    const tools = lockedClosure(Object.keys(manifest.peerDependencies));
+    const locked = (name: string) => tools[`node_modules/${name}`].version!;
     const dependencies = { 'vfio-user': `file:${main}`, [`vfio-user-${PLATFORM}`]: `file:${binary}` };
-    writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'app', version: '1.0.0', private: true, dependencies }));
-    const packages = lockedClosure([...Object.keys(manifest.dependencies), ...Object.keys(manifest.peerDependencies)]);
-    writeFileSync(join(app, 'package-lock.json'), JSON.stringify({ name: 'app', lockfileVersion: 3, requires: true, packages }));
+    const devDependencies = Object.fromEntries(Object.keys(manifest.peerDependencies).map((name) => [name, locked(name)]));
+    writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'app', version: '1.0.0', private: true, dependencies, devDependencies }));
+    writeFileSync(join(app, 'package-lock.json'), JSON.stringify({ name: 'app', lockfileVersion: 3, requires: true, packages: tools }));
     env = { HOME: process.env.HOME ?? tmpdir(), PATH: barePath(join(work, 'bin')) };
     if (process.env.npm_config_cache) env.npm_config_cache = process.env.npm_config_cache;
-    inApp('npm', ['install', '--offline', '--no-audit', '--no-fund']);
+    const install = spawnSync('npm', ['install', '--offline', '--no-audit', '--no-fund'], { cwd: app, env, encoding: 'utf8' });
+    installLog = `${install.stdout}${install.stderr}`;
+    expect(install.status, installLog).toBe(0);
   }, 240_000);
 
   afterAll(() => {
@@ -168,36 +198,68 @@ describe.skipIf(!existsSync(ADDON))(`the packed package installed without Rust (
     }
   });
 
-  test('npx vfio-user serves a shipped example and npx vfio-user lspci reads it', async () => {
-    const socket = join(work, 'gpio.sock');
-    let server: ChildProcess | undefined;
-    try {
-      // Its own process group: npx does not pass SIGTERM on to the server it runs.
-      server = spawn('npx', ['vfio-user', 'serve', '--example', 'gpio', '--socket', socket], {
-        cwd: app,
-        env,
-        detached: true,
-        stdio: ['ignore', 'ignore', 'pipe'],
-      });
-      let stderr = '';
-      server.stderr!.on('data', (chunk) => (stderr += chunk));
-      await until(() => stderr.includes('serving') || server!.exitCode !== null, 30_000);
-      expect(stderr).toMatch(/serving .*node_modules\/vfio-user\/dist\/examples\/gpio\.js/);
-      const lspci = inApp('npx', ['vfio-user', 'lspci', socket]);
-      expect(lspci).toMatch(/494f:0dc8/);
-      expect(lspci).toMatch(/Region 2: I\/O ports/);
-      process.kill(-server.pid!, 'SIGTERM');
-      // The server itself stops: it removes its socket on the way out.
-      await until(() => !existsSync(socket), 15_000);
-    } finally {
-      if (server?.pid !== undefined) {
-        try {
-          process.kill(-server.pid, 'SIGKILL');
-        } catch {
-          // the whole group has exited
-        }
-      }
+  test('npm installs the tarballs without a warning, and the installed manifest has no scripts', () => {
+    expect(installLog).not.toMatch(/warn/i);
+    const installed = JSON.parse(readFileSync(join(app, 'node_modules', 'vfio-user', 'package.json'), 'utf8'));
+    expect(installed.scripts).toBeUndefined();
+    expect(installed.dependencies).toBeUndefined();
+    expect(installed.peerDependenciesMeta).toEqual({ tsx: { optional: true } });
+  });
+
+  test('the examples ship as TypeScript sources beside the compiled ones', () => {
+    const pkg = join(app, 'node_modules', 'vfio-user');
+    for (const example of ['gpio', 'msix-device', 'nvme-doorbell', 'demo']) {
+      expect(existsSync(join(pkg, 'examples', `${example}.ts`)), example).toBe(true);
+      expect(existsSync(join(pkg, 'dist', 'examples', `${example}.js`)), example).toBe(true);
     }
+    expect(existsSync(join(pkg, 'examples', 'nvme', 'index.ts'))).toBe(true);
+  });
+
+  test('without tsx: npx vfio-user serves a shipped example, lspci reads it; a .ts device says it needs tsx', async () => {
+    await withoutTsx(async () => {
+      const socket = join(work, 'gpio.sock');
+      const gpio = await served(['--example', 'gpio', '--socket', socket]);
+      try {
+        expect(gpio.stderr()).toMatch(/serving .*node_modules\/vfio-user\/dist\/examples\/gpio\.js/);
+        const lspci = inApp('npx', ['vfio-user', 'lspci', socket]);
+        expect(lspci).toMatch(/494f:0dc8/);
+        expect(lspci).toMatch(/Region 2: I\/O ports/);
+      } finally {
+        // The server itself stops, exit 0: it removes its socket on the way out.
+        expect(await gpio.stop()).toBe(0);
+      }
+      expect(existsSync(socket)).toBe(false);
+
+      writeFileSync(join(app, 'failing-device.ts'), FAILING_DEVICE);
+      const refused = spawnSync('npx', ['vfio-user', 'serve', 'failing-device.ts', '--socket', join(work, 'no.sock')], { cwd: app, env, encoding: 'utf8' });
+      expect(refused.status).toBe(1);
+      expect(refused.stderr).toMatch(/failing-device\.ts is TypeScript: serving it needs tsx \(npm install --save-dev tsx\)/);
+    });
+  }, 60_000);
+
+  test('with tsx a TS device serves, and the stack of its error names only files the package ships', async () => {
+    writeFileSync(join(app, 'failing-device.ts'), FAILING_DEVICE);
+    const socket = join(work, 'failing.sock');
+    const device = await served(['failing-device.ts', '--socket', socket]);
+    try {
+      const client = await connect(socket);
+      try {
+        expect((await client.regionRead(Region.CONFIG, 0n, 4)).readUInt32LE(0)).toBe(0x00041234);
+        await expect(client.regionRead(Region.BAR0, 0n, 4)).rejects.toMatchObject({ errno: Errno.EIO });
+      } finally {
+        client.close();
+      }
+      await until(() => device.stderr().includes('register 0 is broken'));
+    } finally {
+      expect(await device.stop()).toBe(0);
+    }
+    const stack = device.stderr();
+    expect(stack).toMatch(/failing-device\.ts:\d+/);
+    const library = [...stack.matchAll(/(\/[^\s():]*node_modules\/vfio-user\/[^\s():]+):\d+/g)].map((m) => m[1]);
+    expect(library.length, stack).toBeGreaterThan(0);
+    for (const file of library) expect(existsSync(file), `${file} (in the stack) is not in the package`).toBe(true);
+    // Source maps lead from dist/ to the TypeScript the package ships.
+    expect(library.some((file) => /node_modules\/vfio-user\/ts\/.*\.ts$/.test(file)), stack).toBe(true);
   }, 60_000);
 
   const typescripts = [
@@ -226,6 +288,24 @@ describe.skipIf(!existsSync(ADDON))(`the packed package installed without Rust (
     expect(checked).toMatch(/node_modules\/@types\/node\/index\.d\.ts/);
   }, 120_000);
 });
+
+/** A device whose BAR0 read handler throws: `vfio-user serve` logs the error's stack. */
+const FAILING_DEVICE = `import { PciDevice } from 'vfio-user';
+
+export default function failingDevice(): PciDevice {
+  return new PciDevice({
+    vendorId: 0x1234, deviceId: 0x0004, classCode: 0xff0000,
+    bars: {
+      0: {
+        kind: 'memory', size: 4096,
+        read: () => {
+          throw new Error('register 0 is broken');
+        },
+      },
+    },
+  });
+}
+`;
 
 /** A small device as a user writes one (CommonJS). */
 const DEVICE = `import { createServer, PciDevice, type VfioUserServer } from 'vfio-user';

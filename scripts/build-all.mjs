@@ -3,10 +3,13 @@
 // platform package, each into its folder under npm/. The gnu builds link with
 // napi-rs's cross toolchain (gcc and a glibc 2.17 sysroot, from the npm
 // registry), so they load on any glibc from 2.17 on; the musl builds link with
-// zig (`pip install ziglang cargo-zigbuild`). Needs
-// `rustup target add aarch64-unknown-linux-gnu x86_64-unknown-linux-musl aarch64-unknown-linux-musl`.
+// zig through cargo-zigbuild. Before building anything it sets up what the
+// requested platforms lack: rustup targets, zig and cargo-zigbuild (from PyPI,
+// in a virtual environment of its own under target/), the cross toolchains;
+// what it cannot set up itself stops it at once, naming the command to run.
+// The release workflow runs it the same way, one platform per job.
 //   node scripts/build-all.mjs [PLATFORM...]   (default: all four)
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { homedir, tmpdir } from 'node:os';
@@ -21,7 +24,39 @@ const TARGETS = {
   'linux-arm64-musl': { triple: 'aarch64-unknown-linux-musl', toolchain: 'zig' },
 };
 
-const run = (command, args, cwd = repo) => execFileSync(command, args, { cwd, stdio: 'inherit' });
+const run = (command, args, cwd = repo, env = process.env) => execFileSync(command, args, { cwd, env, stdio: 'inherit' });
+
+/** Stops the build before it starts, saying what to run. */
+function missing(what, command) {
+  console.error(`build:all: ${what}. Run:\n  ${command}\nthen \`npm run build:all\` again.`);
+  process.exit(1);
+}
+
+/** Whether `command` runs at all (found on PATH and starts). */
+const runs = (command, args = ['--version']) => spawnSync(command, args, { stdio: 'ignore' }).status === 0;
+
+/** The rust standard library of every target, added with rustup. */
+function ensureRustTargets(triples) {
+  if (!runs('cargo')) missing('cargo is not on PATH', "curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh");
+  if (!runs('rustup')) missing(`rustup is not on PATH, and the targets ${triples.join(', ')} need it`, "curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh");
+  const installed = execFileSync('rustup', ['target', 'list', '--installed'], { encoding: 'utf8' }).split('\n');
+  const absent = triples.filter((triple) => !installed.includes(triple));
+  if (absent.length > 0) run('rustup', ['target', 'add', ...absent]);
+}
+
+/** A virtual environment under target/ with zig and cargo-zigbuild from PyPI; returns its bin folder. */
+function ensureZig() {
+  const venv = join(repo, 'target', 'zig-venv');
+  const bin = join(venv, 'bin');
+  if (existsSync(join(bin, 'cargo-zigbuild'))) return bin;
+  if (!runs('python3')) missing('python3 is needed to install zig and cargo-zigbuild from PyPI', 'sudo apt-get install python3 python3-venv');
+  if (!existsSync(join(bin, 'pip')) && spawnSync('python3', ['-m', 'venv', venv], { stdio: 'inherit' }).status !== 0) {
+    rmSync(venv, { recursive: true, force: true });
+    missing('python3 cannot make a virtual environment', 'sudo apt-get install python3-venv');
+  }
+  run(join(bin, 'pip'), ['install', '--disable-pip-version-check', 'ziglang', 'cargo-zigbuild']);
+  return bin;
+}
 
 /**
  * `napi build --use-napi-cross` unpacks the toolchain itself with
@@ -49,9 +84,17 @@ function ensureCrossToolchain(triple) {
 
 const platforms = process.argv.length > 2 ? process.argv.slice(2) : Object.keys(TARGETS);
 for (const platform of platforms) {
+  if (!TARGETS[platform]) throw new Error(`unknown platform ${platform} (known: ${Object.keys(TARGETS).join(', ')})`);
+}
+// Everything the builds need, before the first one starts.
+const targets = platforms.map((platform) => TARGETS[platform]);
+ensureRustTargets(targets.map((target) => target.triple));
+for (const target of targets) if (target.toolchain === 'napi-cross') ensureCrossToolchain(target.triple);
+// cargo-zigbuild runs zig as `python3 -m ziglang` when no `zig` is on PATH: the environment's python3 comes first.
+const zigPath = targets.some((target) => target.toolchain === 'zig') ? `${ensureZig()}:${process.env.PATH}` : process.env.PATH;
+
+for (const platform of platforms) {
   const target = TARGETS[platform];
-  if (!target) throw new Error(`unknown platform ${platform} (known: ${Object.keys(TARGETS).join(', ')})`);
-  if (target.toolchain === 'napi-cross') ensureCrossToolchain(target.triple);
   const outDir = join('npm', platform);
   run('npx', [
     'napi', 'build', '--platform', '--release', '--strip',
@@ -62,6 +105,6 @@ for (const platform of platforms) {
     '--no-js',
     // The declarations are the same for every target: the one ts/ uses.
     '--dts', join('..', '..', 'ts', 'native-binding.ts'),
-  ]);
+  ], repo, { ...process.env, PATH: zigPath });
   console.log(`built ${join(outDir, `vfio-user.${platform}.node`)}`);
 }

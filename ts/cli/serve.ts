@@ -31,25 +31,24 @@ function modulePath(file: string): string {
  */
 export async function loadDevice(file: string, args: string[] = []): Promise<VfioUserDevice | PciDevice> {
   const path = modulePath(file);
+  const typescript = /\.[cm]?ts$/.test(path);
   let exported: unknown;
   if (/\.m[jt]s$/.test(path)) {
-    const { register } = await import('tsx/esm/api');
     // Without tsconfig `paths`, which would send `vfio-user` to the sources, whatever the running copy.
-    const unregister = register({ tsconfig: false });
+    const unregister = typescript ? (await tsx(file, () => import('tsx/esm/api'))).register({ tsconfig: false }) : undefined;
     importWithOwnCopy();
     try {
       exported = await import(pathToFileURL(path).href);
     } finally {
-      await unregister();
+      await unregister?.();
     }
   } else {
     // tsx lets plain Node require .ts device modules; .js ones load as usual.
-    const { register } = await import('tsx/cjs/api');
-    const unregister = register();
+    const unregister = typescript ? (await tsx(file, () => import('tsx/cjs/api'))).register() : undefined;
     try {
       exported = requireWithOwnCopy(() => require(path));
     } finally {
-      unregister();
+      unregister?.();
     }
   }
   // ESM default, or a CommonJS module's exports seen through import().
@@ -59,6 +58,19 @@ export async function loadDevice(file: string, args: string[] = []): Promise<Vfi
   const device = typeof exported === 'function' ? await (exported as DeviceFactory)(args) : exported;
   if (!isDevice(device)) throw new UsageError(`${file} must export a device (or a function (args: string[]) returning one) as its default export`);
   return device;
+}
+
+/**
+ * tsx's API: an optional peer dependency, needed only to serve a TypeScript
+ * module (the shipped examples are served compiled).
+ */
+async function tsx<Api>(file: string, load: () => Promise<Api>): Promise<Api> {
+  try {
+    return await load();
+  } catch (error) {
+    if (!['ERR_MODULE_NOT_FOUND', 'MODULE_NOT_FOUND'].includes((error as { code?: string }).code ?? '')) throw error;
+    throw new UsageError(`${file} is TypeScript: serving it needs tsx (npm install --save-dev tsx), or compile it to JavaScript first`);
+  }
 }
 
 export interface ServeOptions {
