@@ -84,7 +84,10 @@ function ensureCrossToolchain(triple) {
 
 const platforms = process.argv.length > 2 ? process.argv.slice(2) : Object.keys(TARGETS);
 for (const platform of platforms) {
-  if (!TARGETS[platform]) throw new Error(`unknown platform ${platform} (known: ${Object.keys(TARGETS).join(', ')})`);
+  if (!TARGETS[platform]) {
+    console.error(`build:all: no platform ${platform} (there are: ${Object.keys(TARGETS).join(', ')})`);
+    process.exit(2);
+  }
 }
 // Everything the builds need, before the first one starts.
 const targets = platforms.map((platform) => TARGETS[platform]);
