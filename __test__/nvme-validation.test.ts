@@ -7,12 +7,13 @@
  * migration state from a client is checked like any other input.
  */
 import { describe, expect, test } from 'vitest';
-import { MigrationState, type DmaSpace, type SgList } from '../ts/index.js';
+import { MigrationState, Region, type DmaSpace, type SgList } from '../ts/index.js';
 import createDevice from '../examples/nvme/index.js';
-import { Csts, NvmeController, Register } from '../examples/nvme/controller.js';
+import { Csts, NSSR_RESET, NvmeController, Register } from '../examples/nvme/controller.js';
 import { NvmeStateError, parseState } from '../examples/nvme/state.js';
 import { MemoryStore } from '../examples/nvme/store.js';
 import { testCleanups } from './cleanups.js';
+import { until } from './helpers.js';
 import { MEMORY_BASE, PAGE } from './nvme-host.js';
 import { attachNvme, bringUpNvme, Op, roundTrip, S, SETUPS, u64 } from './nvme-setup.js';
 
@@ -34,6 +35,39 @@ describe('registers', () => {
     }
     await h.setReg32(Register.CC, good);
     expect((await h.reg32(Register.CSTS)) & (Csts.CFS | Csts.RDY)).toBe(Csts.RDY);
+  });
+});
+
+describe('resets with commands in the store', () => {
+  /** Memory whose reads wait until the test lets them go. */
+  class HeldStore extends MemoryStore {
+    readonly held: (() => void)[] = [];
+    override read(dma: DmaSpace, sg: SgList, position: number): Promise<void> {
+      return new Promise<void>((resolve) => this.held.push(resolve)).then(() => super.read(dma, sg, position));
+    }
+  }
+  const register = async (device: NvmeController, offset: number) => Buffer.from(await device.read(Region.BAR0, offset, 4)).readUInt32LE(0);
+
+  test.each(['CC.EN = 0', 'NVM subsystem reset', 'DEVICE_RESET'] as const)('%s: CSTS.RDY stays set and the reset waits until a read in the store has landed; its completion is dropped', async (how) => {
+    const store = new HeldStore(1 << 20);
+    const device = new NvmeController({ store });
+    const { host: h } = await attachNvme(cleanups, device);
+    expect((await h.enable()) & Csts.RDY).toBe(Csts.RDY);
+    expect((await h.createIoQueuePair(1, 8)).map((c) => c.status)).toEqual([S.SUCCESS, S.SUCCESS]);
+    const page = h.alloc(PAGE);
+    h.write(page, Buffer.alloc(PAGE, 0xee));
+    void h.submit(1, { opcode: Op.READ, nsid: 1, prp1: page, cdw12: 7 });
+    await until(() => store.held.length === 1);
+    const request = how === 'CC.EN = 0' ? h.setReg32(Register.CC, 0) : how === 'DEVICE_RESET' ? h.client.reset() : h.setReg32(Register.NSSR, NSSR_RESET);
+    // What guest memory holds when the reset answers.
+    const answered = request.then(() => h.read(page, PAGE));
+    await until(() => device.sqs.length === 0);
+    if (how !== 'DEVICE_RESET') expect((await register(device, Register.CSTS)) & Csts.RDY).toBe(Csts.RDY);
+    store.held[0]();
+    // The read's data reached guest memory before the reset answered; no completion reached the CQ the host gave up.
+    expect(await answered).toEqual(Buffer.alloc(PAGE));
+    expect((await h.reg32(Register.CSTS)) & Csts.RDY).toBe(0);
+    expect(h.read(h.queues.get(1)!.cqBase, 16)).toEqual(Buffer.alloc(16));
   });
 });
 

@@ -135,7 +135,7 @@ export class NvmeController extends PciDevice {
   private storeClosed = false;
   /** Commands waiting for the store; no more than `store.queueDepth` are started. */
   private inFlight = 0;
-  /** Called once nothing waits for the store (migration's stop, shutdown). */
+  /** Called once nothing waits for the store (migration's stop, shutdown, resets). */
   private idleWaiters: (() => void)[] = [];
   /** CQs that got completions in this batch, interrupted once it is posted. */
   private readonly finished = new Set<CompletionQueue>();
@@ -251,12 +251,10 @@ export class NvmeController extends PciDevice {
         if (value & Csts.NSSRO) this.csts &= ~Csts.NSSRO;
         return;
       case Register.NSSR:
-        if (value === NSSR_RESET) {
-          this.controllerReset();
-          this.cc = 0;
-          this.csts |= Csts.NSSRO;
-        }
-        return;
+        if (value !== NSSR_RESET) return;
+        this.cc = 0;
+        this.csts |= Csts.NSSRO;
+        return this.controllerReset();
       case Register.AQA: this.aqa = value & 0x0fff0fff; return;
       case Register.ASQ: this.asq = (this.asq & 0xffffffff00000000n) | BigInt((value & ~0xfff) >>> 0); return;
       case Register.ASQ + 4: this.asq = (this.asq & 0xfffff000n) | (BigInt(value >>> 0) << 32n); return;
@@ -268,9 +266,11 @@ export class NvmeController extends PciDevice {
   private writeCc(value: number): void | Promise<void> {
     const was = this.cc;
     this.cc = value;
+    let reset: Promise<void> | undefined;
     if (!(was & Cc.EN) && value & Cc.EN) this.enable();
-    else if (was & Cc.EN && !(value & Cc.EN)) this.controllerReset();
+    else if (was & Cc.EN && !(value & Cc.EN)) reset = this.controllerReset();
     if ((value & Cc.SHN_MASK) !== 0 && (was & Cc.SHN_MASK) === 0) return this.shutDown();
+    return reset;
   }
 
   /** Shutdown: commands still running finish, the store writes back, then SHST says done (occurring meanwhile). */
@@ -309,34 +309,46 @@ export class NvmeController extends PciDevice {
     this.csts |= Csts.RDY;
   }
 
-  /** CC.EN 1 to 0 (and every wider reset): queues, requests and features go; AQA, ASQ and ACQ stay. */
-  private controllerReset(): void {
+  /**
+   * CC.EN 1 to 0 (and every wider reset): queues, requests and features go;
+   * AQA, ASQ and ACQ stay. Commands still in the store finish first, their
+   * DMA with them (their completions have no queue left to go to): until
+   * then CSTS.RDY stays set, since a host waits for it to clear before it
+   * reuses the memory they write, and the reset's reply waits too.
+   */
+  private controllerReset(): Promise<void> | undefined {
     this.sqs = [];
     this.cqs = [];
     this.events.reset();
     this.features.reset();
-    this.csts &= Csts.NSSRO;
+    this.csts &= Csts.NSSRO | (this.inFlight > 0 ? Csts.RDY : 0);
     this.shadow = undefined;
     // Kicks for queues that are gone.
     for (const kick of this.bar(0).ioeventfds) kick.take();
     this.doorbells?.fill(0);
     this.seen.fill(0);
     this.updateLevel();
+    // A host that enabled the controller again meanwhile (it should have waited) keeps it ready.
+    return this.idle()?.then(() => {
+      if (!(this.cc & Cc.EN)) this.csts &= ~Csts.RDY;
+    });
   }
 
-  /** FLR, DEVICE_RESET: the library reset config space and the BAR; the registers go back to power-on. */
-  private powerOnReset(): void {
-    this.controllerReset();
+  /** FLR, DEVICE_RESET: the library reset config space and the BAR; the registers go back to power-on, and the reset answers once commands in the store are done. */
+  private powerOnReset(): Promise<void> | undefined {
+    const quiesced = this.controllerReset();
     this.cc = 0;
     this.csts = 0;
     this.aqa = 0;
     this.asq = 0n;
     this.acq = 0n;
     this.intms = 0;
+    return quiesced;
   }
 
+  /** Enabled, ready and not failed: doorbells are acted on. */
   get ready(): boolean {
-    return (this.csts & (Csts.RDY | Csts.CFS)) === Csts.RDY;
+    return (this.cc & Cc.EN) !== 0 && (this.csts & (Csts.RDY | Csts.CFS)) === Csts.RDY;
   }
 
   // ---- queues ----
