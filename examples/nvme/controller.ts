@@ -176,7 +176,7 @@ export class NvmeController extends PciDevice {
         // Commands already running finish (and post) before the state is saved.
         stop: () => this.idle(),
         // Held doorbells are picked up once the library lets interrupts through again.
-        start: () => void setImmediate(() => this.serviceAll()),
+        start: () => void this.context.setImmediate(() => this.serviceAll()),
       },
     });
     this.store = options.store;
@@ -327,6 +327,9 @@ export class NvmeController extends PciDevice {
     for (const kick of this.bar(0).ioeventfds) kick.take();
     this.doorbells?.fill(0);
     this.seen.fill(0);
+    // Work scheduled for queues that are gone (and dropped, if the device failed).
+    this.resumable.clear();
+    this.finished.clear();
     this.updateLevel();
     // A host that enabled the controller again meanwhile (it should have waited) keeps it ready.
     return this.idle()?.then(() => {
@@ -337,6 +340,7 @@ export class NvmeController extends PciDevice {
   /** FLR, DEVICE_RESET: the library reset config space and the BAR; the registers go back to power-on, and the reset answers once commands in the store are done. */
   private powerOnReset(): Promise<void> | undefined {
     const quiesced = this.controllerReset();
+
     this.cc = 0;
     this.csts = 0;
     this.aqa = 0;
@@ -401,7 +405,7 @@ export class NvmeController extends PciDevice {
       return false;
     }
     this.shadow = shadow;
-    setImmediate(() => this.serviceAll());
+    this.context.setImmediate(() => this.serviceAll());
     return true;
   }
 
@@ -521,7 +525,8 @@ export class NvmeController extends PciDevice {
     const cq = sq.cq;
     cq.reserved++;
     this.inFlight++;
-    void status.then((status) => {
+    this.context.run(async () => {
+      const done = await status;
       cq.reserved--;
       if (this.inFlight-- === this.store.queueDepth) for (const q of this.sqs) if (q) this.resumeLater(q);
       if (this.inFlight === 0) for (const resolve of this.idleWaiters.splice(0)) resolve();
@@ -530,9 +535,9 @@ export class NvmeController extends PciDevice {
         this.csts |= Csts.CFS;
         return;
       }
-      if (status !== Status.SUCCESS) this.logError(sq.id, cid, status);
-      this.complete(cq, sq, cid, status, 0);
-      if (this.finished.size === 0) queueMicrotask(() => this.interruptFinished());
+      if (done !== Status.SUCCESS) this.logError(sq.id, cid, done);
+      this.complete(cq, sq, cid, done, 0);
+      if (this.finished.size === 0) queueMicrotask(() => this.context.run(() => this.interruptFinished()));
       this.finished.add(cq);
     });
   }
@@ -552,7 +557,7 @@ export class NvmeController extends PciDevice {
   /** Runs `sq` again at the next turn of the event loop (with the other queues waiting there). */
   private resumeLater(sq: SubmissionQueue): void {
     if (this.resumable.size === 0) {
-      setImmediate(() => {
+      this.context.setImmediate(() => {
         const queues = [...this.resumable];
         this.resumable.clear();
         for (const q of queues) if (this.sqs[q.id] === q) this.service(q);
@@ -678,14 +683,21 @@ export class NvmeController extends PciDevice {
    * Polls the doorbell page until close(): every millisecond, every 10 ms
    * once idle for a second. Never continuously: a spinning server takes a
    * core from the VMM, and in a QEMU TCG guest that delayed interrupts by
-   * seconds. The timers do not keep the process alive.
+   * seconds. The timers do not keep the process alive. Each poll runs under
+   * the device's error boundary (and not while the device is failed); the
+   * timers themselves are plain ones, outside any client's request, since
+   * they outlive every client: a context timer started in a request would
+   * carry that client's guest memory on to the next, and one dropped when
+   * the device failed would stop polling for good.
    */
   startPolling(): void {
     if (this.doorbellMode !== 'mmap' || this.stopPolling) return;
     let timer: NodeJS.Timeout;
     const loop = () => {
       const now = performance.now();
-      if (this.poll()) this.lastActive = now;
+      this.context.run(() => {
+        if (this.poll()) this.lastActive = now;
+      });
       timer = setTimeout(loop, now - this.lastActive < IDLE_MS ? 1 : 10).unref();
     };
     timer = setTimeout(loop, 1).unref();

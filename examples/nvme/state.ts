@@ -7,6 +7,7 @@
  * vector past MSI-X, a reserved register bit) is refused with an
  * NvmeStateError, and the device stays as it was.
  */
+import { Command, Errno, ProtocolError } from 'vfio-user';
 import { AER_LIMIT, FEATURE_BITS, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VECTORS, type ErrorEntry } from './admin.js';
 import { PAGE_SIZE } from './command.js';
 
@@ -51,10 +52,14 @@ export interface SavedState {
   shadowDoorbells: { shadow: string; eventIdx: string } | null;
 }
 
-/** Migration state this controller refuses to load; the message says which value and why. */
-export class NvmeStateError extends Error {
+/**
+ * Migration state this controller refuses to load; the message says which
+ * value and why. A ProtocolError: the client's bad input is refused (EINVAL
+ * for the state transition that loads it), not a failure of the device.
+ */
+export class NvmeStateError extends ProtocolError {
   constructor(why: string) {
-    super(`NVMe controller state refused: ${why}`);
+    super(Errno.EINVAL, Command.DEVICE_FEATURE, `NVMe controller state refused: ${why}`);
     this.name = 'NvmeStateError';
   }
 }
