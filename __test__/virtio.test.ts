@@ -246,13 +246,13 @@ describe('migration', () => {
     const done = driver.queues[0].submit([{ writable: 4 }]);
     await until(() => held.length === 1);
     let stopped = false;
-    const stopping = Promise.resolve(device.migration!.stop!()).then(() => (stopped = true));
+    const stopping = Promise.resolve(pciFunction(device).migration!.stop!()).then(() => (stopped = true));
     for (let turn = 0; turn < 5; turn++) await new Promise((r) => setImmediate(r));
     expect(stopped).toBe(false);
     device.queues[0].complete(held[0], 0);
     await stopping;
     expect((await done).written).toBe(0);
-    await device.migration!.start!();
+    await pciFunction(device).migration!.start!();
   });
 
   test('a state that does not fit is refused before anything changes', async () => {
