@@ -14,6 +14,7 @@ import { NvmeStateError, parseState } from '../examples/nvme/state.js';
 import { MemoryStore } from '../examples/nvme/store.js';
 import { testCleanups } from './cleanups.js';
 import { until } from './helpers.js';
+import { pciFunction } from '../ts/pci/device.js';
 import { MEMORY_BASE, PAGE } from './nvme-host.js';
 import { attachNvme, bringUpNvme, Op, roundTrip, S, SETUPS, u64 } from './nvme-setup.js';
 
@@ -46,7 +47,7 @@ describe('resets with commands in the store', () => {
       return new Promise<void>((resolve) => this.held.push(resolve)).then(() => super.read(dma, sg, position));
     }
   }
-  const register = async (device: NvmeController, offset: number) => Buffer.from(await device.read(Region.BAR0, offset, 4)).readUInt32LE(0);
+  const register = async (device: NvmeController, offset: number) => Buffer.from(await pciFunction(device).read(Region.BAR0, offset, 4)).readUInt32LE(0);
 
   test.each(['CC.EN = 0', 'NVM subsystem reset', 'DEVICE_RESET'] as const)('%s: CSTS.RDY stays set and the reset waits until a read in the store has landed; its completion is dropped', async (how) => {
     const store = new HeldStore(1 << 20);
