@@ -1,5 +1,5 @@
 /**
- * virtio-console: a virtio console (type 3) with one port bridged to a host
+ * A virtio console (virtio-console, type 3) with one port bridged to a host
  * stream: this process's stdin and stdout, or a UNIX socket it listens on
  * (one connection at a time). Linux's virtio_console binds it as /dev/hvc0.
  *

@@ -1,5 +1,5 @@
 /**
- * virtio-rng: a virtio entropy device (type 4) that fills the driver's
+ * A virtio entropy device (virtio-rng, type 4) that fills the driver's
  * buffers from the host's CSPRNG. One queue, no configuration, no device
  * features: Linux's virtio-rng driver serves it as /dev/hwrng.
  *

@@ -1,5 +1,5 @@
 /**
- * virtio-blk: a virtio block device (type 2) backed by a raw image file, with
+ * A virtio block device (virtio-blk, type 2) backed by a raw image file, with
  * multiple queues, flush, discard, write-zeroes, read-only mode and a serial
  * ID. Linux's virtio_blk driver binds it as /dev/vdX.
  *

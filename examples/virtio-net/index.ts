@@ -1,5 +1,5 @@
 /**
- * virtio-net: a virtio network device (type 1) whose wire is a port of the
+ * A virtio network device (virtio-net, type 1) whose wire is a port of the
  * userspace switch in ./switch.ts, reached over a UNIX socket, so NICs
  * served by separate processes (and the guests using them) share a LAN.
  *
