@@ -210,6 +210,17 @@ describe.skipIf(!existsSync(ADDON))(`the packed package installed without Rust (
     expect(installed.peerDependenciesMeta).toEqual({ tsx: { optional: true } });
   });
 
+  test('the codec is the vfio-user/protocol subpath, not part of the root', () => {
+    const script = `
+      const root = require('vfio-user');
+      const protocol = require('vfio-user/protocol');
+      console.log(JSON.stringify({
+        codec: typeof protocol.encodeMessage, header: typeof protocol.decodeHeader,
+        root: ['protocol', 'ServerSession', 'ConfigSpace', 'Interrupts', 'encodeMessage', 'isKnownCommand', 'KvmIoregionFlags'].filter((name) => name in root),
+      }));`;
+    expect(JSON.parse(inApp('node', ['-e', script]))).toEqual({ codec: 'function', header: 'function', root: [] });
+  });
+
   test('the examples ship as TypeScript sources beside the compiled ones', () => {
     const pkg = join(app, 'node_modules', 'vfio-user');
     for (const example of ['gpio', 'msix-device', 'nvme-doorbell', 'demo']) {
