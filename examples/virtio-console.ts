@@ -44,7 +44,7 @@ export class VirtioConsole extends VirtioDevice {
         if (offset === EMERG_WR && data.length >= 1) this.output?.write(data.subarray(0, 1));
       },
       onQueue: (queue) => (queue.index === RECEIVE ? this.take(queue) : this.transmit(queue)),
-      reset: () => {
+      onReset: () => {
         // The kit forgot the chains; what the host sent before the reset is dropped with them.
         this.buffers = [];
         this.pending = [];

@@ -48,7 +48,7 @@ export class VirtioNet extends VirtioDevice {
       queues: [{ size: 256, holds: true }, { size: 256 }],
       config,
       onQueue: (queue) => (queue.index === RECEIVE ? this.take(queue) : this.transmit(queue)),
-      reset: () => {
+      onReset: () => {
         this.buffers = [];
         this.frames = [];
       },

@@ -47,7 +47,7 @@ export interface VirtioDeviceDescription {
   /** The driver set DRIVER_OK: the device is live. */
   onReady?(): void;
   /** After a virtio reset (status 0, or a PCI reset): drop device state. */
-  reset?(): void;
+  onReset?(): void;
   /** PCI class code (default: 0xff0000, "other"). */
   classCode?: number;
   /** Device code's own state for migration, beside what the kit saves. */
@@ -374,7 +374,7 @@ export class VirtioDevice extends PciDevice {
     this.needsReset = undefined;
     this.irq.lower();
     for (const q of this.queues) q.reset();
-    this.virtio.reset?.call(this);
+    this.virtio.onReset?.call(this);
   }
 
   private kickAll(): void {
