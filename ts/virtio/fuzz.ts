@@ -13,7 +13,7 @@
 import { big, hex, type FuzzContext, type FuzzMode, type FuzzOp } from '../fuzz/mode.js';
 import type { Random } from '../fuzz/random.js';
 import { VirtioDriver } from './driver.js';
-import { Common, Desc, Status, VIRTIO_PCI_VENDOR, VIRTIO_PCI_DEVICE_BASE } from './spec.js';
+import { Common, Desc, Status, VIRTIO_PCI_VENDOR, VIRTIO_PCI_DEVICE_BASE, VirtioDeviceType } from './spec.js';
 
 export type VirtioOp = FuzzOp & { readonly mode: 'virtio' };
 
@@ -23,6 +23,8 @@ const DATA_SIZE = 1 << 20;
 /** Where an op's indirect table goes, inside the data area. */
 const TABLE_OFFSET = DATA_OFFSET + DATA_SIZE;
 const TABLE_ENTRIES = 8;
+/** Device types whose queue 0 receives: its chains wait in the device for input, by design. */
+const RECEIVING = new Set<number>([VirtioDeviceType.NET, VirtioDeviceType.CONSOLE]);
 /** Request headers worth sending: virtio-blk's types, and nonsense. */
 const REQUEST_TYPES = [0, 0, 1, 1, 4, 8, 11, 13, 2, 0xffffffff];
 const LENGTHS = [0, 1, 7, 16, 17, 512, 513, 4096, 65536, 0xffffffff];
@@ -130,7 +132,9 @@ export function virtioMode(): FuzzMode<VirtioOp> {
           const before = q.usedIndex;
           q.offer(Number(op.head));
           await q.kick();
-          if (!fresh) return;
+          // A receive queue keeps good chains until input comes: only a broken one owes an answer now.
+          const receiving = q.index === 0 && RECEIVING.has(ctx.device.config.readUInt16LE(2) - VIRTIO_PCI_DEVICE_BASE);
+          if (!fresh || receiving) return;
           await ctx.waitFor('a used entry or NEEDS_RESET after a chain', async () => q.usedIndex !== before || ((await d.status()) & Status.NEEDS_RESET) !== 0);
           // A device that took the chain stays set up; one that needs a reset gets one next time.
           if (((await d.status()) & Status.NEEDS_RESET) !== 0) fresh = false;
