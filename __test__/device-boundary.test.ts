@@ -119,3 +119,11 @@ test('vfio-user serve: a plain timer\'s exception and an unhandled rejection of 
   }
   expect(stderr).toMatch(/device error in device code running on its own .*thrown by a plain timer\n\s+at .*own-timer-device\.ts:\d+/);
 });
+
+test('the test helper fails a test whose device threw where it expected no deviceError', async () => {
+  const unexpected = await serve(device({ 1: () => { throw new Error('not expected'); } }));
+  const client = await unexpected.client();
+  await expect(client.regionWrite(Region.BAR2, 0n, Buffer.from([1]))).rejects.toMatchObject({ errno: Errno.EIO });
+  await expect(unexpected.close()).rejects.toThrow(/deviceError.*not expected/s);
+  unexpected.device.close();
+});
