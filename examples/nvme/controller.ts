@@ -10,32 +10,20 @@
  *   0x1000 doorbells: SQ y tail at 0x1000 + 8y, CQ y head at 0x1000 + 8y + 4 (CAP.DSTRD 0)
  *   0x2000 MSI-X table (32 vectors), 0x3000 PBA, trapped and emulated by the library
  *
- * Doorbells in one of three ways:
- * - 'mmap': the doorbell page is shared memory the client may map, so a guest
- *   rings doorbells with plain stores, no exit. Nothing signals such a store,
- *   so the controller polls the page every millisecond: batches at depth, but
- *   a millisecond of latency per command at queue depth 1.
- * - 'trap' (the default): the page is trapped; every doorbell write arrives
- *   as a REGION_WRITE (which QEMU posts, without waiting for a reply, as long
- *   as no region of the device is mappable) and is handled at once.
- * - 'ioeventfd': each I/O queue's two doorbells have an ioeventfd, which a
- *   VMM has KVM signal on a guest write (GET_REGION_IO_FDS), with no message
- *   and no exit to the VMM; the controller wakes on the eventfd. A signal
- *   carries no value, so the values come from shadow doorbells: a kick
- *   before Doorbell Buffer Config has nothing to act on and waits for it
- *   (Linux creates its I/O queues, then sends the command, then starts I/O).
- *   The admin queue's doorbells stay trapped: Linux never shadows them. A VMM
- *   that does not wire the ioeventfds (QEMU 10.2) sends the writes as
- *   messages, which the library turns into the same signals.
+ * Doorbells reach the controller as batches from one source, whatever the
+ * VMM offers: a mapped page, trapped writes, ioeventfds, shadow doorbells
+ * (doorbells.ts). Each batch is acted on in one go: CQ heads first, then
+ * the SQs it names, with one interrupt per completion queue at the end.
  * In every mode a host may set up shadow doorbells (Doorbell Buffer Config,
  * shadow.ts), as Linux does: I/O queues' values are then read from the
  * shadow page, and the host writes the register only when EventIdx asks.
  */
 import { randomBytes } from 'node:crypto';
-import { BlockIoError, Errno, PciDevice, UsageError } from 'vfio-user';
+import { BlockIoError, Errno, PciDevice, UsageError, type Ring } from 'vfio-user';
 import { AsyncEvent, AsyncEvents, executeAdmin, Features, LogPage, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VECTORS, VENDOR_ID, type ErrorEntry } from './admin.js';
 import { Command, CommandError, DEFERRED, isDmaError, Status } from './command.js';
 import { BLOCK_SIZE, executeIo } from './io.js';
+import { DOORBELLS, Doorbells, type DoorbellMode } from './doorbells.js';
 import { CompletionQueue, SubmissionQueue } from './queues.js';
 import { ShadowDoorbells } from './shadow.js';
 import { parseState, STATE_VERSION, type SavedState } from './state.js';
@@ -60,7 +48,7 @@ export const Csts = { RDY: 1, CFS: 2, SHST_OCCURRING: 1 << 2, SHST_COMPLETE: 2 <
 export const NSSR_RESET = 0x4e564d65;
 
 export const BAR_SIZE = 0x4000;
-export const DOORBELLS = 0x1000;
+export { DOORBELLS, type DoorbellMode };
 export const MSIX_TABLE = 0x2000;
 export const MSIX_PBA = 0x3000;
 const REGISTER_BYTES = 0x40;
@@ -73,8 +61,6 @@ const CSTS_BITS = 0x1f;
  * MPSMIN = MPSMAX = 4 KiB.
  */
 const CAP = BigInt(MAX_QUEUE_ENTRIES - 1) | (1n << 16n) | (2n << 24n) | (1n << 36n) | (1n << 37n);
-/** After this long without a doorbell, poll less often. */
-const IDLE_MS = 1000;
 /**
  * Commands one queue runs before the controller lets the event loop turn:
  * a host that keeps its SQ full (or keeps moving its shadow tail) cannot
@@ -83,8 +69,6 @@ const IDLE_MS = 1000;
 const BATCH = 64;
 /** Error Information entries kept (the log shows the newest 16). */
 const ERRORS_KEPT = 64;
-
-export type DoorbellMode = 'mmap' | 'trap' | 'ioeventfd';
 
 export interface NvmeOptions {
   store: BackingStore;
@@ -124,14 +108,11 @@ export class NvmeController extends PciDevice {
   private intms = 0;
   private errorCount = 0;
   private readonly command = new Command();
-  /** The mapped doorbell page as the guest stores to it ('mmap' mode). */
-  private readonly doorbells: Uint32Array | undefined;
-  /** The doorbell values already acted on. */
-  private readonly seen = new Uint32Array(1024);
-  private stopPolling: (() => void) | undefined;
+  private readonly doorbells: Doorbells;
   /** Queues that used up their batch, to go on at the next turn of the event loop. */
   private readonly resumable = new Set<SubmissionQueue>();
-  private lastActive = 0;
+  /** While a batch of doorbells is acted on: CQs owed an interrupt at its end. */
+  private owed: Set<CompletionQueue> | undefined;
   private storeClosed = false;
   /** Commands waiting for the store; no more than `store.queueDepth` are started. */
   private inFlight = 0;
@@ -175,20 +156,19 @@ export class NvmeController extends PciDevice {
         loadState: (data) => this.loadState(data),
         // Commands already running finish (and post) before the state is saved.
         stop: () => this.idle(),
-        // Held doorbells are picked up once the library lets interrupts through again.
-        start: () => void this.context.setImmediate(() => this.serviceAll()),
+        // Doorbells are watched again (a destination starts with none), and held ones picked up once the library lets interrupts through again.
+        start: () => void this.context.setImmediate(() => {
+          if (this.attached) this.shadowAccess(() => this.doorbells.useShadow(this.shadow, this.dma, this.queueDoorbells()));
+          this.serviceAll();
+        }),
       },
     });
     this.store = options.store;
     this.blocks = Math.floor(options.store.size / BLOCK_SIZE);
     this.doorbellMode = mode;
     this.offersShadowDoorbells = offersShadowDoorbells;
-    const bar = this.bar(0).bytes;
-    this.doorbells = mode === 'mmap' ? new Uint32Array(bar!.buffer, bar!.byteOffset + DOORBELLS, 1024) : undefined;
-    // Doorbell 2 + i: the value is in the shadow page; without one, the kick waits for Doorbell Buffer Config.
-    this.bar(0).ioeventfds.forEach((kick, i) => kick.on('signal', () => {
-      if (this.shadow) this.ringDoorbell(i + 2);
-    }));
+    this.doorbells = new Doorbells(mode, this.bar(0), this.context);
+    this.doorbells.onRing((rings) => this.rang(rings));
     this.serial = (options.serial ?? randomBytes(6).toString('hex')).slice(0, 20);
     this.nguid = Buffer.concat([Buffer.from('vfio-user'), Buffer.from(this.serial.padEnd(7, ' ').slice(0, 7))]);
   }
@@ -219,7 +199,7 @@ export class NvmeController extends PciDevice {
   /** A shutdown's promise: the reply to the CC write waits for it. */
   private writeBar(offset: number, data: Buffer): void | Promise<void> {
     if (offset >= DOORBELLS && offset < DOORBELLS + 0x1000) {
-      if (data.length === 4 && offset % 4 === 0) this.ringDoorbell((offset - DOORBELLS) / 4, data.readUInt32LE(0));
+      if (data.length === 4 && offset % 4 === 0) this.doorbells.write((offset - DOORBELLS) / 4, data.readUInt32LE(0));
       return;
     }
     if (offset >= REGISTER_BYTES) return;
@@ -323,10 +303,7 @@ export class NvmeController extends PciDevice {
     this.features.reset();
     this.csts &= Csts.NSSRO | (this.inFlight > 0 ? Csts.RDY : 0);
     this.shadow = undefined;
-    // Kicks for queues that are gone.
-    for (const kick of this.bar(0).ioeventfds) kick.take();
-    this.doorbells?.fill(0);
-    this.seen.fill(0);
+    this.doorbells.reset();
     // Work scheduled for queues that are gone (and dropped, if the device failed).
     this.resumable.clear();
     this.finished.clear();
@@ -371,18 +348,18 @@ export class NvmeController extends PciDevice {
   deleteSubmissionQueue(id: number): void {
     this.sqs[id]!.cq.submissionQueues.delete(id);
     this.sqs[id] = undefined;
+    this.doorbells.removed(2 * id);
   }
 
   deleteCompletionQueue(id: number): void {
     this.cqs[id] = undefined;
+    this.doorbells.removed(2 * id + 1);
     this.updateLevel();
   }
 
   /** A new queue's doorbell reads 0: a value left over from an earlier queue with its ID must not read as new entries. */
   private resetDoorbell(index: number): void {
-    this.seen[index] = 0;
-    if (this.doorbells) this.doorbells[index] = 0;
-    if (this.shadow && index >= 2) this.shadowAccess(() => this.shadow!.reset(index, 0));
+    this.shadowAccess(() => this.doorbells.added(index, this.dma));
   }
 
   /**
@@ -394,12 +371,11 @@ export class NvmeController extends PciDevice {
    */
   useShadowDoorbells(shadow: ShadowDoorbells): boolean {
     try {
+      const held = this.queueDoorbells();
       // What the controller knows goes in the pages; kicks by ioeventfd told it nothing, so there the host's values stand.
-      if (this.doorbellMode !== 'ioeventfd') {
-        for (const sq of this.sqs) if (sq && sq.id > 0) shadow.reset(2 * sq.id, sq.tail);
-        for (const cq of this.cqs) if (cq && cq.id > 0) shadow.reset(2 * cq.id + 1, cq.head);
-      }
+      if (this.doorbellMode !== 'ioeventfd') for (const [index, value] of held) if (index >= 2) shadow.reset(index, value);
       shadow.value(0);
+      this.doorbells.useShadow(shadow, this.dma, held);
     } catch (error) {
       if (!isDmaError(error)) throw error;
       return false;
@@ -407,6 +383,14 @@ export class NvmeController extends PciDevice {
     this.shadow = shadow;
     this.context.setImmediate(() => this.serviceAll());
     return true;
+  }
+
+  /** Each queue's doorbell and the value the controller holds for it (SQ tail, CQ head). */
+  private queueDoorbells(): Map<number, number> {
+    const held = new Map<number, number>();
+    for (const sq of this.sqs) if (sq) held.set(2 * sq.id, sq.tail);
+    for (const cq of this.cqs) if (cq) held.set(2 * cq.id + 1, cq.head);
+    return held;
   }
 
   /** Runs an access to the shadow pages; when they are no longer guest memory the controller cannot go on (CSTS.CFS). */
@@ -421,18 +405,26 @@ export class NvmeController extends PciDevice {
   }
 
   /**
-   * Doorbell `index` (SQ y tail: 2y, CQ y head: 2y + 1) was written with
-   * `value`, or signalled through its ioeventfd (no value). With shadow
-   * doorbells an I/O queue's value is the shadow's: the write only said to
-   * look. (In 'ioeventfd' mode I/O queues exist only with shadow doorbells.)
+   * A batch of doorbells: CQ heads first (a full CQ the host drained lets
+   * its SQs go on), then SQ tails; each CQ that got completions is
+   * interrupted once, at the end. A ring with no value (an ioeventfd kick
+   * before Doorbell Buffer Config) has nothing to act on.
    */
-  ringDoorbell(index: number, value = 0): void {
-    if (!this.ready) return;
-    if (index >= 2 && this.shadow) {
-      const shadowed = this.shadowAccess(() => this.shadow!.value(index));
-      if (shadowed === undefined) return;
-      value = shadowed;
+  private rang(rings: readonly Ring[]): void {
+    this.owed = new Set();
+    try {
+      for (const ring of rings) if (ring.doorbell & 1 && ring.value !== undefined) this.ringDoorbell(ring.doorbell, ring.value);
+      for (const ring of rings) if (!(ring.doorbell & 1) && ring.value !== undefined) this.ringDoorbell(ring.doorbell, ring.value);
+    } finally {
+      const owed = this.owed;
+      this.owed = undefined;
+      for (const cq of owed) if (this.cqs[cq.id] === cq) this.interrupt(cq);
     }
+  }
+
+  /** Doorbell `index` (SQ y tail: 2y, CQ y head: 2y + 1) now reads `value`. */
+  ringDoorbell(index: number, value: number): void {
+    if (!this.ready) return;
     const id = index >> 1;
     if (index & 1) {
       const cq = this.cqs[id];
@@ -486,7 +478,10 @@ export class NvmeController extends PciDevice {
       }
       // At the store's depth the queue goes on when a command finishes (finishLater).
     } while (shadow && this.ready && this.inFlight < this.store.queueDepth && this.shadowAccess(() => this.lookAgain(sq, shadow)));
-    if (posted) this.interrupt(cq);
+    if (posted) {
+      if (this.owed) this.owed.add(cq);
+      else this.interrupt(cq);
+    }
     // Admin commands may have given Asynchronous Event Requests something to complete.
     if (sq.id === 0) this.deliverEvents();
   }
@@ -595,7 +590,7 @@ export class NvmeController extends PciDevice {
     return sq.ready;
   }
 
-  /** Serves every queue from the doorbells held: after a migration, or polling. */
+  /** Serves every queue from the doorbells held: after a migration or Doorbell Buffer Config. */
   serviceAll(): void {
     for (const sq of this.sqs) if (sq) this.service(sq);
   }
@@ -641,6 +636,8 @@ export class NvmeController extends PciDevice {
 
   /** One vector per CQ in MSI-X (masking is the library's) and MSI (masked by INTMS); INTx is a level. */
   private interrupt(cq: CompletionQueue): void {
+    // The host answers completions with doorbells: watch closely for them.
+    this.doorbells.expect();
     if (!cq.interrupts) return;
     const mode = this.irq.mode;
     if (mode === 'msix') this.irq.raise(cq.vector);
@@ -657,58 +654,11 @@ export class NvmeController extends PciDevice {
     else this.irq.lower();
   }
 
-  // ---- polling the mapped doorbells ----
-
-  /** Reads the doorbell page and acts on every value that changed; returns whether any did. */
-  poll(): boolean {
-    const doorbells = this.doorbells;
-    if (!doorbells || this.stopped || !this.ready || !this.attached) return false;
-    let changed = false;
-    // Heads first: a full CQ the host just drained lets its SQs go on.
-    for (const cq of this.cqs) if (cq && this.pollDoorbell(doorbells, 2 * cq.id + 1)) changed = true;
-    for (const sq of this.sqs) if (sq && this.pollDoorbell(doorbells, 2 * sq.id)) changed = true;
-    return changed;
-  }
-
-  /** Rings doorbell `index` if its value changed: the page's, or with shadow doorbells an I/O queue's shadow. */
-  private pollDoorbell(doorbells: Uint32Array, index: number): boolean {
-    const value = index >= 2 && this.shadow ? this.shadowAccess(() => this.shadow!.value(index)) : doorbells[index];
-    if (value === undefined || value === this.seen[index]) return false;
-    this.seen[index] = value;
-    this.ringDoorbell(index, value);
-    return true;
-  }
-
-  /**
-   * Polls the doorbell page until close(): every millisecond, every 10 ms
-   * once idle for a second. Never continuously: a spinning server takes a
-   * core from the VMM, and in a QEMU TCG guest that delayed interrupts by
-   * seconds. The timers do not keep the process alive. Each poll runs under
-   * the device's error boundary (and not while the device is failed); the
-   * timers themselves are plain ones, outside any client's request, since
-   * they outlive every client: a context timer started in a request would
-   * carry that client's guest memory on to the next, and one dropped when
-   * the device failed would stop polling for good.
-   */
-  startPolling(): void {
-    if (this.doorbellMode !== 'mmap' || this.stopPolling) return;
-    let timer: NodeJS.Timeout;
-    const loop = () => {
-      const now = performance.now();
-      this.context.run(() => {
-        if (this.poll()) this.lastActive = now;
-      });
-      timer = setTimeout(loop, now - this.lastActive < IDLE_MS ? 1 : 10).unref();
-    };
-    timer = setTimeout(loop, 1).unref();
-    this.stopPolling = () => clearTimeout(timer);
-  }
-
-  /** Stops polling and closes the store, which the controller owns; then the library's close(). */
+  /** Stops watching doorbells and closes the store, which the controller owns; then the library's close(). */
   override close(): void {
     super.close();
-    this.stopPolling?.();
-    this.stopPolling = undefined;
+    // The library's constructor closes a device it refuses, before this class set its doorbells.
+    this.doorbells?.close();
     // The library's constructor closes a device it refuses, before this class set a store.
     if (this.store && !this.storeClosed) this.store.close();
     this.storeClosed = true;

@@ -13,7 +13,8 @@
  * ioeventfd doorbells). `--serial` sets Identify's serial number (random by
  * default).
  *
- *   controller.ts  BAR0 registers, handshakes, resets, doorbells, interrupts, migration
+ *   controller.ts  BAR0 registers, handshakes, resets, interrupts, migration
+ *   doorbells.ts   where doorbell values come from: mapped page, trapped writes, ioeventfds, shadow pages
  *   admin.ts       admin commands: Identify, queues, features, log pages, events
  *   io.ts          Read, Write, Flush, Write Zeroes, Dataset Management
  *   command.ts     submission entries, status codes, PRPs
@@ -45,7 +46,7 @@ export function parseSize(text: string): number {
   return bytes;
 }
 
-/** The device `vfio-user serve` serves; in 'mmap' mode it polls its doorbells until closed. */
+/** The device `vfio-user serve` serves. */
 export default function createDevice(args: readonly string[] = []): NvmeController {
   const { values } = parseArgs({
     args: [...args],
@@ -63,13 +64,10 @@ export default function createDevice(args: readonly string[] = []): NvmeControll
   if (shadow !== 'on' && shadow !== 'off') throw new UsageError(`--shadow-doorbells ${shadow}: expected on or off`);
   const size = parseSize(values.size);
   const store = values.image ? new FileStore(values.image, size) : new MemoryStore(size);
-  let controller: NvmeController;
   try {
-    controller = new NvmeController({ store, doorbells: values.doorbells as DoorbellMode, shadowDoorbells: shadow === 'on', serial: values.serial });
+    return new NvmeController({ store, doorbells: values.doorbells as DoorbellMode, shadowDoorbells: shadow === 'on', serial: values.serial });
   } catch (error) {
     store.close();
     throw error;
   }
-  controller.startPolling();
-  return controller;
 }

@@ -1,0 +1,114 @@
+/**
+ * Where the controller's doorbell values come from, as one DoorbellSource
+ * (the library's): doorbell `index` is SQ y's tail for 2y and CQ y's head
+ * for 2y + 1 (CAP.DSTRD 0), a word of BAR0's doorbell page at 0x1000 + 4 * index.
+ *
+ * - 'mmap': the page is shared memory the VMM maps for its guest, so the
+ *   guest rings with plain stores and no exit; the source watches each
+ *   queue's word. A VMM that does not map it writes the same bytes with
+ *   REGION_WRITE (the library stores them in the page), so both end the same way.
+ * - 'trap': each doorbell write is a REGION_WRITE the controller passes on.
+ * - 'ioeventfd': each I/O queue doorbell has an ioeventfd (a kick with no
+ *   value): the value comes from the shadow doorbells, and a kick before
+ *   Doorbell Buffer Config has nothing to act on.
+ * With shadow doorbells (any mode), an I/O queue's value lives in the
+ * shadow page of guest memory: the source watches that word instead, and a
+ * write or kick of the register only says "look now".
+ */
+import { DoorbellSource, type DeviceContext, type DmaSpace, type PciBar, type Ring } from 'vfio-user';
+import type { ShadowDoorbells } from './shadow.js';
+
+export type DoorbellMode = 'mmap' | 'trap' | 'ioeventfd';
+
+/** Offset of the doorbell page in BAR0. */
+export const DOORBELLS = 0x1000;
+/** Doorbells the page holds (a dword each). */
+export const DOORBELL_COUNT = 0x1000 / 4;
+
+export class Doorbells {
+  readonly source: DoorbellSource;
+  private shadow: ShadowDoorbells | undefined;
+
+  constructor(
+    readonly mode: DoorbellMode,
+    private readonly bar: PciBar,
+    /** The device's error boundary: the controller's handling of a batch runs under it. */
+    context: DeviceContext,
+  ) {
+    this.source = new DoorbellSource({ count: DOORBELL_COUNT, context });
+    // Ioeventfd i is doorbell 2 + i (queue 1's SQ tail first).
+    bar.ioeventfds.forEach((kick, i) => this.source.ringOnSignal(i + 2, kick));
+  }
+
+  /** Calls `ring` with each batch of doorbells that changed. */
+  onRing(ring: (rings: readonly Ring[]) => void): void {
+    this.source.on('ring', ring);
+  }
+
+  /** A trapped write of doorbell `index` ('trap' mode; or any write the VMM forwards). */
+  write(index: number, value: number): void {
+    this.source.write(index, value);
+  }
+
+  /**
+   * Watches queue doorbells where their values live (the shadow page for I/O
+   * queues once there is one, else the mapped page; nothing to watch for
+   * trapped writes and kicks). `values` are what the controller holds for
+   * each: a doorbell rings once its value differs. Throws a DMA error when
+   * the shadow page is not guest memory with an fd.
+   */
+  watch(values: ReadonlyMap<number, number>, dma: DmaSpace, shadow = this.shadow): void {
+    for (const [index, value] of values) {
+      if (shadow && index >= 2) this.source.watchGuest(index, dma, shadow.shadow + BigInt(4 * index), value);
+      else if (this.mode === 'mmap') this.source.watchShared(index, this.bar.shared!, DOORBELLS + 4 * index, value);
+      else this.removed(index);
+    }
+  }
+
+  /** A new queue's doorbell reads 0: a value left from an earlier queue with its ID must not read as new entries. */
+  added(index: number, dma: DmaSpace): void {
+    if (this.shadow && index >= 2) this.shadow.reset(index, 0);
+    else if (this.mode === 'mmap') this.page()[index] = 0;
+    this.watch(new Map([[index, 0]]), dma);
+  }
+
+  removed(index: number): void {
+    if (this.source.isWatched(index)) this.source.unwatch(index);
+  }
+
+  /**
+   * Doorbell Buffer Config (or migration): I/O queue doorbells are watched
+   * in `shadow` from now on. On a DMA error nothing changes.
+   */
+  useShadow(shadow: ShadowDoorbells | undefined, dma: DmaSpace, values: ReadonlyMap<number, number>): void {
+    try {
+      this.watch(values, dma, shadow);
+    } catch (error) {
+      this.watch(values, dma);
+      throw error;
+    }
+    this.shadow = shadow;
+  }
+
+  /** A controller reset: no queue is left, the page reads 0, no shadow pages. */
+  reset(): void {
+    for (let index = 0; index < DOORBELL_COUNT; index++) this.removed(index);
+    if (this.mode === 'mmap') this.page().fill(0);
+    this.shadow = undefined;
+    for (const kick of this.bar.ioeventfds) kick.take();
+  }
+
+  /** The device expects doorbells soon (it just posted completions). */
+  expect(): void {
+    this.source.poke();
+  }
+
+  close(): void {
+    this.source.close();
+  }
+
+  private page(): Uint32Array {
+    const bytes = this.bar.bytes!;
+    return new Uint32Array(bytes.buffer, bytes.byteOffset + DOORBELLS, DOORBELL_COUNT);
+  }
+}
