@@ -140,6 +140,20 @@ describe('MSI-X', () => {
     expect(ev.take()).toBe(1);
   });
 
+  test('a vector that fires while the client has taken its eventfd away is delivered once it gives one back', async () => {
+    const { client, g, evs } = await enabled();
+    await g.setBar32(Region.BAR4, 3 * 16 + 12, 0);
+    // What QEMU does when the guest starts using one more vector: every eventfd away, then all back.
+    await client.setIrqs({ index: IrqIndex.MSIX });
+    expect(served.device.irq.trigger(3)).toBe('pending');
+    expect(await pba(g)).toBe(1 << 3);
+    const again = eventfds.create(8);
+    await client.setIrqs({ index: IrqIndex.MSIX, eventfds: again });
+    expect(again[3].take()).toBe(1);
+    expect(evs[3].take()).toBe(0);
+    expect(await pba(g)).toBe(0);
+  });
+
   test('DEVICE_RESET disables MSI-X, masks every entry and clears the PBA', async () => {
     const { client, g } = await enabled();
     expect(served.device.irq.raise(4)).toBe('pending');

@@ -45,8 +45,15 @@ export class MessageVectors implements VectorRouter {
     return this.pending.get(vector);
   }
 
+  /**
+   * A vector with no eventfd yet is held pending too: QEMU takes every
+   * vector's eventfd away and gives them back (two SET_IRQS) each time the
+   * guest starts using one more, and a device that sees doorbells outside
+   * the socket (a mapped page, an ioeventfd) can complete a command in
+   * between. Dropping that interrupt lost a guest's admin command.
+   */
   fire(vector: number): Delivery {
-    if (this.masked(vector)) {
+    if (this.masked(vector) || !this.interrupts.connected(this.index, vector)) {
       this.pending.set(vector, true);
       return 'pending';
     }
