@@ -160,6 +160,14 @@ export function runMain(main: () => Promise<number>): void {
     });
 }
 
+/** utime + stime of this process, in seconds (/proc/self/stat counts clock ticks of 1/100 s). */
+export function processCpuSeconds(): number {
+  const stat = fs.readFileSync('/proc/self/stat', 'utf8');
+  // Fields after the command name (which may hold spaces) start at state, field 3.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
 export function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }

@@ -17,25 +17,15 @@
  * BENCH_DOORBELLS (default 2000) round trips. Prints a table, then one JSON line.
  */
 import { once } from 'node:events';
-import * as fs from 'node:fs';
 import { DoorbellSource, IoEventfd, SharedMemory } from '../ts/index.js';
 import { native } from '../ts/native.js';
-import { envInt, median, runMain, sleep } from './children.js';
+import { envInt, median, processCpuSeconds, runMain, sleep } from './children.js';
 
 const ROUNDS = envInt('BENCH_ROUNDS', 5, 1);
 const TRIPS = envInt('BENCH_DOORBELLS', 2000, 10);
 const QUIET_MS = envInt('BENCH_QUIET_MS', 30, 1);
 const IDLE_MS = envInt('BENCH_IDLE_MS', 10_000, 100);
 const WORDS = 64;
-const TICKS_PER_SECOND = 100;
-
-/** utime + stime of this process, in seconds (clock ticks of 1/100 s). */
-function processCpuSeconds(): number {
-  const stat = fs.readFileSync('/proc/self/stat', 'utf8');
-  // Fields after the command name (which may hold spaces) start at state, field 3.
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / TICKS_PER_SECOND;
-}
 
 /** Microseconds per round trip: `ring()` starts one, the source's next 'ring' ends it. */
 async function roundTrips(source: DoorbellSource, trips: number, ring: (i: number) => void): Promise<number> {
@@ -64,6 +54,8 @@ async function main(): Promise<number> {
   try {
     for (let d = 0; d < WORDS; d++) source.watchShared(d, memory, 4 * d, 0);
     source.ringOnSignal(WORDS, kick);
+    // As a device does once it has acted on a batch: it expects the next doorbell.
+    source.on('ring', () => source.poke());
     const mapped: number[] = [];
     const ioeventfd: number[] = [];
     const quiet: number[] = [];

@@ -11,9 +11,11 @@
  * - stored to memory the device watches: a mapped BAR page the guest writes
  *   with no exit (`watchShared`), or a page of guest memory (`watchGuest`,
  *   shadow doorbells). A store signals nothing, so a native thread reads
- *   the words: continuously for `spinMicros` after activity, then in sleeps
- *   that double up to `maxSleepMicros`, and not at all while nothing is
- *   watched. Its CPU time is in `stats()`.
+ *   the words: continuously for `spinMicros` after `poke()` (which a device
+ *   calls when it expects doorbells: it just posted completions), then in
+ *   sleeps that start at 10 µs and double up to `maxSleepMicros`; not while
+ *   a batch waits to be delivered, and not at all while nothing is watched.
+ *   Its CPU time is in `stats()`.
  *
  * A doorbell watched in memory takes its value from memory: a trapped write
  * or a kick of it only says "look now" (as with NVMe shadow doorbells or a
@@ -197,7 +199,11 @@ export class DoorbellSource extends EventEmitter<DoorbellSourceEvents> {
     ioeventfd.on('signal', listener);
   }
 
-  /** The device expects doorbells soon (it just posted completions): watched memory is scanned continuously again for `spinMicros`. */
+  /**
+   * The device expects doorbells soon (it just posted completions, so the
+   * guest will answer): watched memory is scanned continuously again for
+   * `spinMicros`. Without pokes the watcher only sleeps between scans.
+   */
   poke(): void {
     if (!this.closed && this.watched.size > 0) this.watcher.poke();
   }
@@ -244,8 +250,6 @@ export class DoorbellSource extends EventEmitter<DoorbellSourceEvents> {
     this.written.clear();
     this.batches++;
     this.rings += rings.length;
-    // The device acts on these now; the guest's next doorbells follow soon.
-    this.poke();
     if (this.context) this.context.run(() => this.emit('ring', rings));
     else this.emit('ring', rings);
   }

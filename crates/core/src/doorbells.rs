@@ -12,7 +12,11 @@
 //! Changed values collect in one pending batch (one entry per doorbell, its
 //! latest value); the thread writes the `notify` eventfd when the batch goes
 //! from empty to non-empty, so a consumer polling that fd on its own event
-//! loop is woken once per batch, with no other thread in between. Kicks that
+//! loop is woken once per batch, with no other thread in between. While a
+//! batch waits to be taken the thread does not scan (the consumer is busy
+//! with the one before, and on a small machine a spinning thread would take
+//! its CPU); after the take it sleeps briefly between scans, and it spins
+//! again when the consumer pokes it (it posted completions: doorbells follow). Kicks that
 //! carry no value (an ioeventfd, a trapped write that only says "look") are
 //! turned into entries of the same batch by `look`, on the consumer's thread.
 
@@ -110,6 +114,8 @@ struct Shared {
     activity: AtomicBool,
     /// The thread is (about to be) in its sleeping wait: a poke must write `wake`.
     sleeping: AtomicBool,
+    /// How long that wait is, in nanoseconds (u64::MAX: until woken).
+    sleep_nanos: AtomicU64,
     stop: AtomicBool,
     wakes: AtomicU64,
     spins: AtomicU64,
@@ -126,6 +132,15 @@ impl Shared {
 
     fn poke(&self) {
         self.activity.store(true, Ordering::SeqCst);
+        // A short sleep ends soon enough by itself (and then spins): waking
+        // the thread now would only make the kernel run it in place of the
+        // poking thread, which is about to do the work the guest waits for.
+        if self.sleep_nanos.load(Ordering::SeqCst) > self.spin_nanos.load(Ordering::Relaxed) {
+            self.wake_thread();
+        }
+    }
+
+    fn wake_thread(&self) {
         if self.sleeping.load(Ordering::SeqCst) {
             // An eventfd of our own: the write cannot block or fail.
             let _ = eventfd::signal(&self.wake);
@@ -133,8 +148,8 @@ impl Shared {
     }
 
     /// Reads every watched word; announces the batch if it became non-empty.
-    /// Returns whether any word changed.
-    fn scan(&self) -> bool {
+    /// Returns whether any word changed, and whether a batch waits.
+    fn scan(&self) -> (bool, bool) {
         let mut state = self.state();
         let State { words, pending } = &mut *state;
         let mut changed = false;
@@ -150,6 +165,7 @@ impl Shared {
             }
         }
         let watching = !words.is_empty();
+        let held = !pending.is_empty();
         drop(state);
         if watching {
             self.scans.fetch_add(1, Ordering::Relaxed);
@@ -158,7 +174,7 @@ impl Shared {
             self.wakes.fetch_add(1, Ordering::Relaxed);
             let _ = eventfd::signal(&self.notify);
         }
-        changed
+        (changed, held)
     }
 
     fn configure(&self, config: WatchConfig) {
@@ -188,6 +204,7 @@ impl DoorbellWatcher {
             max_sleep_nanos: AtomicU64::new(0),
             activity: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
+            sleep_nanos: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             wakes: AtomicU64::new(0),
             spins: AtomicU64::new(0),
@@ -277,6 +294,10 @@ impl DoorbellWatcher {
         if !state.pending.is_empty() {
             let _ = eventfd::signal(&self.shared.notify);
         }
+        drop(state);
+        // The thread rests while a batch waits: watch again (sleeping briefly
+        // at first; a poke makes it spin).
+        self.shared.wake_thread();
         n
     }
 
@@ -318,7 +339,7 @@ fn run(shared: &Shared) {
     let mut spin_until: Option<Instant> = None;
     let mut sleep = FIRST_SLEEP;
     while !shared.stop.load(Ordering::Acquire) {
-        let changed = shared.scan();
+        let (changed, held) = shared.scan();
         let now = Instant::now();
         if changed || shared.activity.swap(false, Ordering::AcqRel) {
             if spin_until.is_none() {
@@ -327,31 +348,39 @@ fn run(shared: &Shared) {
             spin_until = Some(now + Duration::from_nanos(shared.spin_nanos.load(Ordering::Relaxed)));
             sleep = FIRST_SLEEP;
         }
-        if spin_until.is_some_and(|until| now < until) {
+        if !held && spin_until.is_some_and(|until| now < until) {
             for _ in 0..16 {
                 std::hint::spin_loop();
             }
             continue;
         }
         spin_until = None;
+        // Until the sleep's length is known, a poke wakes it.
+        shared.sleep_nanos.store(u64::MAX, Ordering::SeqCst);
         shared.sleeping.store(true, Ordering::SeqCst);
-        // A poke that came before `sleeping` was visible wrote no wake-up.
+        // A poke or a take that came before `sleeping` was visible wrote no wake-up.
         if shared.activity.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst) {
             shared.sleeping.store(false, Ordering::SeqCst);
             continue;
         }
         shared.cpu_nanos.store(thread_cpu_nanos(), Ordering::Relaxed);
-        let timeout = shared.watching().then(|| Timespec {
+        // While a batch waits for the consumer, it is busy with the last one:
+        // scanning now would only take CPU from it. The take (or a poke) wakes us.
+        // Looked at again now that `sleeping` is set: a take since the scan
+        // found no sleeper to wake.
+        let held = !shared.state().pending.is_empty();
+        let timeout = (shared.watching() && !held).then(|| Timespec {
             tv_sec: (sleep.as_secs()) as _,
             tv_nsec: sleep.subsec_nanos() as _,
         });
+        shared.sleep_nanos.store(if timeout.is_some() { sleep.as_nanos() as u64 } else { u64::MAX }, Ordering::SeqCst);
         let mut fds = [PollFd::new(&shared.wake, PollFlags::IN)];
         let _ = poll(&mut fds, timeout.as_ref());
         let _ = eventfd::take(&shared.wake);
         shared.sleeping.store(false, Ordering::SeqCst);
         shared.sleeps.fetch_add(1, Ordering::Relaxed);
         let max_sleep = Duration::from_nanos(shared.max_sleep_nanos.load(Ordering::Relaxed));
-        sleep = (sleep * 2).min(max_sleep);
+        sleep = if held { FIRST_SLEEP } else { (sleep * 2).min(max_sleep) };
     }
 }
 
