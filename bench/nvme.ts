@@ -8,28 +8,41 @@
  *   doorbells        'trap' (posted REGION_WRITEs), 'trap+shadow' (the same
  *                    after Doorbell Buffer Config: the host writes the
  *                    register only when EventIdx asks, as Linux does), 'mmap'
- *                    (the host stores to the mapped page, the controller
- *                    polls it) and 'ioeventfd' (shadow doorbells; the host's
- *                    client signals the device's ioeventfds as KVM would)
+ *                    (the host stores to the mapped page, the controller's
+ *                    DoorbellSource watches it) and 'ioeventfd' (shadow
+ *                    doorbells; the host's client signals the device's
+ *                    ioeventfds as KVM would)
  *   raw              fs.readSync from the same image into a view of the same
  *                    guest memory, in a loop: what each command must cost at
  *                    least. The ratio is IOPS / raw operations per second.
  *
  * The image is a 64 MiB file in the page cache. Host and controller share one
  * event loop, so the host's own work counts against the controller's.
+ *   stages           for 4 KiB random reads at queue depth 1, traced: the
+ *                    median and 99th percentile of the microseconds from a
+ *                    command's doorbell batch to its entry fetched, its read
+ *                    submitted to the store and done, its completion posted,
+ *                    its interrupt signalled
+ *   idle             the process's CPU (utime + stime) over BENCH_IDLE_MS
+ *                    (default 10 000) with every controller enabled, its I/O
+ *                    queue created and nothing rung, as a share of one core,
+ *                    and each controller's doorbell watcher's own share
+ *
  * Figures are medians over BENCH_ROUNDS (default 3) interleaved rounds of
- * BENCH_NVME_MS (default 1000) each. Prints a table, then one JSON line.
+ * BENCH_NVME_MS (default 1000) each. Prints tables, then one JSON line.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createServer, connect, type VfioUserServer } from '../ts/index.js';
 import createDevice from '../examples/nvme/index.js';
 import type { NvmeController } from '../examples/nvme/controller.js';
+import { CommandTrace, STAGES } from '../examples/nvme/trace.js';
 import { NvmeHost, PAGE } from '../__test__/nvme-host.js';
-import { envInt, median, runMain, scratchDir } from './children.js';
+import { envInt, median, processCpuSeconds, runMain, scratchDir, sleep } from './children.js';
 
 const ROUNDS = envInt('BENCH_ROUNDS', 3, 1);
 const RUN_MS = envInt('BENCH_NVME_MS', 1000, 50);
+const IDLE_MS = envInt('BENCH_IDLE_MS', 10_000, 100);
 const IMAGE_BYTES = 64 << 20;
 const READ = 0x02;
 
@@ -96,6 +109,12 @@ function rawCopies(target: Target, image: string, w: Workload): number {
   return n / ((performance.now() - started) / 1000);
 }
 
+/** The value below which `p` of `values` lie. */
+function percentile(values: number[], p: number): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.floor(p * sorted.length))];
+}
+
 async function main(): Promise<number> {
   const dir = scratchDir();
   const image = path.join(dir, 'nvme.img');
@@ -108,6 +127,9 @@ async function main(): Promise<number> {
   const targets = [];
   for (const mode of MODES) targets.push(await start(mode, image, path.join(dir, `nvme-${mode}.sock`)));
   const results: { workload: Workload; mode: string; iops: number; raw: number }[] = [];
+  const stages: { mode: string; stage: string; median: number; p99: number }[] = [];
+  const idle: { mode: string; watcherShare: number }[] = [];
+  let idleProcessShare = 0;
   try {
     for (const w of WORKLOADS) {
       const rounds = new Map<string, number[]>(targets.map((t) => [t.mode, []]));
@@ -118,6 +140,21 @@ async function main(): Promise<number> {
       }
       for (const t of targets) results.push({ workload: w, mode: t.mode, iops: median(rounds.get(t.mode)!), raw: median(raw) });
     }
+    for (const t of targets) {
+      const trace = (t.device.trace = new CommandTrace());
+      await iops(t.host, WORKLOADS[0]);
+      t.device.trace = undefined;
+      for (const stage of STAGES) stages.push({ mode: t.mode, stage, median: median(trace.samples[stage]), p99: percentile(trace.samples[stage], 0.99) });
+    }
+    // Idle: let the watchers back off, then measure.
+    await sleep(200);
+    const cpuBefore = processCpuSeconds();
+    const watchersBefore = targets.map((t) => t.device.doorbellStats.cpuMicros);
+    const idleStarted = performance.now();
+    await sleep(IDLE_MS);
+    const idleSeconds = (performance.now() - idleStarted) / 1000;
+    idleProcessShare = (processCpuSeconds() - cpuBefore) / idleSeconds;
+    targets.forEach((t, i) => idle.push({ mode: t.mode, watcherShare: (t.device.doorbellStats.cpuMicros - watchersBefore[i]) / 1e6 / idleSeconds }));
   } finally {
     for (const t of targets) {
       t.host.close();
@@ -134,8 +171,20 @@ async function main(): Promise<number> {
     const mib = (r.iops * r.workload.bytes) / 2 ** 20;
     console.log(`${r.workload.name.padEnd(18)} ${String(r.workload.qd).padStart(2)}  ${r.mode.padEnd(12)} ${r.iops.toFixed(0).padStart(11)} ${mib.toFixed(0).padStart(7)} ${r.raw.toFixed(0).padStart(14)} ${(r.iops / r.raw).toFixed(3).padStart(7)} ${(r.iops / trapIops(r)).toFixed(2).padStart(7)}`);
   }
+  console.log('\nWhere a 4 KiB QD1 read\'s time goes (µs from its doorbell batch reaching JS; median / p99)');
+  console.log(`doorbells     ${STAGES.map((s) => s.padStart(16)).join('')}`);
+  for (const t of targets) {
+    const row = STAGES.map((stage) => {
+      const s = stages.find((x) => x.mode === t.mode && x.stage === stage)!;
+      return `${s.median.toFixed(1)} / ${s.p99.toFixed(1)}`.padStart(16);
+    });
+    console.log(`${t.mode.padEnd(12)}  ${row.join('')}`);
+  }
+  console.log(`\nIdle ${(IDLE_MS / 1000).toFixed(0)} s, ${targets.length} controllers enabled: process ${(100 * idleProcessShare).toFixed(2)}% of a core; doorbell watchers ${idle.map((i) => `${i.mode} ${(100 * i.watcherShare).toFixed(3)}%`).join(', ')}`);
   console.log(JSON.stringify({
     bench: 'nvme',
+    stages,
+    idle: { processCoreShare: idleProcessShare, watchers: idle },
     results: results.map((r) => ({ workload: r.workload.name, qd: r.workload.qd, doorbells: r.mode, iops: r.iops, rawOpsPerSec: r.raw, ratio: r.iops / r.raw, vsTrap: r.iops / trapIops(r) })),
   }));
   return 0;

@@ -11,15 +11,16 @@ export const DEBUG_NAME = 'vfio-user';
 
 /**
  * Whether `debug` (a comma- or space-separated list of names with `*`
- * wildcards, `-name` excluding) asks for vfio-user, e.g. `vfio-user`,
- * `*` or `vfio-*,-express`.
+ * wildcards, `-name` excluding) asks for `name` (vfio-user by default), e.g.
+ * `vfio-user`, `*` or `vfio-*,-express`. Devices name their own traces below
+ * it (`vfio-user:nvme`).
  */
-export function debugRequested(debug = process.env.DEBUG): boolean {
+export function debugRequested(debug = process.env.DEBUG, name = DEBUG_NAME): boolean {
   let wanted = false;
   for (const item of (debug ?? '').split(/[\s,]+/).filter(Boolean)) {
     const excluded = item.startsWith('-');
     const pattern = new RegExp(`^${(excluded ? item.slice(1) : item).replace(/[.+?^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '.*')}$`);
-    if (!pattern.test(DEBUG_NAME)) continue;
+    if (!pattern.test(name)) continue;
     if (excluded) return false;
     wanted = true;
   }

@@ -46,6 +46,7 @@ export { migrate, MigrationClient, type MigrationResult } from './client/migrati
 export { PciDevice } from './pci/device.js';
 export type { PciBar } from './pci/bars.js';
 export { IoEventfd, type IoEventfdEvents } from './pci/ioeventfds.js';
+export { debugRequested } from './debug.js';
 export { DoorbellSource, type DoorbellSourceEvents, type DoorbellSourceOptions, type DoorbellStats, type DoorbellTiming, type Ring } from './doorbells.js';
 export {
   InvalidDeviceError,

@@ -19,13 +19,14 @@
  * shadow page, and the host writes the register only when EventIdx asks.
  */
 import { randomBytes } from 'node:crypto';
-import { BlockIoError, Errno, PciDevice, UsageError, type Ring } from 'vfio-user';
+import { BlockIoError, Errno, PciDevice, UsageError, type DoorbellStats, type Ring } from 'vfio-user';
 import { AsyncEvent, AsyncEvents, executeAdmin, Features, LogPage, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VECTORS, VENDOR_ID, type ErrorEntry } from './admin.js';
 import { Command, CommandError, DEFERRED, isDmaError, Status } from './command.js';
 import { BLOCK_SIZE, executeIo } from './io.js';
 import { DOORBELLS, Doorbells, type DoorbellMode } from './doorbells.js';
 import { CompletionQueue, SubmissionQueue } from './queues.js';
 import { ShadowDoorbells } from './shadow.js';
+import { CommandTrace } from './trace.js';
 import { parseState, STATE_VERSION, type SavedState } from './state.js';
 import type { BackingStore } from './store.js';
 
@@ -99,6 +100,8 @@ export class NvmeController extends PciDevice {
   smart = { blocksRead: 0, blocksWritten: 0, readCommands: 0, writeCommands: 0 };
   /** Shadow doorbells and EventIdx (Doorbell Buffer Config), for the I/O queues. */
   shadow: ShadowDoorbells | undefined;
+  /** Per-command stage timings (DEBUG=vfio-user:nvme prints them; the bench sets one to collect them). */
+  trace: CommandTrace | undefined = CommandTrace.fromEnvironment();
 
   private cc = 0;
   private csts = 0;
@@ -385,6 +388,11 @@ export class NvmeController extends PciDevice {
     return true;
   }
 
+  /** What watching the doorbells has cost so far. */
+  get doorbellStats(): DoorbellStats {
+    return this.doorbells.source.stats();
+  }
+
   /** Each queue's doorbell and the value the controller holds for it (SQ tail, CQ head). */
   private queueDoorbells(): Map<number, number> {
     const held = new Map<number, number>();
@@ -411,6 +419,7 @@ export class NvmeController extends PciDevice {
    * before Doorbell Buffer Config) has nothing to act on.
    */
   private rang(rings: readonly Ring[]): void {
+    this.trace?.batch();
     this.owed = new Set();
     try {
       for (const ring of rings) if (ring.doorbell & 1 && ring.value !== undefined) this.ringDoorbell(ring.doorbell, ring.value);
@@ -453,6 +462,7 @@ export class NvmeController extends PciDevice {
   service(sq: SubmissionQueue): void {
     // Stopped for migration, or no client (no guest memory): doorbells wait.
     if (this.stopped || !this.ready || !this.attached) return;
+    if (!this.owed) this.trace?.batch();
     const cq = sq.cq;
     const command = this.command;
     const shadow = sq.id > 0 ? this.shadow : undefined;
@@ -496,9 +506,26 @@ export class NvmeController extends PciDevice {
   private execute(sq: SubmissionQueue, command: Command): number | Promise<number> {
     try {
       sq.fetch(this.dma, command);
-      const opcode = command.opcode;
+      const { opcode, cid } = command;
+      const trace = this.trace;
+      trace?.fetched(sq.id, cid, opcode);
       const status = sq.id === 0 ? executeAdmin(this, command) : executeIo(this, command);
-      return typeof status === 'number' ? status : status.catch((error: unknown) => failed(error, opcode, sq.id));
+      trace?.submitted(sq.id, cid);
+      if (typeof status === 'number') {
+        trace?.done(sq.id, cid);
+        return status;
+      }
+      const sqid = sq.id;
+      return status.then(
+        (status) => {
+          trace?.done(sqid, cid);
+          return status;
+        },
+        (error: unknown) => {
+          trace?.done(sqid, cid);
+          return failed(error, opcode, sqid);
+        },
+      );
     } catch (error) {
       return failed(error, command.opcode, sq.id);
     }
@@ -598,6 +625,7 @@ export class NvmeController extends PciDevice {
   private complete(cq: CompletionQueue, sq: SubmissionQueue, cid: number, status: number, result: number): void {
     try {
       cq.post(this.dma, sq, cid, status, result);
+      this.trace?.posted(cq.id, sq.id, cid);
     } catch {
       // The CQ is outside guest memory: the controller cannot report anything any more.
       this.csts |= Csts.CFS;
@@ -638,12 +666,14 @@ export class NvmeController extends PciDevice {
   private interrupt(cq: CompletionQueue): void {
     // The host answers completions with doorbells: watch closely for them.
     this.doorbells.expect();
-    if (!cq.interrupts) return;
-    const mode = this.irq.mode;
-    if (mode === 'msix') this.irq.raise(cq.vector);
-    else if (mode === 'msi') {
-      if (!((this.intms >>> cq.vector) & 1)) this.irq.raise(cq.vector);
-    } else this.updateLevel();
+    if (cq.interrupts) {
+      const mode = this.irq.mode;
+      if (mode === 'msix') this.irq.raise(cq.vector);
+      else if (mode === 'msi') {
+        if (!((this.intms >>> cq.vector) & 1)) this.irq.raise(cq.vector);
+      } else this.updateLevel();
+    }
+    this.trace?.interrupted(cq.id);
   }
 
   /** INTx: asserted while any CQ with interrupts enabled holds entries the host has not consumed, unless INTMS masks it. */
