@@ -23,7 +23,7 @@ import { BlockIoError, Errno, PciDevice, UsageError, type DoorbellStats, type Ri
 import { AsyncEvent, AsyncEvents, executeAdmin, Features, LogPage, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VECTORS, VENDOR_ID, type ErrorEntry } from './admin.js';
 import { Command, CommandError, DEFERRED, isDmaError, Status } from './command.js';
 import { BLOCK_SIZE, executeIo } from './io.js';
-import { DOORBELLS, Doorbells, type DoorbellMode } from './doorbells.js';
+import { DOORBELLS, Doorbells, SHADOW, type DoorbellMode } from './doorbells.js';
 import { CompletionQueue, SubmissionQueue } from './queues.js';
 import { ShadowDoorbells } from './shadow.js';
 import { CommandTrace } from './trace.js';
@@ -415,15 +415,22 @@ export class NvmeController extends PciDevice {
   /**
    * A batch of doorbells: CQ heads first (a full CQ the host drained lets
    * its SQs go on), then SQ tails; each CQ that got completions is
-   * interrupted once, at the end. A ring with no value (an ioeventfd kick
-   * before Doorbell Buffer Config) has nothing to act on.
+   * interrupted once, at the end. A shadowed doorbell's value is read from
+   * the shadow page now, whatever rang; a ring with no value otherwise (an
+   * ioeventfd kick before Doorbell Buffer Config) has nothing to act on.
    */
   private rang(rings: readonly Ring[]): void {
     this.trace?.batch();
     this.owed = new Set();
     try {
-      for (const ring of rings) if (ring.doorbell & 1 && ring.value !== undefined) this.ringDoorbell(ring.doorbell, ring.value);
-      for (const ring of rings) if (!(ring.doorbell & 1) && ring.value !== undefined) this.ringDoorbell(ring.doorbell, ring.value);
+      for (const heads of [true, false]) {
+        for (const ring of rings) {
+          const index = ring.doorbell % SHADOW;
+          if (((index & 1) === 1) !== heads) continue;
+          const value = index >= 2 && this.shadow ? this.shadowAccess(() => this.shadow!.value(index)) : ring.value;
+          if (value !== undefined) this.ringDoorbell(index, value);
+        }
+      }
     } finally {
       const owed = this.owed;
       this.owed = undefined;

@@ -12,8 +12,11 @@
  *   value): the value comes from the shadow doorbells, and a kick before
  *   Doorbell Buffer Config has nothing to act on.
  * With shadow doorbells (any mode), an I/O queue's value lives in the
- * shadow page of guest memory: the source watches that word instead, and a
- * write or kick of the register only says "look now".
+ * shadow page of guest memory: the source also watches that word (as
+ * doorbell SHADOW + index, so the register's own word still rings), and
+ * every ring of a shadowed doorbell only says "look now": the controller
+ * reads the value through its own view of the page, which follows the
+ * client's remaps (a watch keeps the memory it started on).
  */
 import { DoorbellSource, type DeviceContext, type DmaSpace, type PciBar, type Ring } from 'vfio-user';
 import type { ShadowDoorbells } from './shadow.js';
@@ -24,6 +27,8 @@ export type DoorbellMode = 'mmap' | 'trap' | 'ioeventfd';
 export const DOORBELLS = 0x1000;
 /** Doorbells the page holds (a dword each). */
 export const DOORBELL_COUNT = 0x1000 / 4;
+/** Doorbell `SHADOW + index` is `index`'s word in the shadow page. */
+export const SHADOW = DOORBELL_COUNT;
 
 export class Doorbells {
   readonly source: DoorbellSource;
@@ -35,7 +40,7 @@ export class Doorbells {
     /** The device's error boundary: the controller's handling of a batch runs under it. */
     context: DeviceContext,
   ) {
-    this.source = new DoorbellSource({ count: DOORBELL_COUNT, context });
+    this.source = new DoorbellSource({ count: 2 * DOORBELL_COUNT, context });
     // Ioeventfd i is doorbell 2 + i (queue 1's SQ tail first).
     bar.ioeventfds.forEach((kick, i) => this.source.ringOnSignal(i + 2, kick));
   }
@@ -51,29 +56,29 @@ export class Doorbells {
   }
 
   /**
-   * Watches queue doorbells where their values live (the shadow page for I/O
-   * queues once there is one, else the mapped page; nothing to watch for
-   * trapped writes and kicks). `values` are what the controller holds for
-   * each: a doorbell rings once its value differs. Throws a DMA error when
-   * the shadow page is not guest memory with an fd.
+   * Watches queue doorbells where the host stores them: the mapped page
+   * ('mmap'; nothing to watch for trapped writes and kicks), and an I/O
+   * queue's shadow word once there is a shadow page. `values` are what the
+   * controller holds for each: a doorbell rings once its value differs.
+   * Throws a DMA error when the shadow page is not guest memory with an fd.
    */
   watch(values: ReadonlyMap<number, number>, dma: DmaSpace, shadow = this.shadow): void {
     for (const [index, value] of values) {
-      if (shadow && index >= 2) this.source.watchGuest(index, dma, shadow.shadow + BigInt(4 * index), value);
-      else if (this.mode === 'mmap') this.source.watchShared(index, this.bar.shared!, DOORBELLS + 4 * index, value);
-      else this.removed(index);
+      if (this.mode === 'mmap') this.source.watchShared(index, this.bar.shared!, DOORBELLS + 4 * index, value);
+      if (shadow && index >= 2) this.source.watchGuest(SHADOW + index, dma, shadow.shadow + BigInt(4 * index), value);
+      else if (this.source.isWatched(SHADOW + index)) this.source.unwatch(SHADOW + index);
     }
   }
 
   /** A new queue's doorbell reads 0: a value left from an earlier queue with its ID must not read as new entries. */
   added(index: number, dma: DmaSpace): void {
     if (this.shadow && index >= 2) this.shadow.reset(index, 0);
-    else if (this.mode === 'mmap') this.page()[index] = 0;
+    if (this.mode === 'mmap') this.page()[index] = 0;
     this.watch(new Map([[index, 0]]), dma);
   }
 
   removed(index: number): void {
-    if (this.source.isWatched(index)) this.source.unwatch(index);
+    for (const doorbell of [index, SHADOW + index]) if (this.source.isWatched(doorbell)) this.source.unwatch(doorbell);
   }
 
   /**
