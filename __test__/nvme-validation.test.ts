@@ -73,24 +73,26 @@ describe('resets with commands in the store', () => {
 });
 
 describe('the error boundary', () => {
-  test('a controller that failed in its own poll polls its mapped doorbells again after the reset that clears the failure', async () => {
+  test('a controller that failed acting on a batch of mapped doorbells acts on them again after the reset that clears the failure', async () => {
     class FailsOnce extends NvmeController {
       fail = false;
-      override poll(): boolean {
+      override ringDoorbell(index: number, value: number): void {
         if (this.fail) {
           this.fail = false;
-          throw new Error('planted failure in the poll timer');
+          throw new Error('planted failure in a doorbell batch');
         }
-        return super.poll();
+        super.ringDoorbell(index, value);
       }
     }
     const device = new FailsOnce({ store: new MemoryStore(1 << 20), doorbells: 'mmap' });
-    device.startPolling();
     const { host: h, deviceErrors } = await attachNvme(cleanups, device, { deviceErrors: 'expected' });
     expect(h.mappedDoorbells).toBe(true);
+    expect((await h.enable()) & Csts.RDY).toBe(Csts.RDY);
     device.fail = true;
+    // Its doorbell batch fails: the command is never answered (the host gives up on it).
+    void h.admin({ opcode: 0x06, cdw10: 1, prp1: h.alloc(PAGE) }).catch(() => undefined);
     await until(() => deviceErrors.length === 1);
-    expect(deviceErrors[0].message).toBe('planted failure in the poll timer');
+    expect(deviceErrors[0].message).toBe('planted failure in a doorbell batch');
     await h.client.reset();
     await h.moveTo(h.client); // the reset disabled MSI-X and bus mastering: set them up again
     h.queues.clear();

@@ -145,7 +145,7 @@ describe('MSI-X', () => {
     await g.setBar32(Region.BAR4, 3 * 16 + 12, 0);
     // What QEMU does when the guest starts using one more vector: every eventfd away, then all back.
     await client.setIrqs({ index: IrqIndex.MSIX });
-    expect(served.device.irq.trigger(3)).toBe('pending');
+    expect(served.device.irq.raise(3)).toBe('pending');
     expect(await pba(g)).toBe(1 << 3);
     const again = eventfds.create(8);
     await client.setIrqs({ index: IrqIndex.MSIX, eventfds: again });
