@@ -106,12 +106,16 @@ describe('vfio-user serve', { timeout: SPAWNING_TEST_MS }, () => {
   test('arguments after -- reach the factory of a module given as a folder', async () => {
     const socket = tempSocketPath();
     const module = join(root, '__test__/fixtures/args-device');
-    const child = spawn(tsx, [join(root, 'ts/cli/main.ts'), 'serve', module, '--socket', socket.path, '--', '--device-id', '0xbeef'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    // Node itself with tsx's loader: a SIGKILL to the tsx launcher would leave its child serving.
+    const child = spawn(process.execPath, [...cli, 'serve', module, '--socket', socket.path, '--', '--device-id', '0xbeef'], { cwd: root, stdio: ['ignore', 'ignore', 'pipe'] });
     try {
       await until(() => existsSync(socket.path), STARTED_MS);
       const client = await connect(socket.path, { timeoutMs: STARTED_MS });
       expect((await client.regionRead(Region.CONFIG, 0n, 4)).readUInt32LE(0)).toBe(0xbeef1234);
       client.close();
+      const exited = new Promise<number | null>((r) => child.on('exit', r));
+      child.kill('SIGTERM');
+      expect(await exited).toBe(0);
     } finally {
       child.kill('SIGKILL');
       socket.cleanup();
