@@ -65,7 +65,9 @@ export class Doorbells {
   watch(values: ReadonlyMap<number, number>, dma: DmaSpace, shadow = this.shadow): void {
     for (const [index, value] of values) {
       if (this.mode === 'mmap') this.source.watchShared(index, this.bar.shared!, DOORBELLS + 4 * index, value);
-      if (shadow && index >= 2) this.source.watchGuest(SHADOW + index, dma, shadow.shadow + BigInt(4 * index), value);
+      // Only in 'mmap' mode: elsewhere the host rings (a trap, a kick) whenever EventIdx asks,
+      // and watching would only cost CPU for doorbells that ring anyway.
+      if (shadow && index >= 2 && this.mode === 'mmap') this.source.watchGuest(SHADOW + index, dma, shadow.shadow + BigInt(4 * index), value);
       else if (this.source.isWatched(SHADOW + index)) this.source.unwatch(SHADOW + index);
     }
   }
