@@ -2,7 +2,7 @@ import { afterEach, describe, expect, test } from 'vitest';
 import { Command, Errno, PciDevice, Region, RegionInfoFlags, type RegionDescription } from '../ts/index.js';
 import * as protocol from '../ts/protocol/index.js';
 import { native } from '../ts/native.js';
-import { openFdCount, serve, type Served } from './helpers.js';
+import { openFdCount, serve, until, type Served } from './helpers.js';
 import { pciFunction } from '../ts/pci/device.js';
 
 let served: Served<PciDevice>;
@@ -119,7 +119,9 @@ describe('region read and write', () => {
     const client = await served.client();
     const slow = client.regionRead(Region.BAR2, 0n, 2).then((b) => { order.push('slow-reply'); return b; });
     const fast = client.regionRead(Region.CONFIG, 0n, 2).then((b) => { order.push('config-reply'); return b; });
-    await new Promise((r) => setTimeout(r, 30));
+    // The config read has reached the server and waits behind the slow one, not answered natively.
+    await until(() => served.server.session?.requestsWaiting === 1);
+    expect(served.server.session!.readsAnsweredNatively).toBe(0);
     expect(order).toEqual([]);
     release();
     expect((await slow).readUInt16LE(0)).toBe(0xabcd);

@@ -92,6 +92,11 @@ export class RequestQueue {
     return true;
   }
 
+  /** How many messages wait behind the running handler. */
+  get waitingCount(): number {
+    return this.waiting.length;
+  }
+
   /** The session ended: what still waits is dropped, its fds closed; no deadline fires. */
   clear(): void {
     clearTimeout(this.deadline);

@@ -125,6 +125,11 @@ export class ServerSession {
     return this.channel.nativeReads;
   }
 
+  /** Requests waiting their turn behind a pending handler (the order a client sees). */
+  get requestsWaiting(): number {
+    return this.requests.waitingCount;
+  }
+
   get closed(): boolean {
     return this.channel.closed;
   }
