@@ -413,8 +413,10 @@ describe('bad input gets NVMe statuses, never a crash or a hang', () => {
     // A fourth command (the SQ's tail wraps to 0) stays in the SQ while the CQ is full.
     const fourth = h.enqueue(1, { opcode: Op.READ, nsid: 1, prp1: page });
     expect(q.sqTail).toBe(0);
+    const rings = served!.device.doorbellStats.rings;
     h.kick(1);
-    await new Promise((r) => setTimeout(r, 20));
+    // The controller has seen the doorbell (its batch ran) and still left the entry in the SQ.
+    await until(() => served!.device.doorbellStats.rings > rings);
     expect(served!.device.sqs[1]!.head).toBe(3);
     h.hold = false;
     expect((await Promise.all([...first, fourth])).map((c) => c.status)).toEqual([0, 0, 0, 0]);
