@@ -37,9 +37,9 @@ function hugepagesMiB(): number {
   return (field('HugePages_Total') * field('Hugepagesize')) / 1024;
 }
 
-/** Serves examples/nvme (mapped doorbells, a file image) where SPDK looks for it: DIR/cntrl. */
+/** Serves examples/nvme (its defaults, so mapped doorbells, which SPDK needs; a file image) where SPDK looks for it: DIR/cntrl. */
 async function serveNvme(image: string): Promise<{ traddr: string }> {
-  const device = createNvme(['--image', image, '--size', '64M', '--doorbells', 'mmap', '--serial', 'spdk-row']);
+  const device = createNvme(['--image', image, '--size', '64M', '--serial', 'spdk-row']);
   const server = createServer(device);
   const socket = tempSocketPath('cntrl');
   await server.listen(socket.path);

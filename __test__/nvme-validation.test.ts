@@ -363,7 +363,7 @@ describe('migration state is input', () => {
       return user;
     });
 
-    const destination = await attachNvme(cleanups, createDevice(['--size', '4M']));
+    const destination = await attachNvme(cleanups, createDevice(['--size', '4M', '--doorbells', 'trap'])); // the source's mode: a device of another layout refuses its state
     const target = destination.host.client;
     const tamper: Array<[string, (s: any) => void]> = [
       ['an SQ larger than CAP.MQES', (s) => { s.sqs[1].size = 1025; }],

@@ -73,6 +73,7 @@ const ERRORS_KEPT = 64;
 
 export interface NvmeOptions {
   store: BackingStore;
+  /** Where doorbell values come from (default `mmap`: a page the VMM maps, trapped writes where it does not). */
   doorbells?: DoorbellMode;
   /**
    * Whether Doorbell Buffer Config is offered (OACS bit 8; default true):
@@ -125,7 +126,7 @@ export class NvmeController extends PciDevice {
   private readonly finished = new Set<CompletionQueue>();
 
   constructor(options: NvmeOptions) {
-    const mode = options.doorbells ?? 'trap';
+    const mode = options.doorbells ?? 'mmap';
     const offersShadowDoorbells = options.shadowDoorbells ?? true;
     if (mode === 'ioeventfd' && !offersShadowDoorbells) throw new UsageError('ioeventfd doorbells need shadow doorbells: an ioeventfd carries no value');
     super({

@@ -4,7 +4,7 @@
  * this folder; arguments after `--` reach the default export:
  *
  *   vfio-user serve examples/nvme --socket /tmp/nvme.sock -- --image disk.img [--size 1G]
- *       [--doorbells trap|mmap|ioeventfd] [--shadow-doorbells on|off] [--serial SN]
+ *       [--doorbells mmap|trap|ioeventfd] [--shadow-doorbells on|off] [--serial SN]
  *
  * `--image FILE` is a raw image, created sparse at `--size` (default 1 GiB)
  * when missing; without it the namespace lives in memory (`--size` bytes).
@@ -53,7 +53,7 @@ export default function createDevice(args: readonly string[] = []): NvmeControll
     options: {
       image: { type: 'string' },
       size: { type: 'string', default: '1G' },
-      doorbells: { type: 'string', default: 'trap' },
+      doorbells: { type: 'string', default: 'mmap' },
       'shadow-doorbells': { type: 'string', default: 'on' },
       serial: { type: 'string' },
     },
