@@ -17,35 +17,18 @@
  * scripts/peers/run-guest.sh (docs/interop.md says how to build both).
  * NVME_GUEST_RUNTIME sets each fio job's seconds (default 10). Not run by CI.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { spawnSync } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { GuestRunner, printFio } from './runner.js';
 
-const root = join(__dirname, '..', '..');
 const IMAGE_SIZE = '512M';
 const runtime = Number(process.env.NVME_GUEST_RUNTIME ?? 10);
-
-function fail(message: string): never {
-  console.error(`test:guest: ${message}`);
-  process.exit(1);
-}
-
-const qemu = process.env.VFIO_USER_QEMU;
-const guest = process.env.VFIO_USER_GUEST;
-if (!qemu || !existsSync(qemu)) fail('VFIO_USER_QEMU must name a qemu-system-x86_64 10.1+ built with vfio-user-pci (see docs/interop.md)');
-if (!guest || !existsSync(join(guest, 'vmlinuz'))) fail('VFIO_USER_GUEST must name the guest kit\'s output folder (vmlinuz, initramfs.cpio.gz; see docs/interop.md)');
-
-const dir = mkdtempSync(join(tmpdir(), 'vfu-guest-'));
-const servers: ChildProcess[] = [];
+const runner = new GuestRunner('test:guest');
 
 /** Serves examples/nvme with `args` as Identify serial `serial`; returns its socket. */
 function serveOurs(serial: string, args: string[]): string {
-  const socket = join(dir, `${serial}.sock`);
-  const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'ts/cli/main.ts'), 'serve', join(root, 'examples/nvme'), '--socket', socket,
-    '--', '--image', join(dir, `${serial}.img`), '--size', IMAGE_SIZE, '--serial', serial, ...args], { stdio: ['ignore', 'inherit', 'inherit'] });
-  servers.push(child);
-  return socket;
+  return runner.serve('examples/nvme', serial, ['--image', join(runner.dir, `${serial}.img`), '--size', IMAGE_SIZE, '--serial', serial, ...args]);
 }
 
 async function main(): Promise<number> {
@@ -55,29 +38,15 @@ async function main(): Promise<number> {
     serveOurs('ts-mmap', []),
     serveOurs('ts-ioeventfd', ['--doorbells', 'ioeventfd']),
   ];
-  const deadline = Date.now() + 30_000;
-  while (!sockets.every((s) => existsSync(s))) {
-    if (Date.now() > deadline) fail('the NVMe servers did not start');
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  spawnSync('truncate', ['-s', IMAGE_SIZE, join(dir, 'qemu.img')]);
-  const script = join(dir, 'nvme-guest.sh');
+  await runner.waitFor(sockets, 30_000);
+  spawnSync('truncate', ['-s', IMAGE_SIZE, join(runner.dir, 'qemu.img')]);
+  const script = join(runner.dir, 'nvme-guest.sh');
   writeFileSync(script, readFileSync(join(__dirname, 'nvme-guest.sh'), 'utf8').replaceAll('__RUNTIME__', String(runtime)).replaceAll('__DEVICES__', String(sockets.length + 1)));
-  const run = spawnSync(join(root, 'scripts', 'peers', 'run-guest.sh'), [ '--qemu', qemu!, '--guest', guest!, ...sockets.flatMap((s) => ['--socket', s]),
+  const run = await runner.boot([...sockets.flatMap((s) => ['--socket', s]),
     '--mem', '1G', '--smp', '2', '--timeout', String(900 + 20 * runtime), script, '--',
-    '-drive', `file=${join(dir, 'qemu.img')},if=none,id=ref,format=raw`, '-device', 'nvme,serial=qemu,drive=ref'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 64 << 20 });
-  const console_ = run.stdout ?? '';
-  process.stdout.write(console_);
-
-  const fio = [...console_.matchAll(/NVME-FIO device=(\S+) job=(\S+) kibps=(\d+) iops=(\d+)/g)].map((m) => ({ device: m[1], job: m[2], kibps: Number(m[3]), iops: Number(m[4]) }));
-  if (fio.length > 0) {
-    console.log('\nfio in the guest (TCG), same guest and run; ratio = IOPS / QEMU built-in nvme IOPS');
-    console.log('job                 device                IOPS      MiB/s   ratio');
-    for (const r of fio) {
-      const ref = fio.find((x) => x.job === r.job && x.device === 'qemu');
-      console.log(`${r.job.padEnd(19)} ${r.device.padEnd(16)} ${String(r.iops).padStart(9)} ${(r.kibps / 1024).toFixed(1).padStart(10)} ${ref ? (r.iops / ref.iops).toFixed(2).padStart(7) : ''}`);
-    }
-  }
+    '-drive', `file=${join(runner.dir, 'qemu.img')},if=none,id=ref,format=raw`, '-device', 'nvme,serial=qemu,drive=ref']);
+  process.stdout.write(run.stdout);
+  printFio(run.stdout, 'NVME-FIO', 'nvme');
   if (run.status !== 0) {
     console.error(`test:guest: the guest run failed (run-guest.sh exit ${run.status}: 124 timeout, 125 never ready, 126 died)`);
     return 1;
@@ -86,13 +55,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-main()
-  .then((code) => (process.exitCode = code))
-  .catch((error: unknown) => {
-    console.error(error);
-    process.exitCode = 1;
-  })
-  .finally(() => {
-    for (const s of servers) s.kill('SIGTERM');
-    rmSync(dir, { recursive: true, force: true });
-  });
+runner.run(main);

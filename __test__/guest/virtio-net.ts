@@ -8,25 +8,11 @@
  *
  * Needs VFIO_USER_QEMU and VFIO_USER_GUEST (docs/interop.md). Not run by CI.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { GuestRunner, root } from './runner.js';
 
-const root = join(__dirname, '..', '..');
-const qemu = process.env.VFIO_USER_QEMU;
-const guest = process.env.VFIO_USER_GUEST;
-if (!qemu || !existsSync(qemu) || !guest || !existsSync(join(guest, 'vmlinuz'))) {
-  console.error('virtio-net guests: VFIO_USER_QEMU and VFIO_USER_GUEST must name QEMU 10.1+ with vfio-user-pci and the guest kit (docs/interop.md)');
-  process.exit(1);
-}
-
-const dir = mkdtempSync(join(tmpdir(), 'vfu-virtio-net-'));
-const children: ChildProcess[] = [];
-
-function node(args: string[]): void {
-  children.push(spawn(process.execPath, ['--import', 'tsx', ...args], { stdio: ['ignore', 'inherit', 'inherit'] }));
-}
+const runner = new GuestRunner('virtio-net guests');
 
 /** The guest script: bring eth0 up as `address`, then `then`. */
 const script = (address: string, then: string) => `modprobe virtio_pci
@@ -46,24 +32,20 @@ until [ "$(cat /sys/class/net/eth0/statistics/rx_packets)" -ge 6 ] || [ $n -ge 2
 sleep 5
 echo "NET-ANSWERED rx=$(cat /sys/class/net/eth0/statistics/rx_packets)"`;
 
-function boot(name: string, body: string): Promise<{ status: number | null; out: string }> {
-  const file = join(dir, `${name}.sh`);
+/** Boots guest `name` on its NIC's socket with `body` as its script. */
+async function boot(name: string, body: string): Promise<{ status: number | null; out: string }> {
+  const file = join(runner.dir, `${name}.sh`);
   writeFileSync(file, body);
-  const child = spawn(join(root, 'scripts', 'peers', 'run-guest.sh'), ['--qemu', qemu!, '--guest', guest!, '--socket', join(dir, `${name}.sock`),
-    '--mem', '512M', '--smp', '1', '--timeout', '600', file], { stdio: ['ignore', 'pipe', 'inherit'] });
-  let out = '';
-  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-  return new Promise((resolve) => child.on('exit', (status) => resolve({ status, out })));
+  const run = await runner.boot(['--socket', join(runner.dir, `${name}.sock`), '--mem', '512M', '--smp', '1', '--timeout', '600', file]);
+  return { status: run.status, out: run.stdout };
 }
 
 async function main(): Promise<number> {
-  const l2 = join(dir, 'switch.sock');
-  node([join(root, 'examples/virtio-net/switch.ts'), l2]);
-  while (!existsSync(l2)) await new Promise((r) => setTimeout(r, 100));
-  for (const [name, mac] of [['a', '52:54:00:00:00:0a'], ['b', '52:54:00:00:00:0b']]) {
-    node([join(root, 'ts/cli/main.ts'), 'serve', join(root, 'examples/virtio-net'), '--socket', join(dir, `${name}.sock`), '--', '--switch', l2, '--mac', mac]);
-  }
-  while (!['a', 'b'].every((n) => existsSync(join(dir, `${n}.sock`)))) await new Promise((r) => setTimeout(r, 100));
+  const l2 = join(runner.dir, 'switch.sock');
+  runner.node([join(root, 'examples/virtio-net/switch.ts'), l2]);
+  await runner.waitFor([l2]);
+  const nics = [['a', '52:54:00:00:00:0a'], ['b', '52:54:00:00:00:0b']].map(([name, mac]) => runner.serve('examples/virtio-net', name!, ['--switch', l2, '--mac', mac!]));
+  await runner.waitFor(nics);
   const [a, b] = await Promise.all([boot('a', script('10.0.0.1', PINGER)), boot('b', script('10.0.0.2', ANSWERER))]);
   process.stdout.write(`--- guest a ---\n${a.out}\n--- guest b ---\n${b.out}\n`);
   if (!a.out.includes('NET-PING ok')) {
@@ -74,13 +56,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-main()
-  .then((code) => (process.exitCode = code))
-  .catch((error: unknown) => {
-    console.error(error);
-    process.exitCode = 1;
-  })
-  .finally(() => {
-    for (const c of children) c.kill('SIGTERM');
-    rmSync(dir, { recursive: true, force: true });
-  });
+runner.run(main);
