@@ -102,7 +102,7 @@ describe('DoorbellSource', () => {
     expect(await nextBatch(s)).toEqual([{ doorbell: 6, value: 42 }]);
   });
 
-  test('unwatch drops a ring not yet delivered; idle, the thread sleeps and reports its CPU time', async () => {
+  test('unwatch drops a ring not yet delivered; idle, watching sleeps and reports the time it took', async () => {
     const memory = new SharedMemory(PAGE);
     cleanups.defer(() => memory.close());
     const s = source();
@@ -115,7 +115,7 @@ describe('DoorbellSource', () => {
     s.configure({ maxSleepMicros: 100 });
     memory.bytes.set(word(1), 0);
     expect(await nextBatch(s)).toEqual([{ doorbell: 0, value: 1 }]);
-    // Woken for no doorbell, the thread went back to sleep: waits ending in scans.
+    // Woken for no doorbell, watching went back to sleep: waits ending in scans.
     while (s.stats().sleeps < 3) await new Promise((resolve) => setTimeout(resolve, 5));
     expect(s.stats().cpuMicros).toBeGreaterThan(0);
   });

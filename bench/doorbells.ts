@@ -11,7 +11,7 @@
  *   idle              the process's CPU (utime + stime from /proc/self/stat)
  *                     over BENCH_IDLE_MS (default 10 000) with 64 words watched
  *                     and nothing rung, as a share of one core; and the
- *                     watching thread's own CPU time over the same spell
+ *                     time the watching itself took over the same spell
  *
  * Latencies are medians over BENCH_ROUNDS (default 5) rounds of
  * BENCH_DOORBELLS (default 2000) round trips. Prints a table, then one JSON line.
@@ -96,7 +96,7 @@ async function main(): Promise<number> {
     console.log(`  store -> ring (mapped page, spinning)   ${result.storeToRingMicros.toFixed(1).padStart(8)} µs  ${result.vsIoeventfd.toFixed(2)}x ioeventfd`);
     console.log(`  ioeventfd signal -> ring                ${result.ioeventfdToRingMicros.toFixed(1).padStart(8)} µs`);
     console.log(`  store -> ring after ${QUIET_MS} ms quiet         ${result.afterQuietMicros.toFixed(1).padStart(8)} µs`);
-    console.log(`  idle ${(IDLE_MS / 1000).toFixed(0)} s: process ${(100 * processShare).toFixed(2)}% of a core, watcher thread ${(100 * watcherShare).toFixed(3)}%, ${wakesPerSecond.toFixed(0)} wake-ups/s`);
+    console.log(`  idle ${(IDLE_MS / 1000).toFixed(0)} s: process ${(100 * processShare).toFixed(2)}% of a core, watching ${(100 * watcherShare).toFixed(3)}%, ${wakesPerSecond.toFixed(0)} wake-ups/s`);
     console.log(JSON.stringify({ bench: 'doorbells', ...result }));
   } finally {
     clearInterval(keepAlive);

@@ -10,12 +10,14 @@
  *   or `ringOnSignal(doorbell, ioeventfd)` to wire it;
  * - stored to memory the device watches: a mapped BAR page the guest writes
  *   with no exit (`watchShared`), or a page of guest memory (`watchGuest`,
- *   shadow doorbells). A store signals nothing, so a native thread reads
- *   the words: continuously for `spinMicros` after `poke()` (which a device
- *   calls when it expects doorbells: it just posted completions), then in
- *   sleeps that start at 10 µs and double up to `maxSleepMicros`; not while
- *   a batch waits to be delivered, and not at all while nothing is watched.
- *   Its CPU time is in `stats()`.
+ *   shadow doorbells). A store signals nothing, so the words are read, by
+ *   native code on this thread's own event loop: on every turn of the loop
+ *   for `spinMicros` after activity (a ring found, or `poke()`, which a
+ *   device calls when it expects doorbells: it just posted completions),
+ *   during which the loop does not block; then after sleeps that start at
+ *   10 µs and double up to `maxSleepMicros`; not at all while nothing is
+ *   watched. No other thread is involved: a ring found is handled in the
+ *   same turn of the loop. The time it takes is in `stats()`.
  *
  * A doorbell watched in memory takes its value from memory: a trapped write
  * or a kick of it only says "look now" (as with NVMe shadow doorbells or a
@@ -64,15 +66,15 @@ export interface DoorbellStats {
   batches: number;
   /** Rings delivered. */
   rings: number;
-  /** Batches the watching thread announced (each one wake-up of this thread). */
+  /** Batches found in watched memory (or put there by kicks of watched doorbells). */
   wakes: number;
-  /** Spin phases the watching thread began. */
+  /** Spin phases begun. */
   spins: number;
   /** Scans of the watched words. */
   scans: number;
-  /** Sleeping waits of the watching thread. */
+  /** Sleeps between scans (each ends in a wake-up of the loop). */
   sleeps: number;
-  /** CPU time of the watching thread, in microseconds. */
+  /** Time watching took on this thread, in microseconds: whole spin phases (the loop does not block in them) and the scans after sleeps. */
   cpuMicros: number;
 }
 
@@ -96,6 +98,7 @@ export class DoorbellSource extends EventEmitter<DoorbellSourceEvents> {
   private readonly context: DeviceContext | undefined;
   private flushQueued = false;
   private closed = false;
+  private seenAt = Number.NaN;
   private batches = 0;
   private rings = 0;
 
@@ -213,7 +216,18 @@ export class DoorbellSource extends EventEmitter<DoorbellSourceEvents> {
     return { batches: this.batches, rings: this.rings, ...this.watcher.stats() };
   }
 
-  /** Stops watching (the thread ends, watched memory is released) and listening to ioeventfds; idempotent. */
+  /**
+   * When the batch being delivered (or last delivered) was first seen, in
+   * `performance.now()` time: the moment native code found its first ring
+   * in watched memory, before JS ran. NaN for a batch of trapped writes and
+   * kicks only, which are seen as they are delivered. Read it in a `'ring'`
+   * listener to time a doorbell's way to the device.
+   */
+  get lastBatchSeenAt(): number {
+    return this.seenAt;
+  }
+
+  /** Stops watching (watched memory is released) and listening to ioeventfds; idempotent. */
   close(): void {
     if (this.closed) return;
     this.closed = true;
@@ -244,6 +258,8 @@ export class DoorbellSource extends EventEmitter<DoorbellSourceEvents> {
     if (this.closed) return;
     const n = this.watcher.take(this.takenDoorbells, this.takenValues);
     if (n === 0 && this.written.size === 0) return;
+    const age = n > 0 ? this.watcher.takenAgeMicros() : -1;
+    this.seenAt = age >= 0 ? performance.now() - age / 1000 : Number.NaN;
     const rings: Ring[] = [];
     for (let i = 0; i < n; i++) rings.push({ doorbell: this.takenDoorbells[i], value: this.takenValues[i] });
     for (const [doorbell, value] of this.written) rings.push({ doorbell, value });

@@ -1,36 +1,33 @@
-//! Doorbell watching: a thread that watches 32-bit words of shared memory
-//! (a BAR's mapped doorbell page, shadow doorbells in guest memory) and hands
-//! their new values to a consumer in batches.
+//! Doorbell watching: 32-bit words of shared memory (a BAR's mapped doorbell
+//! page, shadow doorbells in guest memory) read for new values, which are
+//! collected in batches for a consumer.
 //!
 //! A guest's store to shared memory signals nothing, so the words must be
-//! read. After activity (a word changed, or the consumer said more is coming
-//! with `poke`) the thread scans continuously for `spin`; then it sleeps,
-//! first briefly, each sleep twice as long as the one before up to
-//! `max_sleep`, so an idle device costs a wake-up every `max_sleep`. With no
-//! word watched it sleeps until told otherwise. There is no fixed tick.
+//! read. `DoorbellWatch` holds the words, the batch and the policy of when
+//! to read them; whoever drives it (the N-API layer, on the JS thread's own
+//! event loop) calls `scan` when `next` says. After activity (a word changed,
+//! or the consumer said more is coming with `poke`) the answer is `Spin`:
+//! scan on every turn of the loop, which then does not block, for `spin`.
+//! Then it is `Sleep`, first briefly, each sleep twice as long as the one
+//! before up to `max_sleep`, so an idle device costs a wake-up every
+//! `max_sleep`; with no word watched, `Wait`. There is no fixed tick.
+//!
+//! Watching on the consumer's own thread, rather than on a thread of its
+//! own, is what makes a doorbell cheap on a small machine: a ring found by
+//! the loop is handled in the same turn, with no thread to wake and none
+//! competing for the core while the device works (a spinning watcher thread
+//! pinned with the device's to one core took the core from it).
 //!
 //! Changed values collect in one pending batch (one entry per doorbell, its
-//! latest value); the thread writes the `notify` eventfd when the batch goes
-//! from empty to non-empty, so a consumer polling that fd on its own event
-//! loop is woken once per batch, with no other thread in between. While a
-//! batch waits to be taken the thread does not scan (the consumer is busy
-//! with the one before, and on a small machine a spinning thread would take
-//! its CPU); after the take it sleeps briefly between scans, and it spins
-//! again when the consumer pokes it (it posted completions: doorbells follow). Kicks that
-//! carry no value (an ioeventfd, a trapped write that only says "look") are
-//! turned into entries of the same batch by `look`, on the consumer's thread.
+//! latest value). Kicks that carry no value (an ioeventfd, a trapped write
+//! that only says "look") are turned into entries of the same batch by `look`.
 
-use crate::eventfd;
 use crate::mmap::{Mapping, MappingError};
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
-use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How the watcher trades latency for CPU.
+/// How watching trades latency for CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WatchConfig {
     /// How long scanning goes on after the last activity: a doorbell rung
@@ -48,7 +45,7 @@ impl Default for WatchConfig {
 }
 
 /// The first sleep after spinning; each one after doubles, up to `max_sleep`.
-const FIRST_SLEEP: Duration = Duration::from_micros(10);
+pub const FIRST_SLEEP: Duration = Duration::from_micros(10);
 
 /// A doorbell's new value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,19 +54,31 @@ pub struct Ring {
     pub value: u32,
 }
 
+/// What the driver does until the next `scan`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Scan again on the loop's next turn, without blocking it.
+    Spin,
+    /// Scan again after this long (blocking is fine until then).
+    Sleep(Duration),
+    /// Nothing is watched: scan again only when told (`watch`, `poke`, `look`).
+    Wait,
+}
+
 /// What watching has cost so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WatchStats {
-    /// Batches the thread announced on `notify` (each one consumer wake-up).
-    pub wakes: u64,
+    /// Batches that became ready for the consumer (each one delivery).
+    pub batches: u64,
     /// Spin phases begun (each after activity).
     pub spins: u64,
     /// Scans of the watched words.
     pub scans: u64,
-    /// Sleeping waits.
+    /// Sleeps between scans.
     pub sleeps: u64,
-    /// CPU time of the watching thread, in nanoseconds (as of its last sleep).
-    pub cpu_nanos: u64,
+    /// Time the watching took, in nanoseconds: whole spin phases (the loop
+    /// does not block during them) and the scans made between sleeps.
+    pub busy_nanos: u64,
 }
 
 struct Word {
@@ -79,308 +88,196 @@ struct Word {
     last: u32,
 }
 
-#[derive(Default)]
-struct State {
+pub struct DoorbellWatch {
+    config: WatchConfig,
     words: BTreeMap<u32, Word>,
     /// Rings not taken yet: one per doorbell, in the order they first changed.
     pending: Vec<Ring>,
+    /// When the first ring of `pending` was found.
+    pending_since: Option<Instant>,
+    /// When the batch last taken was found.
+    taken_since: Option<Instant>,
+    /// Spinning until then; `None` when not spinning.
+    spin_until: Option<Instant>,
+    spin_started: Option<Instant>,
+    /// The next sleep's length.
+    sleep: Duration,
+    stats: WatchStats,
 }
 
-/// Adds or updates `doorbell`'s ring; returns whether the batch was empty.
-fn push(pending: &mut Vec<Ring>, doorbell: u32, value: u32) -> bool {
-    let was_empty = pending.is_empty();
-    match pending.iter_mut().find(|r| r.doorbell == doorbell) {
-        Some(ring) => ring.value = value,
-        None => pending.push(Ring { doorbell, value }),
-    }
-    was_empty
-}
-
-impl State {
-    fn forget(&mut self, doorbell: u32) {
-        self.pending.retain(|r| r.doorbell != doorbell);
-    }
-}
-
-struct Shared {
-    state: Mutex<State>,
-    /// Written when the batch becomes non-empty; the consumer polls it.
-    notify: OwnedFd,
-    /// Wakes the thread from a sleep.
-    wake: OwnedFd,
-    spin_nanos: AtomicU64,
-    max_sleep_nanos: AtomicU64,
-    /// Set by `poke` (and watch changes): scan again and spin.
-    activity: AtomicBool,
-    /// The thread is (about to be) in its sleeping wait: a poke must write `wake`.
-    sleeping: AtomicBool,
-    /// How long that wait is, in nanoseconds (u64::MAX: until woken).
-    sleep_nanos: AtomicU64,
-    stop: AtomicBool,
-    wakes: AtomicU64,
-    spins: AtomicU64,
-    scans: AtomicU64,
-    sleeps: AtomicU64,
-    cpu_nanos: AtomicU64,
-}
-
-impl Shared {
-    fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves plain data behind; go on with it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn poke(&self) {
-        self.activity.store(true, Ordering::SeqCst);
-        // A short sleep ends soon enough by itself (and then spins): waking
-        // the thread now would only make the kernel run it in place of the
-        // poking thread, which is about to do the work the guest waits for.
-        if self.sleep_nanos.load(Ordering::SeqCst) > self.spin_nanos.load(Ordering::Relaxed) {
-            self.wake_thread();
+impl DoorbellWatch {
+    pub fn new(config: WatchConfig) -> DoorbellWatch {
+        DoorbellWatch {
+            config,
+            words: BTreeMap::new(),
+            pending: Vec::new(),
+            pending_since: None,
+            taken_since: None,
+            spin_until: None,
+            spin_started: None,
+            sleep: FIRST_SLEEP,
+            stats: WatchStats::default(),
         }
     }
 
-    fn wake_thread(&self) {
-        if self.sleeping.load(Ordering::SeqCst) {
-            // An eventfd of our own: the write cannot block or fail.
-            let _ = eventfd::signal(&self.wake);
-        }
-    }
-
-    /// Reads every watched word; announces the batch if it became non-empty.
-    /// Returns whether any word changed, and whether a batch waits.
-    fn scan(&self) -> (bool, bool) {
-        let mut state = self.state();
-        let State { words, pending } = &mut *state;
-        let mut changed = false;
-        let mut announce = false;
-        for (&doorbell, word) in words.iter_mut() {
-            // A word whose memory was truncated under it reads as unchanged:
-            // the device finds the fault when it touches that memory itself.
-            let Ok(value) = word.memory.load_u32(word.offset) else { continue };
-            if value != word.last {
-                word.last = value;
-                changed = true;
-                announce |= push(pending, doorbell, value);
-            }
-        }
-        let watching = !words.is_empty();
-        let held = !pending.is_empty();
-        drop(state);
-        if watching {
-            self.scans.fetch_add(1, Ordering::Relaxed);
-        }
-        if announce {
-            self.wakes.fetch_add(1, Ordering::Relaxed);
-            let _ = eventfd::signal(&self.notify);
-        }
-        (changed, held)
-    }
-
-    fn configure(&self, config: WatchConfig) {
-        self.spin_nanos.store(config.spin.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
-        self.max_sleep_nanos.store(config.max_sleep.as_nanos().clamp(1, u64::MAX as u128) as u64, Ordering::Relaxed);
-        self.poke();
-    }
-
-    fn watching(&self) -> bool {
-        !self.state().words.is_empty()
-    }
-}
-
-/// Watches doorbell words on a thread of its own until dropped.
-pub struct DoorbellWatcher {
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl DoorbellWatcher {
-    pub fn new(config: WatchConfig) -> rustix::io::Result<DoorbellWatcher> {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
-            notify: eventfd::create()?,
-            wake: eventfd::create()?,
-            spin_nanos: AtomicU64::new(0),
-            max_sleep_nanos: AtomicU64::new(0),
-            activity: AtomicBool::new(false),
-            sleeping: AtomicBool::new(false),
-            sleep_nanos: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            wakes: AtomicU64::new(0),
-            spins: AtomicU64::new(0),
-            scans: AtomicU64::new(0),
-            sleeps: AtomicU64::new(0),
-            cpu_nanos: AtomicU64::new(0),
-        });
-        shared.configure(config);
-        let thread = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("vfio-user-doorbells".into())
-                .spawn(move || run(&shared))
-                .map_err(|e| rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::AGAIN))?
-        };
-        Ok(DoorbellWatcher { shared, thread: Some(thread) })
-    }
-
-    /// Readable while a batch waits; `take` clears it.
-    pub fn notify_fd(&self) -> BorrowedFd<'_> {
-        self.shared.notify.as_fd()
-    }
-
-    pub fn configure(&self, config: WatchConfig) {
-        self.shared.configure(config);
+    pub fn configure(&mut self, config: WatchConfig, now: Instant) {
+        self.config = config;
+        self.poke(now);
     }
 
     /// Watches `doorbell`'s value at `offset` of `memory` (aligned; the
     /// mapping stays alive while watched). The first value reported is the
     /// first one that differs from `baseline` (the current value if none).
     /// Replaces an earlier watch of `doorbell`, dropping its pending ring.
-    pub fn watch(&self, doorbell: u32, memory: Arc<Mapping>, offset: u64, baseline: Option<u32>) -> Result<(), MappingError> {
+    pub fn watch(&mut self, doorbell: u32, memory: Arc<Mapping>, offset: u64, baseline: Option<u32>, now: Instant) -> Result<(), MappingError> {
         let current = memory.load_u32(offset)?;
-        let mut state = self.shared.state();
-        state.forget(doorbell);
-        state.words.insert(doorbell, Word { memory, offset, last: baseline.unwrap_or(current) });
-        drop(state);
-        self.shared.poke();
+        self.forget(doorbell);
+        self.words.insert(doorbell, Word { memory, offset, last: baseline.unwrap_or(current) });
+        self.poke(now);
         Ok(())
     }
 
     /// Stops watching `doorbell` and drops its pending ring.
-    pub fn unwatch(&self, doorbell: u32) {
-        let mut state = self.shared.state();
-        state.words.remove(&doorbell);
-        state.forget(doorbell);
+    pub fn unwatch(&mut self, doorbell: u32) {
+        self.words.remove(&doorbell);
+        self.forget(doorbell);
     }
 
     pub fn is_watched(&self, doorbell: u32) -> bool {
-        self.shared.state().words.contains_key(&doorbell)
+        self.words.contains_key(&doorbell)
+    }
+
+    pub fn watching(&self) -> bool {
+        !self.words.is_empty()
     }
 
     /// A kick that carries no value: reads `doorbell`'s word now and puts it
-    /// in the batch (even unchanged). Does not announce it: the caller takes
-    /// the batch next. Returns false for a doorbell not watched or a word
-    /// that cannot be read.
-    pub fn look(&self, doorbell: u32) -> bool {
-        let mut state = self.shared.state();
-        let Some(word) = state.words.get_mut(&doorbell) else { return false };
+    /// in the batch (even unchanged). Returns false for a doorbell not
+    /// watched or a word that cannot be read.
+    pub fn look(&mut self, doorbell: u32, now: Instant) -> bool {
+        let Some(word) = self.words.get_mut(&doorbell) else { return false };
         let Ok(value) = word.memory.load_u32(word.offset) else { return false };
         word.last = value;
-        push(&mut state.pending, doorbell, value);
-        drop(state);
-        self.shared.poke();
+        self.push(doorbell, value, now);
+        self.poke(now);
         true
     }
 
-    /// Activity: the consumer expects doorbells soon (it just completed work),
-    /// so the thread scans and spins again.
-    pub fn poke(&self) {
-        if self.shared.watching() {
-            self.shared.poke();
+    /// Activity: the consumer expects doorbells soon (it just completed
+    /// work), so scanning spins again. Nothing happens with no word watched.
+    pub fn poke(&mut self, now: Instant) {
+        if self.words.is_empty() {
+            return;
+        }
+        if self.spin_until.is_none() {
+            self.stats.spins += 1;
+            self.spin_started = Some(now);
+        }
+        self.spin_until = Some(now + self.config.spin);
+        self.sleep = FIRST_SLEEP;
+    }
+
+    /// Reads every watched word; a changed one joins the batch and starts
+    /// (or extends) a spin. Returns whether a batch waits to be taken.
+    pub fn scan(&mut self, now: Instant) -> bool {
+        if self.words.is_empty() {
+            return !self.pending.is_empty();
+        }
+        self.stats.scans += 1;
+        let mut changed = Vec::new();
+        for (&doorbell, word) in self.words.iter_mut() {
+            // A word whose memory was truncated under it reads as unchanged:
+            // the device finds the fault when it touches that memory itself.
+            let Ok(value) = word.memory.load_u32(word.offset) else { continue };
+            if value != word.last {
+                word.last = value;
+                changed.push((doorbell, value));
+            }
+        }
+        if !changed.is_empty() {
+            for (doorbell, value) in changed {
+                self.push(doorbell, value, now);
+            }
+            self.poke(now);
+        }
+        !self.pending.is_empty()
+    }
+
+    /// What to do until the next scan, as of `now` (just after a scan or a
+    /// poke). A `Sleep` answer is counted as taken, and the one after it is
+    /// twice as long (up to `max_sleep`).
+    pub fn next(&mut self, now: Instant) -> Next {
+        if self.words.is_empty() {
+            self.end_spin(now);
+            return Next::Wait;
+        }
+        if self.spin_until.is_some_and(|until| now < until) {
+            return Next::Spin;
+        }
+        self.end_spin(now);
+        let sleep = self.sleep;
+        self.sleep = (sleep * 2).min(self.config.max_sleep);
+        self.stats.sleeps += 1;
+        Next::Sleep(sleep)
+    }
+
+    /// Counts `nanos` of work done for watching outside spin phases (a scan after a sleep).
+    pub fn account(&mut self, nanos: u64) {
+        if self.spin_until.is_none() {
+            self.stats.busy_nanos += nanos;
         }
     }
 
     /// Moves up to `out.len()` pending rings into `out`, returning how many.
-    /// Rings left over (only when `out` is short) are announced again.
-    pub fn take(&self, out: &mut [Ring]) -> usize {
-        // Cleared before the batch is taken: a ring added after the take
-        // finds the batch empty and announces itself.
-        let _ = eventfd::take(&self.shared.notify);
-        let mut state = self.shared.state();
-        let n = state.pending.len().min(out.len());
-        for (slot, ring) in out.iter_mut().zip(state.pending.drain(..n)) {
+    pub fn take(&mut self, out: &mut [Ring]) -> usize {
+        let n = self.pending.len().min(out.len());
+        for (slot, ring) in out.iter_mut().zip(self.pending.drain(..n)) {
             *slot = ring;
         }
-        if !state.pending.is_empty() {
-            let _ = eventfd::signal(&self.shared.notify);
+        self.taken_since = self.pending_since;
+        if self.pending.is_empty() {
+            self.pending_since = None;
         }
-        drop(state);
-        // The thread rests while a batch waits: watch again (sleeping briefly
-        // at first; a poke makes it spin).
-        self.shared.wake_thread();
         n
     }
 
+    /// When the rings last taken were found (the first of them), if any was found in memory.
+    pub fn taken_since(&self) -> Option<Instant> {
+        self.taken_since
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     pub fn stats(&self) -> WatchStats {
-        let s = &self.shared;
-        WatchStats {
-            wakes: s.wakes.load(Ordering::Relaxed),
-            spins: s.spins.load(Ordering::Relaxed),
-            scans: s.scans.load(Ordering::Relaxed),
-            sleeps: s.sleeps.load(Ordering::Relaxed),
-            cpu_nanos: s.cpu_nanos.load(Ordering::Relaxed),
+        self.stats
+    }
+
+    fn end_spin(&mut self, now: Instant) {
+        if let Some(started) = self.spin_started.take() {
+            self.stats.busy_nanos += now.saturating_duration_since(started).as_nanos() as u64;
+        }
+        self.spin_until = None;
+    }
+
+    /// Adds or updates `doorbell`'s ring.
+    fn push(&mut self, doorbell: u32, value: u32, now: Instant) {
+        if self.pending.is_empty() {
+            self.pending_since = Some(now);
+            self.stats.batches += 1;
+        }
+        match self.pending.iter_mut().find(|r| r.doorbell == doorbell) {
+            Some(ring) => ring.value = value,
+            None => self.pending.push(Ring { doorbell, value }),
         }
     }
-}
 
-impl Drop for DoorbellWatcher {
-    fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            self.shared.stop.store(true, Ordering::SeqCst);
-            let _ = eventfd::signal(&self.shared.wake);
-            let _ = thread.join();
+    fn forget(&mut self, doorbell: u32) {
+        self.pending.retain(|r| r.doorbell != doorbell);
+        if self.pending.is_empty() {
+            self.pending_since = None;
         }
-    }
-}
-
-/// This thread's CPU time in nanoseconds.
-fn thread_cpu_nanos() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid clock id and a timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn run(shared: &Shared) {
-    // Sleeps of tens of microseconds mean nothing with the default 50 µs of
-    // timer slack.
-    // SAFETY: PR_SET_TIMERSLACK takes a value in nanoseconds and affects this thread only.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
-    let mut spin_until: Option<Instant> = None;
-    let mut sleep = FIRST_SLEEP;
-    while !shared.stop.load(Ordering::Acquire) {
-        let (changed, held) = shared.scan();
-        let now = Instant::now();
-        if changed || shared.activity.swap(false, Ordering::AcqRel) {
-            if spin_until.is_none() {
-                shared.spins.fetch_add(1, Ordering::Relaxed);
-            }
-            spin_until = Some(now + Duration::from_nanos(shared.spin_nanos.load(Ordering::Relaxed)));
-            sleep = FIRST_SLEEP;
-        }
-        if !held && spin_until.is_some_and(|until| now < until) {
-            for _ in 0..16 {
-                std::hint::spin_loop();
-            }
-            continue;
-        }
-        spin_until = None;
-        // Until the sleep's length is known, a poke wakes it.
-        shared.sleep_nanos.store(u64::MAX, Ordering::SeqCst);
-        shared.sleeping.store(true, Ordering::SeqCst);
-        // A poke or a take that came before `sleeping` was visible wrote no wake-up.
-        if shared.activity.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst) {
-            shared.sleeping.store(false, Ordering::SeqCst);
-            continue;
-        }
-        shared.cpu_nanos.store(thread_cpu_nanos(), Ordering::Relaxed);
-        // While a batch waits for the consumer, it is busy with the last one:
-        // scanning now would only take CPU from it. The take (or a poke) wakes us.
-        // Looked at again now that `sleeping` is set: a take since the scan
-        // found no sleeper to wake.
-        let held = !shared.state().pending.is_empty();
-        let timeout = (shared.watching() && !held).then(|| Timespec {
-            tv_sec: (sleep.as_secs()) as _,
-            tv_nsec: sleep.subsec_nanos() as _,
-        });
-        shared.sleep_nanos.store(if timeout.is_some() { sleep.as_nanos() as u64 } else { u64::MAX }, Ordering::SeqCst);
-        let mut fds = [PollFd::new(&shared.wake, PollFlags::IN)];
-        let _ = poll(&mut fds, timeout.as_ref());
-        let _ = eventfd::take(&shared.wake);
-        shared.sleeping.store(false, Ordering::SeqCst);
-        shared.sleeps.fetch_add(1, Ordering::Relaxed);
-        let max_sleep = Duration::from_nanos(shared.max_sleep_nanos.load(Ordering::Relaxed));
-        sleep = if held { FIRST_SLEEP } else { (sleep * 2).min(max_sleep) };
     }
 }
 
@@ -390,8 +287,10 @@ mod tests {
     use crate::mmap::Protection;
 
     const RW: Protection = Protection { read: true, write: true };
+    const SPIN: Duration = Duration::from_micros(50);
+    const MAX_SLEEP: Duration = Duration::from_micros(100);
 
-    /// A sealed page the test stores to (as a guest would) and the watcher reads.
+    /// A sealed page the test stores to (as a guest would) and the watch reads.
     fn page() -> (Arc<Mapping>, Arc<Mapping>) {
         let fd = crate::memfd::create("doorbells", 4096).unwrap();
         crate::memfd::seal_size(&fd).unwrap();
@@ -404,107 +303,151 @@ mod tests {
         m.write_at(offset, &value.to_ne_bytes()).unwrap();
     }
 
-    /// Waits (without a deadline that could fail a slow machine) for a batch.
-    fn next_batch(w: &DoorbellWatcher) -> Vec<Ring> {
-        loop {
-            let mut fds = [PollFd::from_borrowed_fd(w.notify_fd(), PollFlags::IN)];
-            poll(&mut fds, None).unwrap();
-            let mut out = [Ring { doorbell: 0, value: 0 }; 16];
-            let n = w.take(&mut out);
-            if n > 0 {
-                return out[..n].to_vec();
-            }
-        }
+    fn watch() -> DoorbellWatch {
+        DoorbellWatch::new(WatchConfig { spin: SPIN, max_sleep: MAX_SLEEP })
+    }
+
+    fn take_all(w: &mut DoorbellWatch) -> Vec<Ring> {
+        let mut out = [Ring { doorbell: 0, value: 0 }; 16];
+        let n = w.take(&mut out);
+        out[..n].to_vec()
     }
 
     #[test]
-    fn a_store_to_a_watched_word_is_announced_with_its_value() {
+    fn a_store_to_a_watched_word_joins_the_batch_with_its_value() {
         let (guest, device) = page();
-        let w = DoorbellWatcher::new(WatchConfig::default()).unwrap();
-        w.watch(3, device.clone(), 12, None).unwrap();
+        let mut w = watch();
+        let t0 = Instant::now();
+        w.watch(3, device, 12, None, t0).unwrap();
+        assert!(!w.scan(t0));
         store(&guest, 12, 7);
-        assert_eq!(next_batch(&w), vec![Ring { doorbell: 3, value: 7 }]);
+        assert!(w.scan(t0));
+        assert_eq!(take_all(&mut w), vec![Ring { doorbell: 3, value: 7 }]);
+        assert_eq!(w.taken_since(), Some(t0));
+        assert!(!w.scan(t0), "an unchanged word is not reported again");
         store(&guest, 12, 9);
-        assert_eq!(next_batch(&w), vec![Ring { doorbell: 3, value: 9 }]);
+        assert!(w.scan(t0));
+        assert_eq!(take_all(&mut w), vec![Ring { doorbell: 3, value: 9 }]);
         let stats = w.stats();
-        assert!(stats.wakes >= 2 && stats.spins >= 1 && stats.scans >= 2, "{stats:?}");
+        assert_eq!((stats.batches, stats.scans), (2, 4));
     }
 
     #[test]
     fn stores_before_the_take_coalesce_into_one_batch_of_latest_values() {
         let (guest, device) = page();
-        let w = DoorbellWatcher::new(WatchConfig::default()).unwrap();
-        w.watch(0, device.clone(), 0, None).unwrap();
-        w.watch(1, device.clone(), 4, None).unwrap();
+        let mut w = watch();
+        let t0 = Instant::now();
+        w.watch(0, device.clone(), 0, None, t0).unwrap();
+        w.watch(1, device, 4, None, t0).unwrap();
         store(&guest, 0, 1);
-        // Wait until the watcher has seen the first store, then add more
-        // before taking: they join the same batch.
-        let mut fds = [PollFd::from_borrowed_fd(w.notify_fd(), PollFlags::IN)];
-        poll(&mut fds, None).unwrap();
+        assert!(w.scan(t0));
         store(&guest, 4, 5);
         store(&guest, 0, 2);
-        let mut batch = Vec::new();
-        while batch.len() < 2 || batch.iter().any(|r: &Ring| r.doorbell == 0 && r.value != 2) {
-            for ring in next_batch(&w) {
-                batch.retain(|r: &Ring| r.doorbell != ring.doorbell);
-                batch.push(ring);
-            }
-        }
-        batch.sort_by_key(|r| r.doorbell);
-        assert_eq!(batch, vec![Ring { doorbell: 0, value: 2 }, Ring { doorbell: 1, value: 5 }]);
+        assert!(w.scan(t0 + SPIN / 2));
+        assert_eq!(take_all(&mut w), vec![Ring { doorbell: 0, value: 2 }, Ring { doorbell: 1, value: 5 }]);
+        assert_eq!(w.taken_since(), Some(t0), "the batch dates from its first ring");
+        assert_eq!(w.stats().batches, 1);
     }
 
     #[test]
-    fn a_baseline_other_than_the_memory_is_reported_at_once() {
+    fn it_spins_after_activity_then_sleeps_longer_each_time_up_to_max_sleep() {
+        let (guest, device) = page();
+        let mut w = watch();
+        let t0 = Instant::now();
+        assert_eq!(w.next(t0), Next::Wait, "nothing watched");
+        w.watch(0, device, 0, None, t0).unwrap();
+        assert_eq!(w.next(t0 + SPIN / 2), Next::Spin, "watching is activity");
+        let mut t = t0 + SPIN;
+        let sleeps: Vec<Next> = (0..5)
+            .map(|_| {
+                w.scan(t);
+                let next = w.next(t);
+                if let Next::Sleep(d) = next {
+                    t += d;
+                }
+                next
+            })
+            .collect();
+        let us = Duration::from_micros;
+        assert_eq!(sleeps, [us(10), us(20), us(40), us(80), us(100)].map(Next::Sleep));
+        store(&guest, 0, 1);
+        assert!(w.scan(t));
+        assert_eq!(w.next(t), Next::Spin, "a change spins again");
+        assert_eq!(w.next(t + SPIN), Next::Sleep(FIRST_SLEEP), "and the sleeps start short again");
+        let stats = w.stats();
+        assert_eq!((stats.spins, stats.sleeps), (2, 6));
+        assert!(stats.busy_nanos >= 2 * SPIN.as_nanos() as u64, "{stats:?}");
+    }
+
+    #[test]
+    fn poke_spins_only_while_something_is_watched() {
+        let (_guest, device) = page();
+        let mut w = watch();
+        let t0 = Instant::now();
+        w.poke(t0);
+        assert_eq!(w.next(t0), Next::Wait);
+        assert_eq!(w.stats().spins, 0);
+        w.watch(0, device, 0, None, t0).unwrap();
+        assert!(matches!(w.next(t0 + SPIN), Next::Sleep(_)));
+        w.poke(t0 + SPIN);
+        assert_eq!(w.next(t0 + SPIN), Next::Spin);
+        w.unwatch(0);
+        assert_eq!(w.next(t0 + SPIN), Next::Wait);
+    }
+
+    #[test]
+    fn a_baseline_other_than_the_memory_is_reported_at_the_first_scan() {
         let (guest, device) = page();
         store(&guest, 8, 4);
-        let w = DoorbellWatcher::new(WatchConfig::default()).unwrap();
-        w.watch(2, device, 8, Some(0)).unwrap();
-        assert_eq!(next_batch(&w), vec![Ring { doorbell: 2, value: 4 }]);
+        let mut w = watch();
+        w.watch(2, device, 8, Some(0), Instant::now()).unwrap();
+        assert!(w.scan(Instant::now()));
+        assert_eq!(take_all(&mut w), vec![Ring { doorbell: 2, value: 4 }]);
     }
 
     #[test]
     fn look_reads_the_word_now_and_unwatch_drops_its_ring() {
         let (guest, device) = page();
-        let w = DoorbellWatcher::new(WatchConfig { spin: Duration::ZERO, max_sleep: Duration::from_secs(3600) }).unwrap();
+        let mut w = watch();
+        let t0 = Instant::now();
         store(&guest, 0, 6);
-        w.watch(0, device.clone(), 0, Some(6)).unwrap();
-        assert!(w.look(0));
-        let mut out = [Ring { doorbell: 0, value: 0 }; 4];
-        assert_eq!(w.take(&mut out), 1);
-        assert_eq!(out[0], Ring { doorbell: 0, value: 6 });
-        assert!(!w.look(1));
-        assert!(w.look(0));
+        w.watch(0, device, 0, Some(6), t0).unwrap();
+        assert!(w.look(0, t0));
+        assert_eq!(take_all(&mut w), vec![Ring { doorbell: 0, value: 6 }]);
+        assert!(!w.look(1, t0));
+        assert!(w.look(0, t0));
         w.unwatch(0);
-        assert_eq!(w.take(&mut out), 0);
+        assert!(!w.has_pending());
+        assert_eq!(take_all(&mut w), vec![]);
         assert!(!w.is_watched(0));
     }
 
     #[test]
-    fn a_short_take_leaves_the_rest_announced() {
+    fn a_short_take_leaves_the_rest_pending() {
         let (_guest, device) = page();
-        let w = DoorbellWatcher::new(WatchConfig { spin: Duration::ZERO, max_sleep: Duration::from_secs(3600) }).unwrap();
+        let mut w = watch();
+        let t0 = Instant::now();
         for d in 0..3 {
-            w.watch(d, device.clone(), 4 * d as u64, None).unwrap();
-            assert!(w.look(d));
+            w.watch(d, device.clone(), 4 * d as u64, None, t0).unwrap();
+            assert!(w.look(d, t0));
         }
         let mut one = [Ring { doorbell: 0, value: 0 }; 1];
         assert_eq!(w.take(&mut one), 1);
-        assert!(eventfd::ready(w.notify_fd(), PollFlags::IN).unwrap());
-        let mut rest = [Ring { doorbell: 0, value: 0 }; 4];
-        assert_eq!(w.take(&mut rest), 2);
-        assert!(!eventfd::ready(w.notify_fd(), PollFlags::IN).unwrap());
+        assert!(w.has_pending());
+        assert_eq!(take_all(&mut w).len(), 2);
+        assert!(!w.has_pending());
     }
 
     #[test]
     fn words_outside_unaligned_or_unreadable_are_refused() {
         let (_guest, device) = page();
-        let w = DoorbellWatcher::new(WatchConfig::default()).unwrap();
-        assert!(matches!(w.watch(0, device.clone(), 4094, None), Err(MappingError::OutOfBounds { .. })));
-        assert!(matches!(w.watch(0, device.clone(), 2, None), Err(MappingError::Unaligned { .. })));
+        let mut w = watch();
+        let t0 = Instant::now();
+        assert!(matches!(w.watch(0, device.clone(), 4094, None, t0), Err(MappingError::OutOfBounds { .. })));
+        assert!(matches!(w.watch(0, device, 2, None, t0), Err(MappingError::Unaligned { .. })));
         let fd = crate::memfd::create("wo", 4096).unwrap();
         let write_only = Arc::new(Mapping::new(&fd, 0, 4096, Protection { read: false, write: true }).unwrap());
-        assert!(matches!(w.watch(0, write_only, 0, None), Err(MappingError::Forbidden(_))));
+        assert!(matches!(w.watch(0, write_only, 0, None, t0), Err(MappingError::Forbidden(_))));
         assert!(!w.is_watched(0));
     }
 
@@ -512,30 +455,14 @@ mod tests {
     fn a_truncated_page_stops_reporting_without_killing_the_process() {
         let fd = crate::memfd::create("shrinks", 2 * 4096).unwrap();
         let memory = Arc::new(Mapping::new(&fd, 0, 2 * 4096, RW).unwrap());
-        let w = DoorbellWatcher::new(WatchConfig::default()).unwrap();
-        w.watch(0, memory.clone(), 4096, None).unwrap();
-        w.watch(1, memory.clone(), 0, None).unwrap();
+        let mut w = watch();
+        let t0 = Instant::now();
+        w.watch(0, memory.clone(), 4096, None, t0).unwrap();
+        w.watch(1, memory.clone(), 0, None, t0).unwrap();
         rustix::fs::ftruncate(&fd, 4096).unwrap();
-        assert!(!w.look(0));
+        assert!(!w.look(0, t0));
         store(&memory, 0, 3);
-        assert_eq!(next_batch(&w), vec![Ring { doorbell: 1, value: 3 }]);
-    }
-
-    #[test]
-    fn idle_it_sleeps_and_with_nothing_watched_it_does_not_scan() {
-        let (guest, device) = page();
-        let w = DoorbellWatcher::new(WatchConfig { spin: Duration::from_micros(10), max_sleep: Duration::from_micros(100) }).unwrap();
-        w.poke();
-        assert_eq!(w.stats().scans, 0);
-        w.watch(0, device, 0, None).unwrap();
-        // Each sleep ends in a scan: more than a few sleeps mean it backed off and kept watching.
-        while w.stats().sleeps < 5 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        store(&guest, 0, 1);
-        assert_eq!(next_batch(&w), vec![Ring { doorbell: 0, value: 1 }]);
-        w.unwatch(0);
-        let stats = w.stats();
-        assert!(stats.cpu_nanos > 0, "{stats:?}");
+        assert!(w.scan(t0));
+        assert_eq!(take_all(&mut w), vec![Ring { doorbell: 1, value: 3 }]);
     }
 }

@@ -18,6 +18,7 @@ pub mod mmap;
 pub mod safe_copy;
 pub mod socket;
 pub mod sparse;
+pub mod timerfd;
 
 pub use framing::{Frame, FrameConnection, FramingError, ReadOutcome, HEADER_SIZE};
 pub use dirty::{DirtyBitmap, DIRTY_PAGE_SIZE};

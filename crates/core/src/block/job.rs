@@ -6,6 +6,7 @@
 use super::{Request, Segment, Target};
 use crate::block::Completion;
 use rustix::io::Errno;
+use std::os::fd::RawFd;
 use std::sync::OnceLock;
 
 /// iovecs per system call (the kernel's UIO_MAXIOV).
@@ -33,6 +34,21 @@ pub(super) enum Step<'a> {
     Fdatasync,
     Fallocate { mode: i32, at: u64, len: u64 },
 }
+
+/// What serving a job on the caller's thread came to.
+pub(super) enum Inline {
+    /// It is over (done or failed).
+    Done(Result<(), Errno>),
+    /// The kernel would have waited (pages not cached) or the call was
+    /// interrupted: the engine takes the job from where it stopped.
+    Engine,
+    /// The filesystem does not take RWF_NOWAIT: it never will.
+    NoWaitRefused,
+}
+
+/// Calls per inline attempt at most: each moves bytes or ends the job, so
+/// only repeated interruptions reach it.
+const INLINE_CALLS: usize = 16;
 
 pub(super) struct Job {
     pub tag: u64,
@@ -85,6 +101,38 @@ impl Job {
         }
         let iov = segments.iter().map(|s| libc::iovec { iov_base: s.address().cast(), iov_len: s.len }).collect();
         Ok(Box::new(Job { tag, kind, at, left: len, segments, iov, next: 0 }))
+    }
+
+    /// Whether the job moves data (the kind that may be served inline).
+    pub fn is_transfer(&self) -> bool {
+        matches!(self.kind, Kind::Read | Kind::Write)
+    }
+
+    /// Moves the job's data now, on this thread: with `nowait`, only as far
+    /// as cached pages go (RWF_NOWAIT); without, as far as it takes (for a
+    /// file in memory, a copy).
+    pub fn run_inline(&mut self, fd: RawFd, nowait: bool) -> Inline {
+        let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
+        for _ in 0..INLINE_CALLS {
+            let result = match self.step() {
+                // SAFETY: the iovecs point into mappings this job keeps alive (see `new`).
+                Step::Readv(iov, at) => unsafe { libc::preadv2(fd, iov.as_ptr(), iov.len() as i32, at as i64, flags) },
+                // SAFETY: as above.
+                Step::Writev(iov, at) => unsafe { libc::pwritev2(fd, iov.as_ptr(), iov.len() as i32, at as i64, flags) },
+                _ => return Inline::Engine,
+            };
+            let result = if result < 0 { -(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) as i64) } else { result as i64 };
+            match result {
+                r if r == -(libc::EAGAIN as i64) || r == -(libc::EINTR as i64) => return Inline::Engine,
+                r if nowait && r == -(libc::EOPNOTSUPP as i64) => return Inline::NoWaitRefused,
+                r => {
+                    if let Some(done) = self.advance(r) {
+                        return Inline::Done(done);
+                    }
+                }
+            }
+        }
+        Inline::Engine
     }
 
     /// The system call to make next.

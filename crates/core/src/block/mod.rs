@@ -8,6 +8,14 @@
 //! `io_uring_disabled`). Either way completions are collected in a queue and
 //! announced on one eventfd, so the caller's event loop wakes once per batch.
 //!
+//! A read or write that needs no device I/O is served within `submit`, on
+//! the caller's thread, as io_uring itself would serve it: buffered requests
+//! are tried with RWF_NOWAIT (done at once when the pages are cached), and a
+//! file in memory (tmpfs, ramfs, hugetlbfs: no device behind it; tmpfs does
+//! not take RWF_NOWAIT) is copied at once. Handing such a request to a
+//! kernel worker or one of our threads costs more than the copy: two thread
+//! switches and a wake-up of the caller's loop.
+//!
 //! A request holds an `Arc` of every mapping it touches until it completes:
 //! a window unmapped while I/O into it is in flight stays mapped in this
 //! process until then, so the kernel never writes to memory we gave back.
@@ -17,7 +25,7 @@ mod threads;
 mod uring;
 
 use crate::mmap::{Mapping, MappingError};
-use job::Job;
+use job::{Inline, Job};
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, StatxFlags};
 use rustix::io::Errno;
@@ -155,6 +163,20 @@ struct Target {
     alignment: Option<Alignment>,
 }
 
+/// How requests may be served within `submit` (see the module's comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InlineIo {
+    /// O_DIRECT and block devices: every request waits for a device.
+    Never,
+    /// Buffered: tried with RWF_NOWAIT.
+    NoWait,
+    /// A file in memory: always.
+    Memory,
+}
+
+/// Filesystems whose files are memory (statfs f_type): tmpfs, ramfs, hugetlbfs.
+const MEMORY_FILESYSTEMS: [u64; 3] = [0x0102_1994, 0x8584_58f6, 0x9584_58f6];
+
 enum Backend {
     Uring(Box<uring::Uring>),
     Threads(threads::Threads),
@@ -167,6 +189,13 @@ pub struct Queue {
     eventfd: Arc<OwnedFd>,
     depth: usize,
     in_flight: usize,
+    inline: InlineIo,
+    /// Transfers pushed since the last `submit`, to be tried inline first
+    /// (boxed as the engines take them).
+    #[allow(clippy::vec_box)]
+    staged: Vec<Box<Job>>,
+    /// Completions of requests served inline, for the next `reap`.
+    served: Vec<Completion>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -222,8 +251,15 @@ impl Queue {
                 Err(_) => Backend::Threads(threads::Threads::new(depth, eventfd.clone())),
             },
         };
+        let inline = if options.direct || block_device {
+            InlineIo::Never
+        } else if rustix::fs::fstatfs(&fd).is_ok_and(|s| MEMORY_FILESYSTEMS.contains(&(s.f_type as u64))) {
+            InlineIo::Memory
+        } else {
+            InlineIo::NoWait
+        };
         let target = Arc::new(Target { fd, size, read_only: options.read_only, alignment });
-        Ok(Queue { target, backend, eventfd, depth: depth as usize, in_flight: 0 })
+        Ok(Queue { target, backend, eventfd, depth: depth as usize, in_flight: 0, inline, staged: Vec::new(), served: Vec::new() })
     }
 
     /// Bytes: the file's size when opened, or the block device's.
@@ -260,8 +296,9 @@ impl Queue {
         self.eventfd.as_fd()
     }
 
-    /// Queues a request; its completion carries `tag`. io_uring gets it at
-    /// the next `submit` (so a batch costs one system call), the thread
+    /// Queues a request; its completion carries `tag`. A transfer that may be
+    /// served inline waits for the next `submit`; otherwise io_uring gets it
+    /// at the next `submit` (so a batch costs one system call), the thread
     /// engine at once. Refused, with nothing queued: AGAIN when `depth`
     /// requests are in flight, INVAL for a range outside the device or not
     /// aligned as O_DIRECT needs, EBADF for a change to a read-only device.
@@ -270,16 +307,41 @@ impl Queue {
             return Err(Errno::AGAIN);
         }
         let job = Job::new(tag, request, &self.target)?;
-        match &mut self.backend {
-            Backend::Uring(ring) => ring.start(self.target.fd.as_raw_fd(), job),
-            Backend::Threads(pool) => pool.start(job, &self.target),
+        if self.inline != InlineIo::Never && job.is_transfer() {
+            self.staged.push(job);
+        } else {
+            self.start(job);
         }
         self.in_flight += 1;
         Ok(())
     }
 
-    /// Hands the requests pushed since the last call to the kernel.
+    fn start(&mut self, job: Box<Job>) {
+        match &mut self.backend {
+            Backend::Uring(ring) => ring.start(self.target.fd.as_raw_fd(), job),
+            Backend::Threads(pool) => pool.start(job, &self.target),
+        }
+    }
+
+    /// Serves what it can of the requests pushed since the last call inline
+    /// (their completions wait for `reap`) and hands the rest to the kernel.
     pub fn submit(&mut self) {
+        let fd = self.target.fd.as_raw_fd();
+        for mut job in std::mem::take(&mut self.staged) {
+            let outcome = match self.inline {
+                InlineIo::Never => Inline::Engine,
+                InlineIo::NoWait => job.run_inline(fd, true),
+                InlineIo::Memory => job.run_inline(fd, false),
+            };
+            match outcome {
+                Inline::Done(result) => self.served.push(job.finish(result)),
+                Inline::Engine => self.start(job),
+                Inline::NoWaitRefused => {
+                    self.inline = InlineIo::Never;
+                    self.start(job);
+                }
+            }
+        }
         if let Backend::Uring(ring) = &mut self.backend {
             ring.submit();
         }
@@ -291,6 +353,7 @@ impl Queue {
         // A zero counter is fine (another reap took it); reading cannot fail on our own eventfd.
         let _ = crate::eventfd::take(&self.eventfd);
         let before = out.len();
+        out.append(&mut self.served);
         match &mut self.backend {
             Backend::Uring(ring) => ring.reap(self.target.fd.as_raw_fd(), out),
             Backend::Threads(pool) => pool.reap(out),
@@ -301,9 +364,12 @@ impl Queue {
     /// Blocks until nothing is in flight, collecting the completions.
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
         self.submit();
-        while self.in_flight > 0 {
-            let _ = rustix::event::poll(&mut [rustix::event::PollFd::new(&*self.eventfd, rustix::event::PollFlags::IN)], None);
+        loop {
             self.reap(out);
+            if self.in_flight == 0 {
+                break;
+            }
+            let _ = rustix::event::poll(&mut [rustix::event::PollFd::new(&*self.eventfd, rustix::event::PollFlags::IN)], None);
         }
     }
 }

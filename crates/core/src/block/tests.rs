@@ -64,6 +64,7 @@ fn segment(m: &Arc<Mapping>, offset: usize, len: usize, direction: Direction) ->
 fn wait(q: &mut Queue, n: usize) -> Vec<Completion> {
     q.submit();
     let mut out = Vec::new();
+    q.reap(&mut out);
     while out.len() < n {
         let mut fds = [rustix::event::PollFd::new(&q.eventfd, rustix::event::PollFlags::IN)];
         rustix::event::poll(&mut fds, None).unwrap();
@@ -262,5 +263,35 @@ fn dropping_a_queue_waits_for_its_requests() {
         let mut back = vec![0u8; 16];
         assert_eq!(pread(&fd, &mut back, 1_000_000).unwrap(), 16);
         assert_eq!(back, expected(1_000_000, 16));
+    }
+}
+
+#[test]
+fn transfers_that_need_no_device_are_served_within_submit() {
+    // tmpfs is memory (reads and writes are copies); on /tmp (a disk
+    // filesystem here) a read of cached pages is served with RWF_NOWAIT.
+    for (dir, write_too) in [("/dev/shm", true), ("/tmp", false)] {
+        for engine in engines() {
+            let file = TempFile::new(dir, &format!("inline-{engine:?}"), 64 * 1024);
+            let mut q = Queue::open(&file.0, &options(engine)).unwrap();
+            let (_fd, m) = guest(4);
+            q.push(1, Request::Read { at: 4096, segments: vec![segment(&m, 0, 2 * PAGE, Direction::IntoMemory)] }).unwrap();
+            if write_too {
+                q.push(2, Request::Write { at: 0, segments: vec![segment(&m, PAGE, 100, Direction::FromMemory)] }).unwrap();
+            }
+            q.submit();
+            let mut out = Vec::new();
+            q.reap(&mut out);
+            assert_eq!(out.len(), 1 + write_too as usize, "{dir} {engine:?}: served at once");
+            assert!(out.iter().all(|c| c.result == Ok(())), "{out:?}");
+            assert_eq!(q.in_flight(), 0);
+            assert!(!crate::eventfd::ready(q.eventfd(), rustix::event::PollFlags::IN).unwrap(), "no engine involved");
+            let mut back = vec![0u8; 2 * PAGE];
+            m.read_at(0, &mut back).unwrap();
+            assert_eq!(back, expected(4096, 2 * PAGE));
+            if write_too {
+                assert_eq!(file.read(0, 100), expected(4096 + PAGE, 100));
+            }
+        }
     }
 }
