@@ -29,16 +29,20 @@
  *                    and each controller's doorbell watcher's own share
  *
  * Figures are medians over BENCH_ROUNDS (default 3) interleaved rounds of
- * BENCH_NVME_MS (default 1000) each. Prints tables, then one JSON line.
+ * BENCH_NVME_MS (default 1000) each. Prints tables, then one JSON line, and
+ * draws them into docs/img/ (bench/chart.ts): nvme-iops.svg (IOPS by
+ * workload and mode), nvme-stages.svg (each mode's median time per stage,
+ * end to end) and nvme-stages-<mode>.svg (each stage's latency histogram).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createServer, connect, type VfioUserServer } from '../ts/index.js';
 import createDevice from '../examples/nvme/index.js';
 import type { NvmeController } from '../examples/nvme/controller.js';
-import { CommandTrace, STAGES } from '../examples/nvme/trace.js';
+import { CommandTrace, STAGES, type Stage } from '../examples/nvme/trace.js';
 import { NvmeHost, PAGE } from '../__test__/nvme-host.js';
 import { envInt, median, processCpuSeconds, runMain, scratchDir, sleep } from './children.js';
+import { barChart, format, histogram, machineNote, percentile, stackedBars, writeChart } from './chart.js';
 
 const ROUNDS = envInt('BENCH_ROUNDS', 3, 1);
 const RUN_MS = envInt('BENCH_NVME_MS', 1000, 50);
@@ -109,12 +113,6 @@ function rawCopies(target: Target, image: string, w: Workload): number {
   return n / ((performance.now() - started) / 1000);
 }
 
-/** The value below which `p` of `values` lie. */
-function percentile(values: number[], p: number): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.min(sorted.length - 1, Math.floor(p * sorted.length))];
-}
-
 async function main(): Promise<number> {
   const dir = scratchDir();
   const image = path.join(dir, 'nvme.img');
@@ -128,6 +126,7 @@ async function main(): Promise<number> {
   for (const mode of MODES) targets.push(await start(mode, image, path.join(dir, `nvme-${mode}.sock`)));
   const results: { workload: Workload; mode: string; iops: number; raw: number }[] = [];
   const stages: { mode: string; stage: string; median: number; p99: number }[] = [];
+  const traces = new Map<string, { trace: CommandTrace; iops: number }>();
   const idle: { mode: string; watcherShare: number }[] = [];
   let idleProcessShare = 0;
   try {
@@ -142,9 +141,13 @@ async function main(): Promise<number> {
     }
     for (const t of targets) {
       const trace = (t.device.trace = new CommandTrace());
-      await iops(t.host, WORKLOADS[0]);
+      const traced = await iops(t.host, WORKLOADS[0]);
       t.device.trace = undefined;
-      for (const stage of STAGES) stages.push({ mode: t.mode, stage, median: median(trace.samples[stage]), p99: percentile(trace.samples[stage], 0.99) });
+      traces.set(t.mode, { trace, iops: traced });
+      for (const stage of STAGES) {
+        const samples = trace.samples[stage].filter(Number.isFinite);
+        stages.push({ mode: t.mode, stage, median: percentile(samples, 0.5), p99: percentile(samples, 0.99) });
+      }
     }
     // Idle: let the watchers back off, then measure.
     await sleep(200);
@@ -171,16 +174,17 @@ async function main(): Promise<number> {
     const mib = (r.iops * r.workload.bytes) / 2 ** 20;
     console.log(`${r.workload.name.padEnd(18)} ${String(r.workload.qd).padStart(2)}  ${r.mode.padEnd(12)} ${r.iops.toFixed(0).padStart(11)} ${mib.toFixed(0).padStart(7)} ${r.raw.toFixed(0).padStart(14)} ${(r.iops / r.raw).toFixed(3).padStart(7)} ${(r.iops / trapIops(r)).toFixed(2).padStart(7)}`);
   }
-  console.log('\nWhere a 4 KiB QD1 read\'s time goes (µs from its doorbell batch reaching JS; median / p99)');
-  console.log(`doorbells     ${STAGES.map((s) => s.padStart(16)).join('')}`);
+  console.log(`\nWhere a 4 KiB QD1 read's time goes (µs since ${ORIGIN}; median / p99; cycle = 1 / IOPS of the traced run)`);
+  console.log(`doorbells     ${STAGES.map((s) => s.padStart(16)).join('')}     cycle`);
   for (const t of targets) {
     const row = STAGES.map((stage) => {
       const s = stages.find((x) => x.mode === t.mode && x.stage === stage)!;
       return `${s.median.toFixed(1)} / ${s.p99.toFixed(1)}`.padStart(16);
     });
-    console.log(`${t.mode.padEnd(12)}  ${row.join('')}`);
+    console.log(`${t.mode.padEnd(12)}  ${row.join('')} ${(1e6 / traces.get(t.mode)!.iops).toFixed(1).padStart(9)}`);
   }
   console.log(`\nIdle ${(IDLE_MS / 1000).toFixed(0)} s, ${targets.length} controllers enabled: process ${(100 * idleProcessShare).toFixed(2)}% of a core; doorbell watchers ${idle.map((i) => `${i.mode} ${(100 * i.watcherShare).toFixed(3)}%`).join(', ')}`);
+  drawCharts(results, traces);
   console.log(JSON.stringify({
     bench: 'nvme',
     stages,
@@ -188,6 +192,60 @@ async function main(): Promise<number> {
     results: results.map((r) => ({ workload: r.workload.name, qd: r.workload.qd, doorbells: r.mode, iops: r.iops, rawOpsPerSec: r.raw, ratio: r.iops / r.raw, vsTrap: r.iops / trapIops(r) })),
   }));
   return 0;
+}
+
+/** Where the trace's times start (examples/nvme/trace.ts). */
+const ORIGIN = 'the doorbell batch reached JS';
+
+/** What each stage adds to a command's time: the step that ends at it. */
+const STEP: Record<Stage, string> = {
+  fetched: 'fetch the entry',
+  submitted: 'hand to the store',
+  done: 'the read',
+  posted: 'post the completion',
+  interrupted: 'signal the interrupt',
+};
+
+/** docs/img/nvme-*.svg from this run's figures. */
+function drawCharts(results: { workload: Workload; mode: string; iops: number }[], traces: ReadonlyMap<string, { trace: CommandTrace; iops: number }>): void {
+  const machine = machineNote();
+  const panels = WORKLOADS.map((w) => {
+    const trap = results.find((r) => r.workload === w && r.mode === 'trap')!.iops;
+    return {
+      title: `${w.name}, QD ${w.qd}`,
+      bars: results.filter((r) => r.workload === w).map((r) => ({ label: r.mode, value: r.iops, note: `${(r.iops / trap).toFixed(2)}x trap` })),
+    };
+  });
+  const written = [writeChart('nvme-iops', barChart({
+    title: 'NVMe example through the test host: IOPS by doorbell mode',
+    unit: 'IOPS (median of rounds)',
+    panels,
+    caption: `Host and controller in one process, a 64 MiB image in the page cache; medians of ${ROUNDS} rounds of ${RUN_MS} ms. ${machine}`,
+  }))];
+
+  const traced = `4 KiB random reads at QD 1 for ${RUN_MS} ms in each mode, traced (examples/nvme/trace.ts).`;
+  // At QD 1 a command's whole cycle is 1 / IOPS: what the stages leave of it is the host's
+  // own work (in this process) and the doorbell's way to JS.
+  const rows = [...traces].map(([mode, { trace, iops: rate }]) => {
+    const medians = STAGES.map((stage) => percentile(trace.samples[stage].filter(Number.isFinite), 0.5));
+    return { label: mode, values: medians.map((m, i) => m - (i ? medians[i - 1] : 0)), note: `of ${format(1e6 / rate)} µs a command` };
+  });
+  written.push(writeChart('nvme-stages', stackedBars({
+    title: 'Where a 4 KiB QD1 read\'s time goes: median time to each stage, by doorbell mode',
+    unit: `µs since ${ORIGIN} (medians; each segment the step from the stage before)`,
+    segments: STAGES.map((stage) => STEP[stage]),
+    rows,
+    caption: `${traced} "of N µs a command": 1 / IOPS of the traced run, a command's whole cycle at QD 1; the host's work (in the same process) and the doorbell's way to JS are the rest. ${machine}`,
+  })));
+  for (const [mode, { trace }] of traces) {
+    written.push(writeChart(`nvme-stages-${mode.replace(/\W+/g, '-')}`, histogram({
+      title: `4 KiB QD1 read, doorbells ${mode}: when each stage is reached`,
+      unit: `µs since ${ORIGIN}`,
+      rows: STAGES.map((stage) => ({ label: stage, samples: trace.samples[stage] })),
+      caption: `${traced} ${machine}`,
+    })));
+  }
+  console.log(`\nCharts: ${written.map((f) => path.relative(process.cwd(), f)).join(', ')}`);
 }
 
 runMain(main);
