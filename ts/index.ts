@@ -17,6 +17,7 @@ export {
 export type { ServerSession, SessionOptions } from './server/session.js';
 export type { PeerCredentials } from './native-binding.js';
 export { punchHole } from './sparse.js';
+export { TAP_VNET_HEADER, TapError, TapInterface, type TapOperation } from './tap.js';
 export {
   BlockDevice,
   BlockDeviceClosedError,

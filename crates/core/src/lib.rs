@@ -3,8 +3,9 @@
 //! It knows just enough of the wire to frame messages (the 16-byte header and
 //! its `msg_size`), carries SCM_RIGHTS fds in both directions, and wraps the
 //! few kernel objects the protocol hands around: eventfds, memfds and mmaps,
-//! with SIGBUS-safe copies and dirty-page bitmaps for guest memory, and
-//! asynchronous block I/O between files and that memory.
+//! with SIGBUS-safe copies and dirty-page bitmaps for guest memory,
+//! asynchronous block I/O between files and that memory, and TAP interfaces
+//! for virtual NICs.
 //! Protocol semantics live in the TypeScript layer above.
 
 pub mod block;
@@ -18,6 +19,7 @@ pub mod mmap;
 pub mod safe_copy;
 pub mod socket;
 pub mod sparse;
+pub mod tap;
 pub mod timerfd;
 
 pub use framing::{Frame, FrameConnection, FramingError, ReadOutcome, HEADER_SIZE};

@@ -11,6 +11,7 @@ mod listener;
 mod mapping;
 mod regions;
 mod slab;
+mod tap;
 mod uv;
 
 use napi::bindgen_prelude::*;
