@@ -7,10 +7,18 @@
 //! to read them; whoever drives it (the N-API layer, on the JS thread's own
 //! event loop) calls `scan` when `next` says. After activity (a word changed,
 //! or the consumer said more is coming with `poke`) the answer is `Spin`:
-//! scan on every turn of the loop, which then does not block, for `spin`.
-//! Then it is `Sleep`, first briefly, each sleep twice as long as the one
-//! before up to `max_sleep`, so an idle device costs a wake-up every
-//! `max_sleep`; with no word watched, `Wait`. There is no fixed tick.
+//! scan on every turn of the loop, which then does not block. Then it is
+//! `Sleep`, first briefly, each sleep twice as long as the one before up to
+//! `max_sleep`, so an idle device costs a wake-up every `max_sleep`; with no
+//! word watched, `Wait`. There is no fixed tick.
+//!
+//! How long a spin lasts adapts to the driver on the other side: it covers
+//! one and a half times the last wait from activity to a ring, when that
+//! wait was within `spin` (the cap), and is short (`MIN_SPIN`) otherwise. A
+//! host that answers in microseconds (SPDK's, polling) costs a short spin;
+//! a guest under emulation that answers in hundreds of microseconds is
+//! still caught spinning instead of after a sleep that overshoots its ring
+//! by up to the sleep's length; an idle device spins `MIN_SPIN` per activity.
 //!
 //! Watching on the consumer's own thread, rather than on a thread of its
 //! own, is what makes a doorbell cheap on a small machine: a ring found by
@@ -30,8 +38,9 @@ use std::time::{Duration, Instant};
 /// How watching trades latency for CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WatchConfig {
-    /// How long scanning goes on after the last activity: a doorbell rung
-    /// within it is seen at once. Each activity costs at most this much CPU.
+    /// The longest spin after activity: a doorbell rung within it is seen at
+    /// once when the driver's last answer came that soon. Each activity
+    /// costs at most this much CPU.
     pub spin: Duration,
     /// The longest sleep between scans once idle: the worst delay of the
     /// first doorbell after a quiet spell; idling costs one scan per sleep.
@@ -40,12 +49,16 @@ pub struct WatchConfig {
 
 impl Default for WatchConfig {
     fn default() -> Self {
-        WatchConfig { spin: Duration::from_micros(50), max_sleep: Duration::from_millis(4) }
+        WatchConfig { spin: Duration::from_micros(500), max_sleep: Duration::from_millis(4) }
     }
 }
 
 /// The first sleep after spinning; each one after doubles, up to `max_sleep`.
 pub const FIRST_SLEEP: Duration = Duration::from_micros(10);
+
+/// The spin after activity when the driver's last answer did not come
+/// within the cap (or none came yet).
+pub const MIN_SPIN: Duration = Duration::from_micros(20);
 
 /// A doorbell's new value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +112,10 @@ pub struct DoorbellWatch {
     taken_since: Option<Instant>,
     /// Spinning until then; `None` when not spinning.
     spin_until: Option<Instant>,
+    /// The last activity, from which the wait for the next ring is measured.
+    active_at: Option<Instant>,
+    /// How long the next spin lasts (adapted to the driver's answers).
+    spin_for: Duration,
     spin_started: Option<Instant>,
     /// The next sleep's length.
     sleep: Duration,
@@ -114,6 +131,8 @@ impl DoorbellWatch {
             pending_since: None,
             taken_since: None,
             spin_until: None,
+            active_at: None,
+            spin_for: MIN_SPIN,
             spin_started: None,
             sleep: FIRST_SLEEP,
             stats: WatchStats::default(),
@@ -122,6 +141,7 @@ impl DoorbellWatch {
 
     pub fn configure(&mut self, config: WatchConfig, now: Instant) {
         self.config = config;
+        self.spin_for = self.spin_for.min(config.spin);
         self.poke(now);
     }
 
@@ -173,8 +193,14 @@ impl DoorbellWatch {
             self.stats.spins += 1;
             self.spin_started = Some(now);
         }
-        self.spin_until = Some(now + self.config.spin);
+        self.active_at = Some(now);
+        self.spin_until = Some(now + self.spin_for.min(self.config.spin));
         self.sleep = FIRST_SLEEP;
+    }
+
+    /// How long spins last now (see the module's comment).
+    pub fn spin_length(&self) -> Duration {
+        self.spin_for.min(self.config.spin)
     }
 
     /// Reads every watched word; a changed one joins the batch and starts
@@ -195,6 +221,10 @@ impl DoorbellWatch {
             }
         }
         if !changed.is_empty() {
+            if let Some(active) = self.active_at {
+                let waited = now.saturating_duration_since(active);
+                self.spin_for = if waited <= self.config.spin { (waited * 3 / 2).clamp(MIN_SPIN, self.config.spin) } else { MIN_SPIN };
+            }
             for (doorbell, value) in changed {
                 self.push(doorbell, value, now);
             }
@@ -287,7 +317,7 @@ mod tests {
     use crate::mmap::Protection;
 
     const RW: Protection = Protection { read: true, write: true };
-    const SPIN: Duration = Duration::from_micros(50);
+    const SPIN: Duration = Duration::from_micros(500);
     const MAX_SLEEP: Duration = Duration::from_micros(100);
 
     /// A sealed page the test stores to (as a guest would) and the watch reads.
@@ -356,8 +386,8 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(w.next(t0), Next::Wait, "nothing watched");
         w.watch(0, device, 0, None, t0).unwrap();
-        assert_eq!(w.next(t0 + SPIN / 2), Next::Spin, "watching is activity");
-        let mut t = t0 + SPIN;
+        assert_eq!(w.next(t0 + MIN_SPIN / 2), Next::Spin, "watching is activity");
+        let mut t = t0 + MIN_SPIN;
         let sleeps: Vec<Next> = (0..5)
             .map(|_| {
                 w.scan(t);
@@ -373,10 +403,48 @@ mod tests {
         store(&guest, 0, 1);
         assert!(w.scan(t));
         assert_eq!(w.next(t), Next::Spin, "a change spins again");
-        assert_eq!(w.next(t + SPIN), Next::Sleep(FIRST_SLEEP), "and the sleeps start short again");
+        // Found 270 µs after the activity: this spin lasts 405 µs.
+        assert_eq!(w.next(t + us(404)), Next::Spin);
+        assert_eq!(w.next(t + us(405)), Next::Sleep(FIRST_SLEEP), "and the sleeps start short again");
         let stats = w.stats();
         assert_eq!((stats.spins, stats.sleeps), (2, 6));
-        assert!(stats.busy_nanos >= 2 * SPIN.as_nanos() as u64, "{stats:?}");
+        assert!(stats.busy_nanos >= (MIN_SPIN + us(405)).as_nanos() as u64, "{stats:?}");
+    }
+
+    #[test]
+    fn spins_stretch_to_cover_the_drivers_answer_up_to_the_cap() {
+        let (guest, device) = page();
+        let mut w = watch();
+        let t0 = Instant::now();
+        w.watch(0, device, 0, None, t0).unwrap();
+        let us = Duration::from_micros;
+        // The device posts completions (poke); the driver answers 200 µs later, found after a sleep.
+        w.poke(t0);
+        assert_eq!(w.spin_length(), MIN_SPIN);
+        store(&guest, 0, 1);
+        assert!(w.scan(t0 + us(200)));
+        assert_eq!(w.spin_length(), us(300), "one and a half times the wait");
+        w.take(&mut [Ring { doorbell: 0, value: 0 }; 4]);
+        // Next time the spin is still on when the answer comes.
+        let t1 = t0 + us(400);
+        w.poke(t1);
+        assert_eq!(w.next(t1 + us(250)), Next::Spin);
+        store(&guest, 0, 2);
+        assert!(w.scan(t1 + us(250)));
+        assert_eq!(w.spin_length(), us(375));
+        // An answer later than the cap: back to short spins; the cap bounds every spin.
+        let t2 = t1 + us(1000);
+        w.poke(t2);
+        store(&guest, 0, 3);
+        assert!(w.scan(t2 + SPIN + us(1)));
+        assert_eq!(w.spin_length(), MIN_SPIN);
+        let t3 = t2 + us(2000);
+        w.poke(t3);
+        store(&guest, 0, 4);
+        assert!(w.scan(t3 + SPIN));
+        assert_eq!(w.spin_length(), SPIN, "capped");
+        w.configure(WatchConfig { spin: us(100), max_sleep: MAX_SLEEP }, t3 + SPIN);
+        assert_eq!(w.spin_length(), us(100));
     }
 
     #[test]
@@ -388,7 +456,7 @@ mod tests {
         assert_eq!(w.next(t0), Next::Wait);
         assert_eq!(w.stats().spins, 0);
         w.watch(0, device, 0, None, t0).unwrap();
-        assert!(matches!(w.next(t0 + SPIN), Next::Sleep(_)));
+        assert!(matches!(w.next(t0 + MIN_SPIN), Next::Sleep(_)));
         w.poke(t0 + SPIN);
         assert_eq!(w.next(t0 + SPIN), Next::Spin);
         w.unwatch(0);
