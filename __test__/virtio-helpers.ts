@@ -1,5 +1,5 @@
 /** Serving a virtio device and driving it with the package's virtio driver, over real sockets and memfd memory. */
-import { VirtioDriver, type VirtioDevice } from '../ts/index.js';
+import { VirtioDriver, type VirtioDevice, type VirtioDriverOptions } from '../ts/index.js';
 import { serve, type Served } from './helpers.js';
 import type { TestCleanups } from './cleanups.js';
 
@@ -11,13 +11,13 @@ export interface Driven<D extends VirtioDevice> {
   driver: VirtioDriver;
 }
 
-/** Serves `device`, connects a client with guest memory and a driver (not initialized). */
-export async function drive<D extends VirtioDevice>(t: TestCleanups, device: D): Promise<Driven<D>> {
+/** Serves `device`, connects a client with guest memory and a driver (not initialized; notifying by `notify`, default the best the device offers). */
+export async function drive<D extends VirtioDevice>(t: TestCleanups, device: D, notify?: VirtioDriverOptions['notify']): Promise<Driven<D>> {
   const served = await serve(device);
   t.defer(() => device.close());
   t.defer(() => served.close());
   const client = await served.client();
-  const driver = await VirtioDriver.connect(client, { memory: t.memory(GUEST_MEMORY) });
+  const driver = await VirtioDriver.connect(client, { memory: t.memory(GUEST_MEMORY), notify });
   t.defer(() => driver.close());
   return { served, device, driver };
 }

@@ -6,13 +6,15 @@
  *   vfio-user serve examples/virtio-rng --socket /tmp/rng.sock
  */
 import { randomFillSync } from 'node:crypto';
-import { VirtioDevice, VirtioDeviceType, type Virtqueue } from 'vfio-user';
+import { VirtioDevice, VirtioDeviceType, type VirtioNotifyMode, type Virtqueue } from 'vfio-user';
 
 export class VirtioRng extends VirtioDevice {
-  constructor() {
+  /** `notify`: how notifications arrive (docs/virtio.md; default 'mmap'). */
+  constructor(options: { notify?: VirtioNotifyMode } = {}) {
     super({
       deviceId: VirtioDeviceType.ENTROPY,
       queues: [{ size: 256 }],
+      notify: options.notify,
       onQueue: (queue) => this.fill(queue),
     });
   }

@@ -4,7 +4,7 @@
  * ID. Linux's virtio_blk driver binds it as /dev/vdX.
  *
  *   vfio-user serve examples/virtio-blk --socket /tmp/blk.sock -- --image disk.img
- *       [--queues N] [--read-only] [--serial ID]
+ *       [--queues N] [--read-only] [--serial ID] [--notify mmap|trap|ioeventfd]
  *
  * The image is read and written through the library's asynchronous block I/O
  * (`BlockDevice`): straight between the file and guest memory, no copy.
@@ -17,7 +17,7 @@
  * is UNSUPP.
  */
 import { parseArgs } from 'node:util';
-import { BlockDevice, featureBit, UsageError, VirtioDevice, VirtioDeviceType, VirtqueueError, type DescriptorChain, type SgList, type Virtqueue } from 'vfio-user';
+import { BlockDevice, featureBit, UsageError, VirtioDevice, VirtioDeviceType, VirtqueueError, type DescriptorChain, type SgList, type VirtioNotifyMode, type Virtqueue } from 'vfio-user';
 
 export const SECTOR = 512;
 
@@ -51,6 +51,8 @@ export interface VirtioBlkOptions {
   readOnly?: boolean;
   /** GET_ID's answer, at most 20 bytes. */
   serial?: string;
+  /** How notifications arrive (default 'mmap', docs/virtio.md). */
+  notify?: VirtioNotifyMode;
 }
 
 export class VirtioBlk extends VirtioDevice {
@@ -85,6 +87,7 @@ export class VirtioBlk extends VirtioDevice {
       features: bits.reduce((mask, bit) => mask | featureBit(bit), 0n),
       queues: Array.from({ length: queues }, () => ({ size: options.queueSize ?? QUEUE_SIZE })),
       config,
+      notify: options.notify,
       onQueue: (queue) => {
         for (let chain = queue.pop(); chain; chain = queue.pop()) {
           // Guest memory gone under a request (the client left) breaks the device, never the process.
@@ -196,6 +199,7 @@ export default function createDevice(args: readonly string[] = []): VirtioBlk {
       queues: { type: 'string', default: '1' },
       'read-only': { type: 'boolean', default: false },
       serial: { type: 'string' },
+      notify: { type: 'string', default: 'mmap' },
     },
     strict: true,
   });
@@ -204,5 +208,5 @@ export default function createDevice(args: readonly string[] = []): VirtioBlk {
   const readOnly = values['read-only'];
   // One slot per descriptor a queue can have in flight, up to what the block layer takes.
   const disk = BlockDevice.open(values.image, { readOnly, queueDepth: Math.min(4096, queues * QUEUE_SIZE) });
-  return new VirtioBlk(disk, { queues, readOnly, serial: values.serial });
+  return new VirtioBlk(disk, { queues, readOnly, serial: values.serial, notify: values.notify as VirtioNotifyMode });
 }

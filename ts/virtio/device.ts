@@ -11,11 +11,16 @@
  *
  *   BAR4 +0x0000 common configuration     +0x2000 device-specific configuration
  *        +0x1000 ISR status               +0x3000 notifications, 4 bytes per queue
+ *
+ * Notifications come trapped, through ioeventfds or stored to a mapped page
+ * (`notify`, notify.ts), all through one DoorbellSource.
  */
 import { UsageError } from '../errors.js';
 import { PciDevice, pciFunction } from '../pci/device.js';
 import type { Capability, PciMigration } from '../pci/description.js';
 import { checkQueueState, Virtqueue, type QueueHost, type QueueState } from './queue.js';
+import { VirtqueueError } from './chain.js';
+import { NOTIFY_MODES, NOTIFY_MULTIPLIER, Notifications, notifyBarParts, type VirtioNotifyMode } from './notify.js';
 import {
   Cap, CapType, Common, Feature, featureBit, Isr, MAX_QUEUE_SIZE, NO_VECTOR, Status,
   VIRTIO_PCI_DEVICE_BASE, VIRTIO_PCI_VENDOR,
@@ -50,16 +55,23 @@ export interface VirtioDeviceDescription {
   onReset?(): void;
   /** PCI class code (default: 0xff0000, "other"). */
   classCode?: number;
+  /**
+   * How notifications reach the device (default 'mmap': a page the VMM maps,
+   * so the guest notifies with a plain store; trapped writes where it does
+   * not map it). 'ioeventfd' offers an ioeventfd per queue; 'trap' neither.
+   */
+  notify?: VirtioNotifyMode;
   /** Device code's own state for migration, beside what the kit saves. */
   migration?: Pick<PciMigration, 'saveState' | 'loadState'>;
 }
 
 /** Features the kit implements for every device. */
-export const KIT_FEATURES = featureBit(Feature.VERSION_1) | featureBit(Feature.RING_EVENT_IDX) | featureBit(Feature.RING_INDIRECT_DESC) | featureBit(Feature.RING_RESET);
+export const KIT_FEATURES = featureBit(Feature.VERSION_1) | featureBit(Feature.RING_EVENT_IDX) | featureBit(Feature.RING_INDIRECT_DESC) | featureBit(Feature.RING_RESET)
+  | featureBit(Feature.NOTIFICATION_DATA);
 
 export const VIRTIO_BAR = 4;
 export const MSIX_BAR = 1;
-export const Layout = { COMMON: 0x0000, ISR: 0x1000, DEVICE: 0x2000, NOTIFY: 0x3000, BAR_SIZE: 0x4000, NOTIFY_MULTIPLIER: 4, MSIX_PBA: 0x800 } as const;
+export const Layout = { COMMON: 0x0000, ISR: 0x1000, DEVICE: 0x2000, NOTIFY: 0x3000, BAR_SIZE: 0x4000, MSIX_PBA: 0x800 } as const;
 /** Config-space homes of the capabilities (the PCI cfg one has its data at +16). */
 const CapAt = { COMMON: 0x40, NOTIFY: 0x50, ISR: 0x64, DEVICE: 0x74, PCI: 0x84, MSIX: 0x98 } as const;
 const MAX_QUEUES = Layout.MSIX_PBA / 16 - 1;
@@ -82,6 +94,7 @@ export class VirtioDevice extends PciDevice {
   private isr = 0;
   private generation = 0;
   private readonly virtio: VirtioDeviceDescription;
+  private readonly notifications: Notifications;
 
   constructor(description: VirtioDeviceDescription) {
     const queues = checkDescription(description);
@@ -101,7 +114,8 @@ export class VirtioDevice extends PciDevice {
     const pciWritable = Buffer.alloc(pciWindow.length);
     pciWritable[Cap.BAR - 3] = 0xff;
     pciWritable.fill(0xff, Cap.OFFSET - 3);
-    const notifyLength = queues * Layout.NOTIFY_MULTIPLIER;
+    const notifyLength = queues * NOTIFY_MULTIPLIER;
+    const notify = description.notify ?? 'mmap';
     super({
       vendorId: VIRTIO_PCI_VENDOR,
       deviceId: VIRTIO_PCI_DEVICE_BASE + description.deviceId,
@@ -116,13 +130,12 @@ export class VirtioDevice extends PciDevice {
           kind: 'memory', size: Layout.BAR_SIZE, width: 64,
           read: (offset, size) => this.readBar(offset, size),
           write: (offset, data) => this.writeBar(offset, data),
-          // What Linux writes (iowrite16 of the queue index): KVM can signal these without an exit.
-          ioeventfds: Array.from({ length: queues }, (_, q) => ({ offset: Layout.NOTIFY + q * Layout.NOTIFY_MULTIPLIER, size: 2 as const, datamatch: q })),
+          ...notifyBarParts(notify, Layout.NOTIFY, queues),
         },
       },
       capabilities: [
         capability(CapType.COMMON, Layout.COMMON, Common.SIZE, CapAt.COMMON),
-        capability(CapType.NOTIFY, Layout.NOTIFY, notifyLength, CapAt.NOTIFY, Layout.NOTIFY_MULTIPLIER),
+        capability(CapType.NOTIFY, Layout.NOTIFY, notifyLength, CapAt.NOTIFY, NOTIFY_MULTIPLIER),
         capability(CapType.ISR, Layout.ISR, 1, CapAt.ISR),
         ...(config.length > 0 ? [capability(CapType.DEVICE, Layout.DEVICE, config.length, CapAt.DEVICE)] : []),
         {
@@ -162,12 +175,27 @@ export class VirtioDevice extends PciDevice {
         return device.running;
       },
       process: (queue) => description.onQueue.call(this, queue),
-      interrupt: (queue) => this.interrupt(queue.vector, Isr.QUEUE),
+      interrupt: (queue) => {
+        // The driver answers completions with new requests.
+        this.notifications.expect();
+        this.interrupt(queue.vector, Isr.QUEUE);
+      },
       fail: (error) => this.fail(error),
     };
     const device = this;
     this.queues = description.queues.map((q, i) => new Virtqueue(i, q.size, host, q.holds === true));
-    this.bar(VIRTIO_BAR).ioeventfds.forEach((fd, q) => fd.on('signal', () => this.queues[q].kick()));
+    this.notifications = new Notifications(notify, this.bar(VIRTIO_BAR), Layout.NOTIFY, queues, this.context, (q, value) => this.notified(q, value));
+  }
+
+  /** How notifications reach the device. */
+  get notifyMode(): VirtioNotifyMode {
+    return this.notifications.mode;
+  }
+
+  /** Stops watching notifications too. */
+  override close(): void {
+    this.notifications.close();
+    super.close();
   }
 
   /** The device status byte (§2.1). */
@@ -249,10 +277,30 @@ export class VirtioDevice extends PciDevice {
       return;
     }
     if (offset >= Layout.NOTIFY) {
-      // A notification the ioeventfd did not match (another width or value): the queue is the slot's.
-      const q = Math.floor((offset - Layout.NOTIFY) / Layout.NOTIFY_MULTIPLIER);
-      this.queues[q]?.kick();
+      // A trapped notification (no mapped page, no ioeventfd): the queue is the slot's.
+      const q = Math.floor((offset - Layout.NOTIFY) / NOTIFY_MULTIPLIER);
+      if (q < this.queues.length) this.notifications.write(q, data.readUIntLE(0, Math.min(4, data.length)));
     }
+  }
+
+  /**
+   * Queue `q`'s slot was written (`value`) or kicked (undefined). With
+   * NOTIFICATION_DATA the value is le32 { vqn: 16, next_off: 15, next_wrap: 1 }
+   * (§4.1.5.2): where the driver's ring stands, split or packed alike. The
+   * device reads the ring itself, so it only checks that the notification
+   * names this slot's queue: one naming another is a broken driver.
+   */
+  private notified(q: number, value: number | undefined): void {
+    if (value !== undefined && this.negotiated(Feature.NOTIFICATION_DATA) && (value & 0xffff) !== q) {
+      return this.fail(new VirtqueueError(q, `notification data 0x${value.toString(16)} names queue ${value & 0xffff} at queue ${q}'s address`));
+    }
+    this.queues[q].kick();
+  }
+
+  /** Follows queue `q` being enabled or reset: only enabled queues' slots are watched. */
+  private trackNotify(q: Virtqueue): void {
+    if (q.enabled) this.notifications.enable(q.index);
+    else this.notifications.disable(q.index);
   }
 
   // ---- common configuration ----
@@ -323,7 +371,12 @@ export class VirtioDevice extends PciDevice {
       case Common.QUEUE_SELECT: this.queueSelect = n; break;
       case Common.QUEUE_SIZE: if (configurable) q.size = n; break;
       case Common.QUEUE_MSIX_VECTOR: if (q) q.vector = this.vectorOrNone(n); break;
-      case Common.QUEUE_ENABLE: if (configurable && n === 1) q.enable(); break;
+      case Common.QUEUE_ENABLE:
+        if (configurable && n === 1) {
+          q.enable();
+          this.trackNotify(q);
+        }
+        break;
       case Common.QUEUE_DESC: if (configurable) q.desc = BigInt(value); break;
       case Common.QUEUE_DRIVER: if (configurable) q.driver = BigInt(value); break;
       case Common.QUEUE_DEVICE: if (configurable) q.device = BigInt(value); break;
@@ -331,6 +384,7 @@ export class VirtioDevice extends PciDevice {
         if (q && n === 1 && this.negotiated(Feature.RING_RESET)) {
           q.reset();
           q.resetDone = true;
+          this.trackNotify(q);
         }
         break;
     }
@@ -373,7 +427,10 @@ export class VirtioDevice extends PciDevice {
     this.isr = 0;
     this.needsReset = undefined;
     this.irq.lower();
-    for (const q of this.queues) q.reset();
+    for (const q of this.queues) {
+      q.reset();
+      this.trackNotify(q);
+    }
     this.virtio.onReset?.call(this);
   }
 
@@ -492,7 +549,10 @@ export class VirtioDevice extends PciDevice {
     this.isr = u(state.isr, 8, 'isr') & (Isr.QUEUE | Isr.CONFIG);
     this.generation = u(state.generation, 8, 'generation');
     this.deviceConfig.set(Buffer.from(state.config, 'hex'));
-    queues.forEach((q, i) => this.queues[i].load(q));
+    queues.forEach((q, i) => {
+      this.queues[i].load(q);
+      this.trackNotify(this.queues[i]);
+    });
   }
 }
 
@@ -534,5 +594,6 @@ function checkDescription(d: VirtioDeviceDescription): number {
   });
   if (d.config !== undefined && (!(d.config instanceof Uint8Array) || d.config.length > Layout.NOTIFY - Layout.DEVICE)) throw new UsageError('config must be a Uint8Array of at most 4096 bytes');
   if (typeof d.onQueue !== 'function') throw new UsageError('onQueue must be a function');
+  if (d.notify !== undefined && !NOTIFY_MODES.includes(d.notify)) throw new UsageError(`notify '${String(d.notify)}' is not one of ${NOTIFY_MODES.join(', ')}`);
   return d.queues.length;
 }

@@ -10,7 +10,8 @@ import { UsageError } from '../errors.js';
 import type { VfioUserClient } from '../client/client.js';
 import type { GuestMemory } from '../client/memory.js';
 import type { EventfdIrq } from '../client/eventfd-irq.js';
-import { IrqIndex, Region } from '../protocol/index.js';
+import { IrqIndex, Region, RegionCapId } from '../protocol/index.js';
+import { native, type NativeMapping } from '../native.js';
 import { Cap as PciCap, CapabilityId, Cfg, Command as PciCommand } from '../pci/spec.js';
 import { Cap, CapType, Common, Desc, Feature, featureBit, NO_VECTOR, Ring, Status } from './spec.js';
 
@@ -21,7 +22,16 @@ export interface VirtioDriverOptions {
   iova?: bigint;
   /** The client has mapped the memory at `iova` already (a fuzzer's runner does): no DMA_MAP. */
   mapped?: boolean;
+  /**
+   * How to notify (default: the best the device offers, in this order):
+   * 'mmap' stores to the notification area mapped from the BAR (sparse
+   * mmap), 'ioeventfd' signals the ioeventfds the device offers there,
+   * 'trap' sends REGION_WRITE. Asking for one the device lacks throws.
+   */
+  notify?: NotifyPath;
 }
+
+export type NotifyPath = 'mmap' | 'ioeventfd' | 'trap';
 
 export interface InitOptions {
   /** Features to accept from those offered (default: all offered). VERSION_1 is always asked for. */
@@ -58,6 +68,8 @@ export class VirtioDriver {
   /** MSI-X vectors (after `initialize`): 0 is configuration changes, 1 + n queue n. */
   vectors: EventfdIrq[] = [];
   private allocated = 0;
+  /** The mapped area holding the notification structure, and where the structure starts in it ('mmap'). */
+  private notifyMapping: NotifyMapping | undefined;
 
   private constructor(
     public client: VfioUserClient,
@@ -68,6 +80,8 @@ export class VirtioDriver {
     private readonly notify: Structure & { multiplier: number },
     private readonly isr: Structure,
     private readonly device: Structure | undefined,
+    /** How this driver notifies. */
+    readonly notifyPath: NotifyPath,
   ) {}
 
   /** Finds the virtio structures, turns on memory decoding and bus mastering, and maps the memory. */
@@ -95,7 +109,11 @@ export class VirtioDriver {
     const isr = need(CapType.ISR, 'ISR');
     await client.pci.setCommand(PciCommand.MEMORY | PciCommand.BUS_MASTER, true);
     if (!options.mapped) await client.dmaMap({ iova, memory: options.memory });
-    return new VirtioDriver(client, options.memory, iova, options.memory.view(), common, { ...notify, multiplier: notify.extra }, isr, found.get(CapType.DEVICE));
+    const notifyStructure = { ...notify, multiplier: notify.extra };
+    const { path, mapping } = await wireNotify(client, notifyStructure, options.notify);
+    const driver = new VirtioDriver(client, options.memory, iova, options.memory.view(), common, notifyStructure, isr, found.get(CapType.DEVICE), path);
+    driver.notifyMapping = mapping;
+    return driver;
   }
 
   // ---- registers ----
@@ -153,11 +171,20 @@ export class VirtioDriver {
     await this.client.regionWrite(Region.BAR0 + this.device.bar, BigInt(this.device.offset + offset), data);
   }
 
-  /** Writes queue `queue`'s notification register (what a guest's kick does). */
-  async notifyQueue(queue: number, notifyOff = queue): Promise<void> {
-    const value = Buffer.alloc(2);
-    value.writeUInt16LE(queue);
-    await this.client.regionWrite(Region.BAR0 + this.notify.bar, BigInt(this.notify.offset + notifyOff * this.notify.multiplier), value);
+  /**
+   * Notifies queue `queue` at its slot (`notifyOff`) as a guest's kick does,
+   * by this driver's path: the 16-bit queue index, or the le32 `data` given
+   * (NOTIFICATION_DATA: vqn, next_off, next_wrap).
+   */
+  async notifyQueue(queue: number, notifyOff = queue, data?: number): Promise<void> {
+    const value = Buffer.alloc(data === undefined ? 2 : 4);
+    if (data === undefined) value.writeUInt16LE(queue);
+    else value.writeUInt32LE(data >>> 0);
+    const offset = notifyOff * this.notify.multiplier;
+    if (offset + value.length > this.notify.length) throw new UsageError(`notify_off ${notifyOff} is past the ${this.notify.length}-byte notification area`);
+    // A store to the mapped page, as a guest's with no exit.
+    if (this.notifyMapping) return this.notifyMapping.mapping.write(this.notifyMapping.at + offset, value);
+    await this.client.regionWrite(Region.BAR0 + this.notify.bar, BigInt(this.notify.offset + offset), value);
   }
 
   // ---- initialization (§3.1.1) ----
@@ -176,6 +203,8 @@ export class VirtioDriver {
     await this.writeDriverFeatures(this.features);
     await this.setStatus(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK);
     if (!((await this.status()) & Status.FEATURES_OK)) throw new UsageError(`the device refused features 0x${this.features.toString(16)}`);
+    // A driver initialized again (after NEEDS_RESET) wires fresh vectors: the old ones go.
+    for (const v of this.vectors) v.close();
     this.vectors = await this.client.wireIrqs(IrqIndex.MSIX);
     await this.client.pci.enableMsix();
     await this.writeCommon(Common.CONFIG_MSIX_VECTOR, 2, 0);
@@ -238,10 +267,15 @@ export class VirtioDriver {
   async moveTo(client: VfioUserClient): Promise<void> {
     await client.dmaMap({ iova: this.iova, memory: this.memory });
     if (this.vectors.length > 0) await client.setIrqs({ index: IrqIndex.MSIX, eventfds: this.vectors });
+    const { mapping } = await wireNotify(client, this.notify, this.notifyPath);
+    this.notifyMapping?.mapping.unmap();
+    this.notifyMapping = mapping;
     this.client = client;
   }
 
   close(): void {
+    this.notifyMapping?.mapping.unmap();
+    this.notifyMapping = undefined;
     for (const q of this.queues) q.forget();
     for (const v of this.vectors) v.close();
     this.vectors = [];
@@ -372,9 +406,10 @@ export class DriverQueue {
     Atomics.store(this.availU16, Ring.IDX / 2, this.availIdx);
   }
 
-  /** Notifies the device now. */
+  /** Notifies the device now (with NOTIFICATION_DATA: where the available ring stands). */
   kick(): Promise<void> {
-    return this.driver.notifyQueue(this.index, this.notifyOff);
+    const data = this.driver.features & featureBit(Feature.NOTIFICATION_DATA) ? (this.availIdx << 16) | this.index : undefined;
+    return this.driver.notifyQueue(this.index, this.notifyOff, data);
   }
 
   /** Notifies unless the device said it needs no notification (used flags or avail_event). */
@@ -461,4 +496,40 @@ function writeDesc(view: DataView, i: number, d: { addr: bigint; len: number; fl
   view.setUint32(at + Desc.LEN, d.len, true);
   view.setUint16(at + Desc.FLAGS, d.flags, true);
   view.setUint16(at + Desc.NEXT, d.next, true);
+}
+
+/**
+ * Sets up `wanted` (or the best path the device offers) on `client`: maps
+ * the notification area, or wires the BAR's ioeventfds.
+ */
+interface NotifyMapping {
+  mapping: NativeMapping;
+  at: number;
+}
+
+async function wireNotify(client: VfioUserClient, notify: Structure, wanted: NotifyPath | undefined): Promise<{ path: NotifyPath; mapping?: NotifyMapping }> {
+  const region = Region.BAR0 + notify.bar;
+  if (wanted === undefined || wanted === 'mmap') {
+    const info = await client.getRegionInfo(region);
+    let mapping: NotifyMapping | undefined;
+    if (info.fd !== undefined) {
+      try {
+        const sparse = info.caps.find((c) => c.id === RegionCapId.SPARSE_MMAP);
+        const area = sparse?.id === RegionCapId.SPARSE_MMAP
+          ? sparse.areas.find((a) => a.offset <= BigInt(notify.offset) && BigInt(notify.offset + notify.length) <= a.offset + a.size)
+          : { offset: 0n, size: info.size };
+        if (area) mapping = { mapping: new native.NativeMapping(info.fd, info.offset + area.offset, area.size, true, true), at: notify.offset - Number(area.offset) };
+      } finally {
+        native.closeFd(info.fd);
+      }
+    }
+    if (mapping) return { path: 'mmap', mapping };
+    if (wanted === 'mmap') throw new UsageError('the device does not let the notification area be mapped');
+  }
+  if (wanted === undefined || wanted === 'ioeventfd') {
+    const wired = await client.wireIoEventfds(region);
+    if (wired.some((e) => e.offset >= BigInt(notify.offset) && e.offset < BigInt(notify.offset + notify.length))) return { path: 'ioeventfd' };
+    if (wanted === 'ioeventfd') throw new UsageError('the device offers no ioeventfds for its notification area');
+  }
+  return { path: 'trap' };
 }

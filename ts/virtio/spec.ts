@@ -20,6 +20,8 @@ export const Feature = {
   VERSION_1: 32,
   ACCESS_PLATFORM: 33,
   RING_PACKED: 34,
+  /** The driver's notifications carry the queue index and where its ring stands (§2.9). */
+  NOTIFICATION_DATA: 38,
   RING_RESET: 40,
 } as const;
 
