@@ -77,12 +77,14 @@ describe('vfio-user serve', { timeout: SPAWNING_TEST_MS }, () => {
     let received = '';
     socket.on('data', (d: Buffer) => (received += d.toString()));
     const [rx, tx] = driver.queues;
+    // Host to guest first: once the line arrives, the device has taken the connection as its port
+    // (output sent before it accepts the connection has nowhere to go).
     const reply = rx.submit([{ writable: 64 }]);
-    await tx.submit([{ data: Buffer.from('ping\n') }]);
-    await until(() => received === 'ping\n');
     socket.write('pong\n');
     const done = await reply;
     expect(done.writable[0].subarray(0, done.written).toString()).toBe('pong\n');
+    await tx.submit([{ data: Buffer.from('ping\n') }]);
+    await until(() => received === 'ping\n');
   });
 
   test('examples/virtio-net -- --switch PATH --mac M: frames out through the switch', async () => {
