@@ -5,7 +5,7 @@
  * arrives until the owner takes it. Used by the server and the client alike.
  */
 import { markAsUntransferable } from 'node:worker_threads';
-import { closeFds, describeFailure, errnoOf, native, type NativeConnection, type NativeRegionReads } from './native.js';
+import { closeFds, describeFailure, errnoOf, native, type NativeConnection, type NativeDmaTable, type NativeRegionReads } from './native.js';
 import { debugRequested, messageLogger } from './debug.js';
 import type { Side } from './protocol/describe.js';
 import { ConnectionClosedError, PeerProtocolError, TimeoutError, TooManyRequestsError } from './errors.js';
@@ -75,8 +75,8 @@ let observer: MessageObserver | undefined = debugRequested() ? messageLogger() :
  * Installs (or, with `undefined`, removes) the process-wide observer of every
  * message sent and received, by servers and clients alike: `DEBUG=vfio-user`
  * installs one that prints each message decoded to stderr. Install it before
- * connections open: while an observer is set, region reads that would be
- * answered natively go through JS so that they are seen too.
+ * connections open: while an observer is set, region reads and DMA_MAP/UNMAP
+ * that would be answered natively go through JS so that they are seen too.
  */
 export function setMessageObserver(next: MessageObserver | undefined): void {
   observer = next;
@@ -151,6 +151,11 @@ export class Channel {
     return this.conn.nativeReads;
   }
 
+  /** DMA_MAPs and DMA_UNMAPs answered natively so far. */
+  get nativeDma(): number {
+    return this.conn.nativeDma;
+  }
+
   setMaxFrame(bytes: number): void {
     this.conn.setMaxFrame(bytes);
   }
@@ -173,6 +178,12 @@ export class Channel {
   setRegionReads(reads: NativeRegionReads | null): void {
     // Reads answered natively would never reach the observer.
     this.conn.setRegionReads(observer === undefined ? reads : null);
+  }
+
+  /** The window table DMA_MAP/UNMAP are applied to natively; null sends them to JS. */
+  setDmaTable(table: NativeDmaTable | null): void {
+    // Messages answered natively would never reach the observer.
+    this.conn.setDmaTable(observer === undefined ? table : null);
   }
 
   setKeepAlive(keepAlive: boolean): void {

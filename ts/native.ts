@@ -78,6 +78,8 @@ export const native = load();
 
 export type NativeConnection = NativeBinding.NativeConnection;
 export type NativeMapping = NativeBinding.NativeMapping;
+export type NativeDmaTable = NativeBinding.NativeDmaTable;
+export type DmaChange = NativeBinding.DmaChange;
 export type NativeDoorbellWatcher = NativeBinding.NativeDoorbellWatcher;
 export type NativeBlockDevice = NativeBinding.NativeBlockDevice;
 export type NativeRegionReads = NativeBinding.NativeRegionReads;

@@ -4,8 +4,8 @@
  * through DMA_READ/DMA_WRITE messages. Lookups are by IOVA (bigint). Device
  * code reads and writes it through the inherited GuestMemoryAccess methods.
  */
-import { native, type NativeMapping } from '../native.js';
-import { Errno, ProtocolError, Command } from '../protocol/index.js';
+import { errnoOf, native, type NativeDmaTable, type NativeMapping } from '../native.js';
+import { Command, ProtocolError } from '../protocol/index.js';
 import { GuestMemoryAccess } from './access.js';
 import { DmaSpaceClosedError } from './errors.js';
 import type { MessageDma } from './messages.js';
@@ -46,18 +46,30 @@ export interface MapRequest {
   fileOffset: bigint;
 }
 
-const PAGE = 4096n;
-const U64_MAX = (1n << 64n) - 1n;
-
+/**
+ * The window table itself lives in the native core (crates/core/src/dma.rs),
+ * where the connection's reader applies DMA_MAP and DMA_UNMAP without
+ * entering JS. This class mirrors it for zero-copy lookups: the table moves
+ * `changes[0]` whenever it changed, and every lookup first compares it with
+ * what was applied, taking the changes in one batch when it moved. So device
+ * code, whatever wakes it (a message, a doorbell, a timer), sees every map
+ * and unmap answered before it runs.
+ */
 export class DmaSpace extends GuestMemoryAccess {
   /** Sorted by IOVA; windows never overlap. */
   private windows: DmaWindow[] = [];
   private recent: DmaWindow | undefined;
   private transport: MessageDma | undefined;
   private closed = false;
+  /** Moved by the native table at each change waiting for the mirror (a SharedArrayBuffer: its memory never moves). */
+  private readonly changes = new Uint32Array(new SharedArrayBuffer(4));
+  private applied = 0;
+  /** The native window table. @internal */
+  readonly table: NativeDmaTable;
 
   constructor(readonly maxWindows: number) {
     super();
+    this.table = new native.NativeDmaTable(maxWindows, this.changes);
   }
 
   /** How message-based windows are reached (set by the session once negotiated). */
@@ -77,6 +89,7 @@ export class DmaSpace extends GuestMemoryAccess {
   }
 
   protected windowAt(iova: bigint): DmaWindow | undefined {
+    if (this.changes[0] !== this.applied) this.catchUp();
     // Device code tends to stay in one window: try the last one hit first.
     const recent = this.recent;
     if (recent && iova >= recent.iova && iova < recent.end) return recent;
@@ -91,6 +104,7 @@ export class DmaSpace extends GuestMemoryAccess {
 
   protected *windowsIn(iova: bigint, end: bigint): Iterable<DmaWindow> {
     if (this.closed) throw new DmaSpaceClosedError(iova);
+    if (this.changes[0] !== this.applied) this.catchUp();
     for (let at = Math.max(0, this.lowerBound(iova + 1n) - 1); at < this.windows.length && this.windows[at].iova < end; at++) {
       const w = this.windows[at];
       if (w.end > iova) yield w;
@@ -98,10 +112,11 @@ export class DmaSpace extends GuestMemoryAccess {
   }
 
   get count(): number {
-    return this.windows.length;
+    return this.list().length;
   }
 
   list(): readonly DmaWindow[] {
+    if (this.changes[0] !== this.applied) this.catchUp();
     return this.windows;
   }
 
@@ -111,55 +126,32 @@ export class DmaSpace extends GuestMemoryAccess {
    * any other overlap is EEXIST as the spec says.
    */
   map(req: MapRequest): void {
-    const fail = (errno: number, why: string) => new ProtocolError(errno, Command.DMA_MAP, why);
     if (this.closed) throw new DmaSpaceClosedError(req.iova);
-    if (req.size === 0n) throw fail(Errno.EINVAL, 'size is 0');
-    if (req.iova + req.size - 1n > U64_MAX) throw fail(Errno.EINVAL, 'iova + size wraps past 2^64');
-    if (req.iova % PAGE !== 0n || req.size % PAGE !== 0n) throw fail(Errno.EINVAL, 'iova and size must be 4 KiB aligned');
-    const at = this.lowerBound(req.iova);
-    // Only the neighbours can overlap: windows never do.
-    for (let i = Math.max(0, at - 1); i <= at && i < this.windows.length; i++) {
-      const w = this.windows[i];
-      if (!overlaps(w, req.iova, req.size)) continue;
-      if (isRepeat(w, req)) return;
-      throw fail(Errno.EEXIST, `overlaps the window at 0x${w.iova.toString(16)}`);
-    }
-    if (this.windows.length >= this.maxWindows) throw fail(Errno.ENOSPC, `${this.maxWindows} windows are mapped already`);
-    let mapping: NativeMapping | undefined;
-    if (req.fd !== undefined) {
-      try {
-        mapping = new native.NativeMapping(req.fd, req.fileOffset, req.size, req.readable, req.writable);
-      } catch (error) {
-        throw fail(Errno.EINVAL, (error as Error).message);
-      }
-    }
-    const window: DmaWindow = {
-      iova: req.iova, size: req.size, end: req.iova + req.size, readable: req.readable, writable: req.writable, mapping, fileOffset: req.fileOffset,
-    };
-    this.windows.splice(at, 0, window);
+    refused(Command.DMA_MAP, () => this.table.map(req.iova, req.size, req.readable, req.writable, req.fd, req.fileOffset));
   }
 
   /** Removes the window that exactly matches, detaching its views first. */
   unmap(iova: bigint, size: bigint): void {
-    const at = this.lowerBound(iova);
-    const w = this.windows[at];
-    if (!w || w.iova !== iova || w.size !== size) {
-      throw new ProtocolError(Errno.ENOENT, Command.DMA_UNMAP, 'no window matches exactly');
-    }
-    this.windows.splice(at, 1);
-    if (this.recent === w) this.recent = undefined;
-    w.mapping?.unmap();
+    refused(Command.DMA_UNMAP, () => this.table.unmap(iova, size));
   }
 
   unmapAll(): void {
-    for (const w of this.windows) w.mapping?.unmap();
-    this.windows = [];
-    this.recent = undefined;
+    this.table.unmapAll();
+  }
+
+  /**
+   * Applies a DMA_MAP or DMA_UNMAP message that reached JS (`fds` borrowed),
+   * with the rules the native reader applies; returns the reply's payload.
+   * @internal
+   */
+  applyMessage(command: typeof Command.DMA_MAP | typeof Command.DMA_UNMAP, payload: Uint8Array, fds: readonly number[]): Buffer {
+    return refused(command, () => this.table.applyMessage(command, payload, fds as number[]));
   }
 
   /** The client is gone: every window goes, and every later access throws DmaSpaceClosedError. */
   close(): void {
     this.unmapAll();
+    this.catchUp();
     this.transport = undefined;
     this.closed = true;
   }
@@ -168,6 +160,26 @@ export class DmaSpace extends GuestMemoryAccess {
   find(iova: bigint, length: number): DmaWindow | undefined {
     const w = this.windowAt(iova);
     return w && iova + BigInt(length) <= w.end ? w : undefined;
+  }
+
+  /** Applies the native table's changes to the mirror, in order. */
+  private catchUp(): void {
+    this.applied = this.changes[0];
+    this.recent = undefined;
+    for (const change of this.table.takeChanges()) {
+      if (change.kind === 'unmapAll') {
+        this.windows = [];
+      } else if (change.kind === 'unmap') {
+        this.windows.splice(this.lowerBound(change.iova!), 1);
+      } else {
+        const iova = change.iova!;
+        const size = change.size!;
+        const window: DmaWindow = {
+          iova, size, end: iova + size, readable: change.readable!, writable: change.writable!, mapping: change.mapping ?? undefined, fileOffset: change.fileOffset!,
+        };
+        this.windows.splice(this.lowerBound(iova), 0, window);
+      }
+    }
   }
 
   /** First index whose iova is >= `iova`. */
@@ -183,19 +195,13 @@ export class DmaSpace extends GuestMemoryAccess {
   }
 }
 
-function overlaps(w: DmaWindow, iova: bigint, size: bigint): boolean {
-  return iova < w.end && w.iova < iova + size;
-}
-
-/**
- * Whether `req` repeats `w` exactly: the same range, permissions and file offset, and the same
- * file too (the same range backed by another file is a new mapping, not a repeat). The file is
- * looked up only here, so a map that overlaps nothing costs no fstat of its own.
- */
-function isRepeat(w: DmaWindow, req: MapRequest): boolean {
-  if (w.iova !== req.iova || w.size !== req.size || w.readable !== req.readable || w.writable !== req.writable || w.fileOffset !== req.fileOffset) {
-    return false;
+/** Runs a native table call, turning its refusal (an errno as the error's `code`) into the ProtocolError a reply carries. */
+function refused<T>(command: number, call: () => T): T {
+  try {
+    return call();
+  } catch (error) {
+    const errno = errnoOf(error);
+    if (errno === undefined) throw error;
+    throw new ProtocolError(errno, command, (error as Error).message);
   }
-  if (req.fd === undefined || w.mapping === undefined) return req.fd === undefined && w.mapping === undefined;
-  return w.mapping.file === native.fileIdentity(req.fd);
 }

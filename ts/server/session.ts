@@ -125,6 +125,11 @@ export class ServerSession {
     return this.channel.nativeReads;
   }
 
+  /** DMA_MAPs and DMA_UNMAPs answered natively, without entering JS. */
+  get dmaAnsweredNatively(): number {
+    return this.channel.nativeDma;
+  }
+
   /** Requests waiting their turn behind a pending handler (the order a client sees). */
   get requestsWaiting(): number {
     return this.requests.waitingCount;
@@ -211,6 +216,7 @@ export class ServerSession {
     const frame = SERVER_CAPABILITIES.maxDataXferSize + INITIAL_MAX_FRAME;
     this.channel.setMaxFrame(frame);
     this.answerNatively();
+    this.channel.setDmaTable(this.dma.table);
     // The twin socket travels as an fd: not to a client that takes none.
     const clientEnd = peer.capabilities.twinSocket.supported && peer.capabilities.maxMsgFds > 0 ? this.openTwin(frame) : undefined;
     // DMA_READ replies must fit our frame limit as well as the client's transfer limit.

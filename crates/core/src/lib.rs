@@ -6,10 +6,13 @@
 //! with SIGBUS-safe copies and dirty-page bitmaps for guest memory,
 //! asynchronous block I/O between files and that memory, and TAP interfaces
 //! for virtual NICs.
-//! Protocol semantics live in the TypeScript layer above.
+//! Protocol semantics live in the TypeScript layer above, except DMA_MAP and
+//! DMA_UNMAP, which the window table (`dma`) answers on the connection's own
+//! thread without a hop into JS.
 
 pub mod block;
 pub mod deadline;
+pub mod dma;
 pub mod dirty;
 pub mod doorbells;
 pub mod eventfd;

@@ -1,8 +1,10 @@
 //! `NativeConnection`: one framed vfio-user connection polled on the JS
 //! thread's loop. Each whole message goes to `onMessage(bytes, fds)`; a
-//! REGION_READ of a region whose bytes the device shares natively is
-//! answered here without entering JS, when that cannot reorder replies.
+//! REGION_READ of a region whose bytes the device shares natively, and
+//! DMA_MAP and DMA_UNMAP (the client's DMA window table), are answered here
+//! without entering JS, when that cannot reorder replies.
 
+use crate::dma::{NativeDmaTable, Table};
 use crate::js::{self, CallbackScope, Callbacks};
 use crate::regions::{NativeRegionReads, RegionReads};
 use crate::slab::Slab;
@@ -11,9 +13,10 @@ use napi::bindgen_prelude::*;
 use napi::sys;
 use napi_derive::napi;
 use std::cell::RefCell;
-use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use rustix::io::Errno;
+use vfio_user_core::dma::{DMA_MAP, DMA_UNMAP};
 use vfio_user_core::{FrameConnection, FramingError, ReadOutcome, HEADER_SIZE};
 
 /// Socket reads per wake-up before yielding to the rest of the loop; the poll
@@ -23,11 +26,15 @@ const BATCH: usize = 64;
 const REGION_READ: u16 = 9;
 /// A REGION_READ request: header plus offset, region and count.
 const REGION_READ_SIZE: usize = HEADER_SIZE + 16;
+/// Messages up to this size are kept on the stack, as they may be answered
+/// natively: REGION_READ (32 bytes), DMA_MAP (48), DMA_UNMAP (40), and the
+/// latter two with a somewhat larger argsz.
+const SMALL: usize = 64;
 
 /// What became of a message's bytes while they were read.
 enum Incoming {
-    /// Kept on the stack: it may be answered natively.
-    Small([u8; REGION_READ_SIZE]),
+    /// Kept on the stack (the first `len` bytes): it may be answered natively.
+    Small { bytes: [u8; SMALL], len: usize },
     /// Copied for JS: a view of `buffer`.
     Js { buffer: sys::napi_value, offset: usize, len: usize },
     /// Nobody listens any more (closed locally).
@@ -36,8 +43,9 @@ enum Incoming {
     NoMemory,
 }
 const REPLY: u32 = 1;
+const ERROR: u32 = 0x20;
 
-/// What became of a REGION_READ offered to the native path.
+/// What became of a message offered to the native path.
 enum Native {
     Answered,
     /// Not served natively: it goes to JS.
@@ -55,6 +63,9 @@ struct State {
     busy: u32,
     reads: Option<Rc<RefCell<RegionReads>>>,
     native_reads: u32,
+    /// The client's DMA window table, once DMA_MAP/UNMAP may be answered here.
+    dma: Option<Table>,
+    native_dma: u32,
     /// A local close waits for queued replies to drain first.
     closing: bool,
 }
@@ -110,6 +121,8 @@ impl NativeConnection {
                 busy: 0,
                 reads: None,
                 native_reads: 0,
+                dma: None,
+                native_dma: 0,
                 closing: false,
             }),
             js: RefCell::new(Some(callbacks)),
@@ -172,6 +185,14 @@ impl NativeConnection {
         self.conn.state.borrow_mut().reads = reads.map(|r| r.shared());
     }
 
+    /// The window table DMA_MAP and DMA_UNMAP are applied to without
+    /// entering JS; `null` sends them to JS (before negotiation, or while
+    /// messages are observed).
+    #[napi]
+    pub fn set_dma_table(&self, table: Option<&NativeDmaTable>) {
+        self.conn.state.borrow_mut().dma = table.map(|t| t.shared());
+    }
+
     #[napi]
     pub fn set_max_frame(&self, max_frame: u32) {
         if let Some(frames) = self.conn.state.borrow_mut().frames.as_mut() {
@@ -210,6 +231,12 @@ impl NativeConnection {
         self.conn.state.borrow().native_reads
     }
 
+    /// How many DMA_MAPs and DMA_UNMAPs were answered natively (for tests and stats).
+    #[napi(getter)]
+    pub fn native_dma(&self) -> u32 {
+        self.conn.state.borrow().native_dma
+    }
+
     #[napi(getter)]
     pub fn closed(&self) -> bool {
         self.conn.state.borrow().frames.is_none()
@@ -244,7 +271,7 @@ impl NativeConnection {
 }
 
 /// An Error for JS whose `code` is `errno` in decimal (JS names it).
-fn errno_error(errno: Errno, reason: &str) -> Error<String> {
+pub(crate) fn errno_error(errno: Errno, reason: &str) -> Error<String> {
     Error::new(errno.raw_os_error().to_string(), reason.to_string())
 }
 
@@ -330,11 +357,15 @@ impl Conn {
                     return;
                 }
                 let mut slab = self.slab.borrow_mut();
-                // A message the size of a REGION_READ may be answered here: keep
-                // it on the stack; anything else goes straight to a slab.
-                let take = |bytes: &[u8]| match <[u8; REGION_READ_SIZE]>::try_from(bytes) {
-                    Ok(small) => Incoming::Small(small),
-                    Err(_) => match scope.as_mut() {
+                // A small message may be answered here: keep it on the stack;
+                // anything else goes straight to a slab.
+                let take = |bytes: &[u8]| match bytes.len() <= SMALL {
+                    true => {
+                        let mut small = [0u8; SMALL];
+                        small[..bytes.len()].copy_from_slice(bytes);
+                        Incoming::Small { bytes: small, len: bytes.len() }
+                    }
+                    false => match scope.as_mut() {
                         Some(scope) => {
                             let env = scope.enter();
                             match slab.copy(env, bytes) {
@@ -359,20 +390,20 @@ impl Conn {
                 Ok(ReadOutcome::Closed) => return self.end(scope.as_mut(), js.map(|j| &**j), None),
                 Err(e) => return self.fail(scope.as_mut(), js.map(|j| &**j), e.into()),
             };
-            let no_fds = frame.fds.is_empty() && !frame.fds_truncated;
             let (Some(scope), Some(js)) = (scope.as_mut(), js) else { return };
-            if let (Incoming::Small(small), true) = (&frame.bytes, no_fds) {
-                match self.answer_natively(small) {
+            if let (Incoming::Small { bytes, len }, false) = (&frame.bytes, frame.fds_truncated) {
+                // The frame's fds are closed when it is dropped, answered or not here.
+                match self.answer_natively(&bytes[..*len], &frame.fds, scope) {
                     Native::Answered => continue,
                     Native::NotServed => {}
                     Native::Failed(failure) => return self.fail(Some(scope), Some(js), failure),
                 }
             }
             let copied = match frame.bytes {
-                Incoming::Small(small) => {
+                Incoming::Small { bytes, len } => {
                     let env = scope.enter();
-                    let copied = self.slab.borrow_mut().copy(env, &small);
-                    copied.map(|(buffer, offset)| (buffer, offset, small.len()))
+                    let copied = self.slab.borrow_mut().copy(env, &bytes[..len]);
+                    copied.map(|(buffer, offset)| (buffer, offset, len))
                 }
                 Incoming::Js { buffer, offset, len } => Some((buffer, offset, len)),
                 Incoming::NoMemory => None,
@@ -405,33 +436,23 @@ impl Conn {
         }
     }
 
-    /// Replies to a plain REGION_READ from shared region bytes, if the region
-    /// is served natively and no earlier message is still being handled.
-    fn answer_natively(&self, msg: &[u8; REGION_READ_SIZE]) -> Native {
+    /// Answers a message here if it is one the native path serves and no
+    /// earlier message is still being handled in JS.
+    fn answer_natively(&self, msg: &[u8], fds: &[OwnedFd], scope: &mut CallbackScope<'_>) -> Native {
         let mut state = self.state.borrow_mut();
         if state.busy > 0 {
             return Native::NotServed;
         }
-        let Some(reads) = state.reads.clone() else { return Native::NotServed };
-        let u16_at = |o: usize| u16::from_le_bytes([msg[o], msg[o + 1]]);
-        let u32_at = |o: usize| u32::from_le_bytes([msg[o], msg[o + 1], msg[o + 2], msg[o + 3]]);
         // A command (type 0) that wants a reply, with no error field set.
-        if u16_at(2) != REGION_READ || u32_at(8) != 0 || u32_at(12) != 0 {
+        if msg.len() < HEADER_SIZE || u32_at(msg, 8) != 0 || u32_at(msg, 12) != 0 {
             return Native::NotServed;
         }
-        let offset = u64::from(u32_at(16)) | u64::from(u32_at(20)) << 32;
-        let (region, count) = (u32_at(24), u32_at(28));
-        let mut reply = Vec::with_capacity(REGION_READ_SIZE);
-        reply.extend_from_slice(&msg[0..4]);
-        reply.extend_from_slice(&0u32.to_le_bytes()); // the size, once known
-        reply.extend_from_slice(&REPLY.to_le_bytes());
-        reply.extend_from_slice(&0u32.to_le_bytes());
-        reply.extend_from_slice(&msg[16..32]);
-        if !reads.borrow().read_into(region, offset, count, &mut reply) {
-            return Native::NotServed;
-        }
-        let size = reply.len() as u32;
-        reply[4..8].copy_from_slice(&size.to_le_bytes());
+        let reply = match u16::from_le_bytes([msg[2], msg[3]]) {
+            REGION_READ if fds.is_empty() => Self::region_read(&state, msg),
+            DMA_MAP | DMA_UNMAP => Self::dma(&state, msg, fds, scope),
+            _ => None,
+        };
+        let Some(reply) = reply else { return Native::NotServed };
         let Some(frames) = state.frames.as_mut() else { return Native::NotServed };
         match frames.send(&reply, &[]) {
             Ok(()) => {}
@@ -439,9 +460,57 @@ impl Conn {
             // Let the read side see the broken stream and report it.
             Err(_) => return Native::Answered,
         }
-        state.native_reads += 1;
+        if u16::from_le_bytes([msg[2], msg[3]]) == REGION_READ {
+            state.native_reads += 1;
+        } else {
+            state.native_dma += 1;
+        }
         state.watch();
         Native::Answered
+    }
+
+    /// The reply to a plain REGION_READ from shared region bytes, if the
+    /// region is served natively.
+    fn region_read(state: &State, msg: &[u8]) -> Option<Vec<u8>> {
+        if msg.len() != REGION_READ_SIZE {
+            return None;
+        }
+        let reads = state.reads.as_ref()?;
+        let offset = u64::from(u32_at(msg, 16)) | u64::from(u32_at(msg, 20)) << 32;
+        let (region, count) = (u32_at(msg, 24), u32_at(msg, 28));
+        let mut reply = reply_header(msg, 0);
+        reply.extend_from_slice(&msg[16..32]);
+        if !reads.borrow().read_into(region, offset, count, &mut reply) {
+            return None;
+        }
+        let size = reply.len() as u32;
+        reply[4..8].copy_from_slice(&size.to_le_bytes());
+        Some(reply)
+    }
+
+    /// The reply to a DMA_MAP or DMA_UNMAP, applied to the window table: its
+    /// payload, or the errno the table refused it with. A removed window's
+    /// views are detached before the reply exists.
+    fn dma(state: &State, msg: &[u8], fds: &[OwnedFd], scope: &mut CallbackScope<'_>) -> Option<Vec<u8>> {
+        let table = state.dma.as_ref()?;
+        let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|fd| fd.as_fd()).collect();
+        let command = u16::from_le_bytes([msg[2], msg[3]]);
+        let applied = table.borrow_mut().apply_message(command, &msg[HEADER_SIZE..], &fds, || {
+            scope.enter();
+        });
+        Some(match applied {
+            Ok(payload) => {
+                let mut reply = reply_header(msg, payload.len());
+                reply.extend_from_slice(&payload);
+                reply
+            }
+            Err(refusal) => {
+                let mut reply = reply_header(msg, 0);
+                reply[8..12].copy_from_slice(&(REPLY | ERROR).to_le_bytes());
+                reply[12..16].copy_from_slice(&(refusal.errno.raw_os_error() as u32).to_le_bytes());
+                reply
+            }
+        })
     }
 
     fn fail(&self, scope: Option<&mut CallbackScope<'_>>, js: Option<&Callbacks>, failure: Failure) {
@@ -472,5 +541,21 @@ impl Conn {
         }
         state.frames.take();
         state.reads = None;
+        state.dma = None;
     }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// A successful reply's header to the command `msg` starts with, for a
+/// payload of `payload` bytes.
+fn reply_header(msg: &[u8], payload: usize) -> Vec<u8> {
+    let mut reply = Vec::with_capacity(HEADER_SIZE + payload);
+    reply.extend_from_slice(&msg[0..4]);
+    reply.extend_from_slice(&((HEADER_SIZE + payload) as u32).to_le_bytes());
+    reply.extend_from_slice(&REPLY.to_le_bytes());
+    reply.extend_from_slice(&0u32.to_le_bytes());
+    reply
 }

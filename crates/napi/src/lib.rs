@@ -4,6 +4,7 @@
 pub mod bench;
 mod block;
 mod connection;
+mod dma;
 mod doorbells;
 mod eventfd_watch;
 mod js;

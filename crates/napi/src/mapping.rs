@@ -19,18 +19,102 @@ use vfio_user_core::{Mapping, MappingError, Protection, DIRTY_PAGE_SIZE};
 /// long as it uses it (the munmap waits for them).
 pub(crate) type Shared = Rc<RefCell<Option<Arc<Mapping>>>>;
 
-#[napi]
-pub struct NativeMapping {
+/// A mapping and the buffers handed out over it: what a DMA window holds in
+/// the native window table, and what every `NativeMapping` object made for
+/// that window shares, so that an unmap from either side detaches the views.
+#[derive(Clone)]
+pub(crate) struct Backed {
     mapping: Shared,
+    views: Rc<RefCell<Views>>,
     size: f64,
     /// Device and inode of the file mapped, kept past unmap.
     file: (u64, u64),
-    /// Weak references to every buffer handed out, to detach them on unmap.
-    views: Vec<Tracked>,
-    /// `views` is pruned of collected buffers when it grows to this length:
+}
+
+impl Backed {
+    pub(crate) fn new(env: sys::napi_env, mapping: Mapping) -> Self {
+        let (size, file) = (mapping.len() as f64, mapping.file_identity());
+        Backed {
+            mapping: Rc::new(RefCell::new(Some(Arc::new(mapping)))),
+            views: Rc::new(RefCell::new(Views { env, tracked: Vec::new(), prune_at: MIN_PRUNE_AT })),
+            size,
+            file,
+        }
+    }
+
+    /// Whether buffers are out over the mapping: detaching them takes N-API
+    /// calls, so a caller outside any N-API call opens a handle scope first.
+    pub(crate) fn has_views(&self) -> bool {
+        !self.views.borrow().tracked.is_empty()
+    }
+
+    /// Detaches every view, then unmaps (once native users let go: see
+    /// `Shared`). Idempotent.
+    pub(crate) fn unmap(&self) {
+        self.views.borrow_mut().detach_all();
+        self.mapping.borrow_mut().take();
+    }
+}
+
+impl vfio_user_core::dma::Backing for Backed {
+    fn file_identity(&self) -> (u64, u64) {
+        self.file
+    }
+}
+
+/// Weak references to every buffer handed out over one mapping, to detach
+/// them on unmap.
+struct Views {
+    env: sys::napi_env,
+    tracked: Vec<Tracked>,
+    /// `tracked` is pruned of collected buffers when it grows to this length:
     /// pruning on every view made each one cost O(live views).
     prune_at: usize,
-    env: sys::napi_env,
+}
+
+impl Views {
+    fn detach_all(&mut self) {
+        for Tracked { weak, .. } in self.tracked.drain(..) {
+            let mut value = null_mut();
+            // SAFETY: weak refs created in `external()`, on this thread, inside a handle scope.
+            unsafe {
+                sys::napi_get_reference_value(self.env, weak, &mut value);
+                if !value.is_null() {
+                    sys::napi_detach_arraybuffer(self.env, value);
+                }
+                sys::napi_delete_reference(self.env, weak);
+            }
+        }
+    }
+
+    fn prune(&mut self) {
+        let env = self.env;
+        self.tracked.retain(|&Tracked { weak, .. }| {
+            let mut value = null_mut();
+            // SAFETY: weak refs created in `external()`, on this thread.
+            unsafe { sys::napi_get_reference_value(env, weak, &mut value) };
+            if value.is_null() {
+                // SAFETY: the buffer is collected; its reference is deleted once, here.
+                unsafe { sys::napi_delete_reference(env, weak) };
+            }
+            !value.is_null()
+        });
+    }
+}
+
+impl Drop for Views {
+    fn drop(&mut self) {
+        // Views still alive keep the memory mapped through their own count.
+        for Tracked { weak, .. } in self.tracked.drain(..) {
+            // SAFETY: the last owner goes on the JS thread (a finalizer or an N-API call), with a live env.
+            unsafe { sys::napi_delete_reference(self.env, weak) };
+        }
+    }
+}
+
+#[napi]
+pub struct NativeMapping {
+    backed: Backed,
 }
 
 /// A buffer handed out: a weak reference to it, and for a user view its
@@ -67,35 +151,39 @@ impl NativeMapping {
         // SAFETY: the caller keeps fd open for the duration of the call.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
         let mapping = Mapping::new(fd, offset, size, Protection { read: readable, write: writable }).map_err(mapping_error)?;
-        let file = mapping.file_identity();
-        Ok(NativeMapping { mapping: Rc::new(RefCell::new(Some(Arc::new(mapping)))), size: size as f64, file, views: Vec::new(), prune_at: MIN_PRUNE_AT, env: env.raw() })
+        Ok(NativeMapping { backed: Backed::new(env.raw(), mapping) })
+    }
+
+    /// Another handle on a window the native table mapped.
+    pub(crate) fn of(backed: &Backed) -> Self {
+        NativeMapping { backed: backed.clone() }
     }
 
     /// Which file is mapped, as "device:inode" (the form `fileIdentity(fd)` gives).
     #[napi(getter)]
     pub fn file(&self) -> String {
-        crate::identity_string(self.file)
+        crate::identity_string(self.backed.file)
     }
 
     #[napi(getter)]
     pub fn size(&self) -> f64 {
-        self.size
+        self.backed.size
     }
 
     /// The mapping, or none once unmapped, for native readers to check.
     pub(crate) fn shared(&self) -> Shared {
-        self.mapping.clone()
+        self.backed.mapping.clone()
     }
 
     #[napi(getter)]
     pub fn mapped(&self) -> bool {
-        self.mapping.borrow().is_some()
+        self.backed.mapping.borrow().is_some()
     }
 
     /// Copies `length` bytes at `offset` into a new Buffer.
     #[napi]
     pub fn read(&self, offset: f64, length: u32) -> Result<Buffer> {
-        let guard = self.mapping.borrow();
+        let guard = self.backed.mapping.borrow();
         let m = guard.as_ref().ok_or_else(unmapped)?;
         let mut out = vec![0u8; length as usize];
         m.read_at(offset_of(offset)?, &mut out).map_err(mapping_error)?;
@@ -105,7 +193,7 @@ impl NativeMapping {
     /// Copies `data` to `offset`.
     #[napi]
     pub fn write(&self, offset: f64, data: Uint8ArraySlice<'_>) -> Result<()> {
-        let guard = self.mapping.borrow();
+        let guard = self.backed.mapping.borrow();
         let m = guard.as_ref().ok_or_else(unmapped)?;
         let (ptr, len) = raw_bytes(&data);
         // SAFETY: the typed array's bytes stay valid while JS waits for this call.
@@ -139,7 +227,7 @@ impl NativeMapping {
     #[napi]
     pub fn copy_to(&self, offset: f64, target: &NativeMapping, target_offset: f64, length: u32) -> i32 {
         let Ok(to_offset) = offset_of(target_offset) else { return EFAULT };
-        let to_guard = target.mapping.borrow();
+        let to_guard = target.backed.mapping.borrow();
         let Some(to) = to_guard.as_ref() else { return EFAULT };
         self.with(offset, |m, at| m.copy_to(at, to, to_offset, length as usize))
     }
@@ -152,8 +240,9 @@ impl NativeMapping {
     pub fn dirty_scan(&mut self, offset: f64, length: f64, clear: bool, mut report: BigUint64ArraySlice<'_>, bit: f64) -> Result<()> {
         // SAFETY: JS cannot run during the scan.
         let report = unsafe { report.as_mut() };
-        self.prune_views();
-        let guard = self.mapping.borrow();
+        let mut views = self.backed.views.borrow_mut();
+        views.prune();
+        let guard = self.backed.mapping.borrow();
         let m = guard.as_ref().ok_or_else(unmapped)?;
         let (offset, length, bit) = (offset_of(offset)?, offset_of(length)?, offset_of(bit)?);
         if offset % DIRTY_PAGE_SIZE != 0 || length % DIRTY_PAGE_SIZE != 0 {
@@ -164,7 +253,7 @@ impl NativeMapping {
             return Err(Error::new(Status::InvalidArg, "the report is too small for the range"));
         }
         // Views still alive may have been stored through since the last scan.
-        for (start, len) in self.views.iter().filter_map(|v| v.dirty) {
+        for (start, len) in views.tracked.iter().filter_map(|v| v.dirty) {
             let (lo, hi) = (start.max(offset), (start + len).min(offset + length));
             if lo < hi {
                 m.dirty().mark(lo, hi - lo);
@@ -175,7 +264,7 @@ impl NativeMapping {
     }
 
     fn with(&self, offset: f64, copy: impl FnOnce(&Mapping, u64) -> std::result::Result<(), MappingError>) -> i32 {
-        let guard = self.mapping.borrow();
+        let guard = self.backed.mapping.borrow();
         let (Some(m), Ok(at)) = (guard.as_ref(), offset_of(offset)) else { return EFAULT };
         match copy(m, at) {
             Ok(()) => 0,
@@ -191,7 +280,7 @@ impl NativeMapping {
     /// is detached or collected.
     #[napi(ts_return_type = "ArrayBuffer")]
     pub fn view(&mut self, env: Env, offset: f64, length: f64) -> Result<Unknown<'_>> {
-        let guard = self.mapping.borrow();
+        let guard = self.backed.mapping.borrow();
         let m = guard.as_ref().ok_or_else(unmapped)?;
         if !m.protection().write || !m.protection().read {
             return Err(Error::new(Status::GenericFailure, "views need a readable and writable mapping"));
@@ -213,7 +302,7 @@ impl NativeMapping {
     /// Whether the backing file was sealed against shrinking when mapped.
     #[napi(getter)]
     pub fn size_sealed(&self) -> bool {
-        self.mapping.borrow().as_ref().is_some_and(|m| m.size_sealed())
+        self.backed.mapping.borrow().as_ref().is_some_and(|m| m.size_sealed())
     }
 
     /// For the library's own copies: the whole mapping and its dirty bitmap
@@ -225,7 +314,7 @@ impl NativeMapping {
     #[napi(ts_return_type = "{ bytes: ArrayBuffer; dirty: ArrayBuffer } | null")]
     pub fn fast_access(&mut self, env: Env) -> Result<Unknown<'_>> {
         let raw = env.raw();
-        let guard = self.mapping.borrow();
+        let guard = self.backed.mapping.borrow();
         let m = guard.as_ref().ok_or_else(unmapped)?;
         // Windows too large for one ArrayBuffer keep the native copies.
         let usable = m.size_sealed() && m.protection().read && m.protection().write && m.len() <= MAX_EXTERNAL;
@@ -259,7 +348,7 @@ impl NativeMapping {
         if len > MAX_EXTERNAL {
             return Err(Error::new(Status::InvalidArg, format!("{len} bytes exceed the {MAX_EXTERNAL}-byte ArrayBuffer limit; view a smaller window")));
         }
-        let hint = Box::into_raw(Box::new(self.mapping.clone()));
+        let hint = Box::into_raw(Box::new(self.backed.mapping.clone()));
         let mut value = null_mut();
         // SAFETY: `ptr` covers `len` bytes of a live mapping, which `hint` (a
         // count on the mapping) keeps mapped until the finalizer frees it.
@@ -274,46 +363,22 @@ impl NativeMapping {
             // a copy would silently lose device writes, so refuse instead.
             return Err(Error::new(Status::GenericFailure, "this runtime refuses external ArrayBuffers; zero-copy views are unavailable"));
         }
-        if self.views.len() >= self.prune_at {
-            self.prune_views();
-            self.prune_at = MIN_PRUNE_AT.max(2 * self.views.len());
+        let mut views = self.backed.views.borrow_mut();
+        if views.tracked.len() >= views.prune_at {
+            views.prune();
+            views.prune_at = MIN_PRUNE_AT.max(2 * views.tracked.len());
         }
         let mut weak = null_mut();
         // SAFETY: `value` is live in the current scope; a weak reference (count 0).
         check(unsafe { sys::napi_create_reference(raw, value, 0, &mut weak) }, "napi_create_reference")?;
-        self.views.push(Tracked { weak, dirty });
+        views.tracked.push(Tracked { weak, dirty });
         Ok(value)
     }
 
     /// Detaches every view, then unmaps. Idempotent.
     #[napi]
     pub fn unmap(&mut self) {
-        for Tracked { weak, .. } in self.views.drain(..) {
-            let mut value = null_mut();
-            // SAFETY: weak refs created in view(), on this thread.
-            unsafe {
-                sys::napi_get_reference_value(self.env, weak, &mut value);
-                if !value.is_null() {
-                    sys::napi_detach_arraybuffer(self.env, value);
-                }
-                sys::napi_delete_reference(self.env, weak);
-            }
-        }
-        self.mapping.borrow_mut().take();
-    }
-
-    fn prune_views(&mut self) {
-        let env = self.env;
-        self.views.retain(|&Tracked { weak, .. }| {
-            let mut value = null_mut();
-            // SAFETY: weak refs created in view(), on this thread.
-            unsafe { sys::napi_get_reference_value(env, weak, &mut value) };
-            if value.is_null() {
-                // SAFETY: the buffer is collected; its reference is deleted once, here.
-                unsafe { sys::napi_delete_reference(env, weak) };
-            }
-            !value.is_null()
-        });
+        self.backed.unmap();
     }
 }
 
@@ -349,14 +414,4 @@ fn unmapped() -> Error {
 unsafe extern "C" fn release_view(_env: sys::napi_env, _data: *mut std::ffi::c_void, hint: *mut std::ffi::c_void) {
     // SAFETY: `hint` is the Box `external()` leaked for this buffer; V8 finalizes a buffer once.
     drop(unsafe { Box::from_raw(hint.cast::<Shared>()) });
-}
-
-impl Drop for NativeMapping {
-    fn drop(&mut self) {
-        // Views still alive keep the memory mapped through their own count.
-        for Tracked { weak, .. } in self.views.drain(..) {
-            // SAFETY: finalizers run on the JS thread with a live env.
-            unsafe { sys::napi_delete_reference(self.env, weak) };
-        }
-    }
 }
