@@ -139,7 +139,7 @@ describe('histogram', () => {
     // The second row's samples are twice the first's: on a log axis its bars sit log10(2) of a decade further right.
     const shift = rows[1][0].x - rows[0][0].x;
     expect(shift).toBeGreaterThan(0);
-    expect(texts(svg)).toEqual(expect.arrayContaining(['n 1 001, 2 none', 'fetched', 'posted']));
+    expect(texts(svg)).toEqual(expect.arrayContaining(['n 1 001 (+2 unmeasured)', 'fetched', 'posted']));
   });
 
   test('the median and p99 are marked where the samples put them', () => {

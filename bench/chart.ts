@@ -147,7 +147,7 @@ export function stackedBars(chart: StackedBars): string {
 
 export interface SampleRow {
   label: string;
-  /** Non-finite samples (a stage a command did not reach) are left out, and counted apart. */
+  /** Non-finite samples (a stage not measured for that command) are left out, and counted apart. */
   samples: readonly number[];
 }
 
@@ -179,7 +179,7 @@ export function histogram(chart: Histogram): string {
   const lo = positive.length ? 10 ** Math.floor(Math.log10(least)) : 1;
   const hi = Math.max(lo * 10, positive.length ? 10 ** (Math.ceil(Math.log10(most) * 4) / 4) : 0);
   const edges = logEdges(lo, hi, BINS_PER_DECADE);
-  const counts = rows.map((r) => `n ${format(r.samples.length)}` + (r.left ? `, ${format(r.left)} none` : ''));
+  const counts = rows.map((r) => `n ${format(r.samples.length)}` + (r.left ? ` (+${format(r.left)} unmeasured)` : ''));
   const left = PAD + textWidth([...counts, ...rows.map((r) => r.label)]) + 8;
   const right = WIDTH - PAD - 8;
   const x = logScale(lo, hi, left, right);

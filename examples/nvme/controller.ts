@@ -421,7 +421,7 @@ export class NvmeController extends PciDevice {
    * ioeventfd kick before Doorbell Buffer Config) has nothing to act on.
    */
   private rang(rings: readonly Ring[]): void {
-    this.trace?.batch();
+    this.trace?.batch(this.doorbells.source.lastBatchSeenAt);
     this.owed = new Set();
     try {
       for (const heads of [true, false]) {

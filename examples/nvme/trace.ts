@@ -1,14 +1,18 @@
 /**
  * Where a command's time goes: for each command, the microseconds from the
- * batch of doorbells that brought it (delivered to JS) to each stage: entry
- * fetched, I/O submitted (the command handed to the store), I/O done,
- * completion posted, interrupt signalled. `DEBUG=vfio-user:nvme` prints one
- * line per command to stderr; `npm run bench` collects the figures instead
- * (`samples`).
+ * moment its doorbell was seen to each stage: the batch of doorbells that
+ * brought it delivered to JS ("seen": the doorbell's way from native
+ * detection to JS), entry fetched, I/O submitted (the command handed to the
+ * store), I/O done, completion posted, interrupt signalled. A doorbell found
+ * in watched memory (a mapped page, a shadow page) is seen when native code
+ * finds it (`DoorbellSource#lastBatchSeenAt`); a trapped write or a kick is
+ * seen as it is delivered, so its times start at delivery and it has no
+ * "seen" figure (NaN). `DEBUG=vfio-user:nvme` prints one line per command to
+ * stderr; `npm run bench` collects the figures instead (`samples`).
  */
 import { debugRequested } from 'vfio-user';
 
-export const STAGES = ['fetched', 'submitted', 'done', 'posted', 'interrupted'] as const;
+export const STAGES = ['seen', 'fetched', 'submitted', 'done', 'posted', 'interrupted'] as const;
 export type Stage = (typeof STAGES)[number];
 
 /** The DEBUG name that turns the per-command trace on. */
@@ -18,7 +22,7 @@ interface Traced {
   sq: number;
   cid: number;
   opcode: number;
-  /** performance.now() of the command's doorbell batch. */
+  /** performance.now() of the moment the command's doorbell was seen. */
   start: number;
   times: Partial<Record<Stage, number>>;
 }
@@ -27,9 +31,12 @@ interface Traced {
 const MAX_SAMPLES = 1 << 18;
 
 export class CommandTrace {
-  /** Microseconds from the doorbell batch, per stage, for every command traced. */
-  readonly samples: Record<Stage, number[]> = { fetched: [], submitted: [], done: [], posted: [], interrupted: [] };
+  /** Microseconds from the doorbell seen, per stage, for every command traced (NaN: a stage not measured). */
+  readonly samples: Record<Stage, number[]> = { seen: [], fetched: [], submitted: [], done: [], posted: [], interrupted: [] };
+  /** performance.now() of the moment the current batch's doorbell was seen. */
   private start = 0;
+  /** Microseconds the current batch took from native detection to JS (NaN: seen on delivery). */
+  private seen = NaN;
   /** Commands fetched and not yet posted, by SQ and command ID. */
   private readonly running = new Map<number, Traced>();
   /** Posted completions waiting for their CQ's interrupt, by CQ. */
@@ -42,14 +49,20 @@ export class CommandTrace {
     return debugRequested(process.env.DEBUG, TRACE_NAME) ? new CommandTrace((line) => process.stderr.write(`${line}\n`)) : undefined;
   }
 
-  /** A batch of doorbells reached the controller (or it went on with queues it held). */
-  batch(): void {
-    this.start = performance.now();
+  /**
+   * A batch of doorbells reached the controller, first seen natively at
+   * `seenAt` (performance.now() time); NaN for a batch seen on delivery, or
+   * when the controller goes on with queues it held.
+   */
+  batch(seenAt = NaN): void {
+    const now = performance.now();
+    this.start = Number.isFinite(seenAt) ? seenAt : now;
+    this.seen = Number.isFinite(seenAt) ? (now - seenAt) * 1000 : NaN;
   }
 
   fetched(sq: number, cid: number, opcode: number): void {
     // A host may reuse an ID whose command it gave up on: the newest counts.
-    this.running.set(key(sq, cid), { sq, cid, opcode, start: this.start, times: { fetched: (performance.now() - this.start) * 1000 } });
+    this.running.set(key(sq, cid), { sq, cid, opcode, start: this.start, times: { seen: this.seen, fetched: (performance.now() - this.start) * 1000 } });
   }
 
   submitted(sq: number, cid: number): void {
@@ -82,7 +95,9 @@ export class CommandTrace {
         const s = this.samples[stage];
         if (s.length < MAX_SAMPLES) s.push(c.times[stage] ?? NaN);
       }
-      this.print?.(`${TRACE_NAME}: sq ${c.sq} cid ${c.cid} opcode 0x${c.opcode.toString(16)}: ${STAGES.map((stage) => `${stage} +${(c.times[stage] ?? NaN).toFixed(1)}`).join(', ')} µs from its doorbell batch`);
+      const stages = STAGES.filter((stage) => Number.isFinite(c.times[stage]));
+      const from = Number.isFinite(c.times.seen) ? 'its doorbell seen' : 'its doorbell batch reaching JS';
+      this.print?.(`${TRACE_NAME}: sq ${c.sq} cid ${c.cid} opcode 0x${c.opcode.toString(16)}: ${stages.map((stage) => `${stage} +${c.times[stage]!.toFixed(1)}`).join(', ')} µs from ${from}`);
     }
   }
 
