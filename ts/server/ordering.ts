@@ -7,8 +7,9 @@
  * follow it:
  *
  * 1. The native connection (crates/napi/src/connection.rs) answers a
- *    REGION_READ of a natively shared region itself, without entering JS,
- *    but only while its `busy` count is 0. `busy` mirrors this queue: every
+ *    REGION_READ of a natively shared region, and DMA_MAP and DMA_UNMAP
+ *    (from the native window table, crates/core/src/dma.rs), itself,
+ *    without entering JS, but only while its `busy` count is 0. `busy` mirrors this queue: every
  *    `receive()` that returns true (a message deferred: running or waiting
  *    here) adds one, and every `channel.done()` takes one away. So while
  *    anything runs or waits here, every message comes to JS and waits in
