@@ -416,11 +416,13 @@ function setFeatures(ctrl: NvmeController, command: Command): number | Promise<n
       if (vector >= VECTORS || (value >>> 17) !== 0) return Status.INVALID_FIELD;
       if (value & COALESCING_DISABLED) features.coalescingDisabled = (features.coalescingDisabled | (1 << vector)) >>> 0;
       else features.coalescingDisabled = (features.coalescingDisabled & ~(1 << vector)) >>> 0;
+      ctrl.coalescingChanged();
       return Status.SUCCESS;
     }
   }
   if ((value & ~FEATURE_BITS.get(fid)!) !== 0) return Status.INVALID_FIELD;
   features.values.set(fid, value);
+  if (fid === Feature.INTERRUPT_COALESCING) ctrl.coalescingChanged();
   // Turning the write cache off writes back what it holds before the command completes.
   if (fid === Feature.VOLATILE_WRITE_CACHE && value === 0) return ctrl.store.flush().then(() => Status.SUCCESS);
   return Status.SUCCESS;
@@ -441,7 +443,7 @@ function getLogPage(ctrl: NvmeController, command: Command): number {
   const lid = command.dw(10) & 0xff;
   const length = ((command.dw(11) & 0xffff) * 0x10000 + (command.dw(10) >>> 16) + 1) * 4;
   checkTransfer(length);
-  const offset = command.bytes.readBigUInt64LE(48);
+  const offset = command.dw12_13;
   if (offset % 4n !== 0n) return Status.INVALID_FIELD;
   let page: Buffer;
   switch (lid) {

@@ -40,6 +40,7 @@ export class CommandError extends Error {
 }
 
 export const PAGE_SIZE = 4096;
+const SQ_ENTRY_BYTES = 64;
 const PAGE = BigInt(PAGE_SIZE);
 const PRP_ENTRY = 8;
 /** MDTS 7: at most 2^7 pages (512 KiB) per command, in units of CAP.MPSMIN (4 KiB). */
@@ -51,25 +52,38 @@ export function checkTransfer(length: number): void {
   if (length > MAX_TRANSFER) throw new CommandError(Status.INVALID_FIELD, `${length} bytes is past MDTS (${MAX_TRANSFER})`);
 }
 
-/** A submission queue entry, decoded in place; one is reused for every fetch. */
+/**
+ * A submission queue entry, decoded in place where its queue read it ahead
+ * (`load`); one is reused for every command.
+ */
 export class Command {
-  readonly bytes = Buffer.alloc(64);
+  private bytes: Buffer = Buffer.alloc(SQ_ENTRY_BYTES);
+  private at = 0;
   /** Completion dword 0, set by handlers that return a value. */
   result = 0;
 
-  get opcode(): number { return this.bytes[0]; }
+  /** Decodes the entry at byte `at` of `entries` from now on. */
+  load(entries: Buffer, at: number): void {
+    this.bytes = entries;
+    this.at = at;
+    this.result = 0;
+  }
+
+  get opcode(): number { return this.bytes[this.at]; }
   /** PSDT: 0 for PRPs; SGLs are not supported. */
-  get dataTransfer(): number { return this.bytes[1] >> 6; }
+  get dataTransfer(): number { return this.bytes[this.at + 1] >> 6; }
   /** FUSE: 0 for a command on its own; fused operations are not supported. */
-  get fused(): number { return this.bytes[1] & 3; }
-  get cid(): number { return this.bytes.readUInt16LE(2); }
-  get nsid(): number { return this.bytes.readUInt32LE(4); }
-  get prp1(): bigint { return this.bytes.readBigUInt64LE(24); }
-  get prp2(): bigint { return this.bytes.readBigUInt64LE(32); }
+  get fused(): number { return this.bytes[this.at + 1] & 3; }
+  get cid(): number { return this.bytes.readUInt16LE(this.at + 2); }
+  get nsid(): number { return this.bytes.readUInt32LE(this.at + 4); }
+  get prp1(): bigint { return this.bytes.readBigUInt64LE(this.at + 24); }
+  get prp2(): bigint { return this.bytes.readBigUInt64LE(this.at + 32); }
+  /** PRP1 as a number (guest addresses past 2^53 lose bits: checked against the DMA windows as a bigint later). */
+  get prp1Low(): number { return this.bytes.readUInt32LE(this.at + 24); }
   /** Command dwords 10-15. */
-  dw(n: 10 | 11 | 12 | 13 | 14 | 15): number { return this.bytes.readUInt32LE(4 * n); }
-  /** Dwords 10 and 11 as one 64-bit value (a starting LBA). */
-  get dw10_11(): bigint { return this.bytes.readBigUInt64LE(40); }
+  dw(n: 10 | 11 | 12 | 13 | 14 | 15): number { return this.bytes.readUInt32LE(this.at + 4 * n); }
+  /** Dwords 12 and 13 as one 64-bit value (Get Log Page's offset). */
+  get dw12_13(): bigint { return this.bytes.readBigUInt64LE(this.at + 48); }
 }
 
 /** FUSE and PSDT (byte 1): fused operations and SGLs are not supported (FUSES, SGLS clear): Invalid Field. */
@@ -100,26 +114,15 @@ export interface Segment {
  */
 export function prpSegments(dma: DmaSpace, command: Command, length: number): Segment[] {
   checkTransfer(length);
-  const prp1 = command.prp1;
-  if ((prp1 & 3n) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, 'PRP1 is not dword aligned');
-  const segments: Segment[] = [];
-  const add = (iova: bigint, n: number) => {
-    const last = segments[segments.length - 1];
-    if (last && last.iova + BigInt(last.length) === iova) last.length += n;
-    else segments.push({ iova, length: n });
-  };
-  const first = Math.min(length, PAGE_SIZE - Number(prp1 & (PAGE - 1n)));
-  add(prp1, first);
+  // Offsets and alignment are in the low dword: no bigint arithmetic for them.
+  const low = command.prp1Low;
+  if ((low & 3) !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, 'PRP1 is not dword aligned');
+  const first = Math.min(length, PAGE_SIZE - (low & (PAGE_SIZE - 1)));
+  const segments: Segment[] = [{ iova: command.prp1, length: first }];
   let left = length - first;
   if (left === 0) return segments;
-  const page = (entry: bigint) => {
-    if ((entry & (PAGE - 1n)) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, `PRP entry 0x${entry.toString(16)} has an offset`);
-    const n = Math.min(left, PAGE_SIZE);
-    add(entry, n);
-    left -= n;
-  };
   if (left <= PAGE_SIZE) {
-    page(command.prp2);
+    addPage(segments, command.prp2, left);
     return segments;
   }
   let list = command.prp2;
@@ -128,14 +131,24 @@ export function prpSegments(dma: DmaSpace, command: Command, length: number): Se
     const slots = (PAGE_SIZE - Number(list & (PAGE - 1n))) / PRP_ENTRY;
     const pages = Math.ceil(left / PAGE_SIZE);
     const entries = dmaRead(dma, list, PRP_ENTRY * Math.min(slots, pages));
-    if (pages <= slots) {
-      for (let i = 0; i < pages; i++) page(entries.readBigUInt64LE(PRP_ENTRY * i));
-      return segments;
+    const data = pages <= slots ? pages : slots - 1;
+    for (let i = 0; i < data; i++) {
+      const n = Math.min(left, PAGE_SIZE);
+      addPage(segments, entries.readBigUInt64LE(PRP_ENTRY * i), n);
+      left -= n;
     }
-    for (let i = 0; i < slots - 1; i++) page(entries.readBigUInt64LE(PRP_ENTRY * i));
+    if (pages <= slots) return segments;
     list = entries.readBigUInt64LE(PRP_ENTRY * (slots - 1));
     if ((list & (PAGE - 1n)) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, `the chained PRP list 0x${list.toString(16)} does not start a page`);
   }
+}
+
+/** Adds a data page (`n` bytes of it) to `segments`, merged with the last one when adjacent; PRP Offset Invalid unless it starts a page. */
+function addPage(segments: Segment[], entry: bigint, n: number): void {
+  if ((entry & (PAGE - 1n)) !== 0n) throw new CommandError(Status.PRP_OFFSET_INVALID, `PRP entry 0x${entry.toString(16)} has an offset`);
+  const last = segments[segments.length - 1];
+  if (last.iova + BigInt(last.length) === entry) last.length += n;
+  else segments.push({ iova: entry, length: n });
 }
 
 /** Reads guest memory for the controller; a PRP or ring outside guest memory is a Data Transfer Error. */

@@ -20,11 +20,12 @@
  */
 import { randomBytes } from 'node:crypto';
 import { BlockIoError, Errno, PciDevice, UsageError, type DoorbellStats, type Ring } from 'vfio-user';
-import { AsyncEvent, AsyncEvents, executeAdmin, Features, LogPage, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VECTORS, VENDOR_ID, type ErrorEntry } from './admin.js';
+import { AsyncEvent, AsyncEvents, executeAdmin, Feature, Features, LogPage, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VECTORS, VENDOR_ID, type ErrorEntry } from './admin.js';
+import { InterruptCoalescing } from './coalescing.js';
 import { Command, CommandError, DEFERRED, isDmaError, Status } from './command.js';
-import { BLOCK_SIZE, executeIo } from './io.js';
+import { BLOCK_SIZE, countTransfer, executeIo, type Outcome } from './io.js';
 import { DOORBELLS, Doorbells, SHADOW, type DoorbellMode } from './doorbells.js';
-import { CompletionQueue, SubmissionQueue } from './queues.js';
+import { BATCH, CompletionQueue, SQ_ENTRY, SubmissionQueue } from './queues.js';
 import { ShadowDoorbells } from './shadow.js';
 import { CommandTrace } from './trace.js';
 import { parseState, STATE_VERSION, type SavedState } from './state.js';
@@ -62,12 +63,6 @@ const CSTS_BITS = 0x1f;
  * MPSMIN = MPSMAX = 4 KiB.
  */
 const CAP = BigInt(MAX_QUEUE_ENTRIES - 1) | (1n << 16n) | (2n << 24n) | (1n << 36n) | (1n << 37n);
-/**
- * Commands one queue runs before the controller lets the event loop turn:
- * a host that keeps its SQ full (or keeps moving its shadow tail) cannot
- * hold the process; the rest run on the next turn.
- */
-const BATCH = 64;
 /** Error Information entries kept (the log shows the newest 16). */
 const ERRORS_KEPT = 64;
 
@@ -122,8 +117,15 @@ export class NvmeController extends PciDevice {
   private inFlight = 0;
   /** Called once nothing waits for the store (migration's stop, shutdown, resets). */
   private idleWaiters: (() => void)[] = [];
-  /** CQs that got completions in this batch, interrupted once it is posted. */
+  /** CQs that got completions from the store in this batch, posted and interrupted together once it is in. */
   private readonly finished = new Set<CompletionQueue>();
+  /** Commands waiting for the store, and spare ones to reuse (no allocation per command). */
+  private readonly spareWaits: StoreWait[] = [];
+  private readonly coalescing: InterruptCoalescing;
+  /** Per vector, completions posted in the batch being signalled. */
+  private readonly postedPerVector = new Uint16Array(VECTORS);
+  /** Runs once the store's completions that arrived together are in. */
+  private readonly postFinishedLater = (): void => this.context.run(() => this.postFinished());
 
   constructor(options: NvmeOptions) {
     const mode = options.doorbells ?? 'mmap';
@@ -159,7 +161,12 @@ export class NvmeController extends PciDevice {
         saveState: () => this.saveState(),
         loadState: (data) => this.loadState(data),
         // Commands already running finish (and post) before the state is saved.
-        stop: () => this.idle(),
+        stop: async () => {
+          await this.idle();
+          // The last completions are posted now and no interrupt stays held: the saved state has them all.
+          this.postFinished();
+          this.coalescing.releaseAll();
+        },
         // Doorbells are watched again (a destination starts with none), and held ones picked up once the library lets interrupts through again.
         start: () => void this.context.setImmediate(() => {
           if (this.attached) this.shadowAccess(() => this.doorbells.useShadow(this.shadow, this.dma, this.queueDoorbells()));
@@ -173,6 +180,7 @@ export class NvmeController extends PciDevice {
     this.offersShadowDoorbells = offersShadowDoorbells;
     this.doorbells = new Doorbells(mode, this.bar(0), this.context);
     this.doorbells.onRing((rings) => this.rang(rings));
+    this.coalescing = new InterruptCoalescing(this.context, (vector) => this.signal(vector));
     this.serial = (options.serial ?? randomBytes(6).toString('hex')).slice(0, 20);
     this.nguid = Buffer.concat([Buffer.from('vfio-user'), Buffer.from(this.serial.padEnd(7, ' ').slice(0, 7))]);
   }
@@ -311,6 +319,7 @@ export class NvmeController extends PciDevice {
     // Work scheduled for queues that are gone (and dropped, if the device failed).
     this.resumable.clear();
     this.finished.clear();
+    this.coalescing.reset();
     this.updateLevel();
     // A host that enabled the controller again meanwhile (it should have waited) keeps it ready.
     return this.idle()?.then(() => {
@@ -415,10 +424,11 @@ export class NvmeController extends PciDevice {
 
   /**
    * A batch of doorbells: CQ heads first (a full CQ the host drained lets
-   * its SQs go on), then SQ tails; each CQ that got completions is
-   * interrupted once, at the end. A shadowed doorbell's value is read from
-   * the shadow page now, whatever rang; a ring with no value otherwise (an
-   * ioeventfd kick before Doorbell Buffer Config) has nothing to act on.
+   * its SQs go on), then SQ tails; each CQ that got completions has them
+   * posted together and is interrupted once, at the end. A shadowed
+   * doorbell's value is read from the shadow page now, whatever rang; a ring
+   * with no value otherwise (an ioeventfd kick before Doorbell Buffer
+   * Config) has nothing to act on.
    */
   private rang(rings: readonly Ring[]): void {
     this.trace?.batch(this.doorbells.source.lastBatchSeenAt);
@@ -435,7 +445,7 @@ export class NvmeController extends PciDevice {
     } finally {
       const owed = this.owed;
       this.owed = undefined;
-      for (const cq of owed) if (this.cqs[cq.id] === cq) this.interrupt(cq);
+      this.notify(owed);
     }
   }
 
@@ -446,7 +456,7 @@ export class NvmeController extends PciDevice {
     if (index & 1) {
       const cq = this.cqs[id];
       if (!cq || !cq.setHead(value)) return this.invalidDoorbell(cq ? AsyncEvent.INVALID_DOORBELL_VALUE : AsyncEvent.INVALID_DOORBELL_REGISTER);
-      this.updateLevel();
+      this.headMoved(cq);
       // Room in the queue: queues that stopped on a full CQ go on, and events wait for the admin CQ.
       if (id === 0) this.deliverEvents();
       for (const sqid of cq.submissionQueues) this.service(this.sqs[sqid]!);
@@ -464,8 +474,10 @@ export class NvmeController extends PciDevice {
 
   /**
    * Runs `sq`'s commands while there are any and their CQ has room, up to a
-   * batch; then interrupts. Every command fetched is answered (an
-   * Asynchronous Event Request later), whatever it holds.
+   * batch: the entries from the head on are read together (`fetch`), then
+   * run one by one; completions are staged and posted together at the end,
+   * with one interrupt. Every command fetched is answered (an Asynchronous
+   * Event Request later), whatever it holds.
    */
   service(sq: SubmissionQueue): void {
     // Stopped for migration, or no client (no guest memory): doorbells wait.
@@ -477,63 +489,64 @@ export class NvmeController extends PciDevice {
     let posted = false;
     let budget = BATCH;
     batch: do {
-      while (sq.ready && this.ready && this.inFlight < this.store.queueDepth) {
-        if (budget-- === 0) {
+      while (this.ready) {
+        // Each command takes at most one CQ entry and one place in the store.
+        const n = Math.min(sq.waiting, cq.room, this.store.queueDepth - this.inFlight);
+        if (n <= 0) break;
+        if (budget === 0) {
           this.resumeLater(sq);
           break batch;
         }
-        const status = this.execute(sq, command);
-        if (status === DEFERRED) continue;
-        if (typeof status !== 'number') {
-          this.finishLater(sq, command.cid, status);
-          continue;
+        const fetched = sq.fetch(this.dma, Math.min(n, budget));
+        budget -= fetched;
+        for (let i = 0; i < fetched; i++) {
+          command.load(sq.entries, i * SQ_ENTRY);
+          const unreadable = sq.unreadable[i] === 1;
+          sq.consume();
+          const outcome = this.execute(sq, command, unreadable);
+          if (outcome === DEFERRED) continue;
+          if (typeof outcome !== 'number') {
+            this.waitForStore(sq, command, outcome);
+            continue;
+          }
+          if (outcome !== Status.SUCCESS) this.logError(sq.id, command.cid, outcome);
+          // A queue deleted by the command it ran (or by a reset) has nowhere to complete.
+          if (this.sqs[sq.id] !== sq) return;
+          this.complete(cq, sq, command.cid, outcome, command.result);
+          posted = true;
+          // An admin command may have changed what the rest may do: fetch them again.
+          if (sq.id === 0 && i + 1 < fetched) break;
         }
-        if (status !== Status.SUCCESS) this.logError(sq.id, command.cid, status);
-        // A queue deleted by the command it ran (or by a reset) has nowhere to complete.
-        if (this.sqs[sq.id] !== sq) return;
-        this.complete(cq, sq, command.cid, status, command.result);
-        posted = true;
       }
-      // At the store's depth the queue goes on when a command finishes (finishLater).
+      // At the store's depth the queue goes on when a command finishes (storeDone).
     } while (shadow && this.ready && this.inFlight < this.store.queueDepth && this.shadowAccess(() => this.lookAgain(sq, shadow)));
     if (posted) {
       if (this.owed) this.owed.add(cq);
-      else this.interrupt(cq);
+      else this.notify([cq]);
     }
     // Admin commands may have given Asynchronous Event Requests something to complete.
     if (sq.id === 0) this.deliverEvents();
   }
 
   /**
-   * Fetches and runs one command; returns its status, or the promise of it
-   * for a command the store completes later. A field the command may not
-   * hold ends it with the spec's status (CommandError), guest memory that is
-   * not there with Data Transfer Error, and anything else (a bug here, a
-   * store that failed) with Internal Error, for that command only.
+   * Runs one fetched command; returns its status, or the store's work for a
+   * command the store completes later. A field the command may not hold ends
+   * it with the spec's status (CommandError), guest memory that is not there
+   * (the entry itself included) with Data Transfer Error, and anything else
+   * (a bug here, a store that failed) with Internal Error, for that command
+   * only.
    */
-  private execute(sq: SubmissionQueue, command: Command): number | Promise<number> {
+  private execute(sq: SubmissionQueue, command: Command, unreadable: boolean): Outcome {
+    if (unreadable) return Status.DATA_TRANSFER_ERROR;
+    const trace = this.trace;
     try {
-      sq.fetch(this.dma, command);
-      const { opcode, cid } = command;
-      const trace = this.trace;
-      trace?.fetched(sq.id, cid, opcode);
-      const status = sq.id === 0 ? executeAdmin(this, command) : executeIo(this, command);
-      trace?.submitted(sq.id, cid);
-      if (typeof status === 'number') {
-        trace?.done(sq.id, cid);
-        return status;
+      trace?.fetched(sq.id, command.cid, command.opcode);
+      const outcome = sq.id === 0 ? executeAdmin(this, command) : executeIo(this, command);
+      if (trace) {
+        trace.submitted(sq.id, command.cid);
+        if (typeof outcome === 'number') trace.done(sq.id, command.cid);
       }
-      const sqid = sq.id;
-      return status.then(
-        (status) => {
-          trace?.done(sqid, cid);
-          return status;
-        },
-        (error: unknown) => {
-          trace?.done(sqid, cid);
-          return failed(error, opcode, sqid);
-        },
-      );
+      return outcome;
     } catch (error) {
       return failed(error, command.opcode, sq.id);
     }
@@ -546,35 +559,65 @@ export class NvmeController extends PciDevice {
    * then the controller cannot report it, and stops (CFS). A command whose
    * queue was deleted, or whose controller was reset, meanwhile is not
    * completed: its queue is gone. Completions that arrive together (one
-   * batch from the store) are posted with one interrupt per CQ. A queue
-   * held by a full CQ goes on when the host frees entries (its doorbell, or
-   * the EventIdx `lookAgain` set); one held by the store's depth, at the
-   * next turn of the event loop once a command finishes.
+   * batch from the store) are posted together with one interrupt per CQ. A
+   * queue held by a full CQ goes on when the host frees entries (its
+   * doorbell, or the EventIdx `lookAgain` set); one held by the store's
+   * depth, at the next turn of the event loop once a command finishes.
    */
-  private finishLater(sq: SubmissionQueue, cid: number, status: Promise<number>): void {
-    const cq = sq.cq;
-    cq.reserved++;
+  private waitForStore(sq: SubmissionQueue, command: Command, work: Promise<number | void>): void {
+    const wait = this.spareWaits.pop() ?? this.newStoreWait();
+    wait.sq = sq;
+    wait.cid = command.cid;
+    wait.opcode = command.opcode;
+    wait.dw12 = command.dw(12);
+    sq.cq.reserved++;
     this.inFlight++;
-    this.context.run(async () => {
-      const done = await status;
-      cq.reserved--;
-      if (this.inFlight-- === this.store.queueDepth) for (const q of this.sqs) if (q) this.resumeLater(q);
-      if (this.inFlight === 0) for (const resolve of this.idleWaiters.splice(0)) resolve();
+    work.then(wait.fulfilled, wait.rejected);
+  }
+
+  /** A wait with its two handlers, made once and reused. */
+  private newStoreWait(): StoreWait {
+    const wait: StoreWait = {
+      sq: undefined,
+      cid: 0,
+      opcode: 0,
+      dw12: 0,
+      fulfilled: (value) => this.storeDone(wait, typeof value === 'number' ? value : Status.SUCCESS),
+      rejected: (error) => this.storeDone(wait, failed(error, wait.opcode, wait.sq!.id)),
+    };
+    return wait;
+  }
+
+  /** The store finished `wait`'s command with `status`. */
+  private storeDone(wait: StoreWait, status: number): void {
+    const sq = wait.sq!;
+    const cq = sq.cq;
+    const { cid, opcode, dw12 } = wait;
+    wait.sq = undefined;
+    this.spareWaits.push(wait);
+    // The bookkeeping holds even for a failed device: a reset waits for it.
+    cq.reserved--;
+    if (this.inFlight-- === this.store.queueDepth) for (const q of this.sqs) if (q) this.resumeLater(q);
+    if (this.inFlight === 0) for (const resolve of this.idleWaiters.splice(0)) resolve();
+    this.context.run(() => {
+      this.trace?.done(sq.id, cid);
       if (this.sqs[sq.id] !== sq || this.cqs[cq.id] !== cq || !this.ready) return;
       if (cq.full) {
         this.csts |= Csts.CFS;
         return;
       }
-      if (done !== Status.SUCCESS) this.logError(sq.id, cid, done);
-      this.complete(cq, sq, cid, done, 0);
-      if (this.finished.size === 0) queueMicrotask(() => this.context.run(() => this.interruptFinished()));
+      if (status === Status.SUCCESS) {
+        if (sq.id > 0) countTransfer(this.smart, opcode, dw12);
+      } else this.logError(sq.id, cid, status);
+      this.complete(cq, sq, cid, status, 0);
+      if (this.finished.size === 0) queueMicrotask(this.postFinishedLater);
       this.finished.add(cq);
     });
   }
 
-  /** After a batch of completions: one interrupt per CQ that got some. */
-  private interruptFinished(): void {
-    for (const cq of this.finished) this.interrupt(cq);
+  /** After a batch of completions from the store: posted together, one interrupt per CQ that got some. */
+  private postFinished(): void {
+    this.notify(this.finished);
     this.finished.clear();
   }
 
@@ -614,7 +657,7 @@ export class NvmeController extends PciDevice {
         this.invalidDoorbell(AsyncEvent.INVALID_DOORBELL_VALUE);
         return false;
       }
-      this.updateLevel();
+      this.headMoved(cq);
     }
     shadow.publish(2 * sq.id, sq.tail);
     const tail = shadow.value(2 * sq.id);
@@ -630,14 +673,10 @@ export class NvmeController extends PciDevice {
     for (const sq of this.sqs) if (sq) this.service(sq);
   }
 
+  /** Stages a completion in `cq`: it is written to the ring with the others of its batch (`notify`). */
   private complete(cq: CompletionQueue, sq: SubmissionQueue, cid: number, status: number, result: number): void {
-    try {
-      cq.post(this.dma, sq, cid, status, result);
-      this.trace?.posted(cq.id, sq.id, cid);
-    } catch {
-      // The CQ is outside guest memory: the controller cannot report anything any more.
-      this.csts |= Csts.CFS;
-    }
+    cq.stage(sq.head, sq.id, cid, status, result);
+    this.trace?.posted(cq.id, sq.id, cid);
   }
 
   private logError(sqid: number, cid: number, status: number): void {
@@ -665,23 +704,86 @@ export class NvmeController extends PciDevice {
       } else break;
       posted = true;
     }
-    if (posted) this.interrupt(admin.cq);
+    if (posted) {
+      if (this.owed) this.owed.add(admin.cq);
+      else this.notify([admin.cq]);
+    }
   }
 
   // ---- interrupts ----
 
-  /** One vector per CQ in MSI-X (masking is the library's) and MSI (masked by INTMS); INTx is a level. */
-  private interrupt(cq: CompletionQueue): void {
+  /**
+   * Writes the completions staged in `cqs` to their rings, then interrupts:
+   * once per vector that got some, as coalescing allows (MSI-X and MSI), or
+   * the INTx level. A ring outside guest memory leaves the controller
+   * unable to report anything (CSTS.CFS).
+   */
+  private notify(cqs: Iterable<CompletionQueue>): void {
+    const counts = this.postedPerVector;
+    let vectors = 0;
+    let any = false;
+    for (const cq of cqs) {
+      if (this.cqs[cq.id] !== cq) continue;
+      let n: number;
+      try {
+        n = cq.post(this.dma);
+      } catch (error) {
+        if (!isDmaError(error)) throw error;
+        this.csts |= Csts.CFS;
+        continue;
+      }
+      if (n === 0) continue;
+      any = true;
+      if (cq.interrupts) {
+        vectors |= 1 << cq.vector;
+        counts[cq.vector] += n;
+      } else this.trace?.interrupted(cq.id);
+    }
+    if (!any) return;
     // The host answers completions with doorbells: watch closely for them.
     this.doorbells.expect();
-    if (cq.interrupts) {
-      const mode = this.irq.mode;
-      if (mode === 'msix') this.irq.raise(cq.vector);
-      else if (mode === 'msi') {
-        if (!((this.intms >>> cq.vector) & 1)) this.irq.raise(cq.vector);
-      } else this.updateLevel();
+    const mode = this.irq.mode;
+    if (mode === 'intx') this.updateLevel();
+    for (let vector = 0; vectors !== 0; vector++, vectors >>>= 1) {
+      if ((vectors & 1) === 0) continue;
+      const n = counts[vector];
+      counts[vector] = 0;
+      if (mode === 'intx') this.traceInterrupted(vector);
+      else this.coalescing.completed(vector, n, this.coalescingSetting(vector));
     }
-    this.trace?.interrupted(cq.id);
+  }
+
+  /** Set Features 0x08's value where `vector` may be coalesced (MSI-X or MSI; never the admin queue's, nor one with Coalescing Disable, nor while stopped); else 0. */
+  private coalescingSetting(vector: number): number {
+    if (vector === 0 || this.stopped || (this.features.coalescingDisabled >>> vector) & 1) return 0;
+    return this.features.values.get(Feature.INTERRUPT_COALESCING)!;
+  }
+
+  /** Interrupt Coalescing or Interrupt Vector Configuration changed: interrupts held under the old settings go now. */
+  coalescingChanged(): void {
+    this.coalescing.releaseAll();
+  }
+
+  /** Signals `vector`: in MSI-X (masking is the library's) and MSI (masked by INTMS); INTx is a level, set elsewhere. */
+  private signal(vector: number): void {
+    const mode = this.irq.mode;
+    if (mode === 'msix') this.irq.raise(vector);
+    else if (mode === 'msi' && !((this.intms >>> vector) & 1)) this.irq.raise(vector);
+    this.traceInterrupted(vector);
+  }
+
+  private traceInterrupted(vector: number): void {
+    if (this.trace) for (const cq of this.cqs) if (cq?.interrupts && cq.vector === vector) this.trace.interrupted(cq.id);
+  }
+
+  /**
+   * The host moved `cq`'s head: INTx follows; a held interrupt whose vector
+   * has nothing left unconsumed would announce nothing, and is dropped.
+   */
+  private headMoved(cq: CompletionQueue): void {
+    this.updateLevel();
+    if (!cq.interrupts || !this.coalescing.holds(cq.vector)) return;
+    if (!this.cqs.some((q) => q?.interrupts && q.vector === cq.vector && q.pending)) this.coalescing.drained(cq.vector);
   }
 
   /** INTx: asserted while any CQ with interrupts enabled holds entries the host has not consumed, unless INTMS masks it. */
@@ -758,6 +860,17 @@ export class NvmeController extends PciDevice {
     const shadow = state.shadowDoorbells;
     this.shadow = shadow ? new ShadowDoorbells(() => this.dma, BigInt(shadow.shadow), BigInt(shadow.eventIdx)) : undefined;
   }
+}
+
+/** A command waiting for the store: what its completion needs. */
+interface StoreWait {
+  sq: SubmissionQueue | undefined;
+  cid: number;
+  opcode: number;
+  /** Its dword 12 (a read's or write's block count, for SMART). */
+  dw12: number;
+  readonly fulfilled: (value: number | void) => void;
+  readonly rejected: (error: unknown) => void;
 }
 
 /** The status of a command that threw (see `execute`). */

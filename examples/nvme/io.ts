@@ -31,16 +31,23 @@ const DSM_RANGE = 16;
 const IO_OPCODES: ReadonlySet<number> = new Set(Object.values(IoOpcode));
 
 /**
- * Runs an I/O command: a status at once for a command that fails its checks,
- * or a promise of one for the store's work (which runs off the event loop).
+ * A command's outcome: its status at once, or the store's work, which
+ * fulfils with the status (nothing: success) or rejects with why it failed.
  */
-export function executeIo(ctrl: NvmeController, command: Command): number | Promise<number> {
+export type Outcome = number | Promise<number | void>;
+
+/**
+ * Runs an I/O command: a status at once for a command that fails its checks,
+ * or the store's work (which runs off the event loop). SMART counts a read or
+ * write once it has succeeded (`countTransfer`).
+ */
+export function executeIo(ctrl: NvmeController, command: Command): Outcome {
   const op = command.opcode;
   if (!IO_OPCODES.has(op)) return Status.INVALID_OPCODE;
   checkFlags(command);
   if (op === IoOpcode.FLUSH) {
     if (command.nsid !== NAMESPACE_ID && command.nsid !== ALL_NAMESPACES) return Status.INVALID_NAMESPACE;
-    return succeeded(ctrl.store.flush());
+    return ctrl.store.flush();
   }
   // Namespace 1 only: 0, the broadcast NSID and any other are Invalid Namespace.
   if (command.nsid !== NAMESPACE_ID) return Status.INVALID_NAMESPACE;
@@ -49,34 +56,44 @@ export function executeIo(ctrl: NvmeController, command: Command): number | Prom
   const blocks = (command.dw(12) & 0xffff) + 1;
   const length = blocks * BLOCK_SIZE;
   if (op === IoOpcode.WRITE_ZEROES) {
-    const position = byteRange(ctrl, command.dw10_11, blocks);
-    return succeeded((command.dw(12) & DEAC) !== 0 ? ctrl.store.deallocate(position, length) : ctrl.store.zero(position, length));
+    const position = byteRange(ctrl, startingLba(command), blocks);
+    return (command.dw(12) & DEAC) !== 0 ? ctrl.store.deallocate(position, length) : ctrl.store.zero(position, length);
   }
   // MDTS before the range, as QEMU checks them.
   checkTransfer(length);
-  const position = byteRange(ctrl, command.dw10_11, blocks);
+  const position = byteRange(ctrl, startingLba(command), blocks);
   const segments = prpSegments(ctrl.dma, command, length);
-  const smart = ctrl.smart;
-  if (op === IoOpcode.READ) {
-    return ctrl.store.read(ctrl.dma, segments, position).then(() => {
-      smart.blocksRead += blocks;
-      smart.readCommands++;
-      return Status.SUCCESS;
-    });
-  }
+  if (op === IoOpcode.READ) return ctrl.store.read(ctrl.dma, segments, position);
   // Without a volatile write cache, or with Force Unit Access, the write is durable before it completes.
   const durable = !ctrl.features.writeCacheEnabled || (command.dw(12) & FUA) !== 0;
-  return ctrl.store.write(ctrl.dma, segments, position).then(async () => {
-    if (durable) await ctrl.store.flush();
-    smart.blocksWritten += blocks;
-    smart.writeCommands++;
-    return Status.SUCCESS;
-  });
+  const written = ctrl.store.write(ctrl.dma, segments, position);
+  return durable ? written.then(() => ctrl.store.flush()) : written;
 }
 
-/** The byte offset of `blocks` blocks at `lba` (64 bits: no sum overflows), or LBA Out of Range. */
-function byteRange(ctrl: NvmeController, lba: bigint, blocks: number): number {
-  if (lba + BigInt(blocks) > BigInt(ctrl.blocks)) {
+/** SMART's counters, for an I/O command (opcode and dword 12) that succeeded. */
+export function countTransfer(smart: NvmeController['smart'], opcode: number, dw12: number): void {
+  const blocks = (dw12 & 0xffff) + 1;
+  if (opcode === IoOpcode.READ) {
+    smart.blocksRead += blocks;
+    smart.readCommands++;
+  } else if (opcode === IoOpcode.WRITE) {
+    smart.blocksWritten += blocks;
+    smart.writeCommands++;
+  }
+}
+
+/** The starting LBA of a Read, Write or Write Zeroes (dwords 10-11). */
+function startingLba(command: Command): number {
+  return command.dw(11) * 0x100000000 + command.dw(10);
+}
+
+/**
+ * The byte offset of `blocks` blocks at `lba`, or LBA Out of Range. An LBA
+ * is exact as a number below 2^53, and one at or past it (rounded or not)
+ * lies past any namespace, so no sum can wrap.
+ */
+function byteRange(ctrl: NvmeController, lba: number, blocks: number): number {
+  if (lba + blocks > ctrl.blocks) {
     throw new CommandError(Status.LBA_OUT_OF_RANGE, `LBA ${lba} + ${blocks} is past the namespace's ${ctrl.blocks} blocks`);
   }
   return Number(lba) * BLOCK_SIZE;
@@ -87,7 +104,7 @@ function byteRange(ctrl: NvmeController, lba: bigint, blocks: number): number {
  * it, and they read as zeros, as Identify Namespace says deallocated blocks
  * do (DLFEAT). The other attributes are hints, accepted and ignored.
  */
-function datasetManagement(ctrl: NvmeController, command: Command): number | Promise<number> {
+function datasetManagement(ctrl: NvmeController, command: Command): Outcome {
   const ranges = (command.dw(10) & 0xff) + 1;
   const list = Buffer.alloc(ranges * DSM_RANGE);
   const segments = prpSegments(ctrl.dma, command, list.length);
@@ -97,16 +114,10 @@ function datasetManagement(ctrl: NvmeController, command: Command): number | Pro
   for (let i = 0; i < ranges; i++) {
     const blocks = list.readUInt32LE(DSM_RANGE * i + 4);
     if (blocks === 0) continue;
-    freed.push([byteRange(ctrl, list.readBigUInt64LE(DSM_RANGE * i + 8), blocks), blocks * BLOCK_SIZE]);
+    freed.push([byteRange(ctrl, Number(list.readBigUInt64LE(DSM_RANGE * i + 8)), blocks), blocks * BLOCK_SIZE]);
   }
   // Every range is checked before any is freed; one at a time, so a command holds one store operation.
   return (async () => {
     for (const [position, length] of freed) await ctrl.store.deallocate(position, length);
-    return Status.SUCCESS;
   })();
-}
-
-/** Success once `work` is done. */
-function succeeded(work: Promise<void>): Promise<number> {
-  return work.then(() => Status.SUCCESS);
 }

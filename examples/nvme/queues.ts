@@ -1,20 +1,41 @@
 /**
  * Submission and completion queues: rings in guest memory, physically
  * contiguous (CAP.CQR), with the controller's head and tail indices (§4.1).
+ *
+ * Both move in batches: an SQ's entries from its head to the tail are read
+ * ahead in one copy per contiguous run of the ring (two at its wrap), and a
+ * CQ's completions are staged as commands finish and written together by
+ * `post()`, which moves the tail once.
  */
-import type { DmaSpace } from 'vfio-user';
-import { Command, CommandError, Status } from './command.js';
+import { DmaViewError, type DmaSpace } from 'vfio-user';
+import { Status } from './command.js';
 
 export const SQ_ENTRY = 64;
 export const CQ_ENTRY = 16;
+/** Staged completion: dword 0, then SQ head | SQ ID << 16, then CID | status << 16 (Status Field without the phase tag). */
+const STAGED_WORDS = 3;
+/** Status Field bit 15: Do Not Retry. */
+const DNR = 0x8000;
+/**
+ * Commands one queue runs before the controller lets the event loop turn
+ * (and the most entries one fetch reads): a host that keeps its SQ full (or
+ * keeps moving its shadow tail) cannot hold the process; the rest run on the
+ * next turn.
+ */
+export const BATCH = 64;
 
 export class CompletionQueue {
   head = 0;
+  /** The next entry `post()` writes: entries before it are in guest memory. */
   tail = 0;
-  /** The phase tag the next entry carries; flips each time the ring wraps. */
+  /** The phase tag the entry at `tail` carries; flips each time the ring wraps. */
   phase = 1;
   readonly submissionQueues = new Set<number>();
-  private readonly entry = Buffer.alloc(CQ_ENTRY);
+  /** Entries promised to commands still running (the store completes them later). */
+  reserved = 0;
+  /** Completions staged for the next `post()`. */
+  staged = 0;
+  private stagedWords: Uint32Array | undefined;
 
   constructor(
     readonly id: number,
@@ -24,12 +45,14 @@ export class CompletionQueue {
     readonly interrupts: boolean,
   ) {}
 
-  /** Entries promised to commands still running (the store completes them later). */
-  reserved = 0;
+  /** Entries a command may still take: neither holding an unconsumed completion, nor staged, nor promised. */
+  get room(): number {
+    return Math.max(0, this.size - 1 - ((this.tail - this.head + this.size) % this.size) - this.staged - this.reserved);
+  }
 
-  /** No entry left for another command: every free one is posted or promised. */
+  /** No entry left for another command. */
   get full(): boolean {
-    return (this.tail - this.head + this.size) % this.size + this.reserved >= this.size - 1;
+    return this.room === 0;
   }
 
   /** Whether the host has entries it has not consumed yet (what a level interrupt shows). */
@@ -37,20 +60,42 @@ export class CompletionQueue {
     return this.head !== this.tail;
   }
 
-  /** Writes one entry (§4.6): the caller checks `full` first. */
-  post(dma: DmaSpace, sq: SubmissionQueue, cid: number, status: number, result: number): void {
-    const e = this.entry;
-    e.writeUInt32LE(result >>> 0, 0);
-    e.writeUInt32LE(0, 4);
-    e.writeUInt16LE(sq.head, 8);
-    e.writeUInt16LE(sq.id, 10);
-    e.writeUInt16LE(cid, 12);
+  /** Stages one completion (§4.6) for the next `post()`; the caller checks `full` first. */
+  stage(sqHead: number, sqid: number, cid: number, status: number, result: number): void {
+    const words = (this.stagedWords ??= new Uint32Array(STAGED_WORDS * this.size));
+    const at = STAGED_WORDS * this.staged++;
+    words[at] = result;
+    words[at + 1] = sqHead | (sqid << 16);
     // Every error here is deterministic: Do Not Retry with it.
-    const dnr = status === Status.SUCCESS ? 0 : 0x8000;
-    e.writeUInt16LE(((status << 1) | this.phase | dnr) & 0xffff, 14);
-    dma.write(this.base + BigInt(this.tail * CQ_ENTRY), e);
-    this.tail = (this.tail + 1) % this.size;
-    if (this.tail === 0) this.phase ^= 1;
+    words[at + 2] = cid | (((status << 1) | (status === Status.SUCCESS ? 0 : DNR)) << 16);
+  }
+
+  /**
+   * Writes the staged completions into the ring and moves the tail past
+   * them; returns how many. Through one view of the ring: first every
+   * entry but its Status Field (whose phase tag still says "old" to the
+   * host), then each Status Field in order with its new phase tag, each an
+   * atomic store that follows the entry's other stores: a host that sees
+   * the phase flip sees the whole entry, as it reads it after its read
+   * barrier. A ring the controller cannot view (across windows) is written
+   * an entry at a time. Throws a DMA error when the ring is not guest memory.
+   */
+  post(dma: DmaSpace): number {
+    const n = this.staged;
+    if (n === 0) return 0;
+    this.staged = 0;
+    try {
+      dma.withView(this.base, this.size * CQ_ENTRY, (ring) => this.writeRing(ring, n));
+    } catch (error) {
+      if (!(error instanceof DmaViewError)) throw error;
+      this.writeEntries(dma, n);
+    }
+    this.tail += n;
+    if (this.tail >= this.size) {
+      this.tail -= this.size;
+      this.phase ^= 1;
+    }
+    return n;
   }
 
   /** The host's CQ head doorbell; a value past the ring is refused. */
@@ -59,18 +104,71 @@ export class CompletionQueue {
     this.head = value;
     return true;
   }
+
+  private writeRing(ring: Uint8Array, n: number): void {
+    if (ring.byteOffset % 4 !== 0) return this.writeEntries(undefined, n, ring);
+    const words = new Uint32Array(ring.buffer, ring.byteOffset, 4 * this.size);
+    const halves = new Uint16Array(ring.buffer, ring.byteOffset, 8 * this.size);
+    const staged = this.stagedWords!;
+    const size = this.size;
+    let t = this.tail;
+    for (let i = 0, at = 0; i < n; i++, at += STAGED_WORDS) {
+      words[4 * t] = staged[at];
+      words[4 * t + 1] = 0;
+      words[4 * t + 2] = staged[at + 1];
+      halves[8 * t + 6] = staged[at + 2] & 0xffff;
+      if (++t === size) t = 0;
+    }
+    t = this.tail;
+    let phase = this.phase;
+    for (let i = 0, at = 2; i < n; i++, at += STAGED_WORDS) {
+      Atomics.store(halves, 8 * t + 7, (staged[at] >>> 16) | phase);
+      if (++t === size) {
+        t = 0;
+        phase ^= 1;
+      }
+    }
+  }
+
+  /** One 16-byte write per entry, in order: through `dma`, or into `ring` (a view not aligned for word stores). */
+  private writeEntries(dma: DmaSpace | undefined, n: number, ring?: Uint8Array): void {
+    const staged = this.stagedWords!;
+    const entry = Buffer.alloc(CQ_ENTRY);
+    let t = this.tail;
+    let phase = this.phase;
+    for (let i = 0, at = 0; i < n; i++, at += STAGED_WORDS) {
+      entry.writeUInt32LE(staged[at], 0);
+      entry.writeUInt32LE(staged[at + 1], 8);
+      entry.writeUInt16LE(staged[at + 2] & 0xffff, 12);
+      entry.writeUInt16LE((staged[at + 2] >>> 16) | phase, 14);
+      if (ring) ring.set(entry, t * CQ_ENTRY);
+      else dma!.write(this.base + BigInt(t * CQ_ENTRY), entry);
+      if (++t === this.size) {
+        t = 0;
+        phase ^= 1;
+      }
+    }
+  }
 }
 
 export class SubmissionQueue {
   head = 0;
   tail = 0;
+  /** Entries read ahead from the head (`fetch`), `SQ_ENTRY` bytes each. */
+  readonly entries: Buffer;
+  /** Per entry read ahead: 1 when it was outside guest memory (read as zeros). */
+  readonly unreadable: Uint8Array;
 
   constructor(
     readonly id: number,
     readonly base: bigint,
     readonly size: number,
     readonly cq: CompletionQueue,
-  ) {}
+  ) {
+    const n = Math.min(size, BATCH);
+    this.entries = Buffer.alloc(n * SQ_ENTRY);
+    this.unreadable = new Uint8Array(n);
+  }
 
   /** The host's SQ tail doorbell; a value past the ring is refused. */
   setTail(value: number): boolean {
@@ -79,22 +177,53 @@ export class SubmissionQueue {
     return true;
   }
 
+  /** Entries the host submitted that the controller has not consumed. */
+  get waiting(): number {
+    return (this.tail - this.head + this.size) % this.size;
+  }
+
   /** Whether there is an entry to fetch and room for its completion. */
   get ready(): boolean {
     return this.head !== this.tail && !this.cq.full;
   }
 
-  /** Reads the entry at the head into `command` and consumes it. */
-  fetch(dma: DmaSpace, command: Command): void {
-    command.result = 0;
+  /**
+   * Reads up to `max` entries from the head into `entries` (copies, so the
+   * host cannot change one while it is checked): one copy per contiguous run
+   * of the ring. Consumes nothing: the caller moves the head past each entry
+   * it runs (`consume`). An entry outside guest memory reads as zeros and is
+   * marked `unreadable`. Returns how many were read.
+   */
+  fetch(dma: DmaSpace, max: number): number {
+    const n = Math.min(max, this.waiting, this.unreadable.length);
+    const first = Math.min(n, this.size - this.head);
+    this.readRun(dma, this.head, 0, first);
+    if (first < n) this.readRun(dma, 0, first, n - first);
+    return n;
+  }
+
+  /** Moves the head past the entry the controller took. */
+  consume(): void {
+    if (++this.head === this.size) this.head = 0;
+  }
+
+  private readRun(dma: DmaSpace, slot: number, into: number, n: number): void {
+    const target = this.entries.subarray(into * SQ_ENTRY, (into + n) * SQ_ENTRY);
     try {
-      dma.readInto(this.base + BigInt(this.head * SQ_ENTRY), command.bytes);
-    } catch (error) {
-      // The ring itself is outside guest memory: nothing to execute, but the host still gets an answer.
-      command.bytes.fill(0);
-      throw new CommandError(Status.DATA_TRANSFER_ERROR, (error as Error).message);
-    } finally {
-      this.head = (this.head + 1) % this.size;
+      dma.readInto(this.base + BigInt(slot * SQ_ENTRY), target);
+      this.unreadable.fill(0, into, into + n);
+    } catch {
+      // Part of the ring is not guest memory: entry by entry, so each gets its own answer.
+      for (let i = 0; i < n; i++) {
+        const entry = target.subarray(i * SQ_ENTRY, (i + 1) * SQ_ENTRY);
+        try {
+          dma.readInto(this.base + BigInt((slot + i) * SQ_ENTRY), entry);
+          this.unreadable[into + i] = 0;
+        } catch {
+          entry.fill(0);
+          this.unreadable[into + i] = 1;
+        }
+      }
     }
   }
 }
