@@ -18,7 +18,8 @@
  *   admin.ts       admin commands: Identify, queues, features, log pages, events
  *   io.ts          Read, Write, Flush, Write Zeroes, Dataset Management
  *   command.ts     submission entries, status codes, PRPs
- *   queues.ts      submission and completion rings
+ *   queues.ts      submission and completion rings, fetched and posted in batches
+ *   coalescing.ts  interrupt coalescing (Set Features 0x08)
  *   shadow.ts      shadow doorbells and EventIdx (Doorbell Buffer Config)
  *   state.ts       migration state, checked before it is loaded
  *   store.ts       the backing file or memory
