@@ -86,6 +86,19 @@ describe('barChart', () => {
     expect(escape('a<b>&"\'')).toBe('a&lt;b&gt;&amp;&quot;&apos;');
   });
 
+  test('a range is a whisker from its low to its high value on the bar\'s axis, and the axis holds it', () => {
+    const ranged = barChart({ title: 't', unit: 'IOPS', caption, panels: [{ title: 'p', bars: [{ label: 'a', value: 100, range: [50, 400] }, { label: 'b', value: 200 }] }] });
+    const [a, b] = rects(ranged);
+    const whisker = [...ranged.matchAll(/<path d="M([\d.]+) [\d.]+v8M[\d.]+ [\d.]+H([\d.]+)M/g)].map((m) => [Number(m[1]), Number(m[2])]);
+    expect(whisker).toHaveLength(1);
+    const [low, high] = whisker[0];
+    const perUnit = a.width / 100;
+    expect(b.width / a.width).toBeCloseTo(2, 2);
+    expect(low - a.x).toBeCloseTo(50 * perUnit, 0);
+    expect(high - a.x).toBeCloseTo(400 * perUnit, 0);
+    expect(texts(ranged)).toContain('400'); // the axis's last tick
+  });
+
   test('the same data draws the same bytes', () => {
     expect(barChart(structuredClone(chart))).toBe(svg);
     expect(wellFormed(svg)).toBe(true);

@@ -41,7 +41,10 @@ const ON_PALETTE = ['#fff', INK, '#fff', INK, INK, '#fff', INK, '#fff'];
 
 export interface Bar {
   label: string;
+  /** The bar's length (a median, say). */
   value: number;
+  /** The lowest and highest of the measurements `value` sums up (rounds of a run), drawn as a whisker over the bar. */
+  range?: readonly [number, number];
   /** Printed after the value (e.g. "1.26x trap"). */
   note?: string;
 }
@@ -61,8 +64,8 @@ export interface BarChart {
 
 /**
  * Panels of horizontal bars, one below the other, each on its own axis from
- * 0 to a round number above its largest value; a label keeps its colour in
- * every panel.
+ * 0 to a round number above its largest value (or range); a label keeps its
+ * colour in every panel. A bar's range is a whisker over it.
  */
 export function barChart(chart: BarChart): string {
   const labels = distinct(chart.panels.flatMap((p) => p.bars.map((b) => b.label)));
@@ -75,16 +78,23 @@ export function barChart(chart: BarChart): string {
   for (const panel of chart.panels) {
     body.push(text(PAD, y + FONT, panel.title, { 'font-weight': 'bold' }));
     y += FONT + 10;
-    const ticks = linearTicks(Math.max(0, ...panel.bars.map((b) => finite(b.value))));
+    const ticks = linearTicks(Math.max(0, ...panel.bars.map((b) => Math.max(finite(b.value), finite(b.range?.[1] ?? 0)))));
     const x = scale(0, ticks[ticks.length - 1], left, right);
     const height = panel.bars.length * row;
     body.push(...verticalGrid(ticks.map(x), y, height));
     panel.bars.forEach((bar, i) => {
       const top = y + i * row;
       const end = x(finite(bar.value));
-      body.push(text(left - 8, top + row / 2 + FONT / 3, bar.label, { 'text-anchor': 'end' }));
+      const middle = top + row / 2;
+      body.push(text(left - 8, middle + FONT / 3, bar.label, { 'text-anchor': 'end' }));
       body.push(el('rect', { x: left, y: top + 3, width: fixed(end - left), height: row - 6, fill: colour(labels, bar.label) }));
-      body.push(text(end + 6, top + row / 2 + FONT / 3, barText(bar)));
+      let after = end;
+      if (bar.range) {
+        const [low, high] = bar.range.map((v) => x(finite(v)));
+        body.push(el('path', { d: `M${fixed(low)} ${middle - 4}v8M${fixed(low)} ${middle}H${fixed(high)}M${fixed(high)} ${middle - 4}v8`, stroke: INK, 'stroke-width': 1.5, fill: 'none' }));
+        after = Math.max(end, high);
+      }
+      body.push(text(after + 6, middle + FONT / 3, barText(bar)));
     });
     y += height;
     body.push(...xAxis(ticks.map((t) => ({ at: x(t), label: compact(t) })), left, right, y, chart.unit));

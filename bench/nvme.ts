@@ -125,7 +125,7 @@ async function main(): Promise<number> {
 
   const targets = [];
   for (const mode of MODES) targets.push(await start(mode, image, path.join(dir, `nvme-${mode}.sock`)));
-  const results: { workload: Workload; mode: string; iops: number; raw: number }[] = [];
+  const results: { workload: Workload; mode: string; iops: number; range: [number, number]; raw: number }[] = [];
   const stages: { mode: string; stage: string; median: number; p99: number }[] = [];
   const traces = new Map<string, { trace: CommandTrace; iops: number }>();
   const idle: { mode: string; watcherShare: number }[] = [];
@@ -138,7 +138,10 @@ async function main(): Promise<number> {
         for (const t of r % 2 === 0 ? targets : [...targets].reverse()) rounds.get(t.mode)!.push(await iops(t.host, w));
         raw.push(rawCopies(targets[0], image, w));
       }
-      for (const t of targets) results.push({ workload: w, mode: t.mode, iops: median(rounds.get(t.mode)!), raw: median(raw) });
+      for (const t of targets) {
+        const measured = rounds.get(t.mode)!;
+        results.push({ workload: w, mode: t.mode, iops: median(measured), range: [Math.min(...measured), Math.max(...measured)], raw: median(raw) });
+      }
     }
     for (const t of targets) {
       const trace = (t.device.trace = new CommandTrace());
@@ -190,7 +193,7 @@ async function main(): Promise<number> {
     bench: 'nvme',
     stages,
     idle: { processCoreShare: idleProcessShare, watchers: idle },
-    results: results.map((r) => ({ workload: r.workload.name, qd: r.workload.qd, doorbells: r.mode, iops: r.iops, rawOpsPerSec: r.raw, ratio: r.iops / r.raw, vsTrap: r.iops / trapIops(r) })),
+    results: results.map((r) => ({ workload: r.workload.name, qd: r.workload.qd, doorbells: r.mode, iops: r.iops, rawOpsPerSec: r.raw, ratio: r.iops / r.raw, vsTrap: r.iops / trapIops(r), iopsRange: r.range })),
   }));
   return 0;
 }
@@ -209,20 +212,20 @@ const STEP: Record<Stage, string> = {
 };
 
 /** docs/img/nvme-*.svg from this run's figures. */
-function drawCharts(results: { workload: Workload; mode: string; iops: number }[], traces: ReadonlyMap<string, { trace: CommandTrace; iops: number }>): void {
+function drawCharts(results: { workload: Workload; mode: string; iops: number; range: [number, number] }[], traces: ReadonlyMap<string, { trace: CommandTrace; iops: number }>): void {
   const machine = machineNote();
   const panels = WORKLOADS.map((w) => {
     const trap = results.find((r) => r.workload === w && r.mode === 'trap')!.iops;
     return {
       title: `${w.name}, QD ${w.qd}`,
-      bars: results.filter((r) => r.workload === w).map((r) => ({ label: r.mode, value: r.iops, note: `${(r.iops / trap).toFixed(2)}x trap` })),
+      bars: results.filter((r) => r.workload === w).map((r) => ({ label: r.mode, value: r.iops, range: r.range, note: `${(r.iops / trap).toFixed(2)}x trap` })),
     };
   });
   const written = [writeChart('nvme-iops', barChart({
     title: 'NVMe example through the test host: IOPS by doorbell mode',
     unit: 'IOPS (median of rounds)',
     panels,
-    caption: `Host and controller in one process, a 64 MiB image in the page cache; medians of ${ROUNDS} rounds of ${RUN_MS} ms. ${machine}`,
+    caption: `Host and controller in one process, a 64 MiB image in the page cache; medians of ${ROUNDS} rounds of ${RUN_MS} ms, the whisker from the lowest round to the highest. ${machine}`,
   }))];
 
   const traced = `4 KiB random reads at QD 1 for ${RUN_MS} ms in each mode, traced (examples/nvme/trace.ts). A doorbell in watched memory (mmap) is seen when native code finds it, "seen" its way from there to JS; a trapped write or a kick is seen as it reaches JS.`;
