@@ -16,10 +16,12 @@
  *   calls when it expects doorbells: it just posted completions), during
  *   which the loop does not block; then after sleeps that start at 10 µs
  *   and double up to `maxSleepMicros`; not at all while nothing is watched.
- *   The spin adapts to the driver: one and a half times its last wait from
- *   activity to ring when that was within `spinMicros`, else 20 µs (a host
- *   polling in microseconds costs little; an emulated guest answering in
- *   hundreds is still caught spinning). No other thread is involved: a ring found is handled in the
+ *   The spin adapts to the driver, from its last wait from activity to ring
+ *   when that was within `spinMicros`: a driver answering within 40 µs (a
+ *   host that polls) is watched by a spin at once, of 1.5x its wait (at
+ *   least 20 µs); a slower one (an emulated guest, hundreds of µs) is left
+ *   alone for 0.75x its wait, then watched by a spin up to 1.5x it. Either
+ *   way its ring is caught spinning, and a slow driver does not cost a core. No other thread is involved: a ring found is handled in the
  *   same turn of the loop. The time it takes is in `stats()`.
  *
  * A doorbell watched in memory takes its value from memory: a trapped write
@@ -48,7 +50,7 @@ export interface Ring {
 }
 
 export interface DoorbellTiming {
-  /** The longest spin after activity, in microseconds (default 500; spins adapt below it): the CPU one activity may cost. */
+  /** How late after activity a spin may still run, in microseconds (default 500; spins adapt within it): bounds the CPU one activity costs. */
   spinMicros?: number;
   /** The longest sleep between scans once idle, in microseconds (default 4000): the worst delay after a quiet spell. */
   maxSleepMicros?: number;
@@ -208,8 +210,8 @@ export class DoorbellSource extends EventEmitter<DoorbellSourceEvents> {
   /**
    * The device expects doorbells soon (it just posted completions, so the
    * guest will answer): watched memory is scanned on every turn of the loop
-   * again, for as long as the driver's last answer took (within
-   * `spinMicros`). Without pokes, watching only sleeps between scans.
+   * again around when the driver answered last time (within `spinMicros`).
+   * Without pokes, watching only sleeps between scans.
    */
   poke(): void {
     if (!this.closed && this.watched.size > 0) this.watcher.poke();

@@ -12,13 +12,17 @@
 //! `max_sleep`, so an idle device costs a wake-up every `max_sleep`; with no
 //! word watched, `Wait`. There is no fixed tick.
 //!
-//! How long a spin lasts adapts to the driver on the other side: it covers
-//! one and a half times the last wait from activity to a ring, when that
-//! wait was within `spin` (the cap), and is short (`MIN_SPIN`) otherwise. A
-//! host that answers in microseconds (SPDK's, polling) costs a short spin;
-//! a guest under emulation that answers in hundreds of microseconds is
-//! still caught spinning instead of after a sleep that overshoots its ring
-//! by up to the sleep's length; an idle device spins `MIN_SPIN` per activity.
+//! When the spin happens adapts to the driver on the other side, from its
+//! last wait from activity to a ring (when that was within `spin`, the
+//! cap): a driver that answers within `EARLY_SLEEP_FROM` (a host polling in
+//! microseconds, like SPDK's) is watched by a spin right away, of one and a
+//! half times its wait (at least `MIN_SPIN`); one that takes longer (a guest
+//! under emulation, hundreds of microseconds) is left alone for three
+//! quarters of its wait, then watched by a spin up to one and a half times
+//! it. Either way its ring is caught spinning, not after a back-off sleep
+//! that overshoots it by up to the sleep's length, and a slow driver does
+//! not cost a core while it works. With no recent answer, and for an idle
+//! device, a spin lasts `MIN_SPIN` per activity.
 //!
 //! Watching on the consumer's own thread, rather than on a thread of its
 //! own, is what makes a doorbell cheap on a small machine: a ring found by
@@ -57,8 +61,11 @@ impl Default for WatchConfig {
 pub const FIRST_SLEEP: Duration = Duration::from_micros(10);
 
 /// The spin after activity when the driver's last answer did not come
-/// within the cap (or none came yet).
+/// within the cap (or none came yet), and the shortest spin.
 pub const MIN_SPIN: Duration = Duration::from_micros(20);
+
+/// A driver that takes at least this long to answer is left alone for most of its wait.
+pub const EARLY_SLEEP_FROM: Duration = Duration::from_micros(40);
 
 /// A doorbell's new value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,12 +117,13 @@ pub struct DoorbellWatch {
     pending_since: Option<Instant>,
     /// When the batch last taken was found.
     taken_since: Option<Instant>,
-    /// Spinning until then; `None` when not spinning.
-    spin_until: Option<Instant>,
+    /// After activity: when to spin (from, until); `None` once it is over.
+    window: Option<(Instant, Instant)>,
     /// The last activity, from which the wait for the next ring is measured.
     active_at: Option<Instant>,
-    /// How long the next spin lasts (adapted to the driver's answers).
-    spin_for: Duration,
+    /// The driver's last wait from activity to ring, when within the cap.
+    expected: Option<Duration>,
+    /// When the spin under way began.
     spin_started: Option<Instant>,
     /// The next sleep's length.
     sleep: Duration,
@@ -130,9 +138,9 @@ impl DoorbellWatch {
             pending: Vec::new(),
             pending_since: None,
             taken_since: None,
-            spin_until: None,
+            window: None,
             active_at: None,
-            spin_for: MIN_SPIN,
+            expected: None,
             spin_started: None,
             sleep: FIRST_SLEEP,
             stats: WatchStats::default(),
@@ -141,7 +149,6 @@ impl DoorbellWatch {
 
     pub fn configure(&mut self, config: WatchConfig, now: Instant) {
         self.config = config;
-        self.spin_for = self.spin_for.min(config.spin);
         self.poke(now);
     }
 
@@ -189,18 +196,16 @@ impl DoorbellWatch {
         if self.words.is_empty() {
             return;
         }
-        if self.spin_until.is_none() {
-            self.stats.spins += 1;
-            self.spin_started = Some(now);
-        }
         self.active_at = Some(now);
-        self.spin_until = Some(now + self.spin_for.min(self.config.spin));
+        let (from, until) = match self.expected {
+            Some(wait) if wait >= EARLY_SLEEP_FROM => (wait * 3 / 4, wait * 3 / 2),
+            Some(wait) => (Duration::ZERO, (wait * 3 / 2).max(MIN_SPIN)),
+            None => (Duration::ZERO, MIN_SPIN),
+        };
+        let until = until.min(self.config.spin);
+        let from = if from < until { from } else { Duration::ZERO };
+        self.window = Some((now + from, now + until));
         self.sleep = FIRST_SLEEP;
-    }
-
-    /// How long spins last now (see the module's comment).
-    pub fn spin_length(&self) -> Duration {
-        self.spin_for.min(self.config.spin)
     }
 
     /// Reads every watched word; a changed one joins the batch and starts
@@ -223,7 +228,7 @@ impl DoorbellWatch {
         if !changed.is_empty() {
             if let Some(active) = self.active_at {
                 let waited = now.saturating_duration_since(active);
-                self.spin_for = if waited <= self.config.spin { (waited * 3 / 2).clamp(MIN_SPIN, self.config.spin) } else { MIN_SPIN };
+                self.expected = (waited <= self.config.spin).then_some(waited);
             }
             for (doorbell, value) in changed {
                 self.push(doorbell, value, now);
@@ -234,15 +239,28 @@ impl DoorbellWatch {
     }
 
     /// What to do until the next scan, as of `now` (just after a scan or a
-    /// poke). A `Sleep` answer is counted as taken, and the one after it is
-    /// twice as long (up to `max_sleep`).
+    /// poke). A back-off `Sleep` is counted as taken, and the one after it
+    /// is twice as long (up to `max_sleep`).
     pub fn next(&mut self, now: Instant) -> Next {
         if self.words.is_empty() {
             self.end_spin(now);
+            self.window = None;
             return Next::Wait;
         }
-        if self.spin_until.is_some_and(|until| now < until) {
-            return Next::Spin;
+        if let Some((from, until)) = self.window {
+            if now < from {
+                self.end_spin(now);
+                self.stats.sleeps += 1;
+                return Next::Sleep(from - now);
+            }
+            if now < until {
+                if self.spin_started.is_none() {
+                    self.stats.spins += 1;
+                    self.spin_started = Some(now);
+                }
+                return Next::Spin;
+            }
+            self.window = None;
         }
         self.end_spin(now);
         let sleep = self.sleep;
@@ -251,9 +269,9 @@ impl DoorbellWatch {
         Next::Sleep(sleep)
     }
 
-    /// Counts `nanos` of work done for watching outside spin phases (a scan after a sleep).
+    /// Counts `nanos` of work done for watching outside spins (a scan after a sleep).
     pub fn account(&mut self, nanos: u64) {
-        if self.spin_until.is_none() {
+        if self.spin_started.is_none() {
             self.stats.busy_nanos += nanos;
         }
     }
@@ -288,7 +306,6 @@ impl DoorbellWatch {
         if let Some(started) = self.spin_started.take() {
             self.stats.busy_nanos += now.saturating_duration_since(started).as_nanos() as u64;
         }
-        self.spin_until = None;
     }
 
     /// Adds or updates `doorbell`'s ring.
@@ -381,7 +398,7 @@ mod tests {
 
     #[test]
     fn it_spins_after_activity_then_sleeps_longer_each_time_up_to_max_sleep() {
-        let (guest, device) = page();
+        let (_guest, device) = page();
         let mut w = watch();
         let t0 = Instant::now();
         assert_eq!(w.next(t0), Next::Wait, "nothing watched");
@@ -400,51 +417,69 @@ mod tests {
             .collect();
         let us = Duration::from_micros;
         assert_eq!(sleeps, [us(10), us(20), us(40), us(80), us(100)].map(Next::Sleep));
-        store(&guest, 0, 1);
-        assert!(w.scan(t));
-        assert_eq!(w.next(t), Next::Spin, "a change spins again");
-        // Found 270 µs after the activity: this spin lasts 405 µs.
-        assert_eq!(w.next(t + us(404)), Next::Spin);
-        assert_eq!(w.next(t + us(405)), Next::Sleep(FIRST_SLEEP), "and the sleeps start short again");
         let stats = w.stats();
-        assert_eq!((stats.spins, stats.sleeps), (2, 6));
-        assert!(stats.busy_nanos >= (MIN_SPIN + us(405)).as_nanos() as u64, "{stats:?}");
+        assert_eq!((stats.spins, stats.sleeps), (1, 5));
+        assert_eq!(stats.busy_nanos, MIN_SPIN.as_nanos() as u64 / 2, "the spin, from its first turn to its end");
     }
 
     #[test]
-    fn spins_stretch_to_cover_the_drivers_answer_up_to_the_cap() {
+    fn a_quick_driver_is_watched_by_a_spin_at_once() {
         let (guest, device) = page();
         let mut w = watch();
         let t0 = Instant::now();
         w.watch(0, device, 0, None, t0).unwrap();
         let us = Duration::from_micros;
-        // The device posts completions (poke); the driver answers 200 µs later, found after a sleep.
+        // The device posts completions (poke); the driver answers 8 µs later.
         w.poke(t0);
-        assert_eq!(w.spin_length(), MIN_SPIN);
+        assert_eq!(w.next(t0), Next::Spin);
+        store(&guest, 0, 1);
+        assert!(w.scan(t0 + us(8)));
+        // That ring is activity too: spin again, 1.5 x 8 µs but at least MIN_SPIN.
+        assert_eq!(w.next(t0 + us(8) + MIN_SPIN - us(1)), Next::Spin);
+        assert_eq!(w.next(t0 + us(8) + MIN_SPIN), Next::Sleep(FIRST_SLEEP));
+    }
+
+    #[test]
+    fn a_slow_driver_is_left_alone_for_most_of_its_wait_then_caught_spinning() {
+        let (guest, device) = page();
+        let mut w = watch();
+        let t0 = Instant::now();
+        w.watch(0, device, 0, None, t0).unwrap();
+        let us = Duration::from_micros;
+        // The first answer comes 200 µs after a poke, found after back-off sleeps.
+        w.poke(t0);
         store(&guest, 0, 1);
         assert!(w.scan(t0 + us(200)));
-        assert_eq!(w.spin_length(), us(300), "one and a half times the wait");
         w.take(&mut [Ring { doorbell: 0, value: 0 }; 4]);
-        // Next time the spin is still on when the answer comes.
+        // Next time: a sleep of 150 µs, then a spin until 300 µs.
         let t1 = t0 + us(400);
         w.poke(t1);
-        assert_eq!(w.next(t1 + us(250)), Next::Spin);
+        assert_eq!(w.next(t1), Next::Sleep(us(150)));
+        assert!(!w.scan(t1 + us(150)));
+        assert_eq!(w.next(t1 + us(150)), Next::Spin);
+        assert_eq!(w.next(t1 + us(299)), Next::Spin);
         store(&guest, 0, 2);
-        assert!(w.scan(t1 + us(250)));
-        assert_eq!(w.spin_length(), us(375));
-        // An answer later than the cap: back to short spins; the cap bounds every spin.
-        let t2 = t1 + us(1000);
+        assert!(w.scan(t1 + us(180)));
+        // A faster answer (180 µs) moves the window earlier: sleep 135 µs.
+        let t2 = t1 + us(500);
         w.poke(t2);
+        assert_eq!(w.next(t2), Next::Sleep(us(135)));
+        // An answer later than the cap: short spins at once again.
         store(&guest, 0, 3);
         assert!(w.scan(t2 + SPIN + us(1)));
-        assert_eq!(w.spin_length(), MIN_SPIN);
         let t3 = t2 + us(2000);
         w.poke(t3);
+        assert_eq!(w.next(t3), Next::Spin);
+        assert_eq!(w.next(t3 + MIN_SPIN), Next::Sleep(FIRST_SLEEP));
+        // The cap bounds the spin: an answer of 400 µs spins from 300 µs to the 500 µs cap.
         store(&guest, 0, 4);
-        assert!(w.scan(t3 + SPIN));
-        assert_eq!(w.spin_length(), SPIN, "capped");
-        w.configure(WatchConfig { spin: us(100), max_sleep: MAX_SLEEP }, t3 + SPIN);
-        assert_eq!(w.spin_length(), us(100));
+        assert!(w.scan(t3 + us(400)));
+        let t4 = t3 + us(1000);
+        w.poke(t4);
+        assert_eq!(w.next(t4), Next::Sleep(us(300)));
+        assert_eq!(w.next(t4 + us(499)), Next::Spin);
+        assert_eq!(w.next(t4 + SPIN), Next::Sleep(FIRST_SLEEP));
+        assert!(w.stats().busy_nanos > 0);
     }
 
     #[test]
@@ -457,6 +492,7 @@ mod tests {
         assert_eq!(w.stats().spins, 0);
         w.watch(0, device, 0, None, t0).unwrap();
         assert!(matches!(w.next(t0 + MIN_SPIN), Next::Sleep(_)));
+        assert_eq!(w.stats().spins, 0, "a spin counts once it has run");
         w.poke(t0 + SPIN);
         assert_eq!(w.next(t0 + SPIN), Next::Spin);
         w.unwatch(0);
