@@ -160,9 +160,9 @@ export function runMain(main: () => Promise<number>): void {
     });
 }
 
-/** utime + stime of this process, in seconds (/proc/self/stat counts clock ticks of 1/100 s). */
-export function processCpuSeconds(): number {
-  const stat = fs.readFileSync('/proc/self/stat', 'utf8');
+/** utime + stime of this process or of process `pid`, in seconds (/proc/PID/stat counts clock ticks of 1/100 s). */
+export function processCpuSeconds(pid: number | 'self' = 'self'): number {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
   // Fields after the command name (which may hold spaces) start at state, field 3.
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   return (Number(fields[11]) + Number(fields[12])) / 100;

@@ -1,8 +1,10 @@
 #!/bin/sh
 # Builds SPDK's NVMe-over-vfio-user target and hosts (build/bin/nvmf_tgt, spdk_tgt,
-# spdk_nvme_identify, spdk_nvme_perf; scripts/rpc.py) from an SPDK source tree with its dpdk and
-# libvfio-user submodules checked out (docs/interop.md names the commits). SPDK builds only in
-# its own tree, so SRC is copied to OUT (without .git) and built there; SRC is left alone.
+# spdk_nvme_identify, spdk_nvme_perf; scripts/rpc.py), its vfio-user virtio-blk endpoint (in
+# spdk_tgt) and bdevperf (build/examples/bdevperf: SPDK's virtio driver as a host) from an SPDK
+# source tree with its dpdk and libvfio-user submodules checked out (docs/interop.md names the
+# commits). SPDK builds only in its own tree, so SRC is copied to OUT (without .git) and built
+# there; SRC is left alone.
 # VFIO_USER_SPDK names OUT.
 #
 #   scripts/peers/build-spdk.sh SRC OUT
@@ -38,11 +40,13 @@ fi
 # SPDK's build scripts want Debian's python3 (with pyelftools), not a virtual environment's.
 PATH=/usr/bin:$PATH
 export PATH
-./configure --with-vfio-user --disable-tests --disable-unit-tests --disable-examples \
+./configure --with-vfio-user --with-vhost --with-virtio --disable-tests --disable-unit-tests --disable-examples \
   --without-crypto --without-isal-crypto --without-fio --without-xnvme --without-ocf \
   --without-rdma --without-uring --without-usdt --without-idxd --without-nvme-cuse
 make -j "${JOBS:-$(nproc)}"
-for bin in nvmf_tgt spdk_tgt spdk_nvme_identify spdk_nvme_perf; do
-  [ -x "build/bin/$bin" ] || { echo "build/bin/$bin was not built" >&2; exit 1; }
+# The examples are configured out (--disable-examples: the rest are not needed), bdevperf is built alone.
+make -j "${JOBS:-$(nproc)}" -C examples/bdev/bdevperf
+for bin in bin/nvmf_tgt bin/spdk_tgt bin/spdk_nvme_identify bin/spdk_nvme_perf examples/bdevperf; do
+  [ -x "build/$bin" ] || { echo "build/$bin was not built" >&2; exit 1; }
 done
-echo "built $OUT (build/bin/, scripts/rpc.py)"
+echo "built $OUT (build/bin/, build/examples/bdevperf, scripts/rpc.py)"

@@ -215,13 +215,23 @@ export class VirtioDriver {
       const size = Math.min(max, options.queueSize ?? 256);
       const queue = this.setUpQueue(q, size, Number(await this.readCommon(Common.QUEUE_NOTIFY_OFF, 2)));
       await this.writeCommon(Common.QUEUE_SIZE, 2, size);
-      await this.writeCommon(Common.QUEUE_DESC, 8, queue.desc);
-      await this.writeCommon(Common.QUEUE_DRIVER, 8, queue.avail);
-      await this.writeCommon(Common.QUEUE_DEVICE, 8, queue.used);
+      await this.writeCommonHalves(Common.QUEUE_DESC, queue.desc);
+      await this.writeCommonHalves(Common.QUEUE_DRIVER, queue.avail);
+      await this.writeCommonHalves(Common.QUEUE_DEVICE, queue.used);
       await this.writeCommon(Common.QUEUE_MSIX_VECTOR, 2, q + 1 < this.vectors.length ? q + 1 : NO_VECTOR);
       await this.writeCommon(Common.QUEUE_ENABLE, 2, 1);
     }
     await this.setStatus(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK);
+  }
+
+  /**
+   * Writes a 64-bit field as its low then high 32-bit halves, as Linux's
+   * virtio_pci does (§4.1.3.1 allows it): SPDK's vfio-user endpoint takes no
+   * access wider than 4 bytes.
+   */
+  private async writeCommonHalves(offset: number, value: bigint): Promise<void> {
+    await this.writeCommon(offset, 4, value & 0xffffffffn);
+    await this.writeCommon(offset + 4, 4, value >> 32n);
   }
 
   /** Writes 0 to the status and waits for it to read 0 (§4.1.4.3.2). */
