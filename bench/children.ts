@@ -54,8 +54,9 @@ function keepTail(s: string): string {
   return s.length > TAIL ? s.slice(s.length - TAIL) : s;
 }
 
-export function startChild(name: string, cmd: string, args: string[]): Child {
-  const proc = spawn(cmd, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+/** Starts `cmd` in `cwd` (default the package root). */
+export function startChild(name: string, cmd: string, args: string[], cwd = ROOT): Child {
+  const proc = spawn(cmd, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
   let resolveExit!: () => void;
   const child: Child = {
     name,

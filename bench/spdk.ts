@@ -85,9 +85,9 @@ interface Server {
   start(dir: string, image: string): Promise<Running>;
 }
 
-/** Starts `argv` pinned to CPU 0. */
-function pinned(name: string, argv: string[]): Child {
-  return startChild(name, 'taskset', ['-c', '0', ...argv]);
+/** Starts `argv` pinned to CPU 0, in `cwd` (where an SPDK target that crashes leaves its core). */
+function pinned(name: string, argv: string[], cwd?: string): Child {
+  return startChild(name, 'taskset', ['-c', '0', ...argv], cwd);
 }
 
 async function serveOurs(name: string, example: string, socket: string, args: string[]): Promise<Child> {
@@ -124,7 +124,7 @@ function nvmeServers(spdk: string): Server[] {
       baseline: true,
       async start(dir, image) {
         const rpcSocket = path.join(dir, 'rpc.sock');
-        const child = pinned('nvmf_tgt', [spdkProgram(spdk, 'nvmf_tgt'), ...nvmfTargetArgs(rpcSocket, TARGET_MIB)]);
+        const child = pinned('nvmf_tgt', [spdkProgram(spdk, 'nvmf_tgt'), ...nvmfTargetArgs(rpcSocket, TARGET_MIB)], dir);
         return setUpTarget(child, async () => {
           await serveNvmfTarget(spdk, rpcSocket, image, dir);
           return dir;
@@ -145,7 +145,7 @@ function virtioServers(spdk: string): Server[] {
       baseline: true,
       async start(dir, image) {
         const rpcSocket = path.join(dir, 'rpc.sock');
-        const child = pinned('spdk_tgt', [spdkProgram(spdk, 'spdk_tgt'), ...virtioTargetArgs(rpcSocket, HOST_MIB)]);
+        const child = pinned('spdk_tgt', [spdkProgram(spdk, 'spdk_tgt'), ...virtioTargetArgs(rpcSocket, HOST_MIB)], dir);
         return setUpTarget(child, () => serveVirtioTarget(spdk, rpcSocket, image, dir));
       },
     },
