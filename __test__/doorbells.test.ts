@@ -120,6 +120,20 @@ describe('DoorbellSource', () => {
     expect(s.stats().cpuMicros).toBeGreaterThan(0);
   });
 
+  test('with nothing watched, a poke still spins the loop (counted and timed), a kick rings, and no back-off sleep or scan follows', async () => {
+    const s = source();
+    s.poke();
+    expect(s.stats().spins).toBe(1);
+    const kick = once(s, 'ring');
+    s.kick(3);
+    expect((await kick)[0]).toEqual([{ doorbell: 3, value: undefined }]);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    const stats = s.stats();
+    expect(stats.sleeps).toBe(0);
+    expect(stats.scans).toBe(0);
+    expect(stats.cpuMicros).toBeGreaterThan(0);
+  });
+
   test('misuse throws UsageError', () => {
     expect(() => new DoorbellSource({ count: 0 })).toThrow(UsageError);
     expect(() => new DoorbellSource({ count: 4, maxSleepMicros: 0 })).toThrow(UsageError);

@@ -21,8 +21,12 @@
  *   host that polls) is watched by a spin at once, of 1.5x its wait (at
  *   least 20 µs); a slower one (an emulated guest, hundreds of µs) is left
  *   alone for 0.75x its wait, then watched by a spin up to 1.5x it. Either
- *   way its ring is caught spinning, and a slow driver does not cost a core. No other thread is involved: a ring found is handled in the
- *   same turn of the loop. The time it takes is in `stats()`.
+ *   way its ring is caught spinning, and a slow driver does not cost a core.
+ *   No other thread is involved: a ring found is handled in the same turn
+ *   of the loop. The time it takes is in `stats()`. Spins follow trapped
+ *   writes and kicks too (timed the same way): with nothing watched, a spin
+ *   keeps the loop from blocking, so the next message or ioeventfd is read
+ *   without waking the thread.
  *
  * A doorbell watched in memory takes its value from memory: a trapped write
  * or a kick of it only says "look now" (as with NVMe shadow doorbells or a
@@ -181,7 +185,10 @@ export class DoorbellSource extends EventEmitter<DoorbellSourceEvents> {
     this.open();
     this.check(doorbell);
     if (this.watched.has(doorbell)) this.watcher.look(doorbell);
-    else this.written.set(doorbell, value >>> 0);
+    else {
+      this.written.set(doorbell, value >>> 0);
+      this.watcher.rung();
+    }
     this.queueFlush();
   }
 
@@ -190,7 +197,10 @@ export class DoorbellSource extends EventEmitter<DoorbellSourceEvents> {
     this.open();
     this.check(doorbell);
     if (this.watched.has(doorbell)) this.watcher.look(doorbell);
-    else if (!this.written.has(doorbell)) this.written.set(doorbell, undefined);
+    else {
+      if (!this.written.has(doorbell)) this.written.set(doorbell, undefined);
+      this.watcher.rung();
+    }
     this.queueFlush();
   }
 
@@ -209,12 +219,15 @@ export class DoorbellSource extends EventEmitter<DoorbellSourceEvents> {
 
   /**
    * The device expects doorbells soon (it just posted completions, so the
-   * guest will answer): watched memory is scanned on every turn of the loop
-   * again around when the driver answered last time (within `spinMicros`).
-   * Without pokes, watching only sleeps between scans.
+   * guest will answer): the loop spins again around when the driver
+   * answered last time (within `spinMicros`), scanning watched memory on
+   * every turn. With nothing watched the spin still keeps the loop from
+   * blocking, so a doorbell that comes as a trapped write or an ioeventfd is
+   * read without waking the thread. Without pokes, watching only sleeps
+   * between scans.
    */
   poke(): void {
-    if (!this.closed && this.watched.size > 0) this.watcher.poke();
+    if (!this.closed) this.watcher.poke();
   }
 
   stats(): DoorbellStats {

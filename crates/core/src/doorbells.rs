@@ -186,16 +186,26 @@ impl DoorbellWatch {
         let Ok(value) = word.memory.load_u32(word.offset) else { return false };
         word.last = value;
         self.push(doorbell, value, now);
-        self.poke(now);
+        self.rung(now);
         true
     }
 
-    /// Activity: the consumer expects doorbells soon (it just completed
-    /// work), so scanning spins again. Nothing happens with no word watched.
-    pub fn poke(&mut self, now: Instant) {
-        if self.words.is_empty() {
-            return;
+    /// A doorbell rang some other way (a trapped write, an ioeventfd): the
+    /// driver's answer, timed like one found in memory, and activity.
+    pub fn rung(&mut self, now: Instant) {
+        if let Some(active) = self.active_at {
+            let waited = now.saturating_duration_since(active);
+            self.expected = (waited <= self.config.spin).then_some(waited);
         }
+        self.poke(now);
+    }
+
+    /// Activity: the consumer expects doorbells soon (it just completed
+    /// work), so the loop spins again around when the driver answered last
+    /// time. With no word watched there is nothing to scan, but the spin
+    /// still keeps the loop from blocking, so a doorbell that comes as a
+    /// message or an eventfd is read without a wake-up.
+    pub fn poke(&mut self, now: Instant) {
         self.active_at = Some(now);
         let (from, until) = match self.expected {
             Some(wait) if wait >= EARLY_SLEEP_FROM => (wait * 3 / 4, wait * 3 / 2),
@@ -226,14 +236,10 @@ impl DoorbellWatch {
             }
         }
         if !changed.is_empty() {
-            if let Some(active) = self.active_at {
-                let waited = now.saturating_duration_since(active);
-                self.expected = (waited <= self.config.spin).then_some(waited);
-            }
             for (doorbell, value) in changed {
                 self.push(doorbell, value, now);
             }
-            self.poke(now);
+            self.rung(now);
         }
         !self.pending.is_empty()
     }
@@ -242,11 +248,6 @@ impl DoorbellWatch {
     /// poke). A back-off `Sleep` is counted as taken, and the one after it
     /// is twice as long (up to `max_sleep`).
     pub fn next(&mut self, now: Instant) -> Next {
-        if self.words.is_empty() {
-            self.end_spin(now);
-            self.window = None;
-            return Next::Wait;
-        }
         if let Some((from, until)) = self.window {
             if now < from {
                 self.end_spin(now);
@@ -263,6 +264,9 @@ impl DoorbellWatch {
             self.window = None;
         }
         self.end_spin(now);
+        if self.words.is_empty() {
+            return Next::Wait;
+        }
         let sleep = self.sleep;
         self.sleep = (sleep * 2).min(self.config.max_sleep);
         self.stats.sleeps += 1;
@@ -483,20 +487,26 @@ mod tests {
     }
 
     #[test]
-    fn poke_spins_only_while_something_is_watched() {
+    fn with_nothing_watched_pokes_spin_timed_by_rings_from_elsewhere_and_nothing_sleeps() {
         let (_guest, device) = page();
         let mut w = watch();
         let t0 = Instant::now();
-        w.poke(t0);
+        let us = Duration::from_micros;
         assert_eq!(w.next(t0), Next::Wait);
-        assert_eq!(w.stats().spins, 0);
-        w.watch(0, device, 0, None, t0).unwrap();
-        assert!(matches!(w.next(t0 + MIN_SPIN), Next::Sleep(_)));
-        assert_eq!(w.stats().spins, 0, "a spin counts once it has run");
-        w.poke(t0 + SPIN);
-        assert_eq!(w.next(t0 + SPIN), Next::Spin);
+        w.poke(t0);
+        assert_eq!(w.next(t0), Next::Spin, "a poke spins the loop even with nothing to scan");
+        assert_eq!(w.next(t0 + MIN_SPIN), Next::Wait, "and then waits: no back-off sleeps");
+        // A trapped write 100 µs after the poke: the next spin comes at 75 µs.
+        w.rung(t0 + us(100));
+        let t1 = t0 + us(1000);
+        w.poke(t1);
+        assert_eq!(w.next(t1), Next::Sleep(us(75)));
+        assert_eq!(w.next(t1 + us(75)), Next::Spin);
+        assert_eq!(w.next(t1 + us(150)), Next::Wait);
+        w.watch(0, device, 0, None, t1).unwrap();
+        assert!(matches!(w.next(t1 + SPIN), Next::Sleep(_)), "watching, it backs off instead");
         w.unwatch(0);
-        assert_eq!(w.next(t0 + SPIN), Next::Wait);
+        assert_eq!(w.next(t1 + SPIN), Next::Wait);
     }
 
     #[test]

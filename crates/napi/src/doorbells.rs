@@ -220,6 +220,16 @@ impl NativeDoorbellWatcher {
         Ok(found)
     }
 
+    /// A doorbell rang as a trapped write or a kick: the driver's answer, timed.
+    #[napi]
+    pub fn rung(&self) -> Result<()> {
+        let driver = self.driver()?;
+        let now = Instant::now();
+        driver.watch.borrow_mut().rung(now);
+        driver.schedule(now);
+        Ok(())
+    }
+
     /// The device expects doorbells soon: spin again.
     #[napi]
     pub fn poke(&self) -> Result<()> {
