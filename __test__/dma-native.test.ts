@@ -115,6 +115,32 @@ describe('DMA_MAP and DMA_UNMAP in the native reader', () => {
     expect(nativeDma()).toBe(1);
   });
 
+  test('device code takes what changed in one batch, without the windows that came and went meanwhile', async () => {
+    served = await serve(new DmaTestDevice());
+    const client = await served.client();
+    const ram = memory(64 * PAGE);
+    const dma = served.device.dma;
+    const batches: string[][] = [];
+    const take = dma.table.takeChanges.bind(dma.table);
+    dma.table.takeChanges = () => {
+      const changes = take();
+      batches.push(changes.map((c) => `${c.kind} ${c.iova?.toString(16)}`));
+      return changes;
+    };
+    const iova = (i: number) => BigInt(0x100000 + i * PAGE);
+    await client.dmaMap({ iova: iova(63), memory: ram, offset: 63 * PAGE, size: PAGE });
+    expect(dma.count).toBe(1);
+    await Promise.all(Array.from({ length: 8 }, (_, i) => client.dmaMap({ iova: iova(i), memory: ram, offset: i * PAGE, size: PAGE })));
+    await Promise.all([0, 1, 2, 3].map((i) => client.dmaUnmap(iova(i), BigInt(PAGE))));
+    await client.dmaUnmap(iova(63), BigInt(PAGE));
+    expect(nativeDma()).toBe(14);
+    expect(batches).toEqual([['map 13f000']]);
+    // One lookup, one batch: the windows still mapped, and the one device code had seen go.
+    expect(dma.list().map((w) => w.iova)).toEqual([iova(4), iova(5), iova(6), iova(7)]);
+    expect(dma.count).toBe(4);
+    expect(batches).toEqual([['map 13f000'], ['map 104000', 'map 105000', 'map 106000', 'map 107000', 'unmap 13f000']]);
+  });
+
   test('an unmap detaches the window’s views before its reply, even when device code never looked since', async () => {
     served = await serve(new DmaTestDevice());
     const client = await served.client();
