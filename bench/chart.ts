@@ -3,11 +3,12 @@
  * has just measured, written to docs/img/ (committed; the docs link them and
  * GitHub shows them). Plain SVG text, a white background, system fonts: no
  * browser or canvas to render it. The same data and caption always give the
- * same bytes, so a chart changes in git only when its figures do.
+ * same bytes (nothing is measured or dated in here but by machineNote).
  *
  *   barChart     panels of horizontal bars, each panel on its own linear axis
  *                from 0 (a panel per workload, a bar per mode or peer), with a
- *                note beside each bar's value (a ratio)
+ *                whisker for the range over rounds and a note beside each
+ *                bar's value (a ratio)
  *   stackedBars  a bar per row cut into consecutive segments on one linear
  *                axis (the median time of each stage of a command)
  *   histogram    a row of bins per sample set on one shared log axis, each
