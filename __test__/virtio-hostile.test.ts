@@ -5,7 +5,7 @@
  */
 import { describe, expect, test } from 'vitest';
 import {
-  featureBit, KIT_FEATURES, VirtioDevice, VirtioFeature as F, VirtioStatus as S, type DescriptorChain, type DriverQueue, type VirtioDriver, type VirtioNotifyMode,
+  featureBit, KIT_FEATURES, VirtioDevice, VirtioFeature as F, VirtioStatus as S, type DescriptorChain, type SplitDriverQueue, type VirtioDriver, type VirtioNotifyMode,
 } from '../ts/index.js';
 import { Common, Desc } from '../ts/virtio/spec.js';
 import { VirtioRng } from '../examples/virtio-rng.js';
@@ -20,7 +20,7 @@ const INDIRECT = Desc.F_INDIRECT;
 
 interface Scene {
   driver: VirtioDriver;
-  q: DriverQueue;
+  q: SplitDriverQueue;
   /** Guest memory for a buffer or a table. */
   buffer(length: number): bigint;
   /** Writes an indirect table of entries at a fresh address. */
@@ -35,7 +35,7 @@ async function expectNeedsReset(notify: VirtioNotifyMode, reason: RegExp, misbeh
   const { driver, device } = await drive(t, new VirtioRng({ notify }));
   expect(driver.notifyPath).toBe(notify);
   await driver.initialize({ features });
-  const [q] = driver.queues;
+  const q = driver.split(0);
   const scene: Scene = {
     driver, q,
     buffer: (length) => driver.allocate(length),
@@ -142,7 +142,7 @@ describe('malformed queue layouts', () => {
   async function badLayout(reason: RegExp, layout: { size: number; desc: bigint; driver: bigint; device: bigint }): Promise<void> {
     const { driver, device } = await drive(t, new VirtioRng());
     await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER);
-    await driver.writeDriverFeatures(KIT_FEATURES);
+    await driver.writeDriverFeatures(KIT_FEATURES & ~featureBit(F.RING_PACKED)); // split rings
     await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK);
     await driver.writeCommon(Common.QUEUE_SIZE, 2, layout.size);
     await driver.writeCommon(Common.QUEUE_DESC, 8, layout.desc);
@@ -167,7 +167,7 @@ test('heads offered again while in flight: the device holds at most a queue of c
   const device = new VirtioDevice({ deviceId: 63, queues: [{ size: 8 }], onQueue: (q) => { for (let c = q.pop(); c; c = q.pop()) held.push(c); } });
   const { driver } = await drive(t, device);
   await driver.initialize();
-  const [q] = driver.queues;
+  const q = driver.split(0);
   q.forget(); // raw offers: the driver's bookkeeping must not see them
   q.writeDescriptor(0, { addr: driver.allocate(16), len: 16, flags: WRITE, next: 0 });
   // Two queues' worth, never more than a queue ahead of what the device took.

@@ -3,7 +3,7 @@
  * §4.1), built on the PCI model. The kit emulates the transport (the
  * vendor-specific capabilities, the common configuration, ISR, notifications,
  * MSI-X vectors and INTx), the status machine, feature negotiation, the
- * split virtqueues and migration of their state; device code declares its
+ * split and packed virtqueues and migration of their state; device code declares its
  * type, features, queues and configuration and serves chains in `onQueue`.
  *
  * BAR4 (64-bit, handlers) holds the structures; BAR1 (plain memory) the
@@ -66,8 +66,8 @@ export interface VirtioDeviceDescription {
 }
 
 /** Features the kit implements for every device. */
-export const KIT_FEATURES = featureBit(Feature.VERSION_1) | featureBit(Feature.RING_EVENT_IDX) | featureBit(Feature.RING_INDIRECT_DESC) | featureBit(Feature.RING_RESET)
-  | featureBit(Feature.NOTIFICATION_DATA);
+export const KIT_FEATURES = featureBit(Feature.VERSION_1) | featureBit(Feature.RING_EVENT_IDX) | featureBit(Feature.RING_INDIRECT_DESC) | featureBit(Feature.RING_PACKED)
+  | featureBit(Feature.RING_RESET) | featureBit(Feature.NOTIFICATION_DATA);
 
 export const VIRTIO_BAR = 4;
 export const MSIX_BAR = 1;
@@ -75,7 +75,7 @@ export const Layout = { COMMON: 0x0000, ISR: 0x1000, DEVICE: 0x2000, NOTIFY: 0x3
 /** Config-space homes of the capabilities (the PCI cfg one has its data at +16). */
 const CapAt = { COMMON: 0x40, NOTIFY: 0x50, ISR: 0x64, DEVICE: 0x74, PCI: 0x84, MSIX: 0x98 } as const;
 const MAX_QUEUES = Layout.MSIX_PBA / 16 - 1;
-const STATE_VERSION = 1;
+const STATE_VERSION = 2;
 
 export class VirtioDevice extends PciDevice {
   readonly queues: readonly Virtqueue[];
@@ -530,9 +530,9 @@ export class VirtioDevice extends PciDevice {
         size: u(s.size, 16, `queue ${i} size`), vector: u(s.vector, 16, `queue ${i} vector`), enabled: s.enabled === true,
         desc: hex(s.desc, `queue ${i} desc`), driver: hex(s.driver, `queue ${i} driver`), device: hex(s.device, `queue ${i} device`),
         lastAvail: u(s.lastAvail, 16, `queue ${i} lastAvail`), usedIdx: u(s.usedIdx, 16, `queue ${i} usedIdx`),
-        held: Array.isArray(s.held) ? s.held.map((h, n) => u(h, 16, `queue ${i} held[${n}]`)) : fail(`queue ${i} has no held list`),
+        held: Array.isArray(s.held) ? s.held : fail(`queue ${i} has no held list`),
       };
-      const problem = checkQueueState(q, this.queues[i].maxSize, vectors, this.queues[i].holds);
+      const problem = checkQueueState(q, this.queues[i].maxSize, vectors, this.queues[i].holds, (driverFeatures & featureBit(Feature.RING_PACKED)) !== 0n);
       if (problem) fail(`queue ${i}: ${problem}`);
       return q;
     });

@@ -1,10 +1,10 @@
 /**
  * A virtio driver on the package's client, for testing devices without a
  * VM: it finds the virtio capabilities, negotiates features, lays out split
- * queues in the client's guest memory, submits chains and waits for used
- * entries, as Linux's virtio_pci and virtio_ring do. Its low-level methods
- * (`readCommon`, `writeDescriptor`, `offer`, ...) let a test play a driver
- * that breaks the rules.
+ * or packed queues in the client's guest memory, submits chains and waits
+ * for used entries, as Linux's virtio_pci and virtio_ring do. Its low-level
+ * methods (`readCommon`, `writeDescriptor`, `offer`, `offerChain`, ...) let
+ * a test play a driver that breaks the rules.
  */
 import { UsageError } from '../errors.js';
 import type { VfioUserClient } from '../client/client.js';
@@ -13,7 +13,7 @@ import type { EventfdIrq } from '../client/eventfd-irq.js';
 import { IrqIndex, Region, RegionCapId } from '../protocol/index.js';
 import { native, type NativeMapping } from '../native.js';
 import { Cap as PciCap, CapabilityId, Cfg, Command as PciCommand } from '../pci/spec.js';
-import { Cap, CapType, Common, Desc, Feature, featureBit, NO_VECTOR, Ring, Status } from './spec.js';
+import { Cap, CapType, Common, Desc, EventSuppress, Feature, featureBit, NO_VECTOR, PackedDesc, Ring, Status } from './spec.js';
 
 export interface VirtioDriverOptions {
   /** Guest memory: the rings and buffers live in it. The driver maps it at `iova` (DMA_MAP). */
@@ -34,8 +34,13 @@ export interface VirtioDriverOptions {
 export type NotifyPath = 'mmap' | 'ioeventfd' | 'trap';
 
 export interface InitOptions {
-  /** Features to accept from those offered (default: all offered). VERSION_1 is always asked for. */
+  /**
+   * Features to accept from those offered (default: all offered). VERSION_1
+   * is always asked for; RING_PACKED is `ring`'s to decide.
+   */
   features?: bigint;
+  /** The ring layout: 'packed' negotiates RING_PACKED (as Linux does whenever it is offered); default 'split'. */
+  ring?: 'split' | 'packed';
   /** Largest queue size to use (default 256, or the device's maximum when smaller). */
   queueSize?: number;
   /** Queues to set up (default: all the device has). */
@@ -199,7 +204,10 @@ export class VirtioDriver {
     await this.setStatus(Status.ACKNOWLEDGE | Status.DRIVER);
     const offered = await this.deviceFeatures();
     if (!(offered & featureBit(Feature.VERSION_1))) throw new UsageError('the device does not offer VERSION_1');
-    this.features = offered & ((options.features ?? offered) | featureBit(Feature.VERSION_1));
+    const packed = options.ring === 'packed';
+    if (packed && !(offered & featureBit(Feature.RING_PACKED))) throw new UsageError('the device does not offer RING_PACKED');
+    const wanted = ((options.features ?? offered) & ~featureBit(Feature.RING_PACKED)) | featureBit(Feature.VERSION_1) | (packed ? featureBit(Feature.RING_PACKED) : 0n);
+    this.features = offered & wanted;
     await this.writeDriverFeatures(this.features);
     await this.setStatus(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK);
     if (!((await this.status()) & Status.FEATURES_OK)) throw new UsageError(`the device refused features 0x${this.features.toString(16)}`);
@@ -213,11 +221,11 @@ export class VirtioDriver {
       await this.writeCommon(Common.QUEUE_SELECT, 2, q);
       const max = Number(await this.readCommon(Common.QUEUE_SIZE, 2));
       const size = Math.min(max, options.queueSize ?? 256);
-      const queue = this.setUpQueue(q, size, Number(await this.readCommon(Common.QUEUE_NOTIFY_OFF, 2)));
+      const queue = this.setUpQueue(q, size, Number(await this.readCommon(Common.QUEUE_NOTIFY_OFF, 2)), packed);
       await this.writeCommon(Common.QUEUE_SIZE, 2, size);
       await this.writeCommonHalves(Common.QUEUE_DESC, queue.desc);
-      await this.writeCommonHalves(Common.QUEUE_DRIVER, queue.avail);
-      await this.writeCommonHalves(Common.QUEUE_DEVICE, queue.used);
+      await this.writeCommonHalves(Common.QUEUE_DRIVER, queue.driverArea);
+      await this.writeCommonHalves(Common.QUEUE_DEVICE, queue.deviceArea);
       await this.writeCommon(Common.QUEUE_MSIX_VECTOR, 2, q + 1 < this.vectors.length ? q + 1 : NO_VECTOR);
       await this.writeCommon(Common.QUEUE_ENABLE, 2, 1);
     }
@@ -260,12 +268,29 @@ export class VirtioDriver {
     return this.bytes.subarray(offset, offset + length);
   }
 
-  private setUpQueue(index: number, size: number, notifyOff: number): DriverQueue {
-    const desc = this.allocate(size * Desc.SIZE);
-    const avail = this.allocate(Ring.ENTRIES + 2 * size + 2);
-    const used = this.allocate(Ring.ENTRIES + Ring.USED_ELEM_SIZE * size + 2);
-    const data = this.allocate(64 * 1024 + size * 256);
-    const queue = new DriverQueue(this, index, size, notifyOff, { desc, avail, used, data, dataSize: 64 * 1024 + size * 256 });
+  /** Queue `n`, which must be a split one (for a test that writes the rings itself). */
+  split(n: number): SplitDriverQueue {
+    const q = this.queues[n];
+    if (!(q instanceof SplitDriverQueue)) throw new UsageError(`queue ${n} is not a split queue`);
+    return q;
+  }
+
+  /** Queue `n`, which must be a packed one. */
+  packed(n: number): PackedDriverQueue {
+    const q = this.queues[n];
+    if (!(q instanceof PackedDriverQueue)) throw new UsageError(`queue ${n} is not a packed queue`);
+    return q;
+  }
+
+  private setUpQueue(index: number, size: number, notifyOff: number, packed: boolean): DriverQueue {
+    const area = {
+      desc: this.allocate(size * Desc.SIZE),
+      driver: this.allocate(packed ? EventSuppress.SIZE : Ring.ENTRIES + 2 * size + 2),
+      device: this.allocate(packed ? EventSuppress.SIZE : Ring.ENTRIES + Ring.USED_ELEM_SIZE * size + 2),
+      data: this.allocate(64 * 1024 + size * 256),
+      dataSize: 64 * 1024 + size * 256,
+    };
+    const queue = packed ? new PackedDriverQueue(this, index, size, notifyOff, area) : new SplitDriverQueue(this, index, size, notifyOff, area);
     this.queues[index] = queue;
     return queue;
   }
@@ -294,8 +319,8 @@ export class VirtioDriver {
 
 interface QueueMemory {
   desc: bigint;
-  avail: bigint;
-  used: bigint;
+  driver: bigint;
+  device: bigint;
   /** Where the queue's buffers are carved from. */
   data: bigint;
   dataSize: number;
@@ -306,9 +331,131 @@ interface Waiting {
   resolve(completion: Completion): void;
 }
 
-/** A split queue as the driver side lays it out. */
-export class DriverQueue {
+/** A buffer placed in guest memory for a chain. */
+interface Placed {
+  iova: bigint;
+  length: number;
+  write: boolean;
+}
+
+/** A queue as the driver side lays it out: split (`SplitDriverQueue`) or packed (`PackedDriverQueue`). */
+export abstract class DriverQueue {
+  /** Where the descriptors, the driver area and the device area are (what queue_desc, queue_driver and queue_device say). */
   readonly desc: bigint;
+  readonly driverArea: bigint;
+  readonly deviceArea: bigint;
+  /** Submissions waiting for their used entry, by the id the device gives back. */
+  protected readonly waiting = new Map<number, Waiting>();
+  private dataUsed = 0;
+  private readonly listener = () => this.collect();
+
+  constructor(
+    protected readonly driver: VirtioDriver,
+    readonly index: number,
+    readonly size: number,
+    readonly notifyOff: number,
+    private readonly area: QueueMemory,
+  ) {
+    ({ desc: this.desc, driver: this.driverArea, device: this.deviceArea } = area);
+    driver.vectors[index + 1]?.on('interrupt', this.listener);
+  }
+
+  protected get eventIdx(): boolean {
+    return (this.driver.features & featureBit(Feature.RING_EVENT_IDX)) !== 0n;
+  }
+
+  /** Chains submitted and not used yet. */
+  get outstanding(): number {
+    return this.waiting.size;
+  }
+
+  /** How many used entries the device has written, mod 2^16 (split: the used index; packed: counted by collecting them). */
+  abstract get usedIndex(): number;
+
+  /** Makes `placed` available as one chain (in an indirect table when `indirect`); returns the id the device will give back. */
+  protected abstract make(placed: Placed[], indirect: boolean): number;
+
+  /** The le32 a notification carries with NOTIFICATION_DATA (§4.1.5.2): the queue and where its ring stands. */
+  protected abstract notificationData(): number;
+
+  /** Whether the device asked to be notified for what was made available since the last check. */
+  protected abstract notifyWanted(): boolean;
+
+  /** Asks for no interrupts, or for one per used entry. */
+  abstract setInterrupts(enabled: boolean): void;
+
+  /** Resolves submissions the device has used (called on every interrupt; call it to poll). */
+  abstract collect(): void;
+
+  /**
+   * Submits one chain (device-readable buffers first), notifies unless the
+   * device suppressed notifications, and resolves when the device has used it.
+   * `indirect` puts the chain in an indirect table.
+   */
+  submit(buffers: readonly ChainBuffer[], options: { indirect?: boolean; notify?: boolean } = {}): Promise<Completion> {
+    const placed = buffers.map((b): Placed => {
+      const length = 'data' in b ? b.data.length : b.writable;
+      const iova = this.carve(length);
+      if ('data' in b) this.driver.at(iova, length).set(b.data);
+      return { iova, length, write: !('data' in b) };
+    });
+    const id = this.make(placed, options.indirect === true);
+    let fail: (error: unknown) => void = () => {};
+    const done = new Promise<Completion>((resolve, reject) => {
+      this.waiting.set(id, { writable: placed.filter((p) => p.write), resolve });
+      fail = reject;
+    });
+    // A notification that cannot be sent (the connection closed) fails the submission.
+    if (options.notify !== false) this.kickIfWanted().catch(fail);
+    return done;
+  }
+
+  /** Notifies the device now (with NOTIFICATION_DATA: where the driver's ring stands). */
+  kick(): Promise<void> {
+    const data = this.driver.features & featureBit(Feature.NOTIFICATION_DATA) ? this.notificationData() : undefined;
+    return this.driver.notifyQueue(this.index, this.notifyOff, data);
+  }
+
+  /** Notifies unless the device said it needs no notification. */
+  async kickIfWanted(): Promise<boolean> {
+    const wanted = this.notifyWanted();
+    if (wanted) await this.kick();
+    return wanted;
+  }
+
+  /** Stops listening (the queue's memory stays allocated). */
+  forget(): void {
+    this.driver.vectors[this.index + 1]?.off('interrupt', this.listener);
+  }
+
+  /** Completes the submission the device gave back as `id`; false when none waits for it. */
+  protected resolve(id: number, written: number): boolean {
+    const waiting = this.waiting.get(id);
+    if (!waiting) return false;
+    this.waiting.delete(id);
+    waiting.resolve({ written, writable: waiting.writable.map((w) => Buffer.from(this.driver.at(w.iova, w.length))) });
+    if (this.waiting.size === 0) this.dataUsed = 0;
+    return true;
+  }
+
+  /** `length` bytes of the queue's buffer area (reused once nothing is outstanding). */
+  protected carve(length: number): bigint {
+    const at = Math.ceil(this.dataUsed / 16) * 16;
+    if (at + length > this.area.dataSize) throw new UsageError(`queue ${this.index}: ${length} bytes do not fit the queue's buffer area`);
+    this.dataUsed = at + length;
+    return this.area.data + BigInt(at);
+  }
+
+  /** A DataView and a u16 view of guest memory at `iova`, zeroed (a queue set up again over old memory must not offer old entries). */
+  protected fresh(iova: bigint, length: number): { view: DataView; u16: Uint16Array } {
+    const bytes = this.driver.at(iova, length).fill(0);
+    return { view: new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength), u16: new Uint16Array(bytes.buffer, bytes.byteOffset, Math.floor(bytes.byteLength / 2)) };
+  }
+}
+
+/** A split queue (§2.7): descriptor table, available ring, used ring. */
+export class SplitDriverQueue extends DriverQueue {
+  /** The available ring (the driver area) and the used ring (the device area). */
   readonly avail: bigint;
   readonly used: bigint;
   private readonly table: DataView;
@@ -320,62 +467,22 @@ export class DriverQueue {
   private lastUsed = 0;
   private freeHead = 0;
   private free: number;
-  private dataUsed = 0;
-  private readonly waiting = new Map<number, Waiting>();
-  private readonly listener = () => this.collect();
 
-  constructor(
-    private readonly driver: VirtioDriver,
-    readonly index: number,
-    readonly size: number,
-    readonly notifyOff: number,
-    private readonly area: QueueMemory,
-  ) {
-    ({ desc: this.desc, avail: this.avail, used: this.used } = area);
-    // Fresh rings are zeros (a queue set up again over old memory must not offer old entries).
-    driver.at(this.desc, size * Desc.SIZE).fill(0);
-    driver.at(this.avail, Ring.ENTRIES + 2 * size + 2).fill(0);
-    driver.at(this.used, Ring.ENTRIES + Ring.USED_ELEM_SIZE * size + 2).fill(0);
-    const view = (iova: bigint, length: number) => {
-      const bytes = driver.at(iova, length);
-      return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    };
-    this.table = view(this.desc, size * Desc.SIZE);
-    this.availRing = view(this.avail, Ring.ENTRIES + 2 * size + 2);
-    const availBytes = driver.at(this.avail, Ring.ENTRIES + 2 * size + 2);
-    this.availU16 = new Uint16Array(availBytes.buffer, availBytes.byteOffset, availBytes.byteLength / 2);
-    const usedBytes = driver.at(this.used, Ring.ENTRIES + Ring.USED_ELEM_SIZE * size + 2);
-    this.usedRing = new DataView(usedBytes.buffer, usedBytes.byteOffset, usedBytes.byteLength);
-    this.usedU16 = new Uint16Array(usedBytes.buffer, usedBytes.byteOffset, usedBytes.byteLength / 2);
+  constructor(driver: VirtioDriver, index: number, size: number, notifyOff: number, area: QueueMemory) {
+    super(driver, index, size, notifyOff, area);
+    this.avail = this.driverArea;
+    this.used = this.deviceArea;
+    this.table = this.fresh(this.desc, size * Desc.SIZE).view;
+    ({ view: this.availRing, u16: this.availU16 } = this.fresh(this.avail, Ring.ENTRIES + 2 * size + 2));
+    ({ view: this.usedRing, u16: this.usedU16 } = this.fresh(this.used, Ring.ENTRIES + Ring.USED_ELEM_SIZE * size + 2));
     // Free descriptors are chained through `next`, as Linux keeps them.
     for (let i = 0; i < size; i++) this.table.setUint16(i * Desc.SIZE + Desc.NEXT, i + 1, true);
     this.free = size;
-    driver.vectors[index + 1]?.on('interrupt', this.listener);
   }
 
-  private get eventIdx(): boolean {
-    return (this.driver.features & featureBit(Feature.RING_EVENT_IDX)) !== 0n;
-  }
-
-  /** Chains submitted and not used yet. */
-  get outstanding(): number {
-    return this.waiting.size;
-  }
-
-  /**
-   * Submits one chain (device-readable buffers first), notifies unless the
-   * device suppressed notifications, and resolves when the device has used it.
-   * `indirect` puts the chain in an indirect table.
-   */
-  submit(buffers: readonly ChainBuffer[], options: { indirect?: boolean; notify?: boolean } = {}): Promise<Completion> {
-    const placed = buffers.map((b) => {
-      const length = 'data' in b ? b.data.length : b.writable;
-      const iova = this.carve(length);
-      if ('data' in b) this.driver.at(iova, length).set(b.data);
-      return { iova, length, write: !('data' in b) };
-    });
+  protected make(placed: Placed[], indirect: boolean): number {
     let head: number;
-    if (options.indirect) {
+    if (indirect) {
       const table = this.carve(placed.length * Desc.SIZE);
       const bytes = this.driver.at(table, placed.length * Desc.SIZE);
       const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -387,15 +494,8 @@ export class DriverQueue {
       placed.forEach((p, i) => this.writeDescriptor(ids[i], { addr: p.iova, len: p.length, flags: (p.write ? Desc.F_WRITE : 0) | (i + 1 < ids.length ? Desc.F_NEXT : 0), next: ids[i + 1] ?? 0 }));
       head = ids[0];
     }
-    let fail: (error: unknown) => void = () => {};
-    const done = new Promise<Completion>((resolve, reject) => {
-      this.waiting.set(head, { writable: placed.filter((p) => p.write), resolve });
-      fail = reject;
-    });
     this.offer(head);
-    // A notification that cannot be sent (the connection closed) fails the submission.
-    if (options.notify !== false) this.kickIfWanted().catch(fail);
-    return done;
+    return head;
   }
 
   /** Writes descriptor `i` of the table (hostile tests write their own). */
@@ -416,22 +516,19 @@ export class DriverQueue {
     Atomics.store(this.availU16, Ring.IDX / 2, this.availIdx);
   }
 
-  /** Notifies the device now (with NOTIFICATION_DATA: where the available ring stands). */
-  kick(): Promise<void> {
-    const data = this.driver.features & featureBit(Feature.NOTIFICATION_DATA) ? (this.availIdx << 16) | this.index : undefined;
-    return this.driver.notifyQueue(this.index, this.notifyOff, data);
+  /** { vqn, next_idx: the available index }. */
+  protected notificationData(): number {
+    return ((this.availIdx << 16) | this.index) >>> 0;
   }
 
-  /** Notifies unless the device said it needs no notification (used flags or avail_event). */
-  async kickIfWanted(): Promise<boolean> {
-    const wanted = this.eventIdx
+  /** Used flags' NO_NOTIFY, or avail_event with EVENT_IDX. */
+  protected notifyWanted(): boolean {
+    return this.eventIdx
       ? ((this.availIdx - Atomics.load(this.usedU16, (Ring.ENTRIES + Ring.USED_ELEM_SIZE * this.size) / 2) - 1) & 0xffff) < 1
       : (Atomics.load(this.usedU16, Ring.FLAGS / 2) & Ring.USED_NO_NOTIFY) === 0;
-    if (wanted) await this.kick();
-    return wanted;
   }
 
-  /** Asks for no interrupts (avail flags, or a used_event far behind) or for one per used entry. */
+  /** Avail flags' NO_INTERRUPT, or a used_event far behind with EVENT_IDX. */
   setInterrupts(enabled: boolean): void {
     if (this.eventIdx) Atomics.store(this.availU16, (Ring.ENTRIES + 2 * this.size) / 2, enabled ? this.lastUsed : (this.lastUsed - 1) & 0xffff);
     else Atomics.store(this.availU16, Ring.FLAGS / 2, enabled ? 0 : Ring.AVAIL_NO_INTERRUPT);
@@ -442,7 +539,6 @@ export class DriverQueue {
     return Atomics.load(this.usedU16, Ring.IDX / 2);
   }
 
-  /** Resolves submissions the device has used (called on every interrupt; call it to poll). */
   collect(): void {
     const idx = this.usedIndex;
     for (let n = 0; this.lastUsed !== idx && n < this.size; n++) {
@@ -450,27 +546,12 @@ export class DriverQueue {
       const head = this.usedRing.getUint32(at, true);
       const written = this.usedRing.getUint32(at + 4, true);
       this.lastUsed = (this.lastUsed + 1) & 0xffff;
-      const waiting = this.waiting.get(head);
-      if (!waiting) throw new Error(`queue ${this.index}: the device used descriptor ${head}, which was not submitted`);
-      this.waiting.delete(head);
+      if (!this.waiting.has(head)) throw new Error(`queue ${this.index}: the device used descriptor ${head}, which was not submitted`);
       this.release(head);
-      waiting.resolve({ written, writable: waiting.writable.map((w) => Buffer.from(this.driver.at(w.iova, w.length))) });
+      this.resolve(head, written);
     }
     // With EVENT_IDX, ask to be interrupted for the next entry.
     if (this.eventIdx) Atomics.store(this.availU16, (Ring.ENTRIES + 2 * this.size) / 2, this.lastUsed);
-    if (this.waiting.size === 0) this.dataUsed = 0;
-  }
-
-  /** Stops listening (the queue's memory stays allocated). */
-  forget(): void {
-    this.driver.vectors[this.index + 1]?.off('interrupt', this.listener);
-  }
-
-  private carve(length: number): bigint {
-    const at = Math.ceil(this.dataUsed / 16) * 16;
-    if (at + length > this.area.dataSize) throw new UsageError(`queue ${this.index}: ${length} bytes do not fit the queue's buffer area`);
-    this.dataUsed = at + length;
-    return this.area.data + BigInt(at);
   }
 
   private take(count: number): number[] {
@@ -498,6 +579,194 @@ export class DriverQueue {
     this.freeHead = head;
     this.free += count;
   }
+}
+
+/** One descriptor of a packed ring or indirect table as a test writes it: `flags` without the wrap bits. */
+export interface PackedDescriptor {
+  addr: bigint;
+  len: number;
+  flags: number;
+}
+
+/**
+ * A packed queue (§2.8): one descriptor ring and an event suppression
+ * structure each way. Chains go in at the driver's position with the wrap
+ * bits of their lap, the first descriptor's flags last; used entries come
+ * back in completion order, each skipping the entries its chain took.
+ */
+export class PackedDriverQueue extends DriverQueue {
+  private readonly ring: DataView;
+  private readonly ringU16: Uint16Array;
+  private readonly driverEvent: Uint16Array;
+  private readonly deviceEvent: Uint16Array;
+  private nextAvail = 0;
+  private availWrap = true;
+  private lastUsed = 0;
+  private usedWrap = true;
+  /** The available position (counting laps, 0 to 2 * size - 1) when the driver last decided to notify. */
+  private checkedAt = 0;
+  private freeSlots: number;
+  /** Buffer IDs for `submit`, and the ring entries each chain in flight took, by ID. */
+  private readonly freeIds: number[];
+  private readonly slotsOf = new Map<number, number>();
+  private usedCount = 0;
+
+  constructor(driver: VirtioDriver, index: number, size: number, notifyOff: number, area: QueueMemory) {
+    super(driver, index, size, notifyOff, area);
+    ({ view: this.ring, u16: this.ringU16 } = this.fresh(this.desc, size * Desc.SIZE));
+    this.driverEvent = this.fresh(this.driverArea, EventSuppress.SIZE).u16;
+    this.deviceEvent = this.fresh(this.deviceArea, EventSuppress.SIZE).u16;
+    this.freeSlots = size;
+    this.freeIds = Array.from({ length: size }, (_, i) => size - 1 - i);
+  }
+
+  /** The wrap bits of an available descriptor in the driver's current lap (`wrap` flips them: the other lap). */
+  availBits(wrap = this.availWrap): number {
+    return wrap ? PackedDesc.F_AVAIL : PackedDesc.F_USED;
+  }
+
+  /** Ring entries free for chains (entries come back as used entries are collected). */
+  get freeEntries(): number {
+    return this.freeSlots;
+  }
+
+  /** The driver's next position: the ring index, and the wrap counter in bit 15 (as off_wrap writes it). */
+  get availPosition(): number {
+    return this.nextAvail | (this.availWrap ? EventSuppress.WRAP : 0);
+  }
+
+  protected make(placed: Placed[], indirect: boolean): number {
+    const id = this.freeIds.pop();
+    if (id === undefined) throw new UsageError(`queue ${this.index}: every buffer id is in flight`);
+    const flags = (p: Placed) => (p.write ? Desc.F_WRITE : 0);
+    if (indirect) {
+      const table = this.carve(placed.length * Desc.SIZE);
+      const bytes = this.driver.at(table, placed.length * Desc.SIZE);
+      writePackedTable(new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength), placed.map((p) => ({ addr: p.iova, len: p.length, flags: flags(p) })));
+      this.offerChain([{ addr: table, len: placed.length * Desc.SIZE, flags: Desc.F_INDIRECT }], id);
+    } else {
+      this.offerChain(placed.map((p, i) => ({ addr: p.iova, len: p.length, flags: flags(p) | (i + 1 < placed.length ? Desc.F_NEXT : 0) })), id);
+    }
+    return id;
+  }
+
+  /**
+   * Writes `descs` as one chain at the driver's position, each with its
+   * lap's wrap bits and `id`, and makes it available (the first flags last).
+   * The other flags are taken as given: a hostile test may chain past the end.
+   */
+  offerChain(descs: readonly PackedDescriptor[], id: number): void {
+    if (descs.length === 0 || descs.length > this.freeSlots) throw new UsageError(`queue ${this.index}: ${descs.length} descriptors wanted, ${this.freeSlots} free`);
+    const first = this.nextAvail;
+    let headFlags = 0;
+    descs.forEach((d, i) => {
+      const flags = (d.flags & ~(PackedDesc.F_AVAIL | PackedDesc.F_USED)) | this.availBits();
+      const at = this.nextAvail * Desc.SIZE;
+      this.ring.setBigUint64(at + Desc.ADDR, d.addr, true);
+      this.ring.setUint32(at + Desc.LEN, d.len, true);
+      this.ring.setUint16(at + PackedDesc.ID, id, true);
+      if (i === 0) headFlags = flags;
+      else this.ring.setUint16(at + PackedDesc.FLAGS, flags, true);
+      if (++this.nextAvail === this.size) {
+        this.nextAvail = 0;
+        this.availWrap = !this.availWrap;
+      }
+    });
+    this.freeSlots -= descs.length;
+    this.slotsOf.set(id, descs.length);
+    // The rest of the chain is written first: the head's flags publish it (sequentially consistent).
+    Atomics.store(this.ringU16, (first * Desc.SIZE + PackedDesc.FLAGS) / 2, headFlags);
+  }
+
+  /** Writes ring entry `i` as given, flags and all (wrap bits included). */
+  writeDescriptor(i: number, d: PackedDescriptor & { id: number }): void {
+    const at = i * Desc.SIZE;
+    this.ring.setBigUint64(at + Desc.ADDR, d.addr, true);
+    this.ring.setUint32(at + Desc.LEN, d.len, true);
+    this.ring.setUint16(at + PackedDesc.ID, d.id, true);
+    Atomics.store(this.ringU16, (at + PackedDesc.FLAGS) / 2, d.flags);
+  }
+
+  /** Moves the driver's position and wrap counter anywhere (a hostile driver's lie). */
+  setAvailPosition(index: number, wrap: boolean): void {
+    this.nextAvail = index % this.size;
+    this.availWrap = wrap;
+  }
+
+  /** { vqn, next_off, next_wrap }: the driver's position and wrap counter. */
+  protected notificationData(): number {
+    return ((this.availPosition << 16) | this.index) >>> 0;
+  }
+
+  /** The device's event suppression: DISABLE, ENABLE, or DESC for the descriptor at its off_wrap (EVENT_IDX). */
+  protected notifyWanted(): boolean {
+    const now = this.lap(this.nextAvail, this.availWrap);
+    const old = this.checkedAt;
+    this.checkedAt = now;
+    const flags = Atomics.load(this.deviceEvent, EventSuppress.FLAGS / 2) & 3;
+    if (flags === EventSuppress.DISABLE) return false;
+    if (flags !== EventSuppress.DESC || !this.eventIdx) return true;
+    const offWrap = Atomics.load(this.deviceEvent, EventSuppress.OFF_WRAP / 2);
+    const event = this.lap(offWrap & ~EventSuppress.WRAP, (offWrap & EventSuppress.WRAP) !== 0);
+    const span = 2 * this.size;
+    return (event - old + span) % span < (now - old + span) % span;
+  }
+
+  /** DISABLE, or ENABLE (DESC at the next used entry with EVENT_IDX). */
+  setInterrupts(enabled: boolean): void {
+    if (!enabled) Atomics.store(this.driverEvent, EventSuppress.FLAGS / 2, EventSuppress.DISABLE);
+    else if (this.eventIdx) this.askForNext();
+    else Atomics.store(this.driverEvent, EventSuppress.FLAGS / 2, EventSuppress.ENABLE);
+  }
+
+  /** Used entries collected so far (reading it collects). */
+  get usedIndex(): number {
+    this.collect();
+    return this.usedCount & 0xffff;
+  }
+
+  collect(): void {
+    for (let n = 0; n < this.size; n++) {
+      const at = this.lastUsed * Desc.SIZE;
+      const flags = Atomics.load(this.ringU16, (at + PackedDesc.FLAGS) / 2);
+      if (((flags & PackedDesc.F_USED) !== 0) !== this.usedWrap || ((flags & PackedDesc.F_AVAIL) !== 0) !== this.usedWrap) break;
+      const id = this.ring.getUint16(at + PackedDesc.ID, true);
+      const written = flags & Desc.F_WRITE ? this.ring.getUint32(at + Desc.LEN, true) : 0;
+      const slots = this.slotsOf.get(id);
+      if (slots === undefined) throw new Error(`queue ${this.index}: the device used buffer id ${id}, which is not in flight`);
+      this.slotsOf.delete(id);
+      this.freeSlots += slots;
+      this.lastUsed += slots;
+      if (this.lastUsed >= this.size) {
+        this.lastUsed -= this.size;
+        this.usedWrap = !this.usedWrap;
+      }
+      this.usedCount++;
+      if (this.resolve(id, written)) this.freeIds.push(id);
+    }
+    // With EVENT_IDX, ask to be interrupted for the next entry (unless interrupts are off).
+    if (this.eventIdx && Atomics.load(this.driverEvent, EventSuppress.FLAGS / 2) !== EventSuppress.DISABLE) this.askForNext();
+  }
+
+  private askForNext(): void {
+    Atomics.store(this.driverEvent, EventSuppress.OFF_WRAP / 2, this.lastUsed | (this.usedWrap ? EventSuppress.WRAP : 0));
+    Atomics.store(this.driverEvent, EventSuppress.FLAGS / 2, EventSuppress.DESC);
+  }
+
+  /** A position counting laps (0 to 2 * size - 1): the index, plus size in the laps whose wrap counter is 0. */
+  private lap(index: number, wrap: boolean): number {
+    return (index + (wrap ? 0 : this.size)) % (2 * this.size);
+  }
+}
+
+/** Writes an indirect table in packed form (§2.8.8): WRITE is the only flag that counts, the id is reserved. */
+export function writePackedTable(view: DataView, descs: readonly PackedDescriptor[]): void {
+  descs.forEach((d, i) => {
+    view.setBigUint64(i * Desc.SIZE + Desc.ADDR, d.addr, true);
+    view.setUint32(i * Desc.SIZE + Desc.LEN, d.len, true);
+    view.setUint16(i * Desc.SIZE + PackedDesc.ID, 0, true);
+    view.setUint16(i * Desc.SIZE + PackedDesc.FLAGS, d.flags, true);
+  });
 }
 
 function writeDesc(view: DataView, i: number, d: { addr: bigint; len: number; flags: number; next: number }): void {

@@ -7,9 +7,11 @@
  */
 import { UsageError } from '../errors.js';
 import type { DmaSpace } from '../dma/space.js';
-import { VirtqueueError, type DescriptorChain } from './chain.js';
+import { checkSavedChain, saveChain, VirtqueueError, type DescriptorChain, type SavedChain } from './chain.js';
+import type { Ring } from './ring.js';
 import { SPLIT_ALIGN, SplitRing } from './split.js';
-import { Feature, featureBit, MAX_QUEUE_SIZE, NO_VECTOR } from './spec.js';
+import { PACKED_ALIGN, PackedRing } from './packed.js';
+import { EventSuppress, Feature, featureBit, MAX_QUEUE_SIZE, NO_VECTOR } from './spec.js';
 
 /** What a queue needs from its device. @internal */
 export interface QueueHost {
@@ -36,10 +38,12 @@ export interface QueueState {
   desc: bigint;
   driver: bigint;
   device: bigint;
+  /** Where the device takes the next chain: the available ring's index (split), or the ring index with the wrap counter in bit 15 (packed). */
   lastAvail: number;
+  /** Where the device writes the next used entry, in the same form. */
   usedIdx: number;
-  /** Heads device code held when it was saved, oldest first (queues that hold chains). */
-  held: number[];
+  /** Chains device code held when it was saved, oldest first (queues that hold chains). */
+  held: SavedChain[];
 }
 
 export class Virtqueue {
@@ -52,7 +56,7 @@ export class Virtqueue {
   device = 0n;
   /** queue_reset reads 1 after a reset until the queue is enabled again. */
   resetDone = false;
-  private ring: SplitRing | undefined;
+  private ring: Ring | undefined;
   /** Bumped by every reset: chains of an older incarnation complete into nothing. */
   private generation = 0;
   private inFlight = 0;
@@ -62,10 +66,10 @@ export class Virtqueue {
   private kickQueued = false;
   /** pop() refused for chains in flight: the next completion comes back for the rest. */
   private full = false;
-  /** Heads of the chains device code holds, oldest first (only for a queue that `holds`). */
-  private held: number[] = [];
-  /** Held heads a migration brought: pop() hands them out again before new chains. */
-  private restored: number[] = [];
+  /** The chains device code holds, oldest first (only for a queue that `holds`). */
+  private held: DescriptorChain[] = [];
+  /** Held chains a migration brought: pop() hands them out again before new chains. */
+  private restored: SavedChain[] = [];
   private idleWaiters: (() => void)[] = [];
 
   /** @internal Queues are made by their VirtioDevice. */
@@ -111,11 +115,11 @@ export class Virtqueue {
     try {
       ring.attach(this.host.memory);
       const restored = this.restored.shift();
-      const chain = restored === undefined ? ring.pop() : ring.chainAt(restored);
+      const chain = restored === undefined ? ring.pop() : ring.revive(restored);
       if (chain) {
         this.popsThisTurn++;
         this.inFlight++;
-        if (this.holds) this.held.push(chain.head);
+        if (this.holds) this.held.push(chain);
       }
       return chain;
     } catch (error) {
@@ -135,7 +139,7 @@ export class Virtqueue {
       throw new UsageError(`queue ${this.index}: ${written} bytes written, but the chain has ${chain.writableLength} writable bytes`);
     }
     this.inFlight--;
-    if (this.holds) this.held.splice(this.held.indexOf(chain.head), 1);
+    if (this.holds) this.held.splice(this.held.indexOf(chain), 1);
     if (this.inFlight === 0) this.wakeIdle();
     if (this.full) {
       this.full = false;
@@ -146,7 +150,7 @@ export class Virtqueue {
     try {
       // Guest memory may be gone (the client left while the chain was held).
       this.ring.attach(this.host.memory);
-      this.ring.push(chain.head, written);
+      this.ring.push(chain, written);
     } catch (error) {
       this.host.fail(error);
       return;
@@ -204,21 +208,20 @@ export class Virtqueue {
     for (const wake of this.idleWaiters.splice(0)) wake();
   }
 
-  /** queue_enable = 1: checks the layout the driver programmed. @internal */
+  /** queue_enable = 1: checks the layout the driver programmed, in the ring format negotiated. @internal */
   enable(): void {
     if (this.ring) return;
-    const fail = (reason: string) => this.host.fail(new VirtqueueError(this.index, reason));
-    if (this.size === 0 || this.size > this.maxSize || (this.size & (this.size - 1)) !== 0) return fail(`queue_size ${this.size} is not a power of two up to ${this.maxSize}`);
-    for (const part of ['desc', 'driver', 'device'] as const) {
-      if (this[part] % SPLIT_ALIGN[part] !== 0n) return fail(`the ${part} area at 0x${this[part].toString(16)} is not ${SPLIT_ALIGN[part]}-byte aligned`);
-    }
     const features = this.host.features;
-    this.ring = new SplitRing({
+    const packed = (features & featureBit(Feature.RING_PACKED)) !== 0n;
+    const problem = checkLayout(this, this.maxSize, packed);
+    if (problem) return this.host.fail(new VirtqueueError(this.index, problem));
+    const layout = {
       queue: this.index, size: this.size, desc: this.desc, driver: this.driver, device: this.device,
       eventIdx: (features & featureBit(Feature.RING_EVENT_IDX)) !== 0n,
       indirect: (features & featureBit(Feature.RING_INDIRECT_DESC)) !== 0n,
-    });
-    this.ring.restore(0, 0, this.generation);
+      generation: this.generation,
+    };
+    this.ring = packed ? new PackedRing(layout) : new SplitRing(layout);
     this.resetDone = false;
   }
 
@@ -240,7 +243,7 @@ export class Virtqueue {
   save(): QueueState {
     return {
       size: this.size, vector: this.vector, enabled: this.enabled, desc: this.desc, driver: this.driver, device: this.device,
-      lastAvail: this.ring?.lastAvail ?? 0, usedIdx: this.ring?.usedIdx ?? 0, held: [...this.restored, ...this.held],
+      lastAvail: this.ring?.availPosition ?? 0, usedIdx: this.ring?.usedPosition ?? 0, held: [...this.restored, ...this.held.map(saveChain)],
     };
   }
 
@@ -250,7 +253,7 @@ export class Virtqueue {
     Object.assign(this, { size: state.size, vector: state.vector, desc: state.desc, driver: state.driver, device: state.device });
     if (!state.enabled) return;
     this.enable();
-    this.ring!.restore(state.lastAvail, state.usedIdx, this.generation);
+    this.ring!.restore(state.lastAvail, state.usedIdx, state.held);
     this.restored = [...state.held];
   }
 
@@ -264,19 +267,43 @@ export class Virtqueue {
   }
 }
 
-/** Why `state` cannot be a queue of up to `maxSize` entries (undefined when it can). */
-export function checkQueueState(state: QueueState, maxSize: number, vectors: number, holds: boolean): string | undefined {
+/** Why the driver's layout cannot be a ring of the negotiated format (undefined when it can). */
+function checkLayout(q: { size: number; desc: bigint; driver: bigint; device: bigint }, maxSize: number, packed: boolean): string | undefined {
+  // A packed ring may have any size (§2.8.10.1); a split one's is a power of two (§2.7).
+  if (q.size === 0 || q.size > maxSize || (!packed && (q.size & (q.size - 1)) !== 0)) {
+    return packed ? `queue_size ${q.size} is not 1-${maxSize}` : `queue_size ${q.size} is not a power of two up to ${maxSize}`;
+  }
+  const align = packed ? PACKED_ALIGN : SPLIT_ALIGN;
+  for (const part of ['desc', 'driver', 'device'] as const) {
+    if (q[part] % align[part] !== 0n) return `the ${part} area at 0x${q[part].toString(16)} is not ${align[part]}-byte aligned`;
+  }
+  return undefined;
+}
+
+/** Why `state` cannot be a queue of up to `maxSize` entries in the negotiated ring format (undefined when it can). */
+export function checkQueueState(state: QueueState, maxSize: number, vectors: number, holds: boolean, packed: boolean): string | undefined {
   const { size } = state;
   if (!Array.isArray(state.held) || (!holds && state.held.length > 0)) return 'held chains do not fit this queue';
   if (!Number.isInteger(size) || size < 0 || size > Math.min(maxSize, MAX_QUEUE_SIZE)) return `size ${size} exceeds ${maxSize}`;
   if (state.vector !== NO_VECTOR && state.vector >= vectors) return `vector ${state.vector} is past the ${vectors} MSI-X vectors`;
-  if (!state.enabled) return undefined;
-  if (size === 0 || (size & (size - 1)) !== 0) return `size ${size} is not a power of two`;
-  for (const part of ['desc', 'driver', 'device'] as const) {
-    if (state[part] % SPLIT_ALIGN[part] !== 0n) return `the ${part} area is not ${SPLIT_ALIGN[part]}-byte aligned`;
+  if (!state.enabled) return state.held.length > 0 ? 'a disabled queue holds chains' : undefined;
+  const layout = checkLayout(state, maxSize, packed);
+  if (layout) return layout;
+  for (const chain of state.held) {
+    const problem = checkSavedChain(chain, size);
+    if (problem) return problem;
   }
-  const inFlight = (state.lastAvail - state.usedIdx) & 0xffff;
-  if (inFlight !== state.held.length) return `${inFlight} chains were in flight when it was saved, ${state.held.length} of them held`;
-  if (state.held.some((head) => !Number.isInteger(head) || head < 0 || head >= size)) return `a held head is past the queue size ${size}`;
+  if (!packed) {
+    const inFlight = (state.lastAvail - state.usedIdx) & 0xffff;
+    return inFlight === state.held.length ? undefined : `${inFlight} chains were in flight when it was saved, ${state.held.length} of them held`;
+  }
+  // Packed: positions inside the ring; the entries between them are exactly the held chains' (distinct IDs).
+  const index = (p: number) => p & ~EventSuppress.WRAP;
+  if (index(state.lastAvail) >= size || index(state.usedIdx) >= size) return `a ring position is past the queue size ${size}`;
+  const lap = (p: number) => index(p) + (p & EventSuppress.WRAP ? 0 : size);
+  const between = (lap(state.lastAvail) - lap(state.usedIdx) + 2 * size) % (2 * size);
+  const slots = state.held.reduce((sum, c) => sum + c.slots, 0);
+  if (between !== slots) return `${between} ring entries were in flight when it was saved, the held chains took ${slots}`;
+  if (new Set(state.held.map((c) => c.id)).size !== state.held.length) return 'two held chains have one buffer id';
   return undefined;
 }

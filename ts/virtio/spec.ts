@@ -120,3 +120,25 @@ export const Ring = {
 
 /** Largest split queue (§2.7: Queue Size is at most 32768). */
 export const MAX_QUEUE_SIZE = 32768;
+
+/** Packed virtqueue layout (§2.8): descriptors share Desc's flags and size; `id` replaces `next`. */
+export const PackedDesc = {
+  ID: 12,
+  FLAGS: 14,
+  /** Set to the writer's wrap counter: AVAIL by the driver making a descriptor available (USED the inverse), both by the device using it. */
+  F_AVAIL: 1 << 7,
+  F_USED: 1 << 15,
+} as const;
+
+/** `pvirtq_event_suppress` (§2.8.10): the driver area is the driver's, the device area the device's. */
+export const EventSuppress = {
+  /** le16: descriptor offset in bits 0-14, wrap counter in bit 15. */
+  OFF_WRAP: 0,
+  FLAGS: 2,
+  SIZE: 4,
+  ENABLE: 0,
+  DISABLE: 1,
+  /** Notify for the descriptor at OFF_WRAP only (with RING_EVENT_IDX). */
+  DESC: 2,
+  WRAP: 1 << 15,
+} as const;

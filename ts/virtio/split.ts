@@ -5,29 +5,18 @@
  * before use.
  */
 import type { DmaSpace } from '../dma/space.js';
-import { DmaViewError, DmaAccessError } from '../dma/errors.js';
-import { VirtqueueError, walkChain, type DescriptorChain } from './chain.js';
+import { reviveChain, VirtqueueError, walkChain, type DescriptorChain, type SavedChain } from './chain.js';
+import { ringView, type Ring as VirtqueueRing, type RingLayout } from './ring.js';
 import { Desc, Ring } from './spec.js';
-
-/** Where a driver put a queue, and how it was negotiated. */
-export interface SplitLayout {
-  queue: number;
-  size: number;
-  desc: bigint;
-  driver: bigint;
-  device: bigint;
-  eventIdx: boolean;
-  indirect: boolean;
-}
 
 /** Alignments §2.7 requires of the three parts. */
 export const SPLIT_ALIGN = { desc: 16n, driver: 2n, device: 4n } as const;
 
-export class SplitRing {
+export class SplitRing implements VirtqueueRing {
   /** Next available-ring entry to take. */
-  lastAvail = 0;
+  private lastAvail = 0;
   /** Next used-ring entry to fill (published when the batch is flushed). */
-  usedIdx = 0;
+  private usedIdx = 0;
   /** The used index the driver last saw: interrupts are decided against it. */
   private publishedUsed = 0;
   /** The available index as last loaded: entries up to it are known to exist. */
@@ -39,34 +28,32 @@ export class SplitRing {
   private used!: DataView;
   /** The used ring as u16s, for the stores that must be ordered before a load (Atomics fence). */
   private usedU16!: Uint16Array;
-  private generation = 0;
 
-  constructor(readonly layout: SplitLayout) {}
+  constructor(readonly layout: RingLayout) {}
 
-  /** Picks up the indices the used ring shows (a queue enabled after a migration continues from them). */
-  restore(lastAvail: number, usedIdx: number, generation: number): void {
-    this.lastAvail = this.seenAvail = lastAvail;
-    this.usedIdx = this.publishedUsed = usedIdx;
-    this.generation = generation;
+  get availPosition(): number {
+    return this.lastAvail;
   }
 
-  /**
-   * Views of the rings in `memory`, made again when the client changed or
-   * unmapped the window under them (views of an unmapped window are detached).
-   */
+  get usedPosition(): number {
+    return this.usedIdx;
+  }
+
+  /** Picks up the indices the used ring shows; held chains need no bookkeeping here. */
+  restore(lastAvail: number, usedIdx: number): void {
+    this.lastAvail = this.seenAvail = lastAvail;
+    this.usedIdx = this.publishedUsed = usedIdx;
+  }
+
+  revive(saved: SavedChain): DescriptorChain {
+    return reviveChain({ ...this.layout, memory: this.memory! }, saved);
+  }
+
+  /** Views of an unmapped window are detached: made again then. */
   attach(memory: DmaSpace): void {
     if (this.memory === memory && this.table.byteLength !== 0 && this.avail.byteLength !== 0 && this.used.byteLength !== 0) return;
     const { size, queue } = this.layout;
-    const view = (iova: bigint, length: number, what: string) => {
-      try {
-        return memory.view(iova, length);
-      } catch (error) {
-        if (error instanceof DmaViewError || error instanceof DmaAccessError) {
-          throw new VirtqueueError(queue, `the ${what} (${length} bytes at 0x${iova.toString(16)}) is not in one shared, writable window of guest memory: ${error.message}`);
-        }
-        throw error;
-      }
-    };
+    const view = (iova: bigint, length: number, what: string) => ringView(memory, queue, iova, length, what);
     const table = view(this.layout.desc, size * Desc.SIZE, 'descriptor table');
     const avail = view(this.layout.driver, Ring.ENTRIES + 2 * size + 2, 'available ring');
     const used = view(this.layout.device, Ring.ENTRIES + Ring.USED_ELEM_SIZE * size + 2, 'used ring');
@@ -78,36 +65,22 @@ export class SplitRing {
     this.memory = memory;
   }
 
-  /** Whether the driver has made chains available that were not taken yet (loads the index). */
-  get pending(): boolean {
-    this.loadAvail();
-    return this.seenAvail !== this.lastAvail;
-  }
-
-  /** The next available chain, walked and checked; undefined when the ring is empty. */
   pop(): DescriptorChain | undefined {
     if (this.seenAvail === this.lastAvail) this.loadAvail();
     if (this.seenAvail === this.lastAvail) return undefined;
     const head = this.avail.getUint16(Ring.ENTRIES + 2 * (this.lastAvail % this.layout.size), true);
     this.lastAvail = (this.lastAvail + 1) & 0xffff;
-    return this.chainAt(head);
+    return walkChain({ ...this.layout, table: this.table, memory: this.memory! }, head);
   }
 
-  /** Walks the chain at `head` again (one a migration carried while device code held it). */
-  chainAt(head: number): DescriptorChain {
-    const { size, queue, indirect } = this.layout;
-    return walkChain({ queue, size, table: this.table, indirect, memory: this.memory!, generation: this.generation }, head);
-  }
-
-  /** Fills the next used entry; the driver sees it at the next `publish()`. */
-  push(head: number, written: number): void {
+  /** Fills the next used entry; the driver sees it when `publish()` moves the index. */
+  push(chain: DescriptorChain, written: number): void {
     const at = Ring.ENTRIES + Ring.USED_ELEM_SIZE * (this.usedIdx % this.layout.size);
-    this.used.setUint32(at, head, true);
+    this.used.setUint32(at, chain.head, true);
     this.used.setUint32(at + 4, written, true);
     this.usedIdx = (this.usedIdx + 1) & 0xffff;
   }
 
-  /** Makes pushed entries visible; returns whether the driver asked to be interrupted for them. */
   publish(): boolean {
     if (this.usedIdx === this.publishedUsed) return false;
     const old = this.publishedUsed;
@@ -120,11 +93,6 @@ export class SplitRing {
     return ((this.usedIdx - usedEvent - 1) & 0xffff) < ((this.usedIdx - old) & 0xffff);
   }
 
-  /**
-   * Asks the driver not to notify while the device is taking chains anyway
-   * (`quiet`), or to notify for the next chain. Returns whether chains arrived
-   * that the driver may not have notified for: take them before sleeping.
-   */
   notifications(quiet: boolean): boolean {
     if (this.layout.eventIdx) {
       if (quiet) return false;
