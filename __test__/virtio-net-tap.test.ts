@@ -4,59 +4,41 @@
  * and gets the kernel's answers on the RX queue. Needs /dev/net/tun,
  * CAP_NET_ADMIN and iproute2's `ip`; skipped, saying which is missing, without.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
 import { createSocket } from 'node:dgram';
 import { once } from 'node:events';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { describe, expect, test } from 'vitest';
-import { featureBit, TapError, TapInterface, type DriverQueue, type VirtioDriver } from '../ts/index.js';
+import { featureBit, TapInterface, type DriverQueue, type VirtioDriver } from '../ts/index.js';
 import createNet, { NET_HEADER, NetFeature, type VirtioNet } from '../examples/virtio-net/index.js';
 import { testCleanups } from './cleanups.js';
 import { drive } from './virtio-helpers.js';
+import { makeHostTap, tapMissing, type HostTap } from './virtio-net-host.js';
 
 const t = testCleanups();
 
-/** Why TAP tests cannot run here, or undefined when they can. */
-function missing(): string | undefined {
-  if (spawnSync('ip', ['-V']).status !== 0) return 'no iproute2 `ip` command';
-  try {
-    TapInterface.open('vfuprobe%d').close();
-    return undefined;
-  } catch (error) {
-    if (error instanceof TapError) return `cannot create a TAP (${error.message}): needs /dev/net/tun and CAP_NET_ADMIN`;
-    throw error;
-  }
-}
-const skipReason = missing();
-
-// Unique per process, so runs in other worktrees do not collide: a /24 in 198.18.0.0/15 (benchmarking addresses).
-const NAME = `vfut${process.pid}`;
-const NET = `198.${18 + ((process.pid >> 8) & 1)}.${process.pid & 0xff}`;
-const HOST_IP = `${NET}.1`;
-const GUEST_IP = `${NET}.2`;
+const skipReason = tapMissing();
 const GUEST_MAC = Buffer.from('525400aa0002', 'hex');
 const ETHER_ARP = 0x0806;
 const ETHER_IPV4 = 0x0800;
 /** Frames looked at while waiting for one: the host may send others (none expected with IPv6 off). */
 const MAX_FRAMES = 20;
 
-const ip = (...args: string[]) => execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+let tap: HostTap;
+let HOST_IP: string;
+let GUEST_IP: string;
 
-/** A persistent TAP with the host's address on it, up, IPv6 off (no router solicitations); deleted after the test. */
-function hostTap(): { mac: Buffer } {
-  spawnSync('ip', ['link', 'del', NAME]); // left over from a killed run
-  ip('tuntap', 'add', 'dev', NAME, 'mode', 'tap');
-  t.defer(() => void spawnSync('ip', ['link', 'del', NAME]));
-  const ipv6 = `/proc/sys/net/ipv6/conf/${NAME}/disable_ipv6`;
-  if (existsSync(ipv6)) writeFileSync(ipv6, '1');
-  ip('addr', 'add', `${HOST_IP}/24`, 'dev', NAME);
-  ip('link', 'set', NAME, 'up');
-  return { mac: Buffer.from(readFileSync(`/sys/class/net/${NAME}/address`, 'utf8').trim().replaceAll(':', ''), 'hex') };
+/** This test's host TAP, deleted after it. */
+function hostTap(): HostTap {
+  tap = makeHostTap();
+  t.defer(() => tap.remove());
+  HOST_IP = tap.hostIp;
+  GUEST_IP = tap.guestIp;
+  return tap;
 }
 
 /** examples/virtio-net as `vfio-user serve` makes it, on the TAP, initialized by the driver. */
 async function nicOnTap(): Promise<{ nic: VirtioNet; driver: VirtioDriver; rx: DriverQueue; tx: DriverQueue }> {
-  const nic = await createNet(['--tap', NAME, '--mac', '52:54:00:aa:00:02']);
+  const nic = await createNet(['--tap', tap.name, '--mac', '52:54:00:aa:00:02']);
   const { driver } = await drive(t, nic);
   await driver.initialize();
   const [rx, tx] = driver.queues;
@@ -136,7 +118,7 @@ describe.skipIf(skipReason)(`virtio-net on a host TAP${skipReason ? ` (skipped: 
     const config = await driver.readConfig(0, 12);
     expect(config.subarray(0, 6).equals(GUEST_MAC)).toBe(true);
     expect(config.readUInt16LE(6)).toBe(1); // link up
-    expect(config.readUInt16LE(10)).toBe(Number(readFileSync(`/sys/class/net/${NAME}/mtu`, 'utf8')));
+    expect(config.readUInt16LE(10)).toBe(Number(readFileSync(`/sys/class/net/${tap.name}/mtu`, 'utf8')));
 
     const reply = receiveUntil(rx, isArpReply);
     await send(tx, arpRequest(HOST_IP));
@@ -175,9 +157,8 @@ describe.skipIf(skipReason)(`virtio-net on a host TAP${skipReason ? ` (skipped: 
   });
 
   test('a frame longer than the MTU goes nowhere; a receive buffer too small comes back empty; deleting the interface takes the link down', async () => {
-    hostTap();
+    const { received } = hostTap();
     const { nic, driver, rx, tx } = await nicOnTap();
-    const received = () => Number(readFileSync(`/sys/class/net/${NAME}/statistics/rx_packets`, 'utf8'));
     const before = received();
     await send(tx, Buffer.concat([arpRequest(HOST_IP), Buffer.alloc(1500)]));
     expect(received()).toBe(before);
@@ -193,7 +174,7 @@ describe.skipIf(skipReason)(`virtio-net on a host TAP${skipReason ? ` (skipped: 
     // A waiting receive buffer's reader finds the interface gone (EBADFD): the cable is unplugged.
     void rx.submit([{ writable: NET_HEADER + 1518 }]);
     const configChanged = once(driver.vectors[0]!, 'interrupt');
-    ip('link', 'del', NAME);
+    tap.remove();
     await configChanged;
     expect((await driver.readConfig(6, 2)).readUInt16LE(0)).toBe(0); // link down
     expect(nic.needsReset).toBeUndefined();
@@ -201,11 +182,11 @@ describe.skipIf(skipReason)(`virtio-net on a host TAP${skipReason ? ` (skipped: 
 
   test('TapError carries the errno: a name Linux refuses, a TAP already attached, a closed TAP', () => {
     expect(() => TapInterface.open('no/slash')).toThrow(expect.objectContaining({ errno: 22, operation: 'open' }));
-    hostTap();
-    const tap = TapInterface.open(NAME);
-    expect(tap.name).toBe(NAME);
-    expect(() => TapInterface.open(NAME)).toThrow(expect.objectContaining({ errno: 16 })); // EBUSY
-    tap.close();
-    expect(() => tap.read()).toThrow(expect.objectContaining({ errno: 9, operation: 'read' })); // EBADF
+    const { name } = hostTap();
+    const opened = TapInterface.open(name);
+    expect(opened.name).toBe(name);
+    expect(() => TapInterface.open(name)).toThrow(expect.objectContaining({ errno: 16 })); // EBUSY
+    opened.close();
+    expect(() => opened.read()).toThrow(expect.objectContaining({ errno: 9, operation: 'read' })); // EBADF
   });
 });

@@ -34,6 +34,8 @@ export interface BootOptions {
   onLine?: (line: string) => void;
   /** The whole run, boot included (default 240 s: TCG on a shared machine). */
   timeoutMs?: number;
+  /** Ends the guest early (QEMU killed; `rc` is then null unless the script had reported). */
+  signal?: AbortSignal;
   mem?: string;
 }
 
@@ -104,9 +106,13 @@ export function bootGuest(options: BootOptions): Promise<GuestRun> {
   qemu.stdout.on('data', take);
   qemu.stderr.on('data', take);
   const timer = setTimeout(() => qemu.kill('SIGKILL'), options.timeoutMs ?? 240_000);
+  const stop = () => qemu.kill('SIGKILL');
+  if (options.signal?.aborted) stop();
+  options.signal?.addEventListener('abort', stop);
   return new Promise((resolve) => {
     qemu.on('close', (code, signal) => {
       clearTimeout(timer);
+      options.signal?.removeEventListener('abort', stop);
       rmSync(dir, { recursive: true, force: true });
       const reported = [...output.matchAll(/=== GUEST TEST RC=(\d{1,3})/g)].pop();
       resolve({
