@@ -169,6 +169,17 @@ describe('histogram', () => {
     expect(t).toContain('µs (log scale)');
   });
 
+  test('a row with nothing measured keeps its place and colour, and says so', () => {
+    const withEmpty = histogram({ title: 't', unit: 'µs', caption, rows: [{ label: 'seen', samples: [NaN, NaN] }, { label: 'fetched', samples: [1, 2, 3] }] });
+    const alone = histogram({ title: 't', unit: 'µs', caption, rows: [{ label: 'seen', samples: [4] }, { label: 'fetched', samples: [1, 2, 3] }] });
+    expect(texts(withEmpty)).toEqual(expect.arrayContaining(['not measured', 'n 0 (+2 unmeasured)', 'n 3']));
+    // 'fetched' is drawn in the second colour whether or not 'seen' has samples.
+    const seen = rects(alone)[0].fill;
+    const fetched = rects(alone).at(-1)!.fill;
+    expect(fetched).not.toBe(seen);
+    expect(new Set(rects(withEmpty).map((r) => r.fill))).toEqual(new Set([fetched]));
+  });
+
   test('the same data draws the same bytes', () => {
     expect(histogram({ title: 'stages', unit: 'µs', caption, rows: [{ label: 'fetched', samples: [...samples] }, { label: 'posted', samples: samples.map((v) => v * 2) }] })).toBe(svg);
     expect(wellFormed(svg)).toBe(true);

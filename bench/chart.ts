@@ -178,6 +178,8 @@ const BINS_PER_DECADE = 16;
  * tail), bins of equal width on it, each row's bars scaled to its fullest
  * bin (a bin with any sample shows); the median (solid) and 99th
  * percentile (dashed) of each row marked and labelled, and its sample count.
+ * A row with nothing measured stays, low and saying so, so that rows keep
+ * their places and colours from chart to chart.
  */
 export function histogram(chart: Histogram): string {
   const rows = chart.rows.map((r) => ({ label: r.label, samples: r.samples.filter(Number.isFinite), left: r.samples.length }));
@@ -194,16 +196,17 @@ export function histogram(chart: Histogram): string {
   const left = PAD + textWidth([...counts, ...rows.map((r) => r.label)]) + 8;
   const right = WIDTH - PAD - 8;
   const x = logScale(lo, hi, left, right);
-  const height = 64;
   const body: string[] = [];
   let y = TITLE + PAD + FONT;
   const top = y;
   rows.forEach((r, i) => {
     const bins = binCounts(r.samples, edges);
     const fullest = Math.max(1, ...bins);
+    const height = r.samples.length ? 64 : 36;
     const base = y + height;
     body.push(text(left - 8, base - height / 2, r.label, { 'text-anchor': 'end', 'font-weight': 'bold' }));
     body.push(text(left - 8, base - height / 2 + FONT + 2, counts[i], { 'text-anchor': 'end', fill: MUTED }));
+    if (!r.samples.length) body.push(text(left + 8, base - height / 2 + FONT / 2, 'not measured', { fill: MUTED }));
     bins.forEach((n, b) => {
       if (n === 0) return;
       // At least a sliver: a bin of a few tail samples next to thousands still shows.

@@ -254,8 +254,9 @@ function drawCharts(results: { workload: Workload; mode: string; iops: number; r
     written.push(writeChart(`nvme-stages-${mode.replace(/\W+/g, '-')}`, histogram({
       title: `4 KiB QD1 read, doorbells ${mode}: when each stage is reached`,
       unit: `µs since ${ORIGIN}`,
-      // A stage no command of this mode measures ("seen" for trapped writes and kicks) has no row.
-      rows: STAGES.filter((stage) => trace.samples[stage].some(Number.isFinite)).map((stage) => ({ label: stage, samples: trace.samples[stage] })),
+      // Every stage has its row, measured or not ("seen" for trapped writes and kicks), in the
+      // colour of the step that ends at it in nvme-stages.svg.
+      rows: STAGES.map((stage) => ({ label: stage, samples: trace.samples[stage] })),
       caption: `${traced} ${machine}`,
     })));
   }
