@@ -4,7 +4,7 @@ import { afterEach, describe, expect, test } from 'vitest';
 import { migrate, MigrationState } from '../ts/index.js';
 import createDevice from '../examples/nvme/index.js';
 import { Csts, Register, type NvmeController } from '../examples/nvme/controller.js';
-import { serve, tempSocketPath, type Served } from './helpers.js';
+import { serve, tempSocketPath, until, type Served } from './helpers.js';
 import { MEMORY_BASE, NvmeHost, PAGE } from './nvme-host.js';
 
 const servers: Served<NvmeController>[] = [];
@@ -70,6 +70,29 @@ describe.each(['mmap', 'trap', 'trap+shadow', 'ioeventfd'])('with %s doorbells',
     expect([e.status, (e.dw0 >> 8) & 0xff]).toEqual([0, 1]);
     h.ring(2, h.queues.get(1)!.sqTail);
     expect((await h.submit(1, { opcode: 0x00, nsid: 1 })).status).toBe(0);
+  });
+
+  test('an interrupt that coalescing holds is signalled when the source stops, not left to a timer of a stopped device', async () => {
+    const [doorbells, shadow] = setup.split('+');
+    const source = await serveImage(doorbells);
+    const h = (host = await NvmeHost.attach(await source.client()));
+    expect((await h.enable()) & Csts.RDY).toBe(Csts.RDY);
+    if (shadow || doorbells === 'ioeventfd') expect((await h.shadowDoorbells()).status).toBe(0);
+    expect((await h.createIoQueuePair(1, 16)).map((c) => c.status)).toEqual([0, 0]);
+    // THR 7, TIME 255 (25.5 ms): a single completion's interrupt is held.
+    expect((await h.admin({ opcode: 0x09, cdw10: 0x08, cdw11: 0xff07 })).status).toBe(0);
+    h.vectors[1].take();
+    // An interrupt-driven host: the completion stays unconsumed.
+    h.hold = true;
+    const cq = source.device.cqs[1]!;
+    const read = h.submit(1, { opcode: 0x02, nsid: 1, prp1: h.alloc(PAGE) });
+    await until(() => cq.tail === 1);
+    await h.client.migration.setState(MigrationState.STOP);
+    // Sent by the stop (or by its time, had that come first): with the device stopped it could only be a pending bit.
+    expect(h.vectors[1].take()).toBe(1);
+    await h.client.migration.setState(MigrationState.RUNNING);
+    h.hold = false;
+    expect((await read).status).toBe(0);
   });
 });
 

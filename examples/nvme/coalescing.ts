@@ -19,7 +19,7 @@ import type { DeviceContext } from 'vfio-user';
 const TIME_UNIT_MS = 0.1;
 
 /** THR (bits 7:0, 0's based) and TIME (bits 15:8) of Set Features 0x08's dword 11. */
-export function coalescingSettings(value: number): { threshold: number; timeMs: number } {
+function coalescingSettings(value: number): { threshold: number; timeMs: number } {
   return { threshold: (value & 0xff) + 1, timeMs: ((value >>> 8) & 0xff) * TIME_UNIT_MS };
 }
 
@@ -42,9 +42,11 @@ export class InterruptCoalescing {
    * holds the interrupt.
    */
   completed(vector: number, n: number, setting: number): void {
+    // TIME 0: no delay (coalescing off, the reset value).
+    if ((setting & 0xff00) === 0) return this.release(vector);
     const { threshold, timeMs } = coalescingSettings(setting);
     const count = (this.held[vector] ?? 0) + n;
-    if (timeMs === 0 || count >= threshold) return this.release(vector);
+    if (count >= threshold) return this.release(vector);
     this.held[vector] = count;
     if (this.timers[vector] !== undefined) return;
     // Node's timers count whole milliseconds: a shorter time ends at the next turn of the event loop

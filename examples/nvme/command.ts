@@ -40,7 +40,8 @@ export class CommandError extends Error {
 }
 
 export const PAGE_SIZE = 4096;
-const SQ_ENTRY_BYTES = 64;
+/** Bytes of a submission queue entry (SQES 6). */
+export const SQ_ENTRY = 64;
 const PAGE = BigInt(PAGE_SIZE);
 const PRP_ENTRY = 8;
 /** MDTS 7: at most 2^7 pages (512 KiB) per command, in units of CAP.MPSMIN (4 KiB). */
@@ -57,7 +58,7 @@ export function checkTransfer(length: number): void {
  * (`load`); one is reused for every command.
  */
 export class Command {
-  private bytes: Buffer = Buffer.alloc(SQ_ENTRY_BYTES);
+  private bytes: Buffer = Buffer.alloc(SQ_ENTRY);
   private at = 0;
   /** Completion dword 0, set by handlers that return a value. */
   result = 0;

@@ -8,9 +8,9 @@
  * `post()`, which moves the tail once.
  */
 import { DmaViewError, type DmaSpace } from 'vfio-user';
-import { Status } from './command.js';
+import { SQ_ENTRY, Status } from './command.js';
 
-export const SQ_ENTRY = 64;
+/** Bytes of a completion queue entry (CQES 4). */
 export const CQ_ENTRY = 16;
 /** Staged completion: dword 0, then SQ head | SQ ID << 16, then CID | status << 16 (Status Field without the phase tag). */
 const STAGED_WORDS = 3;
