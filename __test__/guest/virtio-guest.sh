@@ -22,6 +22,8 @@ ours=$(disk ts-blk)
 qemu=$(disk qemu)
 echo "VIRTIO-DISKS ts-blk=$ours qemu=$qemu sectors=$(cat /sys/block/${ours#/dev/}/size)"
 lspci -nn -k | grep -A3 '1af4:104'
+# The ring layout virtio_ring negotiated with each device (feature bit 34, RING_PACKED; bit 0 comes first).
+for d in /sys/bus/virtio/devices/*; do echo "VIRTIO-RING device=$(cat "$d/device") packed=$(cut -c35 "$d/features")"; done
 
 # fio first, each job on both disks in turn (terse v3: field 7 read KiB/s, 8 read IOPS).
 for job in "randread 4k 1" "randread 4k 32"; do
