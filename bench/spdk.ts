@@ -179,7 +179,8 @@ interface HostRun {
  * server's CPU time when the host prints `ioStarts` and when it exits.
  */
 async function runHost(name: string, argv: string[], timeoutMs: number, server: Running, ioStarts?: RegExp): Promise<HostRun> {
-  const child = startChild(name, argv[0], argv.slice(1));
+  // Line-buffered: into a pipe SPDK's printf output would arrive only at exit, too late to time I/O's start.
+  const child = startChild(name, 'stdbuf', ['-oL', '-eL', ...argv]);
   let output = '';
   let start: { cpu: number; at: number } | undefined;
   const take = (d: Buffer | string) => {
@@ -265,7 +266,10 @@ async function runRounds(title: string, rows: Row[], workloads: Workload[], meas
         continue;
       }
       try {
-        if (check && !row.identity) await check(row, running);
+        if (check && !row.identity) {
+          await check(row, running);
+          if (row.error) process.stdout.write(` ${row.server.key}=CANNOT-ATTACH`);
+        }
         for (const w of row.error ? [] : workloads) {
           const run = await measure(row, running, w);
           const iops = totalIops(run.output);
@@ -355,6 +359,18 @@ function summarize(cell: Cell): Summary | undefined {
   };
 }
 
+/**
+ * SPDK's targets poll, so one that got less than 90% of its core shared it with other processes:
+ * a line saying so, to print under its table (the figures then measure the machine's load too).
+ */
+function starvedBaseline(rows: Row[]): string | undefined {
+  const baseline = rows.find((r) => r.server.baseline)!;
+  const shares = [...baseline.cells.values()].map((c) => summarize(c)?.cpu).filter((c): c is number => c !== undefined);
+  const least = Math.min(...shares);
+  if (shares.length === 0 || least >= 0.9) return undefined;
+  return `(${baseline.server.label} polls, yet got as little as ${Math.round(least * 100)}% of CPU 0: other processes shared the core, and these figures measure their load too)`;
+}
+
 /** A Markdown table (servers down, workloads across), ready to paste into docs/. */
 function table(rows: Row[], workloads: Workload[]): string[] {
   const baseline = rows.find((r) => r.server.baseline)!;
@@ -428,11 +444,15 @@ async function main(): Promise<number> {
   for (const row of nvme) if (row.identity) console.log(`identify ${row.server.key}: ${row.identity}`);
   console.log('');
   table(nvme, NVME_WORKLOADS).forEach((l) => console.log(l));
+  const nvmeStarved = starvedBaseline(nvme);
+  if (nvmeStarved) console.log(nvmeStarved);
   console.log('');
   console.log(`SPDK's virtio-blk driver, bdevperf -m 0x2 -t ${SECONDS}, against each virtio-blk server (${VIRTIO_QUEUES} queues) on a ${IMAGE_SIZE} tmpfs file; ` +
     `IOPS median over ${ROUNDS} rounds (range), ratio to spdk_tgt's endpoint, server CPU:`);
   console.log('');
   table(virtio, VIRTIO_WORKLOADS).forEach((l) => console.log(l));
+  const virtioStarved = starvedBaseline(virtio);
+  if (virtioStarved) console.log(virtioStarved);
   if (virtio.some((r) => !r.server.baseline && r.error?.startsWith('no result'))) {
     console.log('(SPDK\'s vfio-user virtio driver never notifies a queue, lib/virtio/virtio_vfio_user.c: a device serves it only by polling its available rings, as SPDK\'s endpoint does; docs/interop.md)');
   }
