@@ -207,8 +207,8 @@ const STEP: Record<Stage, string> = {
   fetched: 'fetch the entry',
   submitted: 'hand to the store',
   done: 'the read',
-  posted: 'post the completion',
-  interrupted: 'signal the interrupt',
+  posted: 'stage the completion',
+  interrupted: 'write completions, interrupt',
 };
 
 /** docs/img/nvme-*.svg from this run's figures. */

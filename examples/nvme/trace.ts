@@ -3,11 +3,12 @@
  * moment its doorbell was seen to each stage: the batch of doorbells that
  * brought it delivered to JS ("seen": the doorbell's way from native
  * detection to JS), entry fetched, I/O submitted (the command handed to the
- * store), I/O done, completion posted, interrupt signalled. A doorbell found
- * in watched memory (a mapped page, a shadow page) is seen when native code
- * finds it (`DoorbellSource#lastBatchSeenAt`); a trapped write or a kick is
- * seen as it is delivered, so its times start at delivery and it has no
- * "seen" figure (NaN). `DEBUG=vfio-user:nvme` prints one line per command to
+ * store), I/O done, completion posted (staged: a batch's entries are
+ * written to the CQ together, just before its interrupt), interrupt
+ * signalled. A doorbell found in watched memory (a mapped page, a shadow
+ * page) is seen when native code finds it (`DoorbellSource#lastBatchSeenAt`);
+ * a trapped write or a kick is seen as it is delivered, so its times start
+ * at delivery and it has no "seen" figure (NaN). `DEBUG=vfio-user:nvme` prints one line per command to
  * stderr; `npm run bench` collects the figures instead (`samples`).
  */
 import { debugRequested } from 'vfio-user';
