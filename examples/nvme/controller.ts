@@ -794,11 +794,12 @@ export class NvmeController extends PciDevice {
     else this.irq.lower();
   }
 
-  /** Stops watching doorbells and closes the store, which the controller owns; then the library's close(). */
+  /** Stops watching doorbells, drops held interrupts and closes the store, which the controller owns; then the library's close(). */
   override close(): void {
     super.close();
-    // The library's constructor closes a device it refuses, before this class set its doorbells.
+    // The library's constructor closes a device it refuses, before this class set its doorbells and coalescing.
     this.doorbells?.close();
+    this.coalescing?.reset();
     // The library's constructor closes a device it refuses, before this class set a store.
     if (this.store && !this.storeClosed) this.store.close();
     this.storeClosed = true;
