@@ -1,10 +1,12 @@
 /**
  * A hostile driver on packed rings: every malformed chain, buffer ID, wrap
  * state or layout marks the device NEEDS_RESET with a configuration
- * interrupt (never a hang, never a crash), and a reset brings it back.
+ * interrupt (never a hang, never a crash), and a reset brings it back. The
+ * fuzz virtio mode plays such a driver on packed rings too.
  */
 import { describe, expect, test } from 'vitest';
-import { featureBit, KIT_FEATURES, VirtioDevice, VirtioFeature as F, VirtioStatus as S, type DescriptorChain, type PackedDriverQueue, type VirtioDriver } from '../ts/index.js';
+import { formatFinding, fuzzDevice } from '../ts/fuzz/index.js';
+import { featureBit, KIT_FEATURES, virtioMode, VirtioDevice, VirtioFeature as F, VirtioStatus as S, type DescriptorChain, type PackedDriverQueue, type VirtioDriver } from '../ts/index.js';
 import { writePackedTable, type PackedDescriptor } from '../ts/virtio/driver.js';
 import { Common, Desc } from '../ts/virtio/spec.js';
 import { VirtioRng } from '../examples/virtio-rng.js';
@@ -185,3 +187,22 @@ describe('malformed packed layouts', () => {
   test('a driver area that is not 4-byte aligned', () => badLayout(/driver area at 0x102002 is not 4-byte aligned/, { size: 8, desc: base, driver: base + 0x2002n, device: base + 0x3000n }));
   test('an event suppression area outside guest memory', () => badLayout(/device event suppression area .* is not in one shared, writable window/, { size: 8, desc: base, driver: base + 0x2000n, device: 0x1000n }));
 });
+
+test('the fuzz virtio mode plays its hostile driver on packed rings too', async () => {
+  const rings = { packed: 0, split: 0 };
+  const counted = () => {
+    const device = new VirtioRng();
+    const queue = device.queues[0];
+    const pop = queue.pop.bind(queue);
+    queue.pop = () => {
+      const chain = pop();
+      if (chain) rings[device.negotiated(F.RING_PACKED) ? 'packed' : 'split']++;
+      return chain;
+    };
+    return device;
+  };
+  const report = await fuzzDevice(counted, { seed: 7, ops: 200, modes: [virtioMode()] });
+  expect(report.finding, report.finding ? formatFinding(report) : '').toBeUndefined();
+  expect(rings.packed).toBeGreaterThan(0);
+  expect(rings.split).toBeGreaterThan(0);
+}, 60_000);
