@@ -137,7 +137,7 @@ export class ChainWalk {
   }
 }
 
-/** What the split walker needs from its queue. */
+/** What the split walker needs from its queue. @internal */
 export interface ChainSource extends WalkSource {
   /** Queue size: the bound on a direct chain. */
   size: number;
@@ -145,7 +145,7 @@ export interface ChainSource extends WalkSource {
   table: DataView;
 }
 
-/** Walks and checks the split-ring chain starting at descriptor `head` (§2.7.5). */
+/** Walks and checks the split-ring chain starting at descriptor `head` (§2.7.5). @internal */
 export function walkChain(source: ChainSource, head: number): DescriptorChain {
   const walk = new ChainWalk(source, head);
   if (head >= source.size) walk.fail(`available ring names descriptor ${head}, past the queue size ${source.size}`);

@@ -20,7 +20,7 @@ export interface RingLayout {
   generation: number;
 }
 
-/** @internal */
+/** The ring a `Virtqueue` drives (not exported from the package). */
 export interface Ring {
   /** Where the next chain is taken and the next used entry written, as migration saves them. */
   readonly availPosition: number;
