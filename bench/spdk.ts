@@ -17,8 +17,10 @@
  * in turn (rotating which goes first), runs every workload against it and
  * stops it: one server at a time, since SPDK's targets poll and take their
  * core whole. Each cell prints the median IOPS over rounds with its range,
- * the ratio of medians to SPDK's target, and the server's CPU (utime + stime
- * from /proc/PID/stat while the host ran its I/O, as a share of one core).
+ * the ratio to SPDK's target in the same round (median and range over the
+ * rounds: the two ran seconds apart, while the machine's load moves more
+ * between rounds), and the server's CPU (utime + stime from /proc/PID/stat
+ * while the host ran its I/O, as a share of one core).
  * A server SPDK's host cannot attach to gets the error line SPDK printed.
  *
  * Environment: BENCH_SPDK_ROUNDS (default 3), BENCH_SPDK_SECONDS (each run's
@@ -215,7 +217,8 @@ function failure(run: HostRun, timeoutMs: number): string {
 // Rounds
 
 interface Cell {
-  iops: number[];
+  /** IOPS by round. */
+  iops: Map<number, number>;
   cpu: number[];
   error?: string;
 }
@@ -229,7 +232,7 @@ interface Row {
 }
 
 function makeRows(servers: Server[], workloads: Workload[]): Row[] {
-  return servers.map((server) => ({ server, cells: new Map(workloads.map((w) => [w.key, { iops: [], cpu: [] }])) }));
+  return servers.map((server) => ({ server, cells: new Map(workloads.map((w) => [w.key, { iops: new Map(), cpu: [] }])) }));
 }
 
 /** One line from spdk_nvme_identify's report: who answered. */
@@ -275,7 +278,7 @@ async function runRounds(title: string, rows: Row[], workloads: Workload[], meas
           const iops = totalIops(run.output);
           const cell = row.cells.get(w.key)!;
           if (run.ok && iops !== undefined) {
-            cell.iops.push(iops);
+            cell.iops.set(round, iops);
             if (run.serverCpu !== undefined) cell.cpu.push(run.serverCpu);
             process.stdout.write(` ${row.server.key}/${w.key}=${Math.round(iops)}`);
           } else if (run.timedOut) {
@@ -343,20 +346,36 @@ function grouped(n: number): string {
   return Math.round(n).toLocaleString('en-US').replace(/,/g, ' ');
 }
 
-interface Summary {
+interface Spread {
   median: number;
   min: number;
   max: number;
+}
+
+function spread(values: number[]): Spread | undefined {
+  return values.length ? { median: median(values), min: Math.min(...values), max: Math.max(...values) } : undefined;
+}
+
+interface Summary extends Spread {
   runs: number;
   cpu?: number;
 }
 
 function summarize(cell: Cell): Summary | undefined {
-  if (cell.iops.length === 0) return undefined;
-  return {
-    median: median(cell.iops), min: Math.min(...cell.iops), max: Math.max(...cell.iops), runs: cell.iops.length,
-    cpu: cell.cpu.length ? median(cell.cpu) : undefined,
-  };
+  const s = spread([...cell.iops.values()]);
+  return s && { ...s, runs: cell.iops.size, cpu: cell.cpu.length ? median(cell.cpu) : undefined };
+}
+
+/**
+ * The ratio to the baseline round by round (the two ran a few seconds apart, under about the
+ * same load; the load moves more between rounds), over the rounds both have.
+ */
+function ratios(cell: Cell, baseline: Cell): Spread | undefined {
+  return spread([...cell.iops].filter(([round]) => baseline.iops.has(round)).map(([round, iops]) => iops / baseline.iops.get(round)!));
+}
+
+function times(r: number): string {
+  return `${r.toFixed(r < 0.1 ? 3 : 2)}x`;
 }
 
 /**
@@ -384,8 +403,8 @@ function table(rows: Row[], workloads: Workload[]): string[] {
       const cell = row.cells.get(w.key)!;
       const s = summarize(cell);
       if (!s) return cell.error ?? 'no runs';
-      const base = summarize(baseline.cells.get(w.key)!);
-      const ratio = row === baseline ? '' : base ? ` **${(s.median / base.median).toFixed(3)}x**` : ' (no baseline)';
+      const r = ratios(cell, baseline.cells.get(w.key)!);
+      const ratio = row === baseline ? '' : r ? ` **${times(r.median)}**${s.runs > 1 ? ` (${times(r.min)}-${times(r.max)})` : ''}` : ' (no baseline)';
       const range = s.runs > 1 ? ` (${grouped(s.min)}-${grouped(s.max)})` : '';
       const cpu = s.cpu === undefined ? '' : `, CPU ${Math.round(s.cpu * 100)}%`;
       return `${grouped(s.median)}${range}${ratio}${cpu}`;
@@ -396,6 +415,8 @@ function table(rows: Row[], workloads: Workload[]): string[] {
 }
 
 function json(rows: Row[]): object {
+  const baseline = rows.find((r) => r.server.baseline)!;
+  const round3 = (n: number) => Math.round(n * 1000) / 1000;
   return Object.fromEntries(
     rows.map((row) => [
       row.server.key,
@@ -403,7 +424,13 @@ function json(rows: Row[]): object {
         ? { error: row.error.split('\n')[0] }
         : Object.fromEntries([...row.cells].map(([k, cell]) => {
           const s = summarize(cell);
-          return [k, s ? { iops: Math.round(s.median), min: Math.round(s.min), max: Math.round(s.max), cpu: s.cpu === undefined ? null : Math.round(s.cpu * 100) / 100 } : { error: cell.error ?? 'no runs' }];
+          const r = row === baseline ? undefined : ratios(cell, baseline.cells.get(k)!);
+          return [k, s
+            ? {
+              iops: Math.round(s.median), min: Math.round(s.min), max: Math.round(s.max), cpu: s.cpu === undefined ? null : round3(s.cpu),
+              ...(r ? { ratio: round3(r.median), ratio_min: round3(r.min), ratio_max: round3(r.max) } : {}),
+            }
+            : { error: cell.error ?? 'no runs' }];
         })),
     ]),
   );
@@ -439,7 +466,7 @@ async function main(): Promise<number> {
 
   console.log('');
   console.log(`SPDK's NVMe host, spdk_nvme_perf -c 0x2 -t ${SECONDS} -a ${PERF_WARMUP_SECONDS}, against each server on a ${IMAGE_SIZE} tmpfs file; ` +
-    `IOPS median over ${ROUNDS} rounds (range), ratio to nvmf_tgt, server CPU (share of one core); ${started} to ${ended.slice(11)}:`);
+    `IOPS median over ${ROUNDS} rounds (range), ratio to nvmf_tgt's IOPS of the same round (median, range), server CPU (share of one core); ${started} to ${ended.slice(11)}:`);
   console.log('');
   for (const row of nvme) if (row.identity) console.log(`identify ${row.server.key}: ${row.identity}`);
   console.log('');
@@ -448,7 +475,7 @@ async function main(): Promise<number> {
   if (nvmeStarved) console.log(nvmeStarved);
   console.log('');
   console.log(`SPDK's virtio-blk driver, bdevperf -m 0x2 -t ${SECONDS}, against each virtio-blk server (${VIRTIO_QUEUES} queues) on a ${IMAGE_SIZE} tmpfs file; ` +
-    `IOPS median over ${ROUNDS} rounds (range), ratio to spdk_tgt's endpoint, server CPU:`);
+    `IOPS median over ${ROUNDS} rounds (range), ratio to spdk_tgt's endpoint in the same round (median, range), server CPU:`);
   console.log('');
   table(virtio, VIRTIO_WORKLOADS).forEach((l) => console.log(l));
   const virtioStarved = starvedBaseline(virtio);
