@@ -9,7 +9,7 @@ import { randomFillSync } from 'node:crypto';
 import { VirtioDevice, VirtioDeviceType, type VirtioNotifyMode, type Virtqueue } from 'vfio-user';
 
 export class VirtioRng extends VirtioDevice {
-  /** `notify`: how notifications arrive (docs/virtio.md; default 'mmap'). */
+  /** `notify`: how notifications arrive (docs/virtio.md; default 'trap'). */
   constructor(options: { notify?: VirtioNotifyMode } = {}) {
     super({
       deviceId: VirtioDeviceType.ENTROPY,

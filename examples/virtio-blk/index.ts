@@ -51,7 +51,7 @@ export interface VirtioBlkOptions {
   readOnly?: boolean;
   /** GET_ID's answer, at most 20 bytes. */
   serial?: string;
-  /** How notifications arrive (default 'mmap', docs/virtio.md). */
+  /** How notifications arrive (default 'trap', docs/virtio.md). */
   notify?: VirtioNotifyMode;
 }
 
@@ -199,7 +199,7 @@ export default function createDevice(args: readonly string[] = []): VirtioBlk {
       queues: { type: 'string', default: '1' },
       'read-only': { type: 'boolean', default: false },
       serial: { type: 'string' },
-      notify: { type: 'string', default: 'mmap' },
+      notify: { type: 'string', default: 'trap' },
     },
     strict: true,
   });

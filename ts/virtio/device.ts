@@ -56,9 +56,10 @@ export interface VirtioDeviceDescription {
   /** PCI class code (default: 0xff0000, "other"). */
   classCode?: number;
   /**
-   * How notifications reach the device (default 'mmap': a page the VMM maps,
-   * so the guest notifies with a plain store; trapped writes where it does
-   * not map it). 'ioeventfd' offers an ioeventfd per queue; 'trap' neither.
+   * How notifications reach the device (notify.ts): 'trap' (default: what
+   * QEMU does best, as measured under TCG), 'mmap' (a page the VMM maps, so
+   * the guest notifies with a plain store and the device watches it),
+   * 'ioeventfd' (an ioeventfd per queue, for a VMM that wires them).
    */
   notify?: VirtioNotifyMode;
   /** Device code's own state for migration, beside what the kit saves. */
@@ -115,7 +116,7 @@ export class VirtioDevice extends PciDevice {
     pciWritable[Cap.BAR - 3] = 0xff;
     pciWritable.fill(0xff, Cap.OFFSET - 3);
     const notifyLength = queues * NOTIFY_MULTIPLIER;
-    const notify = description.notify ?? 'mmap';
+    const notify = description.notify ?? 'trap';
     super({
       vendorId: VIRTIO_PCI_VENDOR,
       deviceId: VIRTIO_PCI_DEVICE_BASE + description.deviceId,

@@ -540,8 +540,8 @@ export class SplitDriverQueue extends DriverQueue {
   }
 
   collect(): void {
-    const idx = this.usedIndex;
-    for (let n = 0; this.lastUsed !== idx && n < this.size; n++) {
+    let n = 0;
+    for (let idx = this.usedIndex; this.lastUsed !== idx && n < this.size; n++) {
       const at = Ring.ENTRIES + Ring.USED_ELEM_SIZE * (this.lastUsed % this.size);
       const head = this.usedRing.getUint32(at, true);
       const written = this.usedRing.getUint32(at + 4, true);
@@ -549,9 +549,14 @@ export class SplitDriverQueue extends DriverQueue {
       if (!this.waiting.has(head)) throw new Error(`queue ${this.index}: the device used descriptor ${head}, which was not submitted`);
       this.release(head);
       this.resolve(head, written);
+      // Entries the device published meanwhile are taken in this call too.
+      if (this.lastUsed === idx) idx = this.usedIndex;
     }
-    // With EVENT_IDX, ask to be interrupted for the next entry.
-    if (this.eventIdx) Atomics.store(this.availU16, (Ring.ENTRIES + 2 * this.size) / 2, this.lastUsed);
+    if (!this.eventIdx) return;
+    // Ask to be interrupted for the next entry. One the device published before this store saw
+    // the old used_event and sent no interrupt: look again after it (Linux's virtqueue_enable_cb).
+    Atomics.store(this.availU16, (Ring.ENTRIES + 2 * this.size) / 2, this.lastUsed);
+    if (Atomics.load(this.usedU16, Ring.IDX / 2) !== this.lastUsed) setImmediate(() => this.collect());
   }
 
   private take(count: number): number[] {
@@ -729,7 +734,7 @@ export class PackedDriverQueue extends DriverQueue {
     for (let n = 0; n < this.size; n++) {
       const at = this.lastUsed * Desc.SIZE;
       const flags = Atomics.load(this.ringU16, (at + PackedDesc.FLAGS) / 2);
-      if (((flags & PackedDesc.F_USED) !== 0) !== this.usedWrap || ((flags & PackedDesc.F_AVAIL) !== 0) !== this.usedWrap) break;
+      if (!this.isUsed(flags)) break;
       const id = this.ring.getUint16(at + PackedDesc.ID, true);
       const written = flags & Desc.F_WRITE ? this.ring.getUint32(at + Desc.LEN, true) : 0;
       const slots = this.slotsOf.get(id);
@@ -745,7 +750,15 @@ export class PackedDriverQueue extends DriverQueue {
       if (this.resolve(id, written)) this.freeIds.push(id);
     }
     // With EVENT_IDX, ask to be interrupted for the next entry (unless interrupts are off).
-    if (this.eventIdx && Atomics.load(this.driverEvent, EventSuppress.FLAGS / 2) !== EventSuppress.DISABLE) this.askForNext();
+    if (!this.eventIdx || Atomics.load(this.driverEvent, EventSuppress.FLAGS / 2) === EventSuppress.DISABLE) return;
+    this.askForNext();
+    // One the device used before that store saw the old event and sent no interrupt: look again.
+    if (this.isUsed(Atomics.load(this.ringU16, (this.lastUsed * Desc.SIZE + PackedDesc.FLAGS) / 2))) setImmediate(() => this.collect());
+  }
+
+  /** Whether descriptor flags mark the entry at `lastUsed` used in this lap. */
+  private isUsed(flags: number): boolean {
+    return ((flags & PackedDesc.F_USED) !== 0) === this.usedWrap && ((flags & PackedDesc.F_AVAIL) !== 0) === this.usedWrap;
   }
 
   private askForNext(): void {
