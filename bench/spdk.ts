@@ -172,6 +172,8 @@ interface HostRun {
   output: string;
   /** The run never ended: killed at its deadline. */
   timedOut: boolean;
+  /** The host said it started its I/O. */
+  started: boolean;
   /** The server's CPU from the host's start of I/O to its exit, as a share of one core. */
   serverCpu?: number;
 }
@@ -204,12 +206,15 @@ async function runHost(name: string, argv: string[], timeoutMs: number, server: 
   if (start && !timedOut && !server.child.exited) {
     serverCpu = (processCpuSeconds(server.child.proc.pid!) - start.cpu) / ((performance.now() - start.at) / 1000);
   }
-  return { ok: !timedOut && child.exitCode === 0, output, timedOut, serverCpu };
+  return { ok: !timedOut && child.exitCode === 0, output, timedOut, started: start !== undefined, serverCpu };
 }
 
 /** Why a host run gave no figure. */
 function failure(run: HostRun, timeoutMs: number): string {
-  if (run.timedOut) return `no result within ${Math.round(timeoutMs / 1000)} s (killed)${firstError(run.output) ? `; ${firstError(run.output)}` : ''}`;
+  if (run.timedOut) {
+    const what = run.started ? 'its I/O started, then no result' : 'no result';
+    return `${what} within ${Math.round(timeoutMs / 1000)} s (killed)${firstError(run.output) ? `; ${firstError(run.output)}` : ''}`;
+  }
   return firstError(run.output) ?? (run.output.trim().split('\n').pop() || 'exited without output');
 }
 
@@ -480,7 +485,7 @@ async function main(): Promise<number> {
   table(virtio, VIRTIO_WORKLOADS).forEach((l) => console.log(l));
   const virtioStarved = starvedBaseline(virtio);
   if (virtioStarved) console.log(virtioStarved);
-  if (virtio.some((r) => !r.server.baseline && r.error?.startsWith('no result'))) {
+  if (virtio.some((r) => !r.server.baseline && r.error?.includes('no result'))) {
     console.log('(SPDK\'s vfio-user virtio driver never notifies a queue, lib/virtio/virtio_vfio_user.c: a device serves it only by polling its available rings, as SPDK\'s endpoint does; docs/interop.md)');
   }
 
