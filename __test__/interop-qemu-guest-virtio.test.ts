@@ -178,7 +178,7 @@ describe.skipIf(!QEMU || !GUEST)('QEMU guests drive our virtio examples (skipped
     b = await runB;
     // What each stage took, in guest uptime (TCG on a shared host: figures for the docs, not assertions).
     for (const [name, run] of [['A', a], ['B', b]] as const) {
-      console.log(`guest ${name} (TCG): ${run.console.split('\n').filter((l) => /^(=== \w+ BEGIN|at |done at |fio |=== GUEST READY)/.test(l)).join(' | ')}`);
+      console.log(`guest ${name} (TCG): ${run.console.split('\n').filter((l) => /^(=== \w+ BEGIN|at |done at |fio |round-trip |=== GUEST READY)/.test(l)).join(' | ')}`);
     }
   }, 2 * GUEST_TIMEOUT);
 
