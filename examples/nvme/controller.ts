@@ -498,8 +498,8 @@ export class NvmeController extends PciDevice {
           break batch;
         }
         const fetched = sq.fetch(this.dma, Math.min(n, budget));
-        budget -= fetched;
         for (let i = 0; i < fetched; i++) {
+          budget--;
           command.load(sq.entries, i * SQ_ENTRY);
           const unreadable = sq.unreadable[i] === 1;
           sq.consume();
