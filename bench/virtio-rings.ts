@@ -1,10 +1,13 @@
 /**
  * `npm run bench`, virtio rings: what a request costs over a packed ring
- * against a split one, in one process. Two devices that complete every chain
- * at once (no I/O), each served over a socket and driven by the package's
- * VirtioDriver: BENCH_BATCH chains of three buffers (a 16-byte header, 512 B
- * of data, a status byte, as virtio-blk's requests) made available, one
- * notification, all used entries collected. Two figures per request:
+ * against a split one, in one run. Two child processes (a server meets one
+ * ring layout, as a device serves whatever its driver negotiated; sharing a
+ * process would make the kit's calls into the ring polymorphic), each with a
+ * device that completes every chain at once (no I/O), served over a socket
+ * and driven by the package's VirtioDriver: BENCH_BATCH chains of three
+ * buffers (a 16-byte header, 512 B of data, a status byte, as virtio-blk's
+ * requests) made available, one notification, all used entries collected.
+ * Two figures per request:
  *
  *   device   the kit's side: pop (walk and check) and complete, timed in onQueue
  *   total    the batch's wall time over the socket, driver side included
@@ -13,6 +16,8 @@
  * (default 200) batches; ratios are packed to split (1.00x or less: packed
  * costs no more). Prints a table, then one JSON line.
  */
+import { fork, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
 import { join } from 'node:path';
 import { connect, createServer, GuestMemory, VirtioDevice, VirtioDriver, type Virtqueue } from '../ts/index.js';
 import { envInt, median, runMain, scratchDir } from './children.js';
@@ -21,6 +26,10 @@ const ROUNDS = envInt('BENCH_ROUNDS', 9, 1);
 const BATCHES = envInt('BENCH_BATCHES', 200, 1);
 const BATCH = envInt('BENCH_BATCH', 32, 1);
 type RingKind = 'split' | 'packed';
+interface Figures {
+  device: number;
+  total: number;
+}
 
 /** A device that answers every chain at once; it counts the nanoseconds it spends doing so. */
 class Sink extends VirtioDevice {
@@ -57,7 +66,7 @@ async function setUp(ring: RingKind) {
 }
 
 /** One round of BATCHES batches on `ring`: ns per request, device side and total. */
-async function round(ring: Awaited<ReturnType<typeof setUp>>): Promise<{ device: number; total: number }> {
+async function round(ring: Awaited<ReturnType<typeof setUp>>): Promise<Figures> {
   const { device, driver } = ring;
   const q = driver.queues[0];
   const header = Buffer.alloc(16);
@@ -73,21 +82,43 @@ async function round(ring: Awaited<ReturnType<typeof setUp>>): Promise<{ device:
   return { device: Number(device.deviceNs) / requests, total: Number(process.hrtime.bigint() - start) / requests };
 }
 
+/** A child: serves and drives one ring layout, a round per 'round' message from the parent. */
+async function child(kind: RingKind): Promise<number> {
+  const ring = await setUp(kind);
+  await round(ring); // warm-up: compiled before anything is measured
+  process.send!('ready');
+  for (;;) {
+    const [message] = (await once(process, 'message')) as [string];
+    if (message !== 'round') break;
+    process.send!(await round(ring));
+  }
+  await ring.close();
+  return 0;
+}
+
 async function main(): Promise<number> {
-  const rings = { split: await setUp('split'), packed: await setUp('packed') };
+  const children = {} as Record<RingKind, ChildProcess>;
+  for (const kind of ['split', 'packed'] as const) {
+    children[kind] = fork(__filename, { env: { ...process.env, VIRTIO_RINGS_CHILD: kind } });
+    await once(children[kind], 'message');
+  }
+  const ask = async (kind: RingKind): Promise<Figures> => {
+    const reply = once(children[kind], 'message');
+    children[kind].send('round');
+    return (await reply)[0] as Figures;
+  };
   const figures = { split: { device: [] as number[], total: [] as number[] }, packed: { device: [] as number[], total: [] as number[] } };
-  // Warm-up: both paths compiled before anything is measured.
-  await round(rings.split);
-  await round(rings.packed);
   for (let r = 0; r < ROUNDS; r++) {
     for (const kind of r % 2 === 0 ? (['split', 'packed'] as const) : (['packed', 'split'] as const)) {
-      const f = await round(rings[kind]);
+      const f = await ask(kind);
       figures[kind].device.push(f.device);
       figures[kind].total.push(f.total);
     }
   }
-  await rings.split.close();
-  await rings.packed.close();
+  for (const c of Object.values(children)) {
+    c.send('close');
+    await once(c, 'exit');
+  }
   const result = {
     splitDeviceNs: median(figures.split.device), packedDeviceNs: median(figures.packed.device),
     splitTotalNs: median(figures.split.total), packedTotalNs: median(figures.packed.total),
@@ -102,4 +133,5 @@ async function main(): Promise<number> {
   return 0;
 }
 
-runMain(main);
+const kind = process.env.VIRTIO_RINGS_CHILD as RingKind | undefined;
+runMain(kind ? () => child(kind) : main);

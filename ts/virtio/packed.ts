@@ -9,7 +9,7 @@
  */
 import type { DmaSpace } from '../dma/space.js';
 import { UsageError } from '../errors.js';
-import { ChainWalk, reviveChain, type DescriptorChain, type SavedChain } from './chain.js';
+import { ChainWalk, reviveChain, type DescriptorChain, type SavedChain, type WalkSource } from './chain.js';
 import { ringView, type Ring, type RingLayout } from './ring.js';
 import { Desc, EventSuppress, PackedDesc } from './spec.js';
 
@@ -19,8 +19,8 @@ export const PACKED_ALIGN = { desc: 16n, driver: 4n, device: 4n } as const;
 /** A position as migration saves it and off_wrap encodes it: the index, and the wrap counter in bit 15. */
 const position = (index: number, wrap: boolean) => index | (wrap ? EventSuppress.WRAP : 0);
 
-/** Whether a descriptor's flags say "available" to a reader whose wrap counter is `wrap`. */
-const available = (flags: number, wrap: boolean) => ((flags & PackedDesc.F_AVAIL) !== 0) === wrap && ((flags & PackedDesc.F_USED) !== 0) !== wrap;
+/** Whether a descriptor's flags say "available" to a reader whose wrap counter is `wrap`: AVAIL equal to it, USED not. */
+const available = (flags: number, wrap: boolean) => (flags & (PackedDesc.F_AVAIL | PackedDesc.F_USED)) === (wrap ? PackedDesc.F_AVAIL : PackedDesc.F_USED);
 
 /** u16 index of descriptor `index`'s flags in the ring. */
 const flagsAt = (index: number) => (index * Desc.SIZE + PackedDesc.FLAGS) / 2;
@@ -43,6 +43,8 @@ export class PackedRing implements Ring {
   private ringU16!: Uint16Array;
   private driverEvent!: Uint16Array;
   private deviceEvent!: Uint16Array;
+  /** What walks read: made with the views, not per chain. */
+  private source!: WalkSource;
 
   constructor(readonly layout: RingLayout) {
     this.inFlight = new Uint16Array(layout.size);
@@ -67,7 +69,7 @@ export class PackedRing implements Ring {
   }
 
   revive(saved: SavedChain): DescriptorChain {
-    return reviveChain({ ...this.layout, memory: this.memory! }, saved);
+    return reviveChain(this.source, saved);
   }
 
   /** Views of an unmapped window are detached: made again then. */
@@ -82,6 +84,7 @@ export class PackedRing implements Ring {
     this.driverEvent = new Uint16Array(driver.buffer, driver.byteOffset, 2);
     this.deviceEvent = new Uint16Array(device.buffer, device.byteOffset, 2);
     this.memory = memory;
+    this.source = { ...this.layout, memory };
   }
 
   /**
@@ -96,7 +99,7 @@ export class PackedRing implements Ring {
     const start = this.availIdx;
     let flags = Atomics.load(this.ringU16, flagsAt(start));
     if (!available(flags, this.availWrap)) return undefined;
-    const walk = new ChainWalk({ ...this.layout, memory: this.memory! }, start);
+    const walk = new ChainWalk(this.source, start);
     let index = start;
     let wrap = this.availWrap;
     let slots = 1;

@@ -113,7 +113,8 @@ export class Virtqueue {
       return undefined;
     }
     try {
-      ring.attach(this.host.memory);
+      // kick() attached the views for this synchronous turn (remaps arrive as messages, between turns).
+      if (!this.processing) ring.attach(this.host.memory);
       const restored = this.restored.shift();
       const chain = restored === undefined ? ring.pop() : ring.revive(restored);
       if (chain) {
@@ -149,7 +150,7 @@ export class Virtqueue {
     if (!this.host.running) return;
     try {
       // Guest memory may be gone (the client left while the chain was held).
-      this.ring.attach(this.host.memory);
+      if (!this.processing) this.ring.attach(this.host.memory);
       this.ring.push(chain, written);
     } catch (error) {
       this.host.fail(error);

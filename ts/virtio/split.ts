@@ -5,7 +5,7 @@
  * before use.
  */
 import type { DmaSpace } from '../dma/space.js';
-import { reviveChain, VirtqueueError, walkChain, type DescriptorChain, type SavedChain } from './chain.js';
+import { reviveChain, VirtqueueError, walkChain, type ChainSource, type DescriptorChain, type SavedChain } from './chain.js';
 import { ringView, type Ring as VirtqueueRing, type RingLayout } from './ring.js';
 import { Desc, Ring } from './spec.js';
 
@@ -28,6 +28,8 @@ export class SplitRing implements VirtqueueRing {
   private used!: DataView;
   /** The used ring as u16s, for the stores that must be ordered before a load (Atomics fence). */
   private usedU16!: Uint16Array;
+  /** What walks read: made with the views, not per chain. */
+  private source!: ChainSource;
 
   constructor(readonly layout: RingLayout) {}
 
@@ -46,7 +48,7 @@ export class SplitRing implements VirtqueueRing {
   }
 
   revive(saved: SavedChain): DescriptorChain {
-    return reviveChain({ ...this.layout, memory: this.memory! }, saved);
+    return reviveChain(this.source, saved);
   }
 
   /** Views of an unmapped window are detached: made again then. */
@@ -63,6 +65,7 @@ export class SplitRing implements VirtqueueRing {
     this.used = new DataView(used.buffer, used.byteOffset, used.byteLength);
     this.usedU16 = new Uint16Array(used.buffer, used.byteOffset, used.byteLength / 2);
     this.memory = memory;
+    this.source = { ...this.layout, table: this.table, memory };
   }
 
   pop(): DescriptorChain | undefined {
@@ -70,7 +73,7 @@ export class SplitRing implements VirtqueueRing {
     if (this.seenAvail === this.lastAvail) return undefined;
     const head = this.avail.getUint16(Ring.ENTRIES + 2 * (this.lastAvail % this.layout.size), true);
     this.lastAvail = (this.lastAvail + 1) & 0xffff;
-    return walkChain({ ...this.layout, table: this.table, memory: this.memory! }, head);
+    return walkChain(this.source, head);
   }
 
   /** Fills the next used entry; the driver sees it when `publish()` moves the index. */
