@@ -3,12 +3,13 @@
  * notification page, ioeventfds, trapped writes; with and without
  * VIRTIO_F_NOTIFICATION_DATA. Real sockets, fds and mmaps throughout.
  */
-import { describe, expect, test } from 'vitest';
+import { describe, expect, test, vi } from 'vitest';
 import {
   featureBit, KIT_FEATURES, Region, VirtioDevice, VirtioFeature as F, VirtioStatus as S, type VirtioNotifyMode,
 } from '../ts/index.js';
 import { RegionCapId } from '../ts/protocol/index.js';
 import { closeFds } from '../ts/native.js';
+import { TRACE_NAME } from '../ts/virtio/trace.js';
 import { VirtioRng } from '../examples/virtio-rng.js';
 import { testCleanups } from './cleanups.js';
 import { drive } from './virtio-helpers.js';
@@ -111,4 +112,24 @@ test.each(['mmap', 'trap'] as const)('%s: notification data naming another queue
   await driver.initialize();
   expect(device.needsReset).toBeUndefined();
   expect((await driver.queues[1].submit([{ writable: 4 }])).written).toBe(0);
+});
+
+test(`DEBUG=${TRACE_NAME}: each notification and interrupt of a queue is timed against the other`, async () => {
+  const lines: string[] = [];
+  const debug = process.env.DEBUG;
+  process.env.DEBUG = TRACE_NAME;
+  const device = new VirtioRng();
+  if (debug === undefined) delete process.env.DEBUG;
+  else process.env.DEBUG = debug;
+  const write = vi.spyOn(process.stderr, 'write').mockImplementation((chunk) => {
+    if (String(chunk).startsWith('virtio ')) lines.push(String(chunk));
+    return true;
+  });
+  t.defer(() => write.mockRestore());
+  const { driver } = await drive(t, device);
+  await driver.initialize({ features: featureBit(F.RING_INDIRECT_DESC) });
+  for (let i = 0; i < 3; i++) await driver.queues[0].submit([{ writable: 8 }]);
+  const timed = lines.filter((l) => !l.includes('NaN'));
+  expect(timed.filter((l) => /^virtio q0 notified: \d+\.\d us after its last interrupt\n$/.test(l))).toHaveLength(2);
+  expect(timed.filter((l) => /^virtio q0 interrupt: \d+\.\d us after its last notification\n$/.test(l))).toHaveLength(3);
 });

@@ -21,6 +21,7 @@ import type { Capability, PciMigration } from '../pci/description.js';
 import { checkQueueState, Virtqueue, type QueueHost, type QueueState } from './queue.js';
 import { VirtqueueError } from './chain.js';
 import { NOTIFY_MODES, NOTIFY_MULTIPLIER, Notifications, notifyBarParts, type VirtioNotifyMode } from './notify.js';
+import { QueueTrace } from './trace.js';
 import {
   Cap, CapType, Common, Feature, featureBit, Isr, MAX_QUEUE_SIZE, NO_VECTOR, Status,
   VIRTIO_PCI_DEVICE_BASE, VIRTIO_PCI_VENDOR,
@@ -96,6 +97,8 @@ export class VirtioDevice extends PciDevice {
   private generation = 0;
   private readonly virtio: VirtioDeviceDescription;
   private readonly notifications: Notifications;
+  /** Per-queue timings under DEBUG=vfio-user:virtio (trace.ts). */
+  private readonly trace: QueueTrace | undefined;
 
   constructor(description: VirtioDeviceDescription) {
     const queues = checkDescription(description);
@@ -179,13 +182,15 @@ export class VirtioDevice extends PciDevice {
       interrupt: (queue) => {
         // The driver answers completions with new requests.
         this.notifications.expect();
+        this.trace?.interrupted(queue.index);
         this.interrupt(queue.vector, Isr.QUEUE);
       },
       fail: (error) => this.fail(error),
     };
     const device = this;
     this.queues = description.queues.map((q, i) => new Virtqueue(i, q.size, host, q.holds === true));
-    this.notifications = new Notifications(notify, this.bar(VIRTIO_BAR), Layout.NOTIFY, queues, this.context, (q, value) => this.notified(q, value));
+    this.trace = QueueTrace.fromEnvironment(queues);
+    this.notifications = new Notifications(notify, this.bar(VIRTIO_BAR), Layout.NOTIFY, queues, this.context, (q, value, seenAt) => this.notified(q, value, seenAt));
   }
 
   /** How notifications reach the device. */
@@ -291,7 +296,8 @@ export class VirtioDevice extends PciDevice {
    * device reads the ring itself, so it only checks that the notification
    * names this slot's queue: one naming another is a broken driver.
    */
-  private notified(q: number, value: number | undefined): void {
+  private notified(q: number, value: number | undefined, seenAt: number): void {
+    this.trace?.notified(q, seenAt);
     if (value !== undefined && this.negotiated(Feature.NOTIFICATION_DATA) && (value & 0xffff) !== q) {
       return this.fail(new VirtqueueError(q, `notification data 0x${value.toString(16)} names queue ${value & 0xffff} at queue ${q}'s address`));
     }

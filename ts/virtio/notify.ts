@@ -55,8 +55,12 @@ export class Notifications {
     private readonly notifyAt: number,
     queues: number,
     context: DeviceContext,
-    /** Queue `queue` was notified; `value` is what the driver wrote (undefined for an ioeventfd's kick). */
-    notified: (queue: number, value: number | undefined) => void,
+    /**
+     * Queue `queue` was notified; `value` is what the driver wrote (undefined
+     * for an ioeventfd's kick); `seenAt` when it was found in watched memory
+     * (performance.now() time; NaN for a trapped write or a kick).
+     */
+    notified: (queue: number, value: number | undefined, seenAt: number) => void,
   ) {
     this.source = new DoorbellSource({ count: queues, context });
     if (mode === 'mmap') {
@@ -67,7 +71,8 @@ export class Notifications {
     this.source.on('ring', (rings: readonly Ring[]) => {
       // Every slot is re-armed before any queue reads its ring.
       for (const { doorbell } of rings) if (this.source.isWatched(doorbell)) this.rearm(doorbell);
-      for (const { doorbell, value } of rings) notified(doorbell, value);
+      const seenAt = this.source.lastBatchSeenAt;
+      for (const { doorbell, value } of rings) notified(doorbell, value, seenAt);
     });
   }
 
