@@ -8,6 +8,7 @@ import {
   featureBit, KIT_FEATURES, Region, VirtioDevice, VirtioFeature as F, VirtioStatus as S, type VirtioNotifyMode,
 } from '../ts/index.js';
 import { RegionCapId } from '../ts/protocol/index.js';
+import { Common } from '../ts/virtio/spec.js';
 import { closeFds } from '../ts/native.js';
 import { TRACE_NAME } from '../ts/virtio/trace.js';
 import { VirtioRng } from '../examples/virtio-rng.js';
@@ -98,6 +99,31 @@ test('a driver asking for a path the device does not offer gets a UsageError', a
 
 test('a notify mode that does not exist is a UsageError', () => {
   expect(() => new VirtioRng({ notify: 'poll' as VirtioNotifyMode })).toThrow(/notify 'poll' is not one of mmap, trap, ioeventfd/);
+});
+
+describe("a device with 'avail' notifications", () => {
+  test.each([['without', 0n], ['with', DATA]])('%s NOTIFICATION_DATA: chains offered with no notification are served, as a polling driver (SPDK\'s) expects, and notified ones too', async (_, data) => {
+    const { driver } = await drive(t, new Counter('avail'));
+    expect(driver.notifyPath).toBe('trap');
+    await driver.initialize({ features: KIT_FEATURES & ~DATA | data });
+    for (const q of [2, 0]) {
+      for (let i = 0; i < 8; i++) expect((await driver.queues[q].submit([{ writable: 4 }], { notify: false })).written).toBe(0);
+    }
+    // A notification's value is what the driver wrote, but the watched ring rings with memory's: no false NEEDS_RESET.
+    for (let i = 0; i < 4; i++) await driver.queues[1].submit([{ writable: 4 }]);
+    expect(await driver.status() & S.NEEDS_RESET).toBe(0);
+  });
+
+  test('a ring outside memory shared by fd cannot be watched: NEEDS_RESET when the queue is enabled', async () => {
+    const { driver, device } = await drive(t, new Counter('avail'));
+    await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER);
+    await driver.writeDriverFeatures(featureBit(F.VERSION_1));
+    await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK);
+    await driver.writeCommon(Common.QUEUE_SIZE, 2, 16);
+    await driver.writeCommon(Common.QUEUE_DRIVER, 8, 0x2000n); // below guest memory (1 MiB up)
+    await driver.writeCommon(Common.QUEUE_ENABLE, 2, 1);
+    expect(device.needsReset?.message).toMatch(/0x2000/);
+  });
 });
 
 // An ioeventfd carries no value, so only these two paths can carry a wrong one.

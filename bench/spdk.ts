@@ -153,11 +153,12 @@ function virtioServers(spdk: string): Server[] {
     },
     {
       key: 'ours_virtio_blk',
-      label: `ours, examples/virtio-blk --queues ${VIRTIO_QUEUES}`,
+      label: `ours, examples/virtio-blk --queues ${VIRTIO_QUEUES} --notify avail`,
       baseline: false,
       async start(dir, image) {
         const socket = path.join(dir, 'blk.sock');
-        const child = await serveOurs('vfio-user serve examples/virtio-blk', 'examples/virtio-blk', socket, ['--image', image, '--queues', String(VIRTIO_QUEUES)]);
+        // SPDK's virtio driver never notifies: the device watches the available rings.
+        const child = await serveOurs('vfio-user serve examples/virtio-blk', 'examples/virtio-blk', socket, ['--image', image, '--queues', String(VIRTIO_QUEUES), '--notify', 'avail']);
         return { child, address: socket, stopGraceMs: 2000 };
       },
     },

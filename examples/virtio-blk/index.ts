@@ -4,7 +4,7 @@
  * ID. Linux's virtio_blk driver binds it as /dev/vdX.
  *
  *   vfio-user serve examples/virtio-blk --socket /tmp/blk.sock -- --image disk.img
- *       [--queues N] [--read-only] [--serial ID] [--notify mmap|trap|ioeventfd]
+ *       [--queues N] [--read-only] [--serial ID] [--notify trap|mmap|ioeventfd|avail]
  *
  * The image is read and written through the library's asynchronous block I/O
  * (`BlockDevice`): straight between the file and guest memory, no copy.
@@ -51,7 +51,7 @@ export interface VirtioBlkOptions {
   readOnly?: boolean;
   /** GET_ID's answer, at most 20 bytes. */
   serial?: string;
-  /** How notifications arrive (default 'trap', docs/virtio.md). */
+  /** How notifications arrive (default 'trap'; 'avail' for SPDK's polling driver; docs/virtio.md). */
   notify?: VirtioNotifyMode;
 }
 

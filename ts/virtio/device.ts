@@ -60,7 +60,9 @@ export interface VirtioDeviceDescription {
    * How notifications reach the device (notify.ts): 'trap' (default: what
    * QEMU does best, as measured under TCG), 'mmap' (a page the VMM maps, so
    * the guest notifies with a plain store and the device watches it),
-   * 'ioeventfd' (an ioeventfd per queue, for a VMM that wires them).
+   * 'ioeventfd' (an ioeventfd per queue, for a VMM that wires them),
+   * 'avail' (trapped writes, and each split queue's available index watched
+   * in guest memory, for a driver that never notifies, as SPDK's).
    */
   notify?: VirtioNotifyMode;
   /** Device code's own state for migration, beside what the kit saves. */
@@ -306,8 +308,14 @@ export class VirtioDevice extends PciDevice {
 
   /** Follows queue `q` being enabled or reset: only enabled queues' slots are watched. */
   private trackNotify(q: Virtqueue): void {
-    if (q.enabled) this.notifications.enable(q.index);
-    else this.notifications.disable(q.index);
+    if (!q.enabled) return this.notifications.disable(q.index);
+    try {
+      const watchAvail = this.notifications.mode === 'avail' && !this.negotiated(Feature.RING_PACKED);
+      this.notifications.enable(q.index, watchAvail ? { dma: this.dma, driver: q.driver } : undefined);
+    } catch (error) {
+      // 'avail': a ring the device cannot watch is one it cannot serve.
+      this.fail(error);
+    }
   }
 
   // ---- common configuration ----

@@ -20,15 +20,21 @@
  *   without an exit; a write it does not wire arrives trapped and signals
  *   the same eventfd. A kick carries no value.
  * - 'trap': every notification is a REGION_WRITE.
+ * - 'avail': trapped writes, and each split queue's available index watched
+ *   in guest memory, for a driver that never notifies (SPDK's virtio driver
+ *   over vfio-user polls and expects the device to poll too). The watch
+ *   reads the memory the ring was in when the queue was enabled. A packed
+ *   queue there is served on notifications only.
  */
 import { DoorbellSource, type Ring } from '../doorbells.js';
 import type { DeviceContext } from '../boundary.js';
+import type { DmaSpace } from '../dma/space.js';
 import type { IoEventfdDescription } from '../pci/description.js';
 import type { PciBar } from '../pci/bars.js';
 
-export type VirtioNotifyMode = 'mmap' | 'trap' | 'ioeventfd';
+export type VirtioNotifyMode = 'mmap' | 'trap' | 'ioeventfd' | 'avail';
 
-export const NOTIFY_MODES: readonly VirtioNotifyMode[] = ['mmap', 'trap', 'ioeventfd'];
+export const NOTIFY_MODES: readonly VirtioNotifyMode[] = ['mmap', 'trap', 'ioeventfd', 'avail'];
 
 /** Bytes between two queues' notification addresses. */
 export const NOTIFY_MULTIPLIER = 4;
@@ -72,13 +78,20 @@ export class Notifications {
       // Every slot is re-armed before any queue reads its ring.
       for (const { doorbell } of rings) if (this.source.isWatched(doorbell)) this.rearm(doorbell);
       const seenAt = this.source.lastBatchSeenAt;
-      for (const { doorbell, value } of rings) notified(doorbell, value, seenAt);
+      // A watched available index rings with what memory holds, not with what the driver wrote.
+      for (const { doorbell, value } of rings) notified(doorbell, mode === 'avail' ? undefined : value, seenAt);
     });
   }
 
-  /** Queue `queue` is enabled: its mapped slot is armed and watched. */
-  enable(queue: number): void {
+  /**
+   * Queue `queue` is enabled: its mapped slot is armed and watched ('mmap'),
+   * or the available index of its split ring at `driver` in `dma` ('avail';
+   * throws a DMA error when that is not guest memory shared by fd).
+   */
+  enable(queue: number, split?: { dma: DmaSpace; driver: bigint }): void {
     if (this.slots) this.rearm(queue);
+    // idx is the u16 at driver + 2 (2-byte aligned): the aligned word holding it.
+    if (this.mode === 'avail' && split) this.source.watchGuest(queue, split.dma, (split.driver + 2n) & ~3n);
   }
 
   /** Queue `queue` is reset: nothing watches its slot. */
