@@ -123,6 +123,41 @@ describe.each(engines)('block I/O with the %s engine', (engine) => {
     for (let i = 0; i < 32; i++) expectBytes(memory.read(i * 2 * PAGE, 2 * PAGE), pattern(i * 3 * PAGE, 2 * PAGE));
   });
 
+  test('with a callback, no promise: each request reports once, refusals too, and a callback that throws leaves the others settled', async () => {
+    const { dma, memory } = await guest();
+    const block = open(image(64 * KIB), { engine, queueDepth: 4 });
+    const results: Array<[number, Error | null]> = [];
+    let returned = false;
+    const all = new Promise<void>((resolve) => {
+      const report = (i: number) => (error: Error | null) => {
+        expect(returned).toBe(true); // never before read/write returned
+        results.push([i, error]);
+        if (i === 1) throw new Error('a device bug in a callback');
+        if (results.length === 5) resolve();
+      };
+      for (let i = 0; i < 4; i++) {
+        expect(block.read(dma, [{ iova: 0x100000n + BigInt(i * PAGE), length: 100 }], BigInt(i * 1000), report(i))).toBeUndefined();
+      }
+      // The fifth finds the queue full: refused through its callback, later.
+      block.read(dma, [{ iova: 0x100000n, length: 16 }], 0n, report(4));
+      returned = true;
+    });
+    const thrown = new Promise<Error>((resolve) => process.once('uncaughtException', resolve));
+    await all;
+    expect((await thrown).message).toBe('a device bug in a callback');
+    expect(results.map(([i]) => i).sort()).toEqual([0, 1, 2, 3, 4]);
+    for (const [i, error] of results) {
+      if (i === 4) expect(error).toBeInstanceOf(BlockQueueFullError);
+      else {
+        expect(error).toBeNull();
+        expectBytes(memory.read(i * PAGE, 100), pattern(i * 1000, 100));
+      }
+    }
+    expect(block.inFlight).toBe(0);
+    const outside = await new Promise<Error | null>((resolve) => block.read(dma, [{ iova: 0x100000n, length: 16 }], 1n << 40n, resolve));
+    expect(outside).toMatchObject({ constructor: BlockIoError, errno: Errno.EINVAL });
+  });
+
   test('guest addresses outside memory or its permissions fail that request alone', async () => {
     const { dma, client, memory } = await guest();
     const readOnly = cleanups.memory(PAGE);

@@ -25,6 +25,7 @@ export {
   BlockOpenError,
   BlockQueueFullError,
   type BlockAlignment,
+  type BlockCallback,
   type BlockEngine,
   type BlockOp,
   type BlockOpenOptions,

@@ -1,3 +1,3 @@
 /** Asynchronous block I/O between files (or block devices) and guest memory. */
-export { BlockDevice, type BlockAlignment, type BlockEngine, type BlockOpenOptions } from './device.js';
+export { BlockDevice, type BlockAlignment, type BlockCallback, type BlockEngine, type BlockOpenOptions } from './device.js';
 export { BlockDeviceClosedError, BlockIoError, BlockOpenError, BlockQueueFullError, type BlockOp } from './errors.js';

@@ -21,6 +21,12 @@ use vfio_user_core::block::{self, Completion, Direction, Engine, EngineChoice, O
 const ON_COMPLETE: usize = 0;
 const EFAULT: i32 = rustix::io::Errno::FAULT.raw_os_error();
 const EBADF: i32 = rustix::io::Errno::BADF.raw_os_error();
+const EINVAL: i32 = rustix::io::Errno::INVAL.raw_os_error();
+
+/// A file position passed as a number: a non-negative safe integer.
+fn position(offset: f64) -> Option<u64> {
+    (offset >= 0.0 && offset.fract() == 0.0 && offset <= 9007199254740991.0).then_some(offset as u64)
+}
 
 struct Inner {
     queue: Option<Queue>,
@@ -128,19 +134,34 @@ impl NativeBlockDevice {
 
     /// Reads into the segments added since the last request; 0 or an errno
     /// (EAGAIN: the queue is full; EINVAL: outside the device or misaligned
-    /// for O_DIRECT; EBADF: closed).
+    /// for O_DIRECT; EBADF: closed). `offset` is a safe integer: the TS
+    /// layer refuses offsets past the device (whose size is below 2^53).
     #[napi]
-    pub fn read(&self, tag: u32, offset: BigInt) -> i32 {
+    pub fn read(&self, tag: u32, offset: f64) -> i32 {
         let segments = std::mem::take(&mut self.inner.borrow_mut().segments);
-        self.enqueue(tag, Request::Read { at: u64_of(&offset), segments })
+        let Some(at) = position(offset) else { return EINVAL };
+        self.enqueue(tag, Request::Read { at, segments })
     }
 
     /// Writes from the segments added since the last request; as `read`, and
     /// EBADF for a read-only device.
     #[napi]
-    pub fn write(&self, tag: u32, offset: BigInt) -> i32 {
+    pub fn write(&self, tag: u32, offset: f64) -> i32 {
         let segments = std::mem::take(&mut self.inner.borrow_mut().segments);
-        self.enqueue(tag, Request::Write { at: u64_of(&offset), segments })
+        let Some(at) = position(offset) else { return EINVAL };
+        self.enqueue(tag, Request::Write { at, segments })
+    }
+
+    /// A read (`into_memory`) or write of one segment: `add_segment` and
+    /// `read`/`write` in one call, the common case of a request within one
+    /// DMA window.
+    #[napi]
+    pub fn transfer_one(&self, tag: u32, into_memory: bool, mapping: &NativeMapping, map_offset: f64, length: f64, offset: f64) -> i32 {
+        let errno = self.add_segment(mapping, map_offset, length, into_memory);
+        if errno != 0 {
+            return errno;
+        }
+        if into_memory { self.read(tag, offset) } else { self.write(tag, offset) }
     }
 
     #[napi]
