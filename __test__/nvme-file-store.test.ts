@@ -8,7 +8,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { expect, test } from 'vitest';
-import type { DmaSpace, SgList } from '../ts/index.js';
+import type { BlockCallback, DmaSpace, SgList } from '../ts/index.js';
 import createDevice from '../examples/nvme/index.js';
 import { Csts, NvmeController, Register } from '../examples/nvme/controller.js';
 import { MemoryStore } from '../examples/nvme/store.js';
@@ -71,8 +71,8 @@ class GatedStore extends MemoryStore {
   override readonly queueDepth = 4;
   readonly held: (() => void)[] = [];
 
-  override read(dma: DmaSpace, sg: SgList, position: number): Promise<void> {
-    return new Promise<void>((resolve) => this.held.push(resolve)).then(() => super.read(dma, sg, position));
+  override read(dma: DmaSpace, sg: SgList, position: number, done: BlockCallback): void {
+    this.held.push(() => super.read(dma, sg, position, done));
   }
 }
 

@@ -7,7 +7,7 @@
  * migration state from a client is checked like any other input.
  */
 import { describe, expect, test } from 'vitest';
-import { MigrationState, Region, type DmaSpace, type SgList } from '../ts/index.js';
+import { MigrationState, Region, type BlockCallback, type DmaSpace, type SgList } from '../ts/index.js';
 import createDevice from '../examples/nvme/index.js';
 import { Csts, NSSR_RESET, NvmeController, Register } from '../examples/nvme/controller.js';
 import { NvmeStateError, parseState } from '../examples/nvme/state.js';
@@ -43,8 +43,8 @@ describe('resets with commands in the store', () => {
   /** Memory whose reads wait until the test lets them go. */
   class HeldStore extends MemoryStore {
     readonly held: (() => void)[] = [];
-    override read(dma: DmaSpace, sg: SgList, position: number): Promise<void> {
-      return new Promise<void>((resolve) => this.held.push(resolve)).then(() => super.read(dma, sg, position));
+    override read(dma: DmaSpace, sg: SgList, position: number, done: BlockCallback): void {
+      this.held.push(() => super.read(dma, sg, position, done));
     }
   }
   const register = async (device: NvmeController, offset: number) => Buffer.from(await pciFunction(device).read(Region.BAR0, offset, 4)).readUInt32LE(0);
@@ -301,9 +301,9 @@ describe('events and errors', () => {
 
   test('an unexpected exception while running a command is Internal Error for that command only', async () => {
     class FailingStore extends MemoryStore {
-      override read(dma: DmaSpace, sg: SgList, position: number): Promise<void> {
+      override read(dma: DmaSpace, sg: SgList, position: number, done: BlockCallback): void {
         if (position === 0) throw new Error('planted failure');
-        return super.read(dma, sg, position);
+        super.read(dma, sg, position, done);
       }
     }
     const { host: h, deviceErrors } = await attachNvme(cleanups, new NvmeController({ store: new FailingStore(1 << 20) }));

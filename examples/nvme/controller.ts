@@ -23,7 +23,7 @@ import { BlockIoError, Errno, PciDevice, UsageError, type DoorbellStats, type Ri
 import { AsyncEvent, AsyncEvents, executeAdmin, Feature, Features, LogPage, MAX_IO_QUEUES, MAX_QUEUE_ENTRIES, VECTORS, VENDOR_ID, type ErrorEntry } from './admin.js';
 import { InterruptCoalescing } from './coalescing.js';
 import { Command, CommandError, DEFERRED, isDmaError, SQ_ENTRY, Status } from './command.js';
-import { BLOCK_SIZE, countTransfer, executeIo, type Outcome } from './io.js';
+import { BLOCK_SIZE, countTransfer, executeIo, type Outcome, type StoreWork } from './io.js';
 import { DOORBELLS, Doorbells, SHADOW, type DoorbellMode } from './doorbells.js';
 import { BATCH, CompletionQueue, SubmissionQueue } from './queues.js';
 import { ShadowDoorbells } from './shadow.js';
@@ -564,7 +564,7 @@ export class NvmeController extends PciDevice {
    * doorbell, or the EventIdx `lookAgain` set); one held by the store's
    * depth, at the next turn of the event loop once a command finishes.
    */
-  private waitForStore(sq: SubmissionQueue, command: Command, work: Promise<number | void>): void {
+  private waitForStore(sq: SubmissionQueue, command: Command, work: Promise<number | void> | StoreWork): void {
     const wait = this.spareWaits.pop() ?? this.newStoreWait();
     wait.sq = sq;
     wait.cid = command.cid;
@@ -572,7 +572,16 @@ export class NvmeController extends PciDevice {
     wait.dw12 = command.dw(12);
     sq.cq.reserved++;
     this.inFlight++;
-    work.then(wait.fulfilled, wait.rejected);
+    if (typeof work !== 'function') {
+      work.then(wait.fulfilled, wait.rejected);
+      return;
+    }
+    try {
+      work(wait.finished);
+    } catch (error) {
+      // As a store's promise would: the command ends on a later turn, never inside this batch.
+      queueMicrotask(() => wait.rejected(error));
+    }
   }
 
   /** A wait with its two handlers, made once and reused. */
@@ -584,6 +593,7 @@ export class NvmeController extends PciDevice {
       dw12: 0,
       fulfilled: (value) => this.storeDone(wait, typeof value === 'number' ? value : Status.SUCCESS),
       rejected: (error) => this.storeDone(wait, failed(error, wait.opcode, wait.sq!.id)),
+      finished: (error) => (error ? wait.rejected(error) : wait.fulfilled()),
     };
     return wait;
   }
@@ -872,6 +882,8 @@ interface StoreWait {
   dw12: number;
   readonly fulfilled: (value: number | void) => void;
   readonly rejected: (error: unknown) => void;
+  /** `rejected` or `fulfilled`, for a store's callback. */
+  readonly finished: (error: Error | null) => void;
 }
 
 /** The status of a command that threw (see `execute`). */

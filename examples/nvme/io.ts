@@ -4,6 +4,7 @@
  * memory directly (a file is read into the guest's pages), never through a
  * buffer of our own; the store's work completes the command later.
  */
+import type { BlockCallback } from 'vfio-user';
 import { checkFlags, checkTransfer, CommandError, forEachView, prpSegments, Status, type Command } from './command.js';
 import type { NvmeController } from './controller.js';
 
@@ -34,7 +35,10 @@ const IO_OPCODES: ReadonlySet<number> = new Set(Object.values(IoOpcode));
  * A command's outcome: its status at once, or the store's work, which
  * fulfils with the status (nothing: success) or rejects with why it failed.
  */
-export type Outcome = number | Promise<number | void>;
+export type Outcome = number | Promise<number | void> | StoreWork;
+
+/** A read or write for the store to run: it starts when called, and calls `done` once. */
+export type StoreWork = (done: BlockCallback) => void;
 
 /**
  * Runs an I/O command: a status at once for a command that fails its checks,
@@ -63,11 +67,12 @@ export function executeIo(ctrl: NvmeController, command: Command): Outcome {
   checkTransfer(length);
   const position = byteRange(ctrl, startingLba(command), blocks);
   const segments = prpSegments(ctrl.dma, command, length);
-  if (op === IoOpcode.READ) return ctrl.store.read(ctrl.dma, segments, position);
+  const { store, dma } = ctrl;
+  if (op === IoOpcode.READ) return (done) => store.read(dma, segments, position, done);
   // Without a volatile write cache, or with Force Unit Access, the write is durable before it completes.
   const durable = !ctrl.features.writeCacheEnabled || (command.dw(12) & FUA) !== 0;
-  const written = ctrl.store.write(ctrl.dma, segments, position);
-  return durable ? written.then(() => ctrl.store.flush()) : written;
+  if (!durable) return (done) => store.write(dma, segments, position, done);
+  return (done) => store.write(dma, segments, position, (error) => (error ? done(error) : store.flush().then(() => done(null), done)));
 }
 
 /** SMART's counters, for an I/O command (opcode and dword 12) that succeeded. */

@@ -6,17 +6,23 @@
  * refuses it), so no file call runs on the event loop and no byte is copied.
  */
 import * as fs from 'node:fs';
-import { BlockDevice, type DmaSpace, type SgList } from 'vfio-user';
+import { BlockDevice, type BlockCallback, type DmaSpace, type SgList } from 'vfio-user';
 
 export interface BackingStore {
   /** Bytes; a whole number of blocks. */
   readonly size: number;
   /** Operations the store runs at once; the controller starts no more than this many. */
   readonly queueDepth: number;
-  /** Reads `position..` into guest memory along `sg`. */
-  read(dma: DmaSpace, sg: SgList, position: number): Promise<void>;
-  /** Writes guest memory along `sg` to `position..`. */
-  write(dma: DmaSpace, sg: SgList, position: number): Promise<void>;
+  /**
+   * Reads `position..` into guest memory along `sg`; `done(null)` or
+   * `done(error)` follows, never before it returns. Reads and writes take a
+   * callback, not a promise: they are the commands that come by the
+   * hundred thousand, and a promise each (with the server's promise hooks)
+   * was a tenth of the controller's CPU at depth.
+   */
+  read(dma: DmaSpace, sg: SgList, position: number, done: BlockCallback): void;
+  /** Writes guest memory along `sg` to `position..`; `done` as for `read`. */
+  write(dma: DmaSpace, sg: SgList, position: number, done: BlockCallback): void;
   /** Makes [position, position + length) read as zeros (Write Zeroes). */
   zero(position: number, length: number): Promise<void>;
   /** Makes [position, position + length) read as zeros and, where it can, frees its space (Deallocate). */
@@ -46,12 +52,12 @@ export class FileStore implements BackingStore {
     this.size = Number(this.block.size);
   }
 
-  read(dma: DmaSpace, sg: SgList, position: number): Promise<void> {
-    return this.block.read(dma, sg, BigInt(position));
+  read(dma: DmaSpace, sg: SgList, position: number, done: BlockCallback): void {
+    this.block.read(dma, sg, BigInt(position), done);
   }
 
-  write(dma: DmaSpace, sg: SgList, position: number): Promise<void> {
-    return this.block.write(dma, sg, BigInt(position));
+  write(dma: DmaSpace, sg: SgList, position: number, done: BlockCallback): void {
+    this.block.write(dma, sg, BigInt(position), done);
   }
 
   zero(position: number, length: number): Promise<void> {
@@ -81,12 +87,12 @@ export class MemoryStore implements BackingStore {
     this.bytes = new Uint8Array(size);
   }
 
-  read(dma: DmaSpace, sg: SgList, position: number): Promise<void> {
-    return settled(() => dma.writeSg(sg, this.bytes.subarray(position, position + sgLength(sg))));
+  read(dma: DmaSpace, sg: SgList, position: number, done: BlockCallback): void {
+    finished(() => dma.writeSg(sg, this.bytes.subarray(position, position + sgLength(sg))), done);
   }
 
-  write(dma: DmaSpace, sg: SgList, position: number): Promise<void> {
-    return settled(() => this.bytes.set(dma.readSg(sg), position));
+  write(dma: DmaSpace, sg: SgList, position: number, done: BlockCallback): void {
+    finished(() => this.bytes.set(dma.readSg(sg), position), done);
   }
 
   zero(position: number, length: number): Promise<void> {
@@ -107,14 +113,15 @@ export class MemoryStore implements BackingStore {
 
 const DONE = Promise.resolve();
 
-/** Runs `work` now, as a settled promise. */
-function settled(work: () => void): Promise<void> {
+/** Runs `work` now and reports it to `done` on the next microtask. */
+function finished(work: () => void, done: BlockCallback): void {
+  let error: Error | null = null;
   try {
     work();
-    return DONE;
-  } catch (error) {
-    return Promise.reject(error);
+  } catch (e) {
+    error = e as Error;
   }
+  queueMicrotask(() => done(error));
 }
 
 function sgLength(sg: SgList): number {
