@@ -1,4 +1,5 @@
-# Runs inside the guest kit (busybox sh) with our virtio-blk (serial "ts-blk"), our virtio-rng and
+# Runs inside the guest kit (busybox sh) with our virtio-blk (serial "ts-blk"; "ts-mmap" notified by
+# its mapped notification page), our virtio-rng and
 # QEMU's built-in virtio-blk-pci (serial "qemu"). Prints VIRTIO-* lines that __test__/guest/virtio.ts reads.
 set -e
 RUNTIME=__RUNTIME__
@@ -14,7 +15,7 @@ disk() {
   return 0
 }
 i=0
-until [ -n "$(disk ts-blk)" ] && [ -n "$(disk qemu)" ]; do
+until [ -n "$(disk ts-blk)" ] && [ -n "$(disk ts-mmap)" ] && [ -n "$(disk qemu)" ]; do
   i=$((i + 1)); [ $i -lt 1500 ] || { echo "VIRTIO-FAIL the disks did not appear"; ls /sys/block; dmesg | grep -i virtio; exit 1; }
   sleep 0.2
 done
@@ -49,6 +50,13 @@ mount -t ext4 "$ours" /mnt/ours
 [ "$(md5sum < /mnt/ours/data)" = "$written" ] && echo "VIRTIO-EXT4 intact"
 fstrim -v /mnt/ours 2>/dev/null || true
 umount /mnt/ours
+
+# Our virtio-blk notified by stores to its mapped page: 1 MiB written, caches dropped, read back.
+mmap=$(disk ts-mmap)
+dd if=/dev/urandom of=/tmp/mmap-data bs=4k count=256 2>/dev/null
+dd if=/tmp/mmap-data of="$mmap" bs=4k conv=fsync 2>/dev/null
+echo 3 > /proc/sys/vm/drop_caches
+[ "$(dd if="$mmap" bs=4k count=256 2>/dev/null | md5sum)" = "$(md5sum < /tmp/mmap-data)" ] && echo "VIRTIO-MMAP intact"
 
 # /dev/hwrng from our virtio-rng.
 echo "VIRTIO-RNG current=$(cat /sys/class/misc/hw_random/rng_current)"
