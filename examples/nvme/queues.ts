@@ -7,7 +7,7 @@
  * CQ's completions are staged as commands finish and written together by
  * `post()`, which moves the tail once.
  */
-import { DmaViewError, type DmaSpace } from 'vfio-user';
+import type { DmaSpace } from 'vfio-user';
 import { SQ_ENTRY, Status } from './command.js';
 
 /** Bytes of a completion queue entry (CQES 4). */
@@ -36,6 +36,8 @@ export class CompletionQueue {
   /** Completions staged for the next `post()`. */
   staged = 0;
   private stagedWords: Uint32Array | undefined;
+  /** One entry, laid out for `writeEntries`. */
+  private readonly entry = Buffer.alloc(CQ_ENTRY);
 
   constructor(
     readonly id: number,
@@ -77,19 +79,18 @@ export class CompletionQueue {
    * host), then each Status Field in order with its new phase tag, each an
    * atomic store that follows the entry's other stores: a host that sees
    * the phase flip sees the whole entry, as it reads it after its read
-   * barrier. A ring the controller cannot view (across windows) is written
-   * an entry at a time. Throws a DMA error when the ring is not guest memory.
+   * barrier. A ring in memory that is not plain (an unsealed file, as
+   * SPDK's hugepages, where a view per batch would be an ArrayBuffer for
+   * the garbage collector each time; or across windows) is written an
+   * entry at a time with native copies, its Status Field last. Throws a
+   * DMA error when the ring is not guest memory.
    */
   post(dma: DmaSpace): number {
     const n = this.staged;
     if (n === 0) return 0;
     this.staged = 0;
-    try {
-      dma.withView(this.base, this.size * CQ_ENTRY, (ring) => this.writeRing(ring, n));
-    } catch (error) {
-      if (!(error instanceof DmaViewError)) throw error;
-      this.writeEntries(dma, n);
-    }
+    if (dma.hasPlainAccess(this.base, this.size * CQ_ENTRY)) dma.withView(this.base, this.size * CQ_ENTRY, (ring) => this.writeRing(ring, n));
+    else this.writeEntries(dma, n);
     this.tail += n;
     if (this.tail >= this.size) {
       this.tail -= this.size;
@@ -130,10 +131,16 @@ export class CompletionQueue {
     }
   }
 
-  /** One 16-byte write per entry, in order: through `dma`, or into `ring` (a view not aligned for word stores). */
+  /**
+   * Entry by entry, in order, through `dma` or into `ring` (a view not
+   * aligned for word stores): each entry's first 14 bytes, then its Status
+   * Field with the phase tag, a later store the host sees after them.
+   */
   private writeEntries(dma: DmaSpace | undefined, n: number, ring?: Uint8Array): void {
     const staged = this.stagedWords!;
-    const entry = Buffer.alloc(CQ_ENTRY);
+    const entry = this.entry;
+    const body = entry.subarray(0, CQ_ENTRY - 2);
+    const status = entry.subarray(CQ_ENTRY - 2);
     let t = this.tail;
     let phase = this.phase;
     for (let i = 0, at = 0; i < n; i++, at += STAGED_WORDS) {
@@ -141,8 +148,15 @@ export class CompletionQueue {
       entry.writeUInt32LE(staged[at + 1], 8);
       entry.writeUInt16LE(staged[at + 2] & 0xffff, 12);
       entry.writeUInt16LE((staged[at + 2] >>> 16) | phase, 14);
-      if (ring) ring.set(entry, t * CQ_ENTRY);
-      else dma!.write(this.base + BigInt(t * CQ_ENTRY), entry);
+      const address = t * CQ_ENTRY;
+      if (ring) {
+        ring.set(body, address);
+        ring.set(status, address + CQ_ENTRY - 2);
+      } else {
+        const iova = this.base + BigInt(address);
+        dma!.write(iova, body);
+        dma!.write(iova + BigInt(CQ_ENTRY - 2), status);
+      }
       if (++t === this.size) {
         t = 0;
         phase ^= 1;

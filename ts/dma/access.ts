@@ -209,6 +209,20 @@ export abstract class GuestMemoryAccess {
   }
 
   /**
+   * Whether [iova, iova + length) lies in one readable, writable window whose
+   * file cannot shrink (sealed, as QEMU seals guest RAM): there copies are
+   * plain memory accesses and `withView` costs nothing (a slice of memory
+   * the library holds), and no access can fault. Elsewhere (SPDK's
+   * hugetlbfs files are not sealed) each `withView` makes an external
+   * ArrayBuffer for the garbage collector, which a device calling it per
+   * request pays for: it should copy with `write`/`readInto` there instead.
+   */
+  hasPlainAccess(iova: bigint, length: number): boolean {
+    const w = this.windowAt(iova);
+    return !!w && iova + BigInt(checkLength(length)) <= w.end && w.readable && w.writable && fastAccess(w) !== null;
+  }
+
+  /**
    * Calls `use` with a zero-copy view of [iova, iova + length) and returns
    * what it returns. The view is valid only during the call: its pages are
    * marked dirty when `use` returns, and stores made through a copy of it
