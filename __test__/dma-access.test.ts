@@ -161,6 +161,14 @@ describe('device access to mapped guest memory', () => {
     }
     expect(() => dma.withView(0x200000n + BigInt(15 * PAGE), 2 * PAGE, () => 0)).toThrow(DmaAccessError);
     expect(() => dma.withView(0x900000n, 1, () => 0)).toThrow(DmaAccessError);
+    // Plain access (withView free, nothing can fault): only inside one sealed, writable window.
+    expect(dma.hasPlainAccess(0x200000n, 16 * PAGE)).toBe(true);
+    expect(dma.hasPlainAccess(0x300000n, PAGE)).toBe(false);
+    expect(dma.hasPlainAccess(0x200000n + BigInt(15 * PAGE), 2 * PAGE)).toBe(false);
+    expect(dma.hasPlainAccess(0x900000n, 1)).toBe(false);
+    const readOnly = memory(PAGE);
+    await client.dmaMap({ iova: 0x400000n, memory: readOnly, writable: false });
+    expect(dma.hasPlainAccess(0x400000n, PAGE)).toBe(false);
   });
 
   test('views are refused with a typed reason where they cannot be safe', async () => {
