@@ -123,6 +123,8 @@ pub struct DoorbellWatch {
     active_at: Option<Instant>,
     /// The driver's last wait from activity to ring, when within the cap.
     expected: Option<Duration>,
+    /// The last `next` was a sleep placed by `expected`: the next scan ends it.
+    placed_sleep: bool,
     /// When the spin under way began.
     spin_started: Option<Instant>,
     /// The next sleep's length.
@@ -141,6 +143,7 @@ impl DoorbellWatch {
             window: None,
             active_at: None,
             expected: None,
+            placed_sleep: false,
             spin_started: None,
             sleep: FIRST_SLEEP,
             stats: WatchStats::default(),
@@ -193,8 +196,20 @@ impl DoorbellWatch {
     /// A doorbell rang some other way (a trapped write, an ioeventfd): the
     /// driver's answer, timed like one found in memory, and activity.
     pub fn rung(&mut self, now: Instant) {
+        self.answered(now, true);
+    }
+
+    /// The driver answered (a ring arrived) at `now`. `seen_when_made`: the
+    /// ring was caught as it came (spinning, or delivered); otherwise it was
+    /// found by the first scan after a sleep placed by the last answer, so
+    /// it came at some unknown time before: the next window moves to half
+    /// the time, which converges on a quick driver within a few answers
+    /// (trusting the time would keep the window where it was: the wake-up
+    /// after a sleep is late by tens of microseconds here).
+    fn answered(&mut self, now: Instant, seen_when_made: bool) {
         if let Some(active) = self.active_at {
             let waited = now.saturating_duration_since(active);
+            let waited = if seen_when_made { waited } else { waited / 2 };
             self.expected = (waited <= self.config.spin).then_some(waited);
         }
         self.poke(now);
@@ -221,6 +236,7 @@ impl DoorbellWatch {
     /// Reads every watched word; a changed one joins the batch and starts
     /// (or extends) a spin. Returns whether a batch waits to be taken.
     pub fn scan(&mut self, now: Instant) -> bool {
+        let after_placed_sleep = std::mem::take(&mut self.placed_sleep);
         if self.words.is_empty() {
             return !self.pending.is_empty();
         }
@@ -239,7 +255,7 @@ impl DoorbellWatch {
             for (doorbell, value) in changed {
                 self.push(doorbell, value, now);
             }
-            self.rung(now);
+            self.answered(now, !after_placed_sleep);
         }
         !self.pending.is_empty()
     }
@@ -252,6 +268,7 @@ impl DoorbellWatch {
             if now < from {
                 self.end_spin(now);
                 self.stats.sleeps += 1;
+                self.placed_sleep = true;
                 return Next::Sleep(from - now);
             }
             if now < until {
@@ -468,6 +485,14 @@ mod tests {
         let t2 = t1 + us(500);
         w.poke(t2);
         assert_eq!(w.next(t2), Next::Sleep(us(135)));
+        // Found by the first scan after that sleep (it came at some time before): the window halves.
+        store(&guest, 0, 9);
+        assert!(w.scan(t2 + us(160)));
+        w.take(&mut [Ring { doorbell: 0, value: 0 }; 4]);
+        let t2 = t2 + us(300);
+        w.poke(t2);
+        assert_eq!(w.next(t2), Next::Sleep(us(60)), "0.75 x 160/2");
+        assert!(!w.scan(t2 + us(60)), "nothing yet: caught spinning later, its time is exact");
         // An answer later than the cap: short spins at once again.
         store(&guest, 0, 3);
         assert!(w.scan(t2 + SPIN + us(1)));
