@@ -16,12 +16,10 @@
  *   calls when it expects doorbells: it just posted completions), during
  *   which the loop does not block; then after sleeps that start at 10 µs
  *   and double up to `maxSleepMicros`; not at all while nothing is watched.
- *   The spin adapts to the driver, from its last wait from activity to ring
- *   when that was within `spinMicros`: a driver answering within 40 µs (a
- *   host that polls) is watched by a spin at once, of 1.5x its wait (at
- *   least 20 µs); a slower one (an emulated guest, hundreds of µs) is left
- *   alone for 0.75x its wait, then watched by a spin up to 1.5x it. Either
- *   way its ring is caught spinning, and a slow driver does not cost a core.
+ *   The spin adapts to the driver: it lasts 1.5x the driver's last wait from
+ *   activity to ring (at least 20 µs) when that was within `spinMicros`,
+ *   else 20 µs: a host that polls costs a short spin, an emulated guest
+ *   answering in hundreds of µs is still caught spinning.
  *   No other thread is involved: a ring found is handled in the same turn
  *   of the loop. The time it takes is in `stats()`. Spins follow trapped
  *   writes and kicks too (timed the same way): with nothing watched, a spin
