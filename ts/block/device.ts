@@ -150,7 +150,7 @@ export class BlockDevice {
 
   /** Makes completed writes durable (fdatasync). */
   flush(): Promise<void> {
-    return this.start('flush', 0n, 0n, (tag) => this.native.flush(tag)) as Promise<void>;
+    return this.start('flush', 0n, 0n, (tag) => this.native.flush(tag));
   }
 
   /**
@@ -159,13 +159,13 @@ export class BlockDevice {
    */
   discard(offset: bigint, length: bigint): Promise<void> {
     checkRange(offset, length);
-    return this.start('discard', offset, length, (tag) => this.native.discard(tag, offset, length)) as Promise<void>;
+    return this.start('discard', offset, length, (tag) => this.native.discard(tag, offset, length));
   }
 
   /** Makes the range read as zeros (FALLOC_FL_ZERO_RANGE, or writes of zeros where the filesystem lacks it). */
   writeZeroes(offset: bigint, length: bigint): Promise<void> {
     checkRange(offset, length);
-    return this.start('writeZeroes', offset, length, (tag) => this.native.writeZeroes(tag, offset, length)) as Promise<void>;
+    return this.start('writeZeroes', offset, length, (tag) => this.native.writeZeroes(tag, offset, length));
   }
 
   /**
@@ -188,11 +188,10 @@ export class BlockDevice {
     // The device is smaller than 2^53 bytes (checked at open), so the offset is exact as a number.
     const at = Number(offset);
     let length = 0;
-    let submit: (tag: number) => number;
-    let segmentFailure: ((errno: number) => Error | undefined) | undefined;
+    let pieces: ReturnType<GuestMemoryAccess['resolveSg']>;
     try {
       // Every piece is resolved and checked before anything starts.
-      const pieces = memory.resolveSg(sg, into ? 'writable' : 'readable');
+      pieces = memory.resolveSg(sg, into ? 'writable' : 'readable');
       for (const piece of pieces) {
         if (!piece.window.mapping) {
           const iova = piece.window.iova + BigInt(piece.offset);
@@ -200,25 +199,27 @@ export class BlockDevice {
         }
         length += piece.length;
       }
-      if (pieces.length === 1) {
-        const piece = pieces[0];
-        submit = (tag) => this.native.transferOne(tag, into, piece.window.mapping!, piece.offset, piece.length, at);
-        // The segment is checked in the same call: EFAULT and EPERM there are the window's.
-        segmentFailure = (errno) => (errno === Errno.EFAULT || errno === Errno.EPERM
-          ? this.segmentError(errno, op, piece.window.iova + BigInt(piece.offset), piece.length)
-          : undefined);
-      } else {
+      if (pieces.length !== 1) {
         for (const piece of pieces) {
           const errno = this.native.addSegment(piece.window.mapping!, piece.offset, piece.length, into);
           if (errno !== 0) throw this.segmentError(errno, op, piece.window.iova + BigInt(piece.offset), piece.length);
         }
-        submit = (tag) => (into ? this.native.read(tag, at) : this.native.write(tag, at));
       }
     } catch (error) {
       this.native.clearSegments();
       return this.refuse(error as Error, done);
     }
-    return this.start(op, offset, BigInt(length), submit, done, segmentFailure);
+    const tag = this.freeTags.pop()!;
+    if (pieces.length !== 1) {
+      return this.started(tag, into ? this.native.read(tag, at) : this.native.write(tag, at), op, offset, BigInt(length), done);
+    }
+    const piece = pieces[0];
+    const errno = this.native.transferOne(tag, into, piece.window.mapping!, piece.offset, piece.length, at);
+    // The segment is checked in the same call: EFAULT and EPERM there are the window's.
+    const windowFailure = errno === Errno.EFAULT || errno === Errno.EPERM
+      ? this.segmentError(errno, op, piece.window.iova + BigInt(piece.offset), piece.length)
+      : undefined;
+    return this.started(tag, errno, op, offset, BigInt(length), done, windowFailure);
   }
 
   private segmentError(errno: number, op: 'read' | 'write', iova: bigint, length: number): Error {
@@ -238,24 +239,18 @@ export class BlockDevice {
     return undefined;
   }
 
-  private start(
-    op: BlockOp,
-    offset: bigint,
-    length: bigint,
-    submit: (tag: number) => number,
-    done?: BlockCallback,
-    segmentFailure?: (errno: number) => Error | undefined,
-  ): Promise<void> | void {
+  private start(op: BlockOp, offset: bigint, length: bigint, submit: (tag: number) => number): Promise<void> {
     const refusal = this.refusal(op);
-    if (refusal) {
-      this.native.clearSegments();
-      return this.refuse(refusal, done);
-    }
+    if (refusal) return Promise.reject(refusal);
     const tag = this.freeTags.pop()!;
-    const errno = submit(tag);
+    return this.started(tag, submit(tag), op, offset, length) as Promise<void>;
+  }
+
+  /** Request `tag` was handed to the native queue, which answered `errno` (0: queued). */
+  private started(tag: number, errno: number, op: BlockOp, offset: bigint, length: bigint, done?: BlockCallback, failure?: Error): Promise<void> | void {
     if (errno !== 0) {
       this.freeTags.push(tag);
-      return this.refuse(segmentFailure?.(errno) ?? this.failure(errno, op, offset, length), done);
+      return this.refuse(failure ?? this.failure(errno, op, offset, length), done);
     }
     if (!this.submitting) {
       this.submitting = true;
