@@ -171,10 +171,6 @@ impl DoorbellWatch {
         self.words.contains_key(&doorbell)
     }
 
-    pub fn watching(&self) -> bool {
-        !self.words.is_empty()
-    }
-
     /// A kick that carries no value: reads `doorbell`'s word now and puts it
     /// in the batch (even unchanged). Returns false for a doorbell not
     /// watched or a word that cannot be read.
