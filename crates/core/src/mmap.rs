@@ -53,9 +53,12 @@ impl MappingError {
 pub struct Mapping {
     base: NonNull<u8>,
     /// Distance from `base` to the first byte the caller asked for: mmap
-    /// needs a page-aligned file offset, the protocol does not promise one.
+    /// needs a page-aligned (huge-page-aligned on hugetlbfs) file offset,
+    /// the protocol does not promise one.
     lead: usize,
     len: usize,
+    /// The whole mapping from `base`: `lead + len` rounded up to whole pages.
+    mapped: usize,
     prot: Protection,
     dirty: DirtyBitmap,
     /// The file was sealed against shrinking when mapped, so no page of the
@@ -88,9 +91,11 @@ impl Mapping {
         if offset.checked_add(size).is_none_or(|end| end > stat.size) {
             return Err(MappingError::BeyondFile { offset, size, file_size: stat.size });
         }
-        let page = rustix::param::page_size() as u64;
-        let lead = offset % page;
+        let granule = map_granule(&fd)?;
+        let lead = offset % granule;
         let len = usize::try_from(size).map_err(|_| MappingError::Os(rustix::io::Errno::NOMEM))?;
+        // Huge pages are unmapped whole too (munmap rejects a partial one).
+        let mapped = usize::try_from((lead + size).div_ceil(granule) * granule).map_err(|_| MappingError::Os(rustix::io::Errno::NOMEM))?;
         let mut flags = ProtFlags::empty();
         if prot.read {
             flags |= ProtFlags::READ;
@@ -105,12 +110,13 @@ impl Mapping {
         // SAFETY: a fresh shared mapping at an address of the kernel's choice
         // aliases no Rust object.
         let ptr = unsafe {
-            mmap(std::ptr::null_mut(), len + lead as usize, flags, MapFlags::SHARED, fd, offset - lead)?
+            mmap(std::ptr::null_mut(), mapped, flags, MapFlags::SHARED, fd, offset - lead)?
         };
         Ok(Mapping {
             base: NonNull::new(ptr.cast()).expect("mmap returned null"),
             lead: lead as usize,
             len,
+            mapped,
             prot,
             dirty: DirtyBitmap::new(size),
             size_sealed,
@@ -247,10 +253,25 @@ impl Mapping {
     }
 }
 
+/// hugetlbfs's magic number (statfs f_type): files of huge pages, such as
+/// QEMU's guest RAM with `hugetlb=on` or on a hugetlbfs mount.
+const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
+
+/// What an mmap of `fd` must be aligned to: the huge page size for a file on
+/// hugetlbfs (mmap refuses offsets within a huge page), else the page size.
+fn map_granule(fd: impl AsFd) -> Result<u64, MappingError> {
+    let fs = rustix::fs::fstatfs(fd)?;
+    if fs.f_type as u64 == HUGETLBFS_MAGIC {
+        Ok(fs.f_bsize as u64)
+    } else {
+        Ok(rustix::param::page_size() as u64)
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: base/len+lead are exactly what mmap returned.
-        let _ = unsafe { munmap(self.base.as_ptr().cast(), self.len + self.lead) };
+        // SAFETY: base and mapped are exactly what mmap returned.
+        let _ = unsafe { munmap(self.base.as_ptr().cast(), self.mapped) };
     }
 }
 
@@ -268,6 +289,46 @@ mod tests {
         let mut out = [0u8; 5];
         b.read_at(4096 + 10, &mut out).unwrap();
         assert_eq!(&out, b"hello");
+    }
+
+    /// A memfd of 2 MiB huge pages, as QEMU's `memory-backend-memfd,hugetlb=on`
+    /// makes guest RAM; None when the machine has no two huge pages free.
+    fn hugetlb_memfd(size: u64) -> Option<rustix::fd::OwnedFd> {
+        use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let free: u64 = meminfo.lines().find_map(|l| l.strip_prefix("HugePages_Free:"))?.trim().parse().ok()?;
+        if free < size / (2 << 20) {
+            return None;
+        }
+        let fd = memfd_create("huge", MemfdFlags::CLOEXEC | MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB).ok()?;
+        ftruncate(&fd, size).ok()?;
+        Some(fd)
+    }
+
+    #[test]
+    fn maps_a_huge_page_file_from_offsets_inside_a_huge_page() {
+        let Some(fd) = hugetlb_memfd(4 << 20) else {
+            eprintln!("skipped: no two free 2 MiB huge pages (/proc/sys/vm/nr_hugepages)");
+            return;
+        };
+        assert_eq!(map_granule(&fd).unwrap(), 2 << 20);
+        // QEMU maps guest RAM below 1 MiB in pieces: 0-0xc0000, then 0xc0000 on.
+        let a = Mapping::new(&fd, 0xc_0000, 0x2_0000, RW).unwrap();
+        let b = Mapping::new(&fd, 0, 4 << 20, RW).unwrap();
+        let c = Mapping::new(&fd, (2 << 20) + 0x1000, 0x1000, RW).unwrap();
+        a.write_at(0x10, b"huge").unwrap();
+        c.write_at(0, b"page").unwrap();
+        let mut out = [0u8; 4];
+        b.read_at(0xc_0010, &mut out).unwrap();
+        assert_eq!(&out, b"huge");
+        b.read_at((2 << 20) + 0x1000, &mut out).unwrap();
+        assert_eq!(&out, b"page");
+        // A piece is unmapped whole (munmap refuses part of a huge page).
+        let start = format!("{:x}-", a.as_ptr() as usize & !((2 << 20) - 1));
+        let mapped = || std::fs::read_to_string("/proc/self/maps").unwrap().lines().any(|l| l.starts_with(&start));
+        assert!(mapped());
+        drop(a);
+        assert!(!mapped(), "the mapping at {start} outlived its Mapping");
     }
 
     #[test]
