@@ -24,7 +24,9 @@
  *   of the loop. The time it takes is in `stats()`. Spins follow trapped
  *   writes and kicks too (timed the same way): with nothing watched, a spin
  *   keeps the loop from blocking, so the next message or ioeventfd is read
- *   without waking the thread.
+ *   without waking the thread; then it spins only for a driver that
+ *   answered within 50 µs (a guest under TCG answers in hundreds, and its
+ *   VMM needs the core meanwhile).
  *
  * A doorbell watched in memory takes its value from memory: a trapped write
  * or a kick of it only says "look now" (as with NVMe shadow doorbells or a
