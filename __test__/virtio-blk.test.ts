@@ -94,6 +94,9 @@ describe('virtio-blk', () => {
     const [q] = driver.queues;
     expect((await request(q, R.IN, BigInt(DISK / SECTOR), { read: 512 })).status).toBe(BlkStatus.IOERR);
     expect((await request(q, R.IN, 2n ** 63n, { read: 512 })).status).toBe(BlkStatus.IOERR);
+    // Ends past the disk by one sector; a sector whose low word alone is inside it.
+    expect((await request(q, R.IN, BigInt(DISK / SECTOR - 1), { read: 1024 })).status).toBe(BlkStatus.IOERR);
+    expect((await request(q, R.IN, 2n ** 32n, { read: 512 })).status).toBe(BlkStatus.IOERR);
     expect((await request(q, R.OUT, 0n, { data: Buffer.alloc(100) })).status).toBe(BlkStatus.IOERR);
     expect((await request(q, 99, 0n)).status).toBe(BlkStatus.UNSUPP);
     expect((await request(q, R.WRITE_ZEROES, 0n, { data: segment(0n, 1, 2) })).status).toBe(BlkStatus.UNSUPP);
