@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
-import { BlockDevice, featureBit, VirtioStatus as S, type DriverQueue } from '../ts/index.js';
+import { BlockDevice, featureBit, VirtioStatus as S, type DriverQueue, type InitOptions } from '../ts/index.js';
 import { BlkFeature, BlkRequest as R, BlkStatus, SECTOR, VirtioBlk, type VirtioBlkOptions } from '../examples/virtio-blk/index.js';
 import { testCleanups } from './cleanups.js';
 import { drive } from './virtio-helpers.js';
@@ -11,14 +11,14 @@ import { drive } from './virtio-helpers.js';
 const t = testCleanups();
 const DISK = 1 << 20;
 
-async function blk(options: VirtioBlkOptions = {}, image?: Buffer) {
+async function blk(options: VirtioBlkOptions = {}, image?: Buffer, init: InitOptions = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'virtio-blk-'));
   t.defer(() => rmSync(dir, { recursive: true, force: true }));
   const path = join(dir, 'disk.img');
   writeFileSync(path, image ?? Buffer.alloc(DISK));
   const device = new VirtioBlk(BlockDevice.open(path, { readOnly: options.readOnly ?? false }), { serial: 'vfio-user-blk-0', ...options });
   const { driver } = await drive(t, device);
-  await driver.initialize();
+  await driver.initialize(init);
   return { path, device, driver };
 }
 
@@ -78,6 +78,26 @@ describe('virtio-blk', () => {
     expect(read).toMatchObject({ status: BlkStatus.OK, written: 8193 });
     expect(read.data!.equals(data)).toBe(true);
     expect((await request(q, R.FLUSH, 0n)).status).toBe(BlkStatus.OK);
+  });
+
+  test('a driver keeps 32 reads of 4 KiB outstanding for 640 requests: its buffer area is reused as chains are used', async () => {
+    const image = pattern(DISK, 3);
+    const { driver } = await blk({}, image, { bufferBytes: 160 * 1024 });
+    const [q] = driver.queues;
+    let next = 0;
+    let checked = 0;
+    const one = async (): Promise<void> => {
+      while (next < 640) {
+        const sector = BigInt((next++ * 8) % (DISK / SECTOR));
+        const { status, data } = await request(q, R.IN, sector, { read: 4096 });
+        expect(status).toBe(BlkStatus.OK);
+        expect(data!.equals(image.subarray(Number(sector) * SECTOR, Number(sector) * SECTOR + 4096))).toBe(true);
+        checked++;
+      }
+    };
+    await Promise.all(Array.from({ length: 32 }, one));
+    expect(checked).toBe(640);
+    expect(q.outstanding).toBe(0);
   });
 
   test('any layout: header, data and status in one chain of odd-sized buffers', async () => {

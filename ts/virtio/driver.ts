@@ -7,6 +7,7 @@
  * a test play a driver that breaks the rules.
  */
 import { UsageError } from '../errors.js';
+import { BufferArea } from './buffer-area.js';
 import type { VfioUserClient } from '../client/client.js';
 import type { GuestMemory } from '../client/memory.js';
 import type { EventfdIrq } from '../client/eventfd-irq.js';
@@ -45,6 +46,12 @@ export interface InitOptions {
   queueSize?: number;
   /** Queues to set up (default: all the device has). */
   queues?: number;
+  /**
+   * Bytes of guest memory for each queue's buffers (default 64 KiB plus 256
+   * per entry), reused as chains are used: what is outstanding at once must
+   * fit (32 chains of 4 KiB need about 130 KiB).
+   */
+  bufferBytes?: number;
 }
 
 /** One buffer of a chain the driver submits. */
@@ -221,7 +228,7 @@ export class VirtioDriver {
       await this.writeCommon(Common.QUEUE_SELECT, 2, q);
       const max = Number(await this.readCommon(Common.QUEUE_SIZE, 2));
       const size = Math.min(max, options.queueSize ?? 256);
-      const queue = this.setUpQueue(q, size, Number(await this.readCommon(Common.QUEUE_NOTIFY_OFF, 2)), packed);
+      const queue = this.setUpQueue(q, size, Number(await this.readCommon(Common.QUEUE_NOTIFY_OFF, 2)), packed, options.bufferBytes ?? 64 * 1024 + size * 256);
       await this.writeCommon(Common.QUEUE_SIZE, 2, size);
       await this.writeCommonHalves(Common.QUEUE_DESC, queue.desc);
       await this.writeCommonHalves(Common.QUEUE_DRIVER, queue.driverArea);
@@ -282,13 +289,15 @@ export class VirtioDriver {
     return q;
   }
 
-  private setUpQueue(index: number, size: number, notifyOff: number, packed: boolean): DriverQueue {
+  private setUpQueue(index: number, size: number, notifyOff: number, packed: boolean, bufferBytes: number): DriverQueue {
+    if (!Number.isSafeInteger(bufferBytes) || bufferBytes < 16) throw new UsageError(`bufferBytes ${bufferBytes} is not an integer of at least 16`);
+    const dataSize = Math.ceil(bufferBytes / 16) * 16;
     const area = {
       desc: this.allocate(size * Desc.SIZE),
       driver: this.allocate(packed ? EventSuppress.SIZE : Ring.ENTRIES + 2 * size + 2),
       device: this.allocate(packed ? EventSuppress.SIZE : Ring.ENTRIES + Ring.USED_ELEM_SIZE * size + 2),
-      data: this.allocate(64 * 1024 + size * 256),
-      dataSize: 64 * 1024 + size * 256,
+      data: this.allocate(dataSize),
+      dataSize,
     };
     const queue = packed ? new PackedDriverQueue(this, index, size, notifyOff, area) : new SplitDriverQueue(this, index, size, notifyOff, area);
     this.queues[index] = queue;
@@ -328,6 +337,8 @@ interface QueueMemory {
 
 interface Waiting {
   writable: { iova: bigint; length: number }[];
+  /** The buffer area's ranges the chain holds: offset, length, offset, length... */
+  carved: number[];
   resolve(completion: Completion): void;
 }
 
@@ -346,7 +357,9 @@ export abstract class DriverQueue {
   readonly deviceArea: bigint;
   /** Submissions waiting for their used entry, by the id the device gives back. */
   protected readonly waiting = new Map<number, Waiting>();
-  private dataUsed = 0;
+  private readonly buffers: BufferArea;
+  /** The ranges carved for the chain being made. */
+  private carved: number[] = [];
   private readonly listener = () => this.collect();
 
   constructor(
@@ -357,6 +370,7 @@ export abstract class DriverQueue {
     private readonly area: QueueMemory,
   ) {
     ({ desc: this.desc, driver: this.driverArea, device: this.deviceArea } = area);
+    this.buffers = new BufferArea(area.dataSize);
     driver.vectors[index + 1]?.on('interrupt', this.listener);
   }
 
@@ -393,16 +407,25 @@ export abstract class DriverQueue {
    * `indirect` puts the chain in an indirect table.
    */
   submit(buffers: readonly ChainBuffer[], options: { indirect?: boolean; notify?: boolean } = {}): Promise<Completion> {
-    const placed = buffers.map((b): Placed => {
-      const length = 'data' in b ? b.data.length : b.writable;
-      const iova = this.carve(length);
-      if ('data' in b) this.driver.at(iova, length).set(b.data);
-      return { iova, length, write: !('data' in b) };
-    });
-    const id = this.make(placed, options.indirect === true);
+    this.carved = [];
+    let placed: Placed[];
+    let id: number;
+    try {
+      placed = buffers.map((b): Placed => {
+        const length = 'data' in b ? b.data.length : b.writable;
+        const iova = this.carve(length);
+        if ('data' in b) this.driver.at(iova, length).set(b.data);
+        return { iova, length, write: !('data' in b) };
+      });
+      id = this.make(placed, options.indirect === true);
+    } catch (error) {
+      this.giveBack(this.carved);
+      throw error;
+    }
+    const carved = this.carved;
     let fail: (error: unknown) => void = () => {};
     const done = new Promise<Completion>((resolve, reject) => {
-      this.waiting.set(id, { writable: placed.filter((p) => p.write), resolve });
+      this.waiting.set(id, { writable: placed.filter((p) => p.write), carved, resolve });
       fail = reject;
     });
     // A notification that cannot be sent (the connection closed) fails the submission.
@@ -434,16 +457,22 @@ export abstract class DriverQueue {
     if (!waiting) return false;
     this.waiting.delete(id);
     waiting.resolve({ written, writable: waiting.writable.map((w) => Buffer.from(this.driver.at(w.iova, w.length))) });
-    if (this.waiting.size === 0) this.dataUsed = 0;
+    this.giveBack(waiting.carved);
     return true;
   }
 
-  /** `length` bytes of the queue's buffer area (reused once nothing is outstanding). */
+  /** `length` bytes of the queue's buffer area for the chain being made (given back when the device uses it). */
   protected carve(length: number): bigint {
-    const at = Math.ceil(this.dataUsed / 16) * 16;
-    if (at + length > this.area.dataSize) throw new UsageError(`queue ${this.index}: ${length} bytes do not fit the queue's buffer area`);
-    this.dataUsed = at + length;
+    const at = this.buffers.take(length);
+    if (at === undefined) {
+      throw new UsageError(`queue ${this.index}: ${length} bytes do not fit the queue's buffer area (${this.buffers.used} of ${this.buffers.size} bytes outstanding; InitOptions.bufferBytes sets its size)`);
+    }
+    this.carved.push(at, length);
     return this.area.data + BigInt(at);
+  }
+
+  private giveBack(carved: number[]): void {
+    for (let i = 0; i < carved.length; i += 2) this.buffers.give(carved[i]!, carved[i + 1]!);
   }
 
   /** A DataView and a u16 view of guest memory at `iova`, zeroed (a queue set up again over old memory must not offer old entries). */
