@@ -26,7 +26,9 @@
  *   keeps the loop from blocking, so the next message or ioeventfd is read
  *   without waking the thread; then it spins only for a driver that
  *   answered within 50 µs (a guest under TCG answers in hundreds, and its
- *   VMM needs the core meanwhile).
+ *   VMM needs the core meanwhile). A spin that has run 50 µs (past any
+ *   polling host's answer) yields the core on each turn, so a VMM thread
+ *   woken on it runs at once.
  *
  * A doorbell watched in memory takes its value from memory: a trapped write
  * or a kick of it only says "look now" (as with NVMe shadow doorbells or a

@@ -161,6 +161,9 @@ impl NativeDoorbellWatcher {
         let idle = Idle::new(raw, Box::new(move || {
             if let Some(driver) = weak.upgrade() {
                 driver.turn();
+                if driver.watch.borrow().should_yield(Instant::now()) {
+                    std::thread::yield_now();
+                }
             }
         }))?;
         let weak = Rc::downgrade(&driver);
