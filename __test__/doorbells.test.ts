@@ -140,6 +140,20 @@ describe('DoorbellSource', () => {
     expect(stats.cpuMicros).toBeGreaterThan(0);
   });
 
+  test('a word the device re-arms itself (rebase) rings only for a later store', async () => {
+    const s = source();
+    const memory = new SharedMemory(PAGE);
+    cleanups.defer(() => memory.close());
+    s.watchShared(1, memory, 4);
+    memory.bytes.set(word(7), 4);
+    expect(await nextBatch(s)).toEqual([{ doorbell: 1, value: 7 }]);
+    memory.bytes.set(word(0xffffffff), 4);
+    s.rebase(1, 0xffffffff);
+    memory.bytes.set(word(7), 4);
+    expect(await nextBatch(s)).toEqual([{ doorbell: 1, value: 7 }]);
+    expect(() => s.rebase(2, 0)).toThrow(UsageError);
+  });
+
   test('misuse throws UsageError', () => {
     expect(() => new DoorbellSource({ count: 0 })).toThrow(UsageError);
     expect(() => new DoorbellSource({ count: 4, maxSleepMicros: 0 })).toThrow(UsageError);

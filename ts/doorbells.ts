@@ -169,6 +169,18 @@ export class DoorbellSource extends EventEmitter<DoorbellSourceEvents> {
     this.watchWord(doorbell, () => this.watcher.watch(doorbell, mapping, Number(iova - window.iova), checkedBaseline(baseline)));
   }
 
+  /**
+   * The device stored `value` into watched `doorbell`'s word itself (a
+   * re-arm): only a later store of another value rings. Drops a ring of
+   * it not yet delivered; unlike `watchShared`, it is not activity (no spin).
+   */
+  rebase(doorbell: number, value: number): void {
+    this.open();
+    this.check(doorbell);
+    if (!this.watched.has(doorbell)) throw new UsageError(`doorbell ${doorbell} is not watched in memory`);
+    this.watcher.rebase(doorbell, value >>> 0);
+  }
+
   /** Stops watching `doorbell` in memory, dropping a ring of it not yet delivered. */
   unwatch(doorbell: number): void {
     this.open();

@@ -76,7 +76,7 @@ export class Notifications {
     bar.ioeventfds.forEach((kick, q) => this.source.ringOnSignal(q, kick));
     this.source.on('ring', (rings: readonly Ring[]) => {
       // Every slot is re-armed before any queue reads its ring.
-      for (const { doorbell } of rings) if (this.source.isWatched(doorbell)) this.rearm(doorbell);
+      for (const { doorbell } of rings) if (this.source.isWatched(doorbell)) this.rearm(doorbell, true);
       const seenAt = this.source.lastBatchSeenAt;
       // A watched available index rings with what memory holds, not with what the driver wrote.
       for (const { doorbell, value } of rings) notified(doorbell, mode === 'avail' ? undefined : value, seenAt);
@@ -113,10 +113,12 @@ export class Notifications {
     this.source.close();
   }
 
-  private rearm(queue: number): void {
+  /** Stores ARMED in `queue`'s slot and watches it from there (`watched`: it already is). */
+  private rearm(queue: number, watched = false): void {
     if (!this.slots) return;
     // Sequentially consistent: the store is visible before the queue loads the available index.
     Atomics.store(this.slots, queue, ARMED);
-    this.source.watchShared(queue, this.bar.shared!, this.notifyAt + queue * NOTIFY_MULTIPLIER, ARMED);
+    if (watched) this.source.rebase(queue, ARMED);
+    else this.source.watchShared(queue, this.bar.shared!, this.notifyAt + queue * NOTIFY_MULTIPLIER, ARMED);
   }
 }

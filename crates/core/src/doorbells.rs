@@ -228,6 +228,17 @@ impl DoorbellWatch {
         self.spin_until = Some(now + spin.min(self.config.spin));
     }
 
+    /// The consumer stored `value` into `doorbell`'s word itself (re-arming
+    /// it): only a later value other than that one rings. Drops the
+    /// doorbell's ring not yet taken; not activity. False when the doorbell
+    /// is not watched.
+    pub fn rebase(&mut self, doorbell: u32, value: u32) -> bool {
+        let Some(word) = self.words.get_mut(&doorbell) else { return false };
+        word.last = value;
+        self.forget(doorbell);
+        true
+    }
+
     /// Reads every watched word; a changed one joins the batch and starts
     /// (or extends) a spin. Returns whether a batch waits to be taken.
     pub fn scan(&mut self, now: Instant) -> bool {
@@ -533,6 +544,28 @@ mod tests {
         assert!(w.should_yield(t1 + YIELD_AFTER));
         assert_eq!(w.next(t1 + Duration::from_micros(300)), Next::Sleep(FIRST_SLEEP));
         assert!(!w.should_yield(t1 + Duration::from_micros(300)), "the spin is over");
+    }
+
+    #[test]
+    fn a_rebased_word_rings_only_for_a_later_store_and_rebasing_is_not_activity() {
+        let (guest, device) = page();
+        let mut w = watch();
+        let t0 = Instant::now();
+        w.watch(0, device, 8, None, t0).unwrap();
+        store(&guest, 8, 3);
+        assert!(w.scan(t0));
+        take_all(&mut w);
+        let t1 = t0 + SPIN;
+        assert!(matches!(w.next(t1), Next::Sleep(_)), "the spin that ring started is over");
+        // The consumer re-arms the word with a value of its own, as virtio's mapped notify slots do.
+        store(&guest, 8, 0xffff_ffff);
+        assert!(w.rebase(0, 0xffff_ffff));
+        assert!(matches!(w.next(t1), Next::Sleep(_)), "rebasing starts no spin");
+        assert!(!w.scan(t1), "its own store does not ring");
+        store(&guest, 8, 3);
+        assert!(w.scan(t1), "the driver's next store rings, even with the value it stored before");
+        assert_eq!(take_all(&mut w), vec![Ring { doorbell: 0, value: 3 }]);
+        assert!(!w.rebase(1, 0), "not watched");
     }
 
     #[test]

@@ -223,6 +223,13 @@ impl NativeDoorbellWatcher {
         Ok(found)
     }
 
+    /// The device stored `value` into watched `doorbell`'s word itself (see
+    /// the core's `rebase`); false when it is not watched.
+    #[napi]
+    pub fn rebase(&self, doorbell: u32, value: u32) -> Result<bool> {
+        Ok(self.driver()?.watch.borrow_mut().rebase(doorbell, value))
+    }
+
     /// A doorbell rang as a trapped write or a kick: the driver's answer, timed.
     #[napi]
     pub fn rung(&self) -> Result<()> {
