@@ -1,5 +1,5 @@
-# Runs inside the guest kit (busybox sh) with our virtio-blk (serial "ts-blk"; "ts-mmap" notified by
-# its mapped notification page), our virtio-rng and
+# Runs inside the guest kit (busybox sh) with our virtio-blk (serial "ts-blk", notified through its
+# mapped notification page; "ts-trap" by trapped writes), our virtio-rng and
 # QEMU's built-in virtio-blk-pci (serial "qemu"). Prints VIRTIO-* lines that __test__/guest/virtio.ts reads.
 set -e
 RUNTIME=__RUNTIME__
@@ -15,7 +15,7 @@ disk() {
   return 0
 }
 i=0
-until [ -n "$(disk ts-blk)" ] && [ -n "$(disk ts-mmap)" ] && [ -n "$(disk qemu)" ]; do
+until [ -n "$(disk ts-blk)" ] && [ -n "$(disk ts-trap)" ] && [ -n "$(disk qemu)" ]; do
   i=$((i + 1)); [ $i -lt 1500 ] || { echo "VIRTIO-FAIL the disks did not appear"; ls /sys/block; dmesg | grep -i virtio; exit 1; }
   sleep 0.2
 done
@@ -29,7 +29,7 @@ for d in /sys/bus/virtio/devices/*; do echo "VIRTIO-RING device=$(cat "$d/device
 # fio first, each job on both disks in turn (terse v3: field 7 read KiB/s, 8 read IOPS).
 for job in "randread 4k 1" "randread 4k 32"; do
   set -- $job
-  for name in qemu ts-blk; do
+  for name in qemu ts-blk ts-trap; do
     line=$(fio --name=j --filename="$(disk $name)" --rw="$1" --bs="$2" --iodepth="$3" --ioengine=libaio --direct=1 \
       --runtime="$RUNTIME" --time_based --size=128M --output-format=terse --terse-version=3 | tail -n 1)
     echo "VIRTIO-FIO device=$name job=$1-$2-qd$3 kibps=$(echo "$line" | cut -d';' -f7) iops=$(echo "$line" | cut -d';' -f8)"
@@ -51,12 +51,12 @@ mount -t ext4 "$ours" /mnt/ours
 fstrim -v /mnt/ours 2>/dev/null || true
 umount /mnt/ours
 
-# Our virtio-blk notified by stores to its mapped page: 1 MiB written, caches dropped, read back.
-mmap=$(disk ts-mmap)
-dd if=/dev/urandom of=/tmp/mmap-data bs=4k count=256 2>/dev/null
-dd if=/tmp/mmap-data of="$mmap" bs=4k conv=fsync 2>/dev/null
+# Our virtio-blk notified by trapped writes: 1 MiB written, caches dropped, read back.
+trapped=$(disk ts-trap)
+dd if=/dev/urandom of=/tmp/trap-data bs=4k count=256 2>/dev/null
+dd if=/tmp/trap-data of="$trapped" bs=4k conv=fsync 2>/dev/null
 echo 3 > /proc/sys/vm/drop_caches
-[ "$(dd if="$mmap" bs=4k count=256 2>/dev/null | md5sum)" = "$(md5sum < /tmp/mmap-data)" ] && echo "VIRTIO-MMAP intact"
+[ "$(dd if="$trapped" bs=4k count=256 2>/dev/null | md5sum)" = "$(md5sum < /tmp/trap-data)" ] && echo "VIRTIO-TRAP intact"
 
 # /dev/hwrng from our virtio-rng.
 echo "VIRTIO-RNG current=$(cat /sys/class/misc/hw_random/rng_current)"

@@ -23,12 +23,12 @@ const runtime = Number(process.env.VIRTIO_GUEST_RUNTIME ?? 10);
 const runner = new GuestRunner('virtio guest');
 
 async function main(): Promise<number> {
-  for (const name of ['ours.img', 'mmap.img', 'qemu.img']) spawnSync('truncate', ['-s', IMAGE_SIZE, join(runner.dir, name)]);
+  for (const name of ['ours.img', 'trap.img', 'qemu.img']) spawnSync('truncate', ['-s', IMAGE_SIZE, join(runner.dir, name)]);
   const port = join(runner.dir, 'console-port.sock');
   const sockets = [
     runner.serve('examples/virtio-blk', 'virtio-blk', ['--image', join(runner.dir, 'ours.img'), '--serial', 'ts-blk']),
-    // The same device notified through its mapped notification page (QEMU maps it): no REGION_WRITE per notification.
-    runner.serve('examples/virtio-blk', 'virtio-blk-mmap', ['--image', join(runner.dir, 'mmap.img'), '--serial', 'ts-mmap', '--notify', 'mmap']),
+    // The same device notified by trapped writes (a REGION_WRITE per notification).
+    runner.serve('examples/virtio-blk', 'virtio-blk-trap', ['--image', join(runner.dir, 'trap.img'), '--serial', 'ts-trap', '--notify', 'trap']),
     runner.serve('examples/virtio-rng', 'virtio-rng'),
     runner.serve('examples/virtio-console', 'virtio-console', ['--listen', port]),
   ];
@@ -53,12 +53,12 @@ async function main(): Promise<number> {
   process.stdout.write(out);
 
   printFio(out, 'VIRTIO-FIO', 'virtio-blk');
-  const missing = ['VIRTIO-EXT4 intact', 'VIRTIO-MMAP intact', 'VIRTIO-RNG read=512', 'VIRTIO-CONSOLE got=pong from the host'].filter((line) => !out.includes(line));
+  const missing = ['VIRTIO-EXT4 intact', 'VIRTIO-TRAP intact', 'VIRTIO-RNG read=512', 'VIRTIO-CONSOLE got=pong from the host'].filter((line) => !out.includes(line));
   if (run.status !== 0 || missing.length > 0) {
     console.error(`virtio guest: failed (run-guest.sh exit ${run.status}; missing: ${missing.join(', ') || 'nothing'})`);
     return 1;
   }
-  console.log('virtio guest: virtio_blk, virtio-rng and virtio_console bound, ext4 round trip intact, 1 MiB through mapped notifications intact, /dev/hwrng read, a console line each way, fio done');
+  console.log('virtio guest: virtio_blk, virtio-rng and virtio_console bound, ext4 round trip intact, 1 MiB through trapped notifications intact, /dev/hwrng read, a console line each way, fio done');
   return 0;
 }
 

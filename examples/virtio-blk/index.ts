@@ -4,7 +4,11 @@
  * ID. Linux's virtio_blk driver binds it as /dev/vdX.
  *
  *   vfio-user serve examples/virtio-blk --socket /tmp/blk.sock -- --image disk.img
- *       [--queues N] [--read-only] [--serial ID] [--notify trap|mmap|ioeventfd|avail]
+ *       [--queues N] [--read-only] [--serial ID] [--notify mmap|trap|ioeventfd|avail]
+ *
+ * Notifications default to the mapped notify page (`mmap`), as the NVMe
+ * example's doorbells do: a data path watched in memory, no message per
+ * request (docs/virtio.md).
  *
  * The image is read and written through the library's asynchronous block I/O
  * (`BlockDevice`): straight between the file and guest memory, no copy.
@@ -53,7 +57,7 @@ export interface VirtioBlkOptions {
   readOnly?: boolean;
   /** GET_ID's answer, at most 20 bytes. */
   serial?: string;
-  /** How notifications arrive (default 'trap'; 'avail' for SPDK's polling driver; docs/virtio.md). */
+  /** How notifications arrive (the kit's default 'trap' here; `vfio-user serve` passes 'mmap' unless told; 'avail' for SPDK's polling driver; docs/virtio.md). */
   notify?: VirtioNotifyMode;
 }
 
@@ -231,7 +235,7 @@ export default function createDevice(args: readonly string[] = []): VirtioBlk {
       queues: { type: 'string', default: '1' },
       'read-only': { type: 'boolean', default: false },
       serial: { type: 'string' },
-      notify: { type: 'string', default: 'trap' },
+      notify: { type: 'string', default: 'mmap' },
     },
     strict: true,
   });
