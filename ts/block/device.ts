@@ -77,7 +77,7 @@ export class BlockDevice {
     this.submitting = false;
     // Requests the kernel served within the submission (cached pages) settle now.
     const done = this.native.submit();
-    if (done.length > 0) this.settle(done);
+    if (done) this.settle(done);
   };
 
   private constructor(

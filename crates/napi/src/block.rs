@@ -184,19 +184,20 @@ impl NativeBlockDevice {
     /// turn of the microtask queue that made requests. Returns what completed
     /// already, as `onComplete` would get it: io_uring serves reads of cached
     /// pages inside the submission, and they settle now rather than after
-    /// another turn of the event loop.
+    /// another turn of the event loop. Null when nothing completed yet.
     #[napi]
-    pub fn submit(&self) -> Vec<i32> {
+    pub fn submit(&self) -> Option<Vec<i32>> {
         let mut inner = self.inner.borrow_mut();
         let state = &mut *inner;
-        let Some(queue) = state.queue.as_mut() else { return Vec::new() };
+        let queue = state.queue.as_mut()?;
         queue.submit();
         let mut done = Vec::new();
         queue.reap(&mut done);
         if let Some(poll) = state.poll.as_ref() {
             poll.set_ref(queue.in_flight() > 0);
         }
-        flatten(&done)
+        // Undefined rather than an empty array: nothing to allocate when all went to the kernel.
+        (!done.is_empty()).then(|| flatten(&done))
     }
 
     /// Stops watching and closes the file, after waiting for requests still in
