@@ -4,6 +4,7 @@
 # Prints NVME-* lines that __test__/guest/nvme.ts reads.
 set -e
 RUNTIME=__RUNTIME__
+ROUNDS=__ROUNDS__
 DEVICES=__DEVICES__
 modprobe nvme
 i=0
@@ -25,16 +26,18 @@ echo "NVME-DEVICES ts-trap-shadow=$ours ts-trap=$(device ts-trap) ts-mmap=$(devi
 [ -n "$ours" ] && [ -n "$qemu" ]
 nvme list | grep -q "vfio-user TypeScript NVMe"
 
-# fio first, while every image is as sparse as the others, each job on every device in turn
-# (terse v3: field 7 read KiB/s, 8 read IOPS).
+# fio first, while every image is as sparse as the others: each job on every device in turn, the
+# devices taking turns within each round (terse v3: field 7 read KiB/s, 8 read IOPS).
 for job in "randread 4k 1" "randread 4k 32" "read 128k 32"; do
   set -- $job
-  for name in qemu ts-trap ts-trap-shadow ts-mmap ts-ioeventfd; do
-    dev=$(device $name)
-    [ -n "$dev" ] || continue
-    line=$(fio --name=j --filename="$dev" --rw="$1" --bs="$2" --iodepth="$3" --ioengine=libaio --direct=1 \
-      --runtime="$RUNTIME" --time_based --size=256M --output-format=terse --terse-version=3 | tail -n 1)
-    echo "NVME-FIO device=$name job=$1-$2-qd$3 kibps=$(echo "$line" | cut -d';' -f7) iops=$(echo "$line" | cut -d';' -f8)"
+  for round in $(seq "$ROUNDS"); do
+    for name in qemu ts-trap ts-trap-shadow ts-mmap ts-ioeventfd; do
+      dev=$(device $name)
+      [ -n "$dev" ] || continue
+      line=$(fio --name=j --filename="$dev" --rw="$1" --bs="$2" --iodepth="$3" --ioengine=libaio --direct=1 \
+        --runtime="$RUNTIME" --time_based --size=256M --output-format=terse --terse-version=3 | tail -n 1)
+      echo "NVME-FIO round=$round device=$name job=$1-$2-qd$3 kibps=$(echo "$line" | cut -d';' -f7) iops=$(echo "$line" | cut -d';' -f8)"
+    done
   done
 done
 

@@ -15,7 +15,8 @@
  * Needs VFIO_USER_QEMU (qemu-system-x86_64 10.1+ with vfio-user-pci) and
  * VFIO_USER_GUEST (scripts/peers/mkguest.sh's output); boots the guest with
  * scripts/peers/run-guest.sh (docs/interop.md says how to build both).
- * NVME_GUEST_RUNTIME sets each fio job's seconds (default 10). Not run by CI.
+ * NVME_GUEST_RUNTIME sets each fio job's seconds (default 5), NVME_GUEST_ROUNDS how many rounds
+ * the devices take turns in (default 3; the figures are medians over them). Not run by CI.
  */
 import { spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -23,7 +24,8 @@ import { join } from 'node:path';
 import { GuestRunner, printFio } from './runner.js';
 
 const IMAGE_SIZE = '512M';
-const runtime = Number(process.env.NVME_GUEST_RUNTIME ?? 10);
+const runtime = Number(process.env.NVME_GUEST_RUNTIME ?? 5);
+const rounds = Number(process.env.NVME_GUEST_ROUNDS ?? 3);
 const runner = new GuestRunner('test:guest');
 
 /** Serves examples/nvme with `args` as Identify serial `serial`; returns its socket. */
@@ -41,9 +43,9 @@ async function main(): Promise<number> {
   await runner.waitFor(sockets, 30_000);
   spawnSync('truncate', ['-s', IMAGE_SIZE, join(runner.dir, 'qemu.img')]);
   const script = join(runner.dir, 'nvme-guest.sh');
-  writeFileSync(script, readFileSync(join(__dirname, 'nvme-guest.sh'), 'utf8').replaceAll('__RUNTIME__', String(runtime)).replaceAll('__DEVICES__', String(sockets.length + 1)));
+  writeFileSync(script, readFileSync(join(__dirname, 'nvme-guest.sh'), 'utf8').replaceAll('__RUNTIME__', String(runtime)).replaceAll('__ROUNDS__', String(rounds)).replaceAll('__DEVICES__', String(sockets.length + 1)));
   const run = await runner.boot([...sockets.flatMap((s) => ['--socket', s]),
-    '--mem', '1G', '--smp', '2', '--timeout', String(900 + 20 * runtime), script, '--',
+    '--mem', '1G', '--smp', '2', '--timeout', String(900 + 20 * runtime * rounds), script, '--',
     '-drive', `file=${join(runner.dir, 'qemu.img')},if=none,id=ref,format=raw`, '-device', 'nvme,serial=qemu,drive=ref']);
   process.stdout.write(run.stdout);
   printFio(run.stdout, 'NVME-FIO', 'nvme');

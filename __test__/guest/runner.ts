@@ -76,15 +76,36 @@ export class GuestRunner {
   }
 }
 
-/** Prints fio's figures beside the reference device's (`qemu`), as ratios of IOPS. */
+/** The median of `values` (the mean of the middle two for an even count). */
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+}
+
+/**
+ * Prints fio's figures beside the reference device's (`qemu`): per job and
+ * device the median IOPS over the rounds (the devices take turns within a
+ * round) and the median of the per-round ratios to the reference's IOPS of
+ * the same round, with their range. TCG's runs differ by a third from one
+ * round to the next: a single round says little.
+ */
 export function printFio(console_: string, tag: string, reference: string): void {
-  const fio = [...console_.matchAll(new RegExp(`${tag} device=(\\S+) job=(\\S+) kibps=(\\d+) iops=(\\d+)`, 'g'))]
-    .map((m) => ({ device: m[1]!, job: m[2]!, kibps: Number(m[3]), iops: Number(m[4]) }));
+  const fio = [...console_.matchAll(new RegExp(`${tag} round=(\\d+) device=(\\S+) job=(\\S+) kibps=(\\d+) iops=(\\d+)`, 'g'))]
+    .map((m) => ({ round: m[1]!, device: m[2]!, job: m[3]!, kibps: Number(m[4]), iops: Number(m[5]) }));
   if (fio.length === 0) return;
-  console.log(`\nfio in the guest (TCG), same guest and run; ratio = IOPS / QEMU built-in ${reference} IOPS`);
+  const rounds = new Set(fio.map((r) => r.round)).size;
+  console.log(`\nfio in the guest (TCG), same guest and run, ${rounds} round(s); IOPS and MiB/s: medians over the rounds; ratio = IOPS / QEMU built-in ${reference} IOPS of the same round, median (range)`);
   console.log('job                 device                IOPS      MiB/s   ratio');
-  for (const r of fio) {
-    const ref = fio.find((x) => x.job === r.job && x.device === 'qemu');
-    console.log(`${r.job.padEnd(19)} ${r.device.padEnd(16)} ${String(r.iops).padStart(9)} ${(r.kibps / 1024).toFixed(1).padStart(10)} ${ref ? (r.iops / ref.iops).toFixed(2).padStart(7) : ''}`);
+  const keys = [...new Set(fio.map((r) => `${r.job} ${r.device}`))];
+  for (const key of keys) {
+    const runs = fio.filter((r) => `${r.job} ${r.device}` === key);
+    const { job, device } = runs[0]!;
+    const ratios = runs.flatMap((r) => {
+      const ref = fio.find((x) => x.job === job && x.device === 'qemu' && x.round === r.round);
+      return ref && ref.iops > 0 ? [r.iops / ref.iops] : [];
+    });
+    const ratio = ratios.length === 0 ? '' : `${median(ratios).toFixed(2)}${ratios.length > 1 ? ` (${Math.min(...ratios).toFixed(2)}-${Math.max(...ratios).toFixed(2)})` : ''}`;
+    console.log(`${job.padEnd(19)} ${device.padEnd(16)} ${String(Math.round(median(runs.map((r) => r.iops)))).padStart(9)} ${(median(runs.map((r) => r.kibps)) / 1024).toFixed(1).padStart(10)}   ${ratio}`);
   }
 }

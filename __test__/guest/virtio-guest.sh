@@ -3,6 +3,7 @@
 # QEMU's built-in virtio-blk-pci (serial "qemu"). Prints VIRTIO-* lines that __test__/guest/virtio.ts reads.
 set -e
 RUNTIME=__RUNTIME__
+ROUNDS=__ROUNDS__
 modprobe virtio_pci
 modprobe virtio_blk
 modprobe virtio-rng
@@ -26,13 +27,16 @@ lspci -nn -k | grep -A3 '1af4:104'
 # The ring layout virtio_ring negotiated with each device (feature bit 34, RING_PACKED; bit 0 comes first).
 for d in /sys/bus/virtio/devices/*; do echo "VIRTIO-RING device=$(cat "$d/device") packed=$(cut -c35 "$d/features")"; done
 
-# fio first, each job on both disks in turn (terse v3: field 7 read KiB/s, 8 read IOPS).
+# fio first, each job on every disk in turn, the disks taking turns within each round (terse v3:
+# field 7 read KiB/s, 8 read IOPS).
 for job in "randread 4k 1" "randread 4k 32"; do
   set -- $job
-  for name in qemu ts-blk ts-trap; do
-    line=$(fio --name=j --filename="$(disk $name)" --rw="$1" --bs="$2" --iodepth="$3" --ioengine=libaio --direct=1 \
-      --runtime="$RUNTIME" --time_based --size=128M --output-format=terse --terse-version=3 | tail -n 1)
-    echo "VIRTIO-FIO device=$name job=$1-$2-qd$3 kibps=$(echo "$line" | cut -d';' -f7) iops=$(echo "$line" | cut -d';' -f8)"
+  for round in $(seq "$ROUNDS"); do
+    for name in qemu ts-blk ts-trap; do
+      line=$(fio --name=j --filename="$(disk $name)" --rw="$1" --bs="$2" --iodepth="$3" --ioengine=libaio --direct=1 \
+        --runtime="$RUNTIME" --time_based --size=128M --output-format=terse --terse-version=3 | tail -n 1)
+      echo "VIRTIO-FIO round=$round device=$name job=$1-$2-qd$3 kibps=$(echo "$line" | cut -d';' -f7) iops=$(echo "$line" | cut -d';' -f8)"
+    done
   done
 done
 

@@ -10,7 +10,8 @@
  *   source ~/peers/ENV && npx tsx __test__/guest/virtio.ts
  *
  * Needs VFIO_USER_QEMU and VFIO_USER_GUEST (docs/interop.md).
- * VIRTIO_GUEST_RUNTIME sets each fio job's seconds (default 10). Not run by CI.
+ * VIRTIO_GUEST_RUNTIME sets each fio job's seconds (default 5), VIRTIO_GUEST_ROUNDS how many
+ * rounds the disks take turns in (default 3; the figures are medians over them). Not run by CI.
  */
 import { spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -19,7 +20,8 @@ import { join } from 'node:path';
 import { GuestRunner, printFio } from './runner.js';
 
 const IMAGE_SIZE = '256M';
-const runtime = Number(process.env.VIRTIO_GUEST_RUNTIME ?? 10);
+const runtime = Number(process.env.VIRTIO_GUEST_RUNTIME ?? 5);
+const rounds = Number(process.env.VIRTIO_GUEST_ROUNDS ?? 3);
 const runner = new GuestRunner('virtio guest');
 
 async function main(): Promise<number> {
@@ -44,9 +46,9 @@ async function main(): Promise<number> {
     }
   });
   const script = join(runner.dir, 'virtio-guest.sh');
-  writeFileSync(script, readFileSync(join(__dirname, 'virtio-guest.sh'), 'utf8').replaceAll('__RUNTIME__', String(runtime)));
+  writeFileSync(script, readFileSync(join(__dirname, 'virtio-guest.sh'), 'utf8').replaceAll('__RUNTIME__', String(runtime)).replaceAll('__ROUNDS__', String(rounds)));
   const run = await runner.boot([...sockets.flatMap((s) => ['--socket', s]),
-    '--mem', '1G', '--smp', '2', '--timeout', String(600 + 10 * runtime), script, '--',
+    '--mem', '1G', '--smp', '2', '--timeout', String(600 + 10 * runtime * rounds), script, '--',
     '-drive', `file=${join(runner.dir, 'qemu.img')},if=none,id=ref,format=raw`, '-device', 'virtio-blk-pci,serial=qemu,drive=ref']);
   consolePort.destroy();
   const out = run.stdout;
