@@ -48,6 +48,11 @@ const Config = {
 } as const;
 
 const HEADER = 16;
+
+/** A le64 sector number as a number: one past 2^53 is past any disk (BlockDevice refuses such files), so its rounding never lets it pass a range check. */
+function readSector(bytes: Buffer, at: number): number {
+  return bytes.readUInt32LE(at + 4) * 2 ** 32 + bytes.readUInt32LE(at);
+}
 /** A discard or write-zeroes segment: sector u64, num_sectors u32, flags u32 (bit 0: unmap). */
 const SEGMENT = 16;
 const MAX_SEGMENTS = 32;
@@ -135,8 +140,7 @@ export class VirtioBlk extends VirtioDevice {
     try {
       const header = chain.readAt(0, HEADER);
       const type = header.readUInt32LE(0);
-      // A sector past 2^53 is past any disk: it reads as one, and fails the range check.
-      const sector = header.readUInt32LE(12) * 2 ** 32 + header.readUInt32LE(8);
+      const sector = readSector(header, 8);
       if (type !== BlkRequest.IN && type !== BlkRequest.OUT) {
         this.serveOther(chain, type, statusAt).then(([status, written]) => this.finish(queue, chain, statusAt, status, written), (error: unknown) => this.fail(error));
         return;
@@ -201,7 +205,7 @@ export class VirtioBlk extends VirtioDevice {
     let length = 0;
     for (const entry of sg) length += entry.length;
     if (!read && this.readOnly) return BlkStatus.IOERR;
-    if (length % SECTOR !== 0 || sector + length / SECTOR > this.sectors) return BlkStatus.IOERR;
+    if (length % SECTOR !== 0 || !this.inside(sector, length / SECTOR)) return BlkStatus.IOERR;
     return undefined;
   }
 
@@ -213,13 +217,13 @@ export class VirtioBlk extends VirtioDevice {
     const data = chain.readAt(HEADER, bytes);
     const segments: { offset: bigint; length: bigint; unmap: boolean }[] = [];
     for (let at = 0; at < bytes; at += SEGMENT) {
-      const sector = data.readBigUInt64LE(at);
+      const sector = readSector(data, at);
       const count = data.readUInt32LE(at + 8);
       const flags = data.readUInt32LE(at + 12);
       // Only unmap (bit 0), and only for write-zeroes (§5.2.6.2).
       if (flags & ~1 || (type === BlkRequest.DISCARD && flags !== 0)) return BlkStatus.UNSUPP;
-      if (count > MAX_RANGE_SECTORS || !this.inside(sector, BigInt(count))) return BlkStatus.IOERR;
-      segments.push({ offset: sector * BigInt(SECTOR), length: BigInt(count) * BigInt(SECTOR), unmap: (flags & 1) !== 0 });
+      if (count > MAX_RANGE_SECTORS || !this.inside(sector, count)) return BlkStatus.IOERR;
+      segments.push({ offset: BigInt(sector * SECTOR), length: BigInt(count * SECTOR), unmap: (flags & 1) !== 0 });
     }
     for (const s of segments) {
       // A punched hole reads as zeros: write-zeroes may unmap when the driver allows it.
@@ -229,8 +233,8 @@ export class VirtioBlk extends VirtioDevice {
     return BlkStatus.OK;
   }
 
-  private inside(sector: bigint, count: bigint): boolean {
-    return sector + count <= this.backend.size / BigInt(SECTOR);
+  private inside(sector: number, count: number): boolean {
+    return sector + count <= this.sectors;
   }
 }
 

@@ -76,7 +76,7 @@ export class Notifications {
     bar.ioeventfds.forEach((kick, q) => this.source.ringOnSignal(q, kick));
     this.source.on('ring', (rings: readonly Ring[]) => {
       // Every slot is re-armed before any queue reads its ring.
-      for (const { doorbell } of rings) if (this.source.isWatched(doorbell)) this.rearm(doorbell, true);
+      if (this.slots) for (const { doorbell } of rings) if (this.source.isWatched(doorbell)) this.rearm(doorbell);
       const seenAt = this.source.lastBatchSeenAt;
       // A watched available index rings with what memory holds, not with what the driver wrote.
       for (const { doorbell, value } of rings) notified(doorbell, mode === 'avail' ? undefined : value, seenAt);
@@ -89,7 +89,10 @@ export class Notifications {
    * throws a DMA error when that is not guest memory shared by fd).
    */
   enable(queue: number, split?: { dma: DmaSpace; driver: bigint }): void {
-    if (this.slots) this.rearm(queue);
+    if (this.slots) {
+      this.arm(queue);
+      this.source.watchShared(queue, this.bar.shared!, this.notifyAt + queue * NOTIFY_MULTIPLIER, ARMED);
+    }
     // idx is the u16 at driver + 2 (2-byte aligned): the aligned word holding it.
     if (this.mode === 'avail' && split) this.source.watchGuest(queue, split.dma, (split.driver + 2n) & ~3n);
   }
@@ -113,12 +116,15 @@ export class Notifications {
     this.source.close();
   }
 
-  /** Stores ARMED in `queue`'s slot and watches it from there (`watched`: it already is). */
-  private rearm(queue: number, watched = false): void {
-    if (!this.slots) return;
+  /** Stores ARMED in `queue`'s mapped slot. */
+  private arm(queue: number): void {
     // Sequentially consistent: the store is visible before the queue loads the available index.
-    Atomics.store(this.slots, queue, ARMED);
-    if (watched) this.source.rebase(queue, ARMED);
-    else this.source.watchShared(queue, this.bar.shared!, this.notifyAt + queue * NOTIFY_MULTIPLIER, ARMED);
+    Atomics.store(this.slots!, queue, ARMED);
+  }
+
+  /** Arms a watched slot after a notification: the watch takes ARMED as the slot's value, so only the driver's next store rings. */
+  private rearm(queue: number): void {
+    this.arm(queue);
+    this.source.rebase(queue, ARMED);
   }
 }
