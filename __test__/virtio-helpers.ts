@@ -1,5 +1,8 @@
 /** Serving a virtio device and driving it with the package's virtio driver, over real sockets and memfd memory. */
-import { VirtioDriver, type VirtioDevice, type VirtioDriverOptions } from '../ts/index.js';
+import { expect } from 'vitest';
+import { VirtioDriver, VirtioStatus as S, type VirtioDevice, type VirtioDriverOptions } from '../ts/index.js';
+import { Common } from '../ts/virtio/spec.js';
+import { VirtioRng } from '../examples/virtio-rng.js';
 import { serve, type Served } from './helpers.js';
 import type { TestCleanups } from './cleanups.js';
 
@@ -20,4 +23,34 @@ export async function drive<D extends VirtioDevice>(t: TestCleanups, device: D, 
   const driver = await VirtioDriver.connect(client, { memory: t.memory(GUEST_MEMORY), notify });
   t.defer(() => driver.close());
   return { served, device, driver };
+}
+
+/** A queue layout a test writes to the common configuration itself: size and the three areas' guest addresses. */
+export interface QueueLayout {
+  size: number;
+  desc: bigint;
+  driver: bigint;
+  device: bigint;
+}
+
+/**
+ * Drives a fresh virtio-rng by hand to DRIVER_OK with `features` and queue 0
+ * set up as `layout`, notifies it, and expects the device to refuse: NEEDS_RESET
+ * with a reason matching `reason`.
+ */
+export async function expectLayoutRefused(t: TestCleanups, features: bigint, layout: QueueLayout, reason: RegExp): Promise<void> {
+  const device = new VirtioRng();
+  const { driver } = await drive(t, device);
+  await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER);
+  await driver.writeDriverFeatures(features);
+  await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK);
+  await driver.writeCommon(Common.QUEUE_SIZE, 2, layout.size);
+  await driver.writeCommon(Common.QUEUE_DESC, 8, layout.desc);
+  await driver.writeCommon(Common.QUEUE_DRIVER, 8, layout.driver);
+  await driver.writeCommon(Common.QUEUE_DEVICE, 8, layout.device);
+  await driver.writeCommon(Common.QUEUE_ENABLE, 2, 1);
+  await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK);
+  await driver.notifyQueue(0);
+  expect((await driver.status()) & S.NEEDS_RESET).toBe(S.NEEDS_RESET);
+  expect(device.needsReset?.message).toMatch(reason);
 }

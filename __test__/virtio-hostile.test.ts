@@ -7,10 +7,10 @@ import { describe, expect, test } from 'vitest';
 import {
   featureBit, KIT_FEATURES, VirtioDevice, VirtioFeature as F, VirtioStatus as S, type DescriptorChain, type SplitDriverQueue, type VirtioDriver, type VirtioNotifyMode,
 } from '../ts/index.js';
-import { Common, Desc } from '../ts/virtio/spec.js';
+import { Desc } from '../ts/virtio/spec.js';
 import { VirtioRng } from '../examples/virtio-rng.js';
 import { testCleanups } from './cleanups.js';
-import { drive, GUEST_MEMORY } from './virtio-helpers.js';
+import { drive, expectLayoutRefused, GUEST_MEMORY, type QueueLayout } from './virtio-helpers.js';
 import { until } from './helpers.js';
 
 const t = testCleanups();
@@ -140,20 +140,8 @@ describe.each(NOTIFY_MODES)('malformed indirect tables, notified by %s', (notify
 
 describe('malformed queue layouts', () => {
   /** Sets queue 0 up by hand with `layout`, then DRIVER_OK: the device refuses it. */
-  async function badLayout(reason: RegExp, layout: { size: number; desc: bigint; driver: bigint; device: bigint }): Promise<void> {
-    const { driver, device } = await drive(t, new VirtioRng());
-    await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER);
-    await driver.writeDriverFeatures(KIT_FEATURES & ~featureBit(F.RING_PACKED)); // split rings
-    await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK);
-    await driver.writeCommon(Common.QUEUE_SIZE, 2, layout.size);
-    await driver.writeCommon(Common.QUEUE_DESC, 8, layout.desc);
-    await driver.writeCommon(Common.QUEUE_DRIVER, 8, layout.driver);
-    await driver.writeCommon(Common.QUEUE_DEVICE, 8, layout.device);
-    await driver.writeCommon(Common.QUEUE_ENABLE, 2, 1);
-    await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK);
-    await driver.notifyQueue(0);
-    expect((await driver.status()) & S.NEEDS_RESET).toBe(S.NEEDS_RESET);
-    expect(device.needsReset?.message).toMatch(reason);
+  function badLayout(reason: RegExp, layout: QueueLayout): Promise<void> {
+    return expectLayoutRefused(t, KIT_FEATURES & ~featureBit(F.RING_PACKED), layout, reason); // split rings
   }
 
   const base = 0x100000n;

@@ -8,10 +8,10 @@ import { describe, expect, test } from 'vitest';
 import { formatFinding, fuzzDevice } from '../ts/fuzz/index.js';
 import { featureBit, KIT_FEATURES, virtioMode, VirtioDevice, VirtioFeature as F, VirtioStatus as S, type DescriptorChain, type PackedDriverQueue, type VirtioDriver } from '../ts/index.js';
 import { writePackedTable, type PackedDescriptor } from '../ts/virtio/driver.js';
-import { Common, Desc } from '../ts/virtio/spec.js';
+import { Desc } from '../ts/virtio/spec.js';
 import { VirtioRng } from '../examples/virtio-rng.js';
 import { testCleanups } from './cleanups.js';
-import { drive, GUEST_MEMORY } from './virtio-helpers.js';
+import { drive, expectLayoutRefused, GUEST_MEMORY, type QueueLayout } from './virtio-helpers.js';
 import { until } from './helpers.js';
 
 const t = testCleanups();
@@ -165,21 +165,8 @@ describe('packed wrap states and buffer ids', () => {
 });
 
 describe('malformed packed layouts', () => {
-  async function badLayout(reason: RegExp, layout: { size: number; desc: bigint; driver: bigint; device: bigint }): Promise<void> {
-    const device = new VirtioRng();
-    const { driver } = await drive(t, device);
-    await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER);
-    await driver.writeDriverFeatures(KIT_FEATURES);
-    await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK);
-    await driver.writeCommon(Common.QUEUE_SIZE, 2, layout.size);
-    await driver.writeCommon(Common.QUEUE_DESC, 8, layout.desc);
-    await driver.writeCommon(Common.QUEUE_DRIVER, 8, layout.driver);
-    await driver.writeCommon(Common.QUEUE_DEVICE, 8, layout.device);
-    await driver.writeCommon(Common.QUEUE_ENABLE, 2, 1);
-    await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK);
-    await driver.notifyQueue(0);
-    expect((await driver.status()) & S.NEEDS_RESET).toBe(S.NEEDS_RESET);
-    expect(device.needsReset?.message).toMatch(reason);
+  function badLayout(reason: RegExp, layout: QueueLayout): Promise<void> {
+    return expectLayoutRefused(t, KIT_FEATURES, layout, reason);
   }
 
   const base = 0x100000n;
