@@ -1,9 +1,12 @@
 /** Serving a virtio device and driving it with the package's virtio driver, over real sockets and memfd memory. */
+import { once } from 'node:events';
+import { createConnection } from 'node:net';
 import { expect } from 'vitest';
-import { VirtioDriver, VirtioStatus as S, type VirtioDevice, type VirtioDriverOptions } from '../ts/index.js';
+import { VirtioDriver, VirtioStatus as S, type DriverQueue, type InitOptions, type VirtioDevice, type VirtioDriverOptions } from '../ts/index.js';
 import { Common } from '../ts/virtio/spec.js';
 import { VirtioRng } from '../examples/virtio-rng.js';
-import { serve, type Served } from './helpers.js';
+import { L2Switch, VirtioNet } from '../examples/virtio-net/index.js';
+import { serve, tempSocketPath, type Served } from './helpers.js';
 import type { TestCleanups } from './cleanups.js';
 
 export const GUEST_MEMORY = 4 * 1024 * 1024;
@@ -53,4 +56,36 @@ export async function expectLayoutRefused(t: TestCleanups, features: bigint, lay
   await driver.notifyQueue(0);
   expect((await driver.status()) & S.NEEDS_RESET).toBe(S.NEEDS_RESET);
   expect(device.needsReset?.message).toMatch(reason);
+}
+
+/** A NIC on a `lan`: its MAC (52:54:00:00:00:n, n from 1), its driver and queues. */
+export interface LanNic {
+  nic: VirtioNet;
+  mac: Buffer;
+  driver: VirtioDriver;
+  rx: DriverQueue;
+  tx: DriverQueue;
+}
+
+/** `count` virtio-net NICs, each plugged into one L2Switch and driven (initialized with `init`). */
+export async function lan(t: TestCleanups, count: number, init: InitOptions = {}): Promise<LanNic[]> {
+  const socket = tempSocketPath('switch.sock');
+  t.defer(() => socket.cleanup());
+  const l2 = new L2Switch();
+  await l2.listen(socket.path);
+  t.defer(() => l2.close());
+  const nics: LanNic[] = [];
+  for (let i = 0; i < count; i++) {
+    const mac = Buffer.from([0x52, 0x54, 0, 0, 0, i + 1]);
+    const nic = new VirtioNet(mac);
+    const wire = createConnection(socket.path);
+    await once(wire, 'connect');
+    t.defer(() => void wire.destroy());
+    nic.plug(wire);
+    const { driver } = await drive(t, nic);
+    await driver.initialize(init);
+    const [rx, tx] = driver.queues;
+    nics.push({ nic, mac, driver, rx, tx });
+  }
+  return nics;
 }

@@ -1,37 +1,14 @@
 /** virtio-net NICs on the userspace switch, each driven by the package's virtio driver over its own client. */
-import { createConnection } from 'node:net';
-import { once } from 'node:events';
 import { describe, expect, test } from 'vitest';
 import { featureBit, type DriverQueue } from '../ts/index.js';
-import { L2Switch, NET_HEADER, NetFeature, VirtioNet } from '../examples/virtio-net/index.js';
+import { NET_HEADER, NetFeature } from '../examples/virtio-net/index.js';
 import { testCleanups } from './cleanups.js';
-import { tempSocketPath } from './helpers.js';
-import { drive } from './virtio-helpers.js';
+import { lan as lanOf } from './virtio-helpers.js';
 
 const t = testCleanups();
 const BROADCAST = Buffer.alloc(6, 0xff);
 
-async function lan(count: number) {
-  const socket = tempSocketPath('switch.sock');
-  t.defer(() => socket.cleanup());
-  const l2 = new L2Switch();
-  await l2.listen(socket.path);
-  t.defer(() => l2.close());
-  const nics = [];
-  for (let i = 0; i < count; i++) {
-    const mac = Buffer.from([0x52, 0x54, 0, 0, 0, i + 1]);
-    const nic = new VirtioNet(mac);
-    const wire = createConnection(socket.path);
-    await once(wire, 'connect');
-    t.defer(() => void wire.destroy());
-    nic.plug(wire);
-    const { driver } = await drive(t, nic);
-    await driver.initialize();
-    const [rx, tx] = driver.queues;
-    nics.push({ nic, mac, driver, rx, tx });
-  }
-  return nics;
-}
+const lan = (count: number) => lanOf(t, count);
 
 function frame(to: Buffer, from: Buffer, payload: string): Buffer {
   return Buffer.concat([to, from, Buffer.from([0x88, 0xb5]), Buffer.from(payload)]);

@@ -4,8 +4,6 @@
  * out-of-order completions skipping the ring entries of their chains, event
  * suppression both ways, RING_RESET and migration of packed queue state.
  */
-import { createConnection } from 'node:net';
-import { once } from 'node:events';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -17,10 +15,10 @@ import { Common, EventSuppress } from '../ts/virtio/spec.js';
 import { VirtioRng } from '../examples/virtio-rng.js';
 import { VirtioConsole } from '../examples/virtio-console.js';
 import { BlkRequest as R, BlkStatus, VirtioBlk } from '../examples/virtio-blk/index.js';
-import { L2Switch, NET_HEADER, VirtioNet } from '../examples/virtio-net/index.js';
+import { NET_HEADER } from '../examples/virtio-net/index.js';
 import { testCleanups } from './cleanups.js';
-import { serve, tempSocketPath, until } from './helpers.js';
-import { drive } from './virtio-helpers.js';
+import { serve, until } from './helpers.js';
+import { drive, lan } from './virtio-helpers.js';
 
 const t = testCleanups();
 const READY = S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK;
@@ -124,24 +122,7 @@ describe('packed rings under the examples', () => {
   });
 
   test('virtio-net: a frame from one NIC to another through the switch', async () => {
-    const socket = tempSocketPath('switch.sock');
-    t.defer(() => socket.cleanup());
-    const l2 = new L2Switch();
-    await l2.listen(socket.path);
-    t.defer(() => l2.close());
-    const nics = [];
-    for (const last of [1, 2]) {
-      const mac = Buffer.from([0x52, 0x54, 0, 0, 0, last]);
-      const nic = new VirtioNet(mac);
-      const wire = createConnection(socket.path);
-      await once(wire, 'connect');
-      t.defer(() => void wire.destroy());
-      nic.plug(wire);
-      const { driver } = await drive(t, nic);
-      await driver.initialize({ ring: 'packed' });
-      nics.push({ mac, driver });
-    }
-    const [a, b] = nics;
+    const [a, b] = await lan(t, 2, { ring: 'packed' });
     const received = b.driver.queues[0].submit([{ writable: NET_HEADER + 1514 }]);
     const frame = Buffer.concat([Buffer.alloc(6, 0xff), a.mac, Buffer.from([0x88, 0xb5]), Buffer.from('hello over packed rings')]);
     await a.driver.queues[1].submit([{ data: Buffer.alloc(NET_HEADER) }, { data: frame }]);
