@@ -4,8 +4,8 @@ import { describe, expect, test } from 'vitest';
 import { featureBit, migrate } from '../ts/index.js';
 import { ConsoleFeature, VirtioConsole } from '../examples/virtio-console.js';
 import { testCleanups } from './cleanups.js';
-import { serve, until } from './helpers.js';
-import { drive } from './virtio-helpers.js';
+import { until } from './helpers.js';
+import { drive, serveDestination } from './virtio-helpers.js';
 
 const t = testCleanups();
 
@@ -63,11 +63,8 @@ describe('virtio-console', () => {
     const waiting = rx.submit([{ writable: 16 }]);
     await until(() => device.queues[0].pending === 1);
     const input = new PassThrough();
-    const destination = await serve(new VirtioConsole());
-    destination.device.attachStream(input, new PassThrough());
-    t.defer(() => destination.device.close());
-    t.defer(() => destination.close());
-    const to = await destination.client();
+    const { device: destinationDevice, client: to } = await serveDestination(t, new VirtioConsole());
+    destinationDevice.attachStream(input, new PassThrough());
     const from = driver.client;
     await driver.moveTo(to); // the destination VMM maps guest memory before the device runs
     await migrate(from, to);

@@ -2,7 +2,7 @@
 import { once } from 'node:events';
 import { createConnection } from 'node:net';
 import { expect } from 'vitest';
-import { VirtioDriver, VirtioStatus as S, type DriverQueue, type InitOptions, type VirtioDevice, type VirtioDriverOptions } from '../ts/index.js';
+import { VirtioDriver, VirtioStatus as S, type DriverQueue, type InitOptions, type VfioUserClient, type VirtioDevice, type VirtioDriverOptions } from '../ts/index.js';
 import { Common } from '../ts/virtio/spec.js';
 import { VirtioRng } from '../examples/virtio-rng.js';
 import { L2Switch, VirtioNet } from '../examples/virtio-net/index.js';
@@ -88,4 +88,12 @@ export async function lan(t: TestCleanups, count: number, init: InitOptions = {}
     nics.push({ nic, mac, driver, rx, tx });
   }
   return nics;
+}
+
+/** A migration's destination: `device` served (closed with the test) and a client connected to it. */
+export async function serveDestination<D extends VirtioDevice>(t: TestCleanups, device: D): Promise<{ device: D; client: VfioUserClient }> {
+  const served = await serve(device);
+  t.defer(() => device.close());
+  t.defer(() => served.close());
+  return { device, client: await served.client() };
 }

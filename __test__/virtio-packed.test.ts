@@ -17,8 +17,8 @@ import { VirtioConsole } from '../examples/virtio-console.js';
 import { BlkRequest as R, BlkStatus, VirtioBlk } from '../examples/virtio-blk/index.js';
 import { NET_HEADER } from '../examples/virtio-net/index.js';
 import { testCleanups } from './cleanups.js';
-import { serve, until } from './helpers.js';
-import { drive, lan } from './virtio-helpers.js';
+import { until } from './helpers.js';
+import { drive, lan, serveDestination } from './virtio-helpers.js';
 
 const t = testCleanups();
 const READY = S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK;
@@ -106,11 +106,8 @@ describe('packed rings under the examples', () => {
     const waiting = [rx.submit([{ writable: 4 }, { writable: 4 }]), rx.submit([{ writable: 16 }])];
     await until(() => device.queues[0].pending === 2);
     const input = new PassThrough();
-    const destination = await serve(new VirtioConsole());
-    destination.device.attachStream(input, new PassThrough());
-    t.defer(() => destination.device.close());
-    t.defer(() => destination.close());
-    const to = await destination.client();
+    const { device: destinationDevice, client: to } = await serveDestination(t, new VirtioConsole());
+    destinationDevice.attachStream(input, new PassThrough());
     const from = driver.client;
     await driver.moveTo(to);
     await migrate(from, to);
@@ -118,7 +115,7 @@ describe('packed rings under the examples', () => {
     const [a, b] = await Promise.all(waiting);
     expect(Buffer.concat(a.writable).subarray(0, a.written).toString()).toBe('after th');
     expect(b.writable[0].subarray(0, b.written).toString()).toBe('e move!');
-    expect(destination.device.needsReset).toBeUndefined();
+    expect(destinationDevice.needsReset).toBeUndefined();
   });
 
   test('virtio-net: a frame from one NIC to another through the switch', async () => {
@@ -224,13 +221,10 @@ describe('packed ring mechanics', () => {
     await driver.initialize({ ring: 'packed', queueSize: 8 });
     const q = driver.packed(0);
     for (let i = 0; i < 11; i++) await q.submit([{ writable: 8 }]); // past one lap
-    const destination = await serve(new VirtioRng());
-    t.defer(() => destination.device.close());
-    t.defer(() => destination.close());
-    const to = await destination.client();
+    const { device: destinationDevice, client: to } = await serveDestination(t, new VirtioRng());
     await migrate(driver.client, to);
     await driver.moveTo(to);
-    expect(destination.device.negotiated(F.RING_PACKED)).toBe(true);
+    expect(destinationDevice.negotiated(F.RING_PACKED)).toBe(true);
     for (let i = 0; i < 9; i++) expect((await q.submit([{ writable: 8 }, { writable: 8 }])).written).toBe(16);
     expect(q.usedIndex).toBe(20);
   });

@@ -9,7 +9,7 @@ import { Common, NO_VECTOR } from '../ts/virtio/spec.js';
 import { VirtioRng } from '../examples/virtio-rng.js';
 import { testCleanups } from './cleanups.js';
 import { serve, until } from './helpers.js';
-import { drive } from './virtio-helpers.js';
+import { drive, serveDestination } from './virtio-helpers.js';
 
 const t = testCleanups();
 const READY = S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK;
@@ -227,13 +227,10 @@ describe('migration', () => {
     await driver.initialize();
     const [q] = driver.queues;
     for (let i = 0; i < 5; i++) await q.submit([{ writable: 8 }]);
-    const destination = await serve(new VirtioRng());
-    t.defer(() => destination.device.close());
-    t.defer(() => destination.close());
-    const to = await destination.client();
+    const { device: destinationDevice, client: to } = await serveDestination(t, new VirtioRng());
     await migrate(driver.client, to);
     await driver.moveTo(to);
-    expect(destination.device.deviceStatus).toBe(READY);
+    expect(destinationDevice.deviceStatus).toBe(READY);
     const done = await q.submit([{ writable: 8 }]);
     expect(done.written).toBe(8);
     expect(q.usedIndex).toBe(6);
