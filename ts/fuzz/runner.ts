@@ -97,6 +97,13 @@ const FD_SLACK = 16;
  */
 const RSS_SLACK = 512 << 20;
 const EVENTFDS = 8;
+/**
+ * How long a run waits after its last check before a last round trip:
+ * device code running on its own (a timer a write armed) may fail only
+ * then, and a served device's failure shows only as EIO to a request. So a
+ * replay of the one operation that armed it fails as the whole run did.
+ */
+const LINGER_MS = 50;
 /** How long waitFor checks on every loop turn before it settles for once a millisecond. */
 const SPIN_MS = 5;
 
@@ -259,6 +266,16 @@ async function attempt(target: FuzzTarget, modes: readonly FuzzMode[], source: O
     }
     throw error;
   };
+  /** The device, restored to running, answers a config read (a finding otherwise). */
+  const roundTrip = async (kind: string) => {
+    try {
+      await session.restore();
+      await session.client.regionRead(Region.CONFIG, 0n, 4);
+    } catch (error) {
+      judge(error, { mode: 'runner', kind });
+      throw new FuzzFinding('wrong-answer', `the device refused the ${kind}: ${(error as Error).message}`);
+    }
+  };
 
   try {
     try {
@@ -297,16 +314,14 @@ async function attempt(target: FuzzTarget, modes: readonly FuzzMode[], source: O
           for (const other of modes) stale.add(other);
         }
       }
-      // The device must still work afterwards: one clean round trip, then the check at rest.
-      try {
-        await session.restore();
-        await session.client.regionRead(Region.CONFIG, 0n, 4);
-      } catch (error) {
-        judge(error, { mode: 'runner', kind: 'final round trip' });
-        throw new FuzzFinding('wrong-answer', `the device refused the final round trip: ${(error as Error).message}`);
-      }
+      // The device must still work afterwards: one clean round trip, then the check at rest, then
+      // another after a while, for what device code does on its own meanwhile.
+      await roundTrip('final round trip');
       checkDeviceErrors();
       await checkAtRest();
+      checkDeviceErrors();
+      await new Promise((resolve) => setTimeout(resolve, LINGER_MS));
+      await roundTrip('round trip after the run');
       checkDeviceErrors();
     } catch (error) {
       if (!(error instanceof FuzzFinding)) throw error;
