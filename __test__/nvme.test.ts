@@ -495,8 +495,8 @@ describe('interrupts', () => {
     expect((await h.reg32(MSIX_PBA)) & 2).toBe(0);
   });
 
-  test('INTx when MSI-X is off, masked by INTMS', async () => {
-    served = await serve(createDevice(['--size', '1M', '--doorbells', 'trap']));
+  test.each(['trap', 'mmap'] as const)('INTx when MSI-X is off, masked by INTMS (%s doorbells)', async (doorbells) => {
+    served = await serve(createDevice(['--size', '1M', '--doorbells', doorbells]));
     const client = await served.client();
     const h = (host = await NvmeHost.attach(client));
     const msix = (await guest(client).capabilities()).get(CapabilityId.MSIX)!;
@@ -517,6 +517,14 @@ describe('interrupts', () => {
       expect(await command()).toBe(0);
       await h.setReg32(Register.INTMC, 1);
       expect(await command()).toBe(1);
+      // An I/O CQ's level drops as the host consumes too (a mapped head is watched while the level is up).
+      expect((await h.createIoQueuePair(1, 16)).map((c) => c.status)).toEqual([S.SUCCESS, S.SUCCESS]);
+      await client.setIrqs({ index: IrqIndex.INTX, action: 'unmask', count: 1 });
+      for (let i = 0; i < 3; i++) {
+        expect((await h.submit(1, { opcode: Op.READ, nsid: 1, prp1: h.alloc(4096) })).status).toBe(S.SUCCESS);
+        await until(() => !served!.device.irq.intxRaised);
+        await client.setIrqs({ index: IrqIndex.INTX, action: 'unmask', count: 1 });
+      }
     } finally {
       intx.close();
     }

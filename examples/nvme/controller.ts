@@ -17,6 +17,9 @@
  * In every mode a host may set up shadow doorbells (Doorbell Buffer Config,
  * shadow.ts), as Linux does: I/O queues' values are then read from the
  * shadow page, and the host writes the register only when EventIdx asks.
+ * With mapped doorbells an I/O CQ's head is read when the controller needs
+ * it (`refreshHead`: its CQ looks short of room, a migration, an MSI
+ * unmask) and watched only while the controller waits on it (`followHead`).
  */
 import { randomBytes } from 'node:crypto';
 import { BlockIoError, Errno, PciDevice, UsageError, type DoorbellStats, type Ring } from 'vfio-user';
@@ -236,7 +239,13 @@ export class NvmeController extends PciDevice {
       case Register.INTMC:
         this.intms = (this.intms & ~value) >>> 0;
         // A vector unmasked with completions waiting is signalled now (MSI; INTx follows the level).
-        if (this.irq.mode === 'msi') for (const cq of this.cqs) if (cq?.interrupts && cq.pending && (value >>> cq.vector) & 1) this.irq.raise(cq.vector);
+        if (this.irq.mode === 'msi') {
+          for (const cq of this.cqs) {
+            if (!cq?.interrupts || ((value >>> cq.vector) & 1) === 0) continue;
+            this.refreshHead(cq);
+            if (cq.pending) this.irq.raise(cq.vector);
+          }
+        }
         return this.updateLevel();
       case Register.CC: return this.writeCc(value & CC_WRITABLE);
       case Register.CSTS:
@@ -403,8 +412,9 @@ export class NvmeController extends PciDevice {
     return this.doorbells.source.stats();
   }
 
-  /** Each queue's doorbell and the value the controller holds for it (SQ tail, CQ head). */
+  /** Each queue's doorbell and the value the controller holds for it (SQ tail, CQ head, read now where read on demand). */
   private queueDoorbells(): Map<number, number> {
+    for (const cq of this.cqs) if (cq) this.refreshHead(cq);
     const held = new Map<number, number>();
     for (const sq of this.sqs) if (sq) held.set(2 * sq.id, sq.tail);
     for (const cq of this.cqs) if (cq) held.set(2 * cq.id + 1, cq.head);
@@ -460,6 +470,7 @@ export class NvmeController extends PciDevice {
       // Room in the queue: queues that stopped on a full CQ go on, and events wait for the admin CQ.
       if (id === 0) this.deliverEvents();
       for (const sqid of cq.submissionQueues) this.service(this.sqs[sqid]!);
+      this.followHead(cq);
     } else {
       const sq = this.sqs[id];
       if (!sq || !sq.setTail(value)) return this.invalidDoorbell(sq ? AsyncEvent.INVALID_DOORBELL_VALUE : AsyncEvent.INVALID_DOORBELL_REGISTER);
@@ -490,6 +501,7 @@ export class NvmeController extends PciDevice {
     let budget = BATCH;
     batch: do {
       while (this.ready) {
+        if (cq.room < sq.waiting) this.refreshHead(cq);
         // Each command takes at most one CQ entry and one place in the store.
         const n = Math.min(sq.waiting, cq.room, this.store.queueDepth - this.inFlight);
         if (n <= 0) break;
@@ -524,6 +536,8 @@ export class NvmeController extends PciDevice {
       if (this.owed) this.owed.add(cq);
       else this.notify([cq]);
     }
+    // A CQ without room holds this SQ until the host moves its head.
+    if (cq.full) this.followHead(cq);
     // Admin commands may have given Asynchronous Event Requests something to complete.
     if (sq.id === 0) this.deliverEvents();
   }
@@ -732,6 +746,7 @@ export class NvmeController extends PciDevice {
     const counts = this.postedPerVector;
     let vectors = 0;
     let any = false;
+    const mode = this.irq.mode;
     for (const cq of cqs) {
       if (this.cqs[cq.id] !== cq) continue;
       let n: number;
@@ -752,7 +767,6 @@ export class NvmeController extends PciDevice {
     if (!any) return;
     // The host answers completions with doorbells: watch closely for them.
     this.doorbells.expect();
-    const mode = this.irq.mode;
     if (mode === 'intx') this.updateLevel();
     for (let vector = 0; vectors !== 0; vector++, vectors >>>= 1) {
       if ((vectors & 1) === 0) continue;
@@ -761,6 +775,8 @@ export class NvmeController extends PciDevice {
       if (mode === 'intx') this.traceInterrupted(vector);
       else this.coalescing.completed(vector, n, this.coalescingSetting(vector));
     }
+    // A level or a held interrupt is dropped once the host consumes what it announces: follow the heads.
+    for (const cq of cqs) if (this.cqs[cq.id] === cq) this.followHead(cq);
   }
 
   /** Set Features 0x08's value where `vector` may be coalesced (MSI-X or MSI; never the admin queue's, nor one with Coalescing Disable, nor while stopped); else 0. */
@@ -796,6 +812,38 @@ export class NvmeController extends PciDevice {
     if (!this.cqs.some((q) => q?.interrupts && q.vector === cq.vector && q.pending)) this.coalescing.drained(cq.vector);
   }
 
+  /**
+   * Reads an on-demand CQ head (doorbells.ts) from where the host stores it,
+   * as a ring of it would deliver it. A value refused once is not reported
+   * again until the host stores another.
+   */
+  private refreshHead(cq: CompletionQueue): void {
+    const index = 2 * cq.id + 1;
+    if (!this.doorbells.readsOnDemand(index)) return;
+    const head = this.shadowAccess(() => this.doorbells.latest(index));
+    if (head === undefined || head === cq.head || head === cq.refusedHead) return;
+    if (!cq.setHead(head)) {
+      cq.refusedHead = head;
+      return this.invalidDoorbell(AsyncEvent.INVALID_DOORBELL_VALUE);
+    }
+    this.headMoved(cq);
+  }
+
+  /**
+   * Watches an on-demand CQ head while the controller waits on it (its CQ
+   * has no room after a fresh read, so an SQ is held; an INTx level is up
+   * for its entries; or its vector's interrupt is held by coalescing, to be
+   * dropped if the host consumes them first), and stops watching it after.
+   */
+  private followHead(cq: CompletionQueue): void {
+    const index = 2 * cq.id + 1;
+    if (!this.doorbells.readsOnDemand(index)) return;
+    if (cq.full) this.refreshHead(cq);
+    const waiting = cq.full || (this.irq.mode === 'intx' && cq.pending) || (cq.interrupts && this.coalescing.holds(cq.vector));
+    if (waiting) this.shadowAccess(() => this.doorbells.awaitHead(index, cq.head, this.dma));
+    else this.doorbells.ignoreHead(index);
+  }
+
   /** INTx: asserted while any CQ with interrupts enabled holds entries the host has not consumed, unless INTMS masks it. */
   private updateLevel(): void {
     if (this.irq.mode !== 'intx') return this.irq.lower();
@@ -818,6 +866,7 @@ export class NvmeController extends PciDevice {
   // ---- migration ----
 
   private saveState(): Uint8Array {
+    for (const cq of this.cqs) if (cq) this.refreshHead(cq);
     const state: SavedState = {
       version: STATE_VERSION,
       registers: { cc: this.cc, csts: this.csts, aqa: this.aqa, asq: this.asq.toString(), acq: this.acq.toString(), intms: this.intms },

@@ -17,6 +17,13 @@
  * every ring of a shadowed doorbell only says "look now": the controller
  * reads the value through its own view of the page, which follows the
  * client's remaps (a watch keeps the memory it started on).
+ *
+ * In 'mmap' mode an I/O CQ's head is read on demand (`latest`), not
+ * watched: the host stores it after taking each interrupt's completions,
+ * which asks nothing of the controller unless it waits for room in that CQ
+ * (or holds an INTx level up for it). Watching it ran the controller once
+ * more per interrupt for nothing, and a TCG guest's QD1 paid for it. The
+ * controller watches such a head only while it waits on it (`awaitHead`).
  */
 import { DoorbellSource, type DeviceContext, type DmaSpace, type PciBar, type Ring } from 'vfio-user';
 import type { ShadowDoorbells } from './shadow.js';
@@ -33,6 +40,8 @@ export const SHADOW = DOORBELL_COUNT;
 export class Doorbells {
   readonly source: DoorbellSource;
   private shadow: ShadowDoorbells | undefined;
+  /** On-demand doorbells watched while the controller waits on them (`awaitHead`). */
+  private readonly awaited = new Set<number>();
 
   constructor(
     readonly mode: DoorbellMode,
@@ -64,6 +73,10 @@ export class Doorbells {
    */
   watch(values: ReadonlyMap<number, number>, dma: DmaSpace, shadow = this.shadow): void {
     for (const [index, value] of values) {
+      if (this.readsOnDemand(index) && !this.awaited.has(index)) {
+        this.unwatch(index);
+        continue;
+      }
       if (this.mode === 'mmap') this.source.watchShared(index, this.bar.shared!, DOORBELLS + 4 * index, value);
       // Only in 'mmap' mode: elsewhere the host rings (a trap, a kick) whenever EventIdx asks,
       // and watching would only cost CPU for doorbells that ring anyway.
@@ -80,7 +93,43 @@ export class Doorbells {
   }
 
   removed(index: number): void {
-    for (const doorbell of [index, SHADOW + index]) if (this.source.isWatched(doorbell)) this.source.unwatch(doorbell);
+    this.awaited.delete(index);
+    this.unwatch(index);
+  }
+
+  /** Whether doorbell `index` is an I/O CQ head read on demand ('mmap' mode). */
+  readsOnDemand(index: number): boolean {
+    return this.mode === 'mmap' && index > 2 && (index & 1) === 1;
+  }
+
+  /**
+   * The host's latest value of on-demand doorbell `index`: its shadow word
+   * (a DMA error when that page is no longer guest memory), else its word
+   * of the mapped page.
+   */
+  latest(index: number): number {
+    return this.shadow ? this.shadow.value(index) : this.page()[index]!;
+  }
+
+  /**
+   * Watches on-demand doorbell `index`, which the controller holds at
+   * `value`, until `ignoreHead`: it rings when the host moves it. Throws a DMA
+   * error when the shadow page is not guest memory with an fd.
+   */
+  awaitHead(index: number, value: number, dma: DmaSpace): void {
+    if (this.awaited.has(index)) return;
+    this.awaited.add(index);
+    try {
+      this.watch(new Map([[index, value]]), dma);
+    } catch (error) {
+      this.awaited.delete(index);
+      throw error;
+    }
+  }
+
+  /** Stops watching on-demand doorbell `index` (`awaitHead`). */
+  ignoreHead(index: number): void {
+    if (this.awaited.delete(index)) this.unwatch(index);
   }
 
   /**
@@ -95,6 +144,11 @@ export class Doorbells {
       throw error;
     }
     this.shadow = shadow;
+  }
+
+  /** Stops watching doorbell `index` wherever it is watched. */
+  private unwatch(index: number): void {
+    for (const doorbell of [index, SHADOW + index]) if (this.source.isWatched(doorbell)) this.source.unwatch(doorbell);
   }
 
   /** A controller reset: no queue is left, the page reads 0, no shadow pages. */

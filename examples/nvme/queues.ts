@@ -35,6 +35,8 @@ export class CompletionQueue {
   reserved = 0;
   /** Completions staged for the next `post()`. */
   staged = 0;
+  /** A head read on demand and refused (past the ring), reported once. */
+  refusedHead = -1;
   private stagedWords: Uint32Array | undefined;
   /** One entry, laid out for `writeEntries`. */
   private readonly entry = Buffer.alloc(CQ_ENTRY);
