@@ -839,7 +839,7 @@ export class NvmeController extends PciDevice {
     const index = 2 * cq.id + 1;
     if (!this.doorbells.readsOnDemand(index)) return;
     if (cq.full) this.refreshHead(cq);
-    const waiting = cq.full || (this.irq.mode === 'intx' && cq.pending) || (cq.interrupts && this.coalescing.holds(cq.vector));
+    const waiting = cq.full || (cq.interrupts && ((this.irq.mode === 'intx' && cq.pending) || this.coalescing.holds(cq.vector)));
     if (waiting) this.shadowAccess(() => this.doorbells.awaitHead(index, cq.head, this.dma));
     else this.doorbells.ignoreHead(index);
   }
