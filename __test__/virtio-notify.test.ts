@@ -114,6 +114,17 @@ describe("a device with 'avail' notifications", () => {
     expect(await driver.status() & S.NEEDS_RESET).toBe(0);
   });
 
+  test('RING_PACKED is not offered: a packed ring has no available index to watch', async () => {
+    const packed = featureBit(F.RING_PACKED);
+    expect(new Counter('avail').offered & packed).toBe(0n);
+    expect(new Counter('trap').offered & packed).toBe(packed);
+    const { driver } = await drive(t, new Counter('avail'));
+    await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER);
+    await driver.writeDriverFeatures(featureBit(F.VERSION_1) | packed);
+    await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK);
+    expect((await driver.status()) & S.FEATURES_OK).toBe(0);
+  });
+
   test('a ring outside memory shared by fd cannot be watched: NEEDS_RESET when the queue is enabled', async () => {
     const { driver, device } = await drive(t, new Counter('avail'));
     await driver.setStatus(S.ACKNOWLEDGE | S.DRIVER);

@@ -61,8 +61,9 @@ export interface VirtioDeviceDescription {
    * QEMU does best, as measured under TCG), 'mmap' (a page the VMM maps, so
    * the guest notifies with a plain store and the device watches it),
    * 'ioeventfd' (an ioeventfd per queue, for a VMM that wires them),
-   * 'avail' (trapped writes, and each split queue's available index watched
-   * in guest memory, for a driver that never notifies, as SPDK's).
+   * 'avail' (trapped writes, and each queue's available index watched in
+   * guest memory, for a driver that never notifies, as SPDK's; split rings
+   * only: RING_PACKED is not offered).
    */
   notify?: VirtioNotifyMode;
   /** Device code's own state for migration, beside what the kit saves. */
@@ -169,7 +170,10 @@ export class VirtioDevice extends PciDevice {
     });
     this.virtio = description;
     this.deviceConfig = config;
-    this.offered = (description.features ?? 0n) | KIT_FEATURES;
+    // 'avail' watches a split ring's available index; a packed ring has none, so a driver that never
+    // notifies could not be served on one: that mode offers split rings only.
+    const kit = description.notify === 'avail' ? KIT_FEATURES & ~featureBit(Feature.RING_PACKED) : KIT_FEATURES;
+    this.offered = (description.features ?? 0n) | kit;
     const host: QueueHost = {
       get memory() {
         return device.dma;
@@ -310,8 +314,7 @@ export class VirtioDevice extends PciDevice {
   private trackNotify(q: Virtqueue): void {
     if (!q.enabled) return this.notifications.disable(q.index);
     try {
-      const watchAvail = this.notifications.mode === 'avail' && !this.negotiated(Feature.RING_PACKED);
-      this.notifications.enable(q.index, watchAvail ? { dma: this.dma, driver: q.driver } : undefined);
+      this.notifications.enable(q.index, this.notifications.mode === 'avail' ? { dma: this.dma, driver: q.driver } : undefined);
     } catch (error) {
       // 'avail': a ring the device cannot watch is one it cannot serve.
       this.fail(error);

@@ -20,11 +20,11 @@
  *   without an exit; a write it does not wire arrives trapped and signals
  *   the same eventfd. A kick carries no value.
  * - 'trap': every notification is a REGION_WRITE.
- * - 'avail': trapped writes, and each split queue's available index watched
- *   in guest memory, for a driver that never notifies (SPDK's virtio driver
+ * - 'avail': trapped writes, and each queue's available index watched in
+ *   guest memory, for a driver that never notifies (SPDK's virtio driver
  *   over vfio-user polls and expects the device to poll too). The watch
- *   reads the memory the ring was in when the queue was enabled. A packed
- *   queue there is served on notifications only.
+ *   reads the memory the ring was in when the queue was enabled. The device
+ *   offers split rings only in this mode: a packed ring has no index to watch.
  */
 import { DoorbellSource, type Ring } from '../doorbells.js';
 import type { DeviceContext } from '../boundary.js';
