@@ -18,8 +18,9 @@
  * shadow.ts), as Linux does: I/O queues' values are then read from the
  * shadow page, and the host writes the register only when EventIdx asks.
  * With mapped doorbells an I/O CQ's head is read when the controller needs
- * it (`refreshHead`: its CQ looks short of room, a migration, an MSI
- * unmask) and watched only while the controller waits on it (`followHead`).
+ * it (`refreshHead`: its CQ looks short of room, the state a migration
+ * saves, Doorbell Buffer Config, an MSI unmask) and watched only while the
+ * controller waits on it (`followHead`).
  */
 import { randomBytes } from 'node:crypto';
 import { BlockIoError, Errno, PciDevice, UsageError, type DoorbellStats, type Ring } from 'vfio-user';
@@ -393,6 +394,8 @@ export class NvmeController extends PciDevice {
    */
   useShadowDoorbells(shadow: ShadowDoorbells): boolean {
     try {
+      // Heads read on demand are taken from where the host stored them until now.
+      for (const cq of this.cqs) if (cq) this.refreshHead(cq);
       const held = this.queueDoorbells();
       // What the controller knows goes in the pages; kicks by ioeventfd told it nothing, so there the host's values stand.
       if (this.doorbellMode !== 'ioeventfd') for (const [index, value] of held) if (index >= 2) shadow.reset(index, value);
@@ -412,9 +415,8 @@ export class NvmeController extends PciDevice {
     return this.doorbells.source.stats();
   }
 
-  /** Each queue's doorbell and the value the controller holds for it (SQ tail, CQ head, read now where read on demand). */
+  /** Each queue's doorbell and the value the controller holds for it (SQ tail, CQ head). */
   private queueDoorbells(): Map<number, number> {
-    for (const cq of this.cqs) if (cq) this.refreshHead(cq);
     const held = new Map<number, number>();
     for (const sq of this.sqs) if (sq) held.set(2 * sq.id, sq.tail);
     for (const cq of this.cqs) if (cq) held.set(2 * cq.id + 1, cq.head);
@@ -826,6 +828,7 @@ export class NvmeController extends PciDevice {
       cq.refusedHead = head;
       return this.invalidDoorbell(AsyncEvent.INVALID_DOORBELL_VALUE);
     }
+    cq.refusedHead = -1;
     this.headMoved(cq);
   }
 
