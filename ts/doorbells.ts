@@ -16,11 +16,10 @@
  *   calls when it expects doorbells: it just posted completions), during
  *   which the loop does not block; then after sleeps that start at 10 µs
  *   and double up to `maxSleepMicros`; not at all while nothing is watched.
- *   The spin adapts to the driver: it lasts 1.5x the longer of the driver's
- *   last two waits from activity to ring (at least 20 µs; two, as quick and
- *   slow answers often alternate) when that was within `spinMicros`, else
- *   20 µs: a host that polls costs a short spin, an emulated guest answering
- *   in hundreds of µs is still caught spinning.
+ *   The spin adapts to the driver: it lasts 1.5x the driver's last wait from
+ *   activity to ring (at least 20 µs) when that was within `spinMicros`,
+ *   else 20 µs: a host that polls costs a short spin, an emulated guest
+ *   answering in hundreds of µs is still caught spinning.
  *   No other thread is involved: a ring found is handled in the same turn
  *   of the loop. The time it takes is in `stats()`. Spins follow trapped
  *   writes and kicks too (timed the same way): with nothing watched, a spin

@@ -13,13 +13,9 @@
 //! word watched, `Wait`. There is no fixed tick.
 //!
 //! How long the spin lasts adapts to the driver on the other side: one and
-//! a half times the longer of its last two waits from activity to a ring (at
-//! least `MIN_SPIN`), when that wait was within `spin`, the cap; `MIN_SPIN`
-//! otherwise, and for an idle device. Two, because a driver's rings often
-//! alternate between a quick and a slow answer (an NVMe host's CQ head soon
-//! after an interrupt, its next command later): spinning for the last one
-//! alone would end each slow answer's spin too early, and find its ring only
-//! after a back-off sleep. With no word watched, only a wait within `UNWATCHED_SPIN`
+//! a half times its last wait from activity to a ring (at least `MIN_SPIN`),
+//! when that wait was within `spin`, the cap; `MIN_SPIN` otherwise, and for
+//! an idle device. With no word watched, only a wait within `UNWATCHED_SPIN`
 //! earns a spin. A host that polls (SPDK's) answers in microseconds and
 //! costs a short spin; a guest under TCG answers in hundreds and is still
 //! caught spinning, not after a back-off sleep that overshoots its ring by
@@ -138,10 +134,8 @@ pub struct DoorbellWatch {
     spin_until: Option<Instant>,
     /// The last activity, from which the wait for the next ring is measured.
     active_at: Option<Instant>,
-    /// The longer of the driver's last two waits from activity to ring, when within the cap.
+    /// The driver's last wait from activity to ring, when within the cap.
     expected: Option<Duration>,
-    /// The driver's last wait from activity to ring.
-    last_wait: Option<Duration>,
     /// When the spin under way began.
     spin_started: Option<Instant>,
     /// The next sleep's length.
@@ -160,7 +154,6 @@ impl DoorbellWatch {
             spin_until: None,
             active_at: None,
             expected: None,
-            last_wait: None,
             spin_started: None,
             sleep: FIRST_SLEEP,
             stats: WatchStats::default(),
@@ -211,16 +204,14 @@ impl DoorbellWatch {
     pub fn rung(&mut self, now: Instant) {
         if let Some(active) = self.active_at {
             let waited = now.saturating_duration_since(active);
-            let longer = self.last_wait.map_or(waited, |last| last.max(waited));
-            self.last_wait = Some(waited);
-            self.expected = (longer <= self.config.spin).then_some(longer);
+            self.expected = (waited <= self.config.spin).then_some(waited);
         }
         self.poke(now);
     }
 
     /// Activity: the consumer expects doorbells soon (it just completed
     /// work), so the loop spins again, for as long as the driver took to
-    /// answer (the longer of its last two answers) and half again. With no word watched there is
+    /// answer last time and half again. With no word watched there is
     /// nothing to scan, but a spin still keeps the loop from blocking, so
     /// a doorbell that comes as a message or an eventfd is read without a
     /// wake-up: it spins only for a driver that answered within
@@ -502,34 +493,6 @@ mod tests {
         w.poke(t6);
         assert_eq!(w.next(t6 + MIN_SPIN), Next::Sleep(FIRST_SLEEP));
         assert!(w.stats().busy_nanos > 0);
-    }
-
-    #[test]
-    fn a_driver_alternating_quick_and_slow_answers_is_spun_for_the_slow_one() {
-        let (guest, device) = page();
-        let mut w = watch();
-        let t0 = Instant::now();
-        w.watch(0, device, 0, None, t0).unwrap();
-        let us = Duration::from_micros;
-        // A completion (poke), the CQ head 40 µs later, the next command 150 µs after that.
-        w.poke(t0);
-        store(&guest, 0, 1);
-        assert!(w.scan(t0 + us(40)));
-        store(&guest, 0, 2);
-        assert!(w.scan(t0 + us(190)));
-        // After the next quick answer the spin still covers the slow one: 1.5 x 150 µs.
-        let t1 = t0 + us(1000);
-        w.poke(t1);
-        store(&guest, 0, 3);
-        assert!(w.scan(t1 + us(40)));
-        assert_eq!(w.next(t1 + us(40) + us(224)), Next::Spin);
-        assert_eq!(w.next(t1 + us(40) + us(225)), Next::Sleep(FIRST_SLEEP));
-        // Two quick answers in a row: the spin is short again.
-        let t2 = t1 + us(1000);
-        w.poke(t2);
-        store(&guest, 0, 4);
-        assert!(w.scan(t2 + us(40)));
-        assert_eq!(w.next(t2 + us(40) + us(60)), Next::Sleep(FIRST_SLEEP));
     }
 
     #[test]
