@@ -467,8 +467,8 @@ export class NvmeController extends PciDevice {
     const id = index >> 1;
     if (index & 1) {
       const cq = this.cqs[id];
-      if (!cq || !cq.setHead(value)) return this.invalidDoorbell(cq ? AsyncEvent.INVALID_DOORBELL_VALUE : AsyncEvent.INVALID_DOORBELL_REGISTER);
-      this.headMoved(cq);
+      if (!cq) return this.invalidDoorbell(AsyncEvent.INVALID_DOORBELL_REGISTER);
+      if (!this.moveHead(cq, value)) return;
       // Room in the queue: queues that stopped on a full CQ go on, and events wait for the admin CQ.
       if (id === 0) this.deliverEvents();
       for (const sqid of cq.submissionQueues) this.service(this.sqs[sqid]!);
@@ -678,12 +678,7 @@ export class NvmeController extends PciDevice {
       const index = 2 * cq.id + 1;
       shadow.publish(index, cq.head);
       const head = shadow.value(index);
-      if (head === cq.head) return false;
-      if (!cq.setHead(head)) {
-        this.invalidDoorbell(AsyncEvent.INVALID_DOORBELL_VALUE);
-        return false;
-      }
-      this.headMoved(cq);
+      if (head === cq.head || !this.moveHead(cq, head)) return false;
     }
     shadow.publish(2 * sq.id, sq.tail);
     const tail = shadow.value(2 * sq.id);
@@ -824,12 +819,20 @@ export class NvmeController extends PciDevice {
     if (!this.doorbells.readsOnDemand(index)) return;
     const head = this.shadowAccess(() => this.doorbells.latest(index));
     if (head === undefined || head === cq.head || head === cq.refusedHead) return;
-    if (!cq.setHead(head)) {
-      cq.refusedHead = head;
-      return this.invalidDoorbell(AsyncEvent.INVALID_DOORBELL_VALUE);
+    cq.refusedHead = this.moveHead(cq, head) ? -1 : head;
+  }
+
+  /**
+   * The host moved `cq`'s head to `value` (a ring, a shadow or on-demand
+   * read): false, with an Invalid Doorbell Value event, for one past the ring.
+   */
+  private moveHead(cq: CompletionQueue, value: number): boolean {
+    if (!cq.setHead(value)) {
+      this.invalidDoorbell(AsyncEvent.INVALID_DOORBELL_VALUE);
+      return false;
     }
-    cq.refusedHead = -1;
     this.headMoved(cq);
+    return true;
   }
 
   /**
