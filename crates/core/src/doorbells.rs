@@ -380,6 +380,15 @@ mod tests {
         DoorbellWatch::new(WatchConfig { spin: SPIN, max_sleep: MAX_SLEEP })
     }
 
+    /// A watch of doorbell `doorbell` at `offset` of a fresh page, from `t0`; the page as the guest stores to it.
+    fn watching(doorbell: u32, offset: u64) -> (Arc<Mapping>, DoorbellWatch, Instant) {
+        let (guest, device) = page();
+        let mut w = watch();
+        let t0 = Instant::now();
+        w.watch(doorbell, device, offset, None, t0).unwrap();
+        (guest, w, t0)
+    }
+
     fn take_all(w: &mut DoorbellWatch) -> Vec<Ring> {
         let mut out = [Ring { doorbell: 0, value: 0 }; 16];
         let n = w.take(&mut out);
@@ -388,10 +397,7 @@ mod tests {
 
     #[test]
     fn a_store_to_a_watched_word_joins_the_batch_with_its_value() {
-        let (guest, device) = page();
-        let mut w = watch();
-        let t0 = Instant::now();
-        w.watch(3, device, 12, None, t0).unwrap();
+        let (guest, mut w, t0) = watching(3, 12);
         assert!(!w.scan(t0));
         store(&guest, 12, 7);
         assert!(w.scan(t0));
@@ -450,10 +456,7 @@ mod tests {
 
     #[test]
     fn spins_last_one_and_a_half_times_the_drivers_last_answer_within_the_cap() {
-        let (guest, device) = page();
-        let mut w = watch();
-        let t0 = Instant::now();
-        w.watch(0, device, 0, None, t0).unwrap();
+        let (guest, mut w, t0) = watching(0, 0);
         let us = Duration::from_micros;
         // A quick driver: the device posts completions (poke), the answer comes 8 µs later.
         w.poke(t0);
@@ -526,10 +529,7 @@ mod tests {
 
     #[test]
     fn a_spin_yields_the_core_once_it_has_lasted_yield_after() {
-        let (_guest, device) = page();
-        let mut w = watch();
-        let t0 = Instant::now();
-        w.watch(0, device, 0, None, t0).unwrap();
+        let (_guest, mut w, t0) = watching(0, 0);
         assert!(!w.should_yield(t0), "not spinning");
         w.poke(t0);
         assert_eq!(w.next(t0), Next::Spin);
@@ -548,10 +548,7 @@ mod tests {
 
     #[test]
     fn a_rebased_word_rings_only_for_a_later_store_and_rebasing_is_not_activity() {
-        let (guest, device) = page();
-        let mut w = watch();
-        let t0 = Instant::now();
-        w.watch(0, device, 8, None, t0).unwrap();
+        let (guest, mut w, t0) = watching(0, 8);
         store(&guest, 8, 3);
         assert!(w.scan(t0));
         take_all(&mut w);
