@@ -48,4 +48,14 @@ describe('examples/nvme survives a hostile NVMe host', () => {
     expect(report.finding, report.finding ? formatFinding(report) : '').toBeUndefined();
     expect(report.ops).toBe(found.ops.length);
   }, SPAWNING_TEST_MS);
+
+  test('mapped doorbells: a ring landing as the client disconnects is no device error (a finding, replayed)', async () => {
+    // The controller read the shadow page for a ring batch after its client had gone, and failed;
+    // the next client's reset hid it from EIO replies, and only serve's log told.
+    const found = JSON.parse(readFileSync(resolve(__dirname, 'fixtures/fuzz-nvme-mmap-disconnect.json'), 'utf8')) as ReproducerFile;
+    for (let round = 0; round < 3; round++) {
+      const report = await fuzzDevice({ module: nvme, args: ['--size', '16M', '--doorbells', 'mmap'] }, { replay: found.ops, modes: [nvmeMode()], shrinkAttempts: 0 });
+      expect(report.finding, report.finding ? formatFinding(report) : '').toBeUndefined();
+    }
+  }, SPAWNING_TEST_MS);
 });

@@ -9,7 +9,7 @@
 import { describe, expect, test } from 'vitest';
 import { MigrationState, Region, type BlockCallback, type DmaSpace, type SgList } from '../ts/index.js';
 import createDevice from '../examples/nvme/index.js';
-import { Csts, NSSR_RESET, NvmeController, Register } from '../examples/nvme/controller.js';
+import { Csts, NSSR_RESET, NvmeController, Register, type DoorbellMode } from '../examples/nvme/controller.js';
 import { NvmeStateError, parseState } from '../examples/nvme/state.js';
 import { MemoryStore } from '../examples/nvme/store.js';
 import { testCleanups } from './cleanups.js';
@@ -69,6 +69,33 @@ describe('resets with commands in the store', () => {
     expect(await answered).toEqual(Buffer.alloc(PAGE));
     expect((await h.reg32(Register.CSTS)) & Csts.RDY).toBe(0);
     expect(h.read(h.queues.get(1)!.cqBase, 16)).toEqual(Buffer.alloc(16));
+  });
+
+  // Found by vfio-user fuzz --mode nvme: the completion, and a ring in the same moment, reached for the
+  // gone client's memory and failed the device (its log said so; the next client's reset hid it).
+  test.each(SETUPS)('with %s doorbells: a read that lands after its client left is answered to the next client, and the device never fails', async (setup) => {
+    const [doorbells, shadow] = setup.split('+');
+    const store = new HeldStore(1 << 20);
+    const device = new NvmeController({ store, doorbells: doorbells as DoorbellMode });
+    const { host: h, served, deviceErrors } = await attachNvme(cleanups, device);
+    expect((await h.enable()) & Csts.RDY).toBe(Csts.RDY);
+    if (shadow || doorbells === 'ioeventfd') expect((await h.shadowDoorbells()).status).toBe(S.SUCCESS);
+    expect((await h.createIoQueuePair(1, 8)).map((c) => c.status)).toEqual([S.SUCCESS, S.SUCCESS]);
+    const read = h.submit(1, { opcode: Op.READ, nsid: 1, prp1: h.alloc(PAGE), cdw12: 7 });
+    await until(() => store.held.length === 1);
+    h.client.close();
+    await until(() => served.server.session === undefined);
+    // Lands with no client: its data had nowhere to go (the old client's memory is closed), its completion waits.
+    store.held[0]();
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    expect(deviceErrors).toEqual([]);
+    await h.moveTo(await served.client());
+    if (shadow || doorbells === 'ioeventfd') expect((await h.shadowDoorbells()).status).toBe(S.SUCCESS);
+    // The next batch posts it (a write: this store holds every read).
+    expect((await h.submit(1, { opcode: Op.WRITE, nsid: 1, prp1: h.alloc(PAGE), cdw12: 7 })).status).toBe(S.SUCCESS);
+    expect((await read).status).toBe(S.DATA_TRANSFER_ERROR);
+    expect(await h.reg32(Register.CSTS)).toBe(Csts.RDY);
+    expect(deviceErrors).toEqual([]);
   });
 });
 

@@ -114,6 +114,8 @@ export class NvmeController extends PciDevice {
   private readonly doorbells: Doorbells;
   /** Queues that used up their batch, to go on at the next turn of the event loop. */
   private readonly resumable = new Set<SubmissionQueue>();
+  /** CQs whose completions came in while no client was attached: posted with the next batch once one is. */
+  private readonly held = new Set<CompletionQueue>();
   /** While a batch of doorbells is acted on: CQs owed an interrupt at its end. */
   private owed: Set<CompletionQueue> | undefined;
   private storeClosed = false;
@@ -329,6 +331,7 @@ export class NvmeController extends PciDevice {
     // Work scheduled for queues that are gone (and dropped, if the device failed).
     this.resumable.clear();
     this.finished.clear();
+    this.held.clear();
     this.coalescing.reset();
     this.updateLevel();
     // A host that enabled the controller again meanwhile (it should have waited) keeps it ready.
@@ -450,7 +453,7 @@ export class NvmeController extends PciDevice {
         for (const ring of rings) {
           const index = ring.doorbell % SHADOW;
           if (((index & 1) === 1) !== heads) continue;
-          const value = index >= 2 && this.shadow ? this.shadowAccess(() => this.shadow!.value(index)) : ring.value;
+          const value = index >= 2 && this.shadow ? this.shadowValue(index) : ring.value;
           if (value !== undefined) this.ringDoorbell(index, value);
         }
       }
@@ -459,6 +462,15 @@ export class NvmeController extends PciDevice {
       this.owed = undefined;
       this.notify(owed);
     }
+  }
+
+  /**
+   * A shadowed doorbell's value. A ring that lands as its client leaves
+   * finds the shadow page out of reach: it has no value then, and the page
+   * is read again at the next ring.
+   */
+  private shadowValue(index: number): number | undefined {
+    return this.attached ? this.shadowAccess(() => this.shadow!.value(index)) : undefined;
   }
 
   /** Doorbell `index` (SQ y tail: 2y, CQ y head: 2y + 1) now reads `value`. */
@@ -740,6 +752,16 @@ export class NvmeController extends PciDevice {
    * unable to report anything (CSTS.CFS).
    */
   private notify(cqs: Iterable<CompletionQueue>): void {
+    if (!this.attached) {
+      // Commands that finish as their client leaves: no guest memory to post to until the next one comes.
+      for (const cq of cqs) this.held.add(cq);
+      return;
+    }
+    if (this.held.size > 0) {
+      const held = [...this.held];
+      this.held.clear();
+      this.notify(held);
+    }
     const counts = this.postedPerVector;
     let vectors = 0;
     let any = false;

@@ -4,7 +4,7 @@ import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { createServer, type ServerOptions } from '../server/server.js';
 import { UsageError } from '../errors.js';
-import { commandName } from '../protocol/index.js';
+import { Command, commandName } from '../protocol/index.js';
 import { contractOf, type DeviceFactory, type VfioUserDevice } from '../device.js';
 import type { PciDevice } from '../pci/device.js';
 import { importWithOwnCopy, requireWithOwnCopy } from './own-copy.js';
@@ -89,10 +89,7 @@ export async function serve(file: string, socket: string | { fd: number }, optio
   server.on('connectionRefused', (peer, reason) => console.error(`vfio-user: refused a client (pid ${peer.pid}): ${reason}`));
   server.on('requestTimeout', (command) => console.error(`vfio-user: ${commandName(command)} timed out; the client was answered ETIMEDOUT`));
   server.on('disconnect', (_s, error) => console.error(`vfio-user: client disconnected${error ? ` (${error.message})` : ''}`));
-  server.on('deviceError', (error, command) => {
-    const where = command === undefined ? 'device code running on its own' : commandName(command);
-    console.error(`vfio-user: device error in ${where} (the device is failed until reset): ${error.stack ?? error.message}`);
-  });
+  server.on('deviceError', (error, command) => console.error(deviceErrorLine(error, command)));
   await server.listen(socket, { mode: options.mode });
   // One device per process: what escapes its own plain timers and promises is the device failing too.
   const boundary = contextOf(contractOf(device)!);
@@ -106,6 +103,30 @@ export async function serve(file: string, socket: string | { fd: number }, optio
   await device.close?.();
   process.off('uncaughtException', failed);
   process.off('unhandledRejection', failed);
+}
+
+const ON_ITS_OWN = 'device code running on its own';
+const DEVICE_ERROR = /^vfio-user: device error in (.+?) \(the device is failed until reset\): (.*)$/;
+
+/** What serve prints for a device error (its stack follows on the next lines). */
+function deviceErrorLine(error: Error, command: number | undefined): string {
+  const where = command === undefined ? ON_ITS_OWN : commandName(command);
+  return `vfio-user: device error in ${where} (the device is failed until reset): ${error.stack ?? error.message}`;
+}
+
+/**
+ * A device error from a line serve printed: how the fuzzer sees the device
+ * errors of a device it serves in a child process, even one a reconnect
+ * has reset before any request could be answered EIO.
+ */
+export function parseDeviceErrorLine(line: string): { error: Error; command: number | undefined } | undefined {
+  const match = DEVICE_ERROR.exec(line);
+  if (!match) return undefined;
+  const command = match[1] === ON_ITS_OWN ? undefined : Command[match[1] as keyof typeof Command];
+  const error = new Error(match[2]);
+  // The child's stack, not this process's: its frames follow on the lines after.
+  error.stack = match[2];
+  return { error, command };
 }
 
 /** Resolves on the first SIGINT or SIGTERM: the way a served device or a trace is stopped. */

@@ -245,8 +245,8 @@ async function attempt(target: FuzzTarget, modes: readonly FuzzMode[], source: O
   const judge = (error: unknown, op: FuzzOp) => {
     if (error instanceof FuzzFinding) throw error;
     if (error instanceof ProtocolError) {
-      // Over a socket a device error is visible only as EIO: it stands for one.
-      if (error.errno === Errno.EIO && !instance.takeDeviceErrors) {
+      // Where a device error is not seen before its reply, an EIO stands for one.
+      if (error.errno === Errno.EIO && !instance.errorsBeforeReplies) {
         throw new FuzzFinding('device-error', `EIO answered to ${commandName(error.command)}: the device failed (suspected; see the server's log)`);
       }
       session.tally(errnoName(error.errno));

@@ -9,9 +9,11 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { closeFds, native } from '../native.js';
 import { createServer } from '../server/server.js';
+import { parseDeviceErrorLine } from '../cli/serve.js';
 import { UsageError } from '../errors.js';
 import type { DeviceFactory, VfioUserDevice } from '../device.js';
 
@@ -21,10 +23,14 @@ export interface TargetInstance {
   /** The serving process, when it runs on this machine: its /proc entry is watched. */
   readonly pid: number | undefined;
   /**
-   * Device errors since the last call (in-process servers report each one);
-   * undefined when they cannot be seen, and EIO replies stand for them.
+   * Device errors since the last call: an in-process server's as they
+   * happen, a child's as its log reaches this process (later than the EIO
+   * reply they cause, but also those a reconnect resets before any reply
+   * shows them). Undefined when they cannot be seen.
    */
   takeDeviceErrors?(): { error: Error; command: number | undefined }[];
+  /** Whether takeDeviceErrors has each device error before its EIO reply arrives; if not, an EIO stands for one. */
+  readonly errorsBeforeReplies?: boolean;
   /** What the serving process printed, for a report (child processes). */
   output?(): string;
   stop(): Promise<void>;
@@ -69,6 +75,7 @@ export function inProcessTarget(device: VfioUserDevice | DeviceFactory): FuzzTar
         path: socket.path,
         pid: process.pid,
         takeDeviceErrors: () => errors.splice(0),
+        errorsBeforeReplies: true,
         async stop() {
           await server.close();
           socket.cleanup();
@@ -100,7 +107,16 @@ export function childTarget(device: DeviceModule): FuzzTarget {
       const args = [...cliCommand(), 'serve', device.module, '--socket', socket.path, '--', ...(device.args ?? [])];
       const child = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'pipe'] });
       let output = '';
+      const errors: { error: Error; command: number | undefined }[] = [];
       child.stderr!.setEncoding('utf8').on('data', (text: string) => (output = (output + text).slice(-16_384)));
+      let last: Error | undefined;
+      createInterface({ input: child.stderr!, crlfDelay: Infinity }).on('line', (line) => {
+        const deviceError = parseDeviceErrorLine(line);
+        if (deviceError) errors.push(deviceError);
+        // A stack's frames, indented, follow its error's line.
+        if (!deviceError && last && /^\s+at /.test(line)) last.stack += `\n${line}`;
+        else last = deviceError?.error;
+      });
       try {
         await listening(child, socket.path, () => output);
       } catch (error) {
@@ -111,6 +127,7 @@ export function childTarget(device: DeviceModule): FuzzTarget {
       return {
         path: socket.path,
         pid: child.pid,
+        takeDeviceErrors: () => errors.splice(0),
         output: () => output,
         async stop() {
           // SIGKILL: a device that loops ignores SIGTERM (its loop never yields to the handler).
