@@ -17,7 +17,17 @@ export interface TestCleanups {
 export function testCleanups(): TestCleanups {
   const undos: (() => void | Promise<void>)[] = [];
   afterEach(async () => {
-    for (const undo of undos.splice(0).reverse()) await undo();
+    // Every undo runs even when one throws (a server that reports device errors as it closes): nothing leaks into the next test.
+    const failures: unknown[] = [];
+    for (const undo of undos.splice(0).reverse()) {
+      try {
+        await undo();
+      } catch (error) {
+        failures.push(error);
+      }
+    }
+    if (failures.length === 1) throw failures[0];
+    if (failures.length > 1) throw new AggregateError(failures, `${failures.length} cleanups failed`);
   });
   const defer = (undo: () => void | Promise<void>) => void undos.push(undo);
   return {

@@ -99,10 +99,13 @@ describe.skipIf(!LIBVFIO_USER)('libvfio-user\'s client sample drives us (needs V
     const sourceLog: string[] = [];
     const device = new SampleServerMirror((line) => sourceLog.push(line));
     const server = createServer(device);
+    const deviceErrors: Error[] = [];
+    server.on('deviceError', (error) => deviceErrors.push(error));
     await server.listen(socket.path);
     cleanups.defer(async () => {
       await server.close();
       device.close();
+      expect(deviceErrors).toEqual([]);
     });
     cleanups.defer(() => rmSync(`${socket.path}_migrated`, { force: true }));
 

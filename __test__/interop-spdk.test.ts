@@ -55,12 +55,16 @@ function hugepagesMiB(): number {
 async function serveNvme(image: string): Promise<{ traddr: string }> {
   const device = createNvme(['--image', image, '--size', '64M', '--serial', 'spdk-row']);
   const server = createServer(device);
+  // Whatever SPDK's host sends, the controller answers it: device code never throws.
+  const deviceErrors: Error[] = [];
+  server.on('deviceError', (error) => deviceErrors.push(error));
   const socket = tempSocketPath('cntrl');
   await server.listen(socket.path);
   cleanups.defer(async () => {
     await server.close();
     device.close();
     socket.cleanup();
+    expect(deviceErrors).toEqual([]);
   });
   return { traddr: dirname(socket.path) };
 }
