@@ -16,7 +16,7 @@
  * VFIO_USER_GUEST (scripts/peers/mkguest.sh's output); boots the guest with
  * scripts/peers/run-guest.sh (docs/interop.md says how to build both).
  * NVME_GUEST_RUNTIME sets each fio job's seconds (default 5), NVME_GUEST_ROUNDS how many rounds
- * the devices take turns in (default 3; the figures are medians over them). Not run by CI.
+ * the devices take turns in, in an order rotated each round (default 3; the figures are medians over them). Not run by CI.
  */
 import { spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';

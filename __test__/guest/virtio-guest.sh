@@ -27,12 +27,19 @@ lspci -nn -k | grep -A3 '1af4:104'
 # The ring layout virtio_ring negotiated with each device (feature bit 34, RING_PACKED; bit 0 comes first).
 for d in /sys/bus/virtio/devices/*; do echo "VIRTIO-RING device=$(cat "$d/device") packed=$(cut -c35 "$d/features")"; done
 
-# fio first, each job on every disk in turn, the disks taking turns within each round (terse v3:
+# Its arguments after the first, rotated left by the first: each round starts the devices at the
+# next one, so none always runs first or right after the same one (a slot's own bias cancels out).
+rotate() {
+  n=$1; shift
+  while [ "$n" -gt 0 ]; do x=$1; shift; set -- "$@" "$x"; n=$((n - 1)); done
+  echo "$@"
+}
+# fio first, each job on every disk in turn, the disks taking turns within each round in rotated order (terse v3:
 # field 7 read KiB/s, 8 read IOPS).
 for job in "randread 4k 1" "randread 4k 32"; do
   set -- $job
   for round in $(seq "$ROUNDS"); do
-    for name in qemu ts-blk ts-trap; do
+    for name in $(rotate $((round - 1)) qemu ts-blk ts-trap); do
       line=$(fio --name=j --filename="$(disk $name)" --rw="$1" --bs="$2" --iodepth="$3" --ioengine=libaio --direct=1 \
         --runtime="$RUNTIME" --time_based --size=128M --output-format=terse --terse-version=3 | tail -n 1)
       echo "VIRTIO-FIO round=$round device=$name job=$1-$2-qd$3 kibps=$(echo "$line" | cut -d';' -f7) iops=$(echo "$line" | cut -d';' -f8)"

@@ -11,7 +11,7 @@
  *
  * Needs VFIO_USER_QEMU and VFIO_USER_GUEST (docs/interop.md).
  * VIRTIO_GUEST_RUNTIME sets each fio job's seconds (default 5), VIRTIO_GUEST_ROUNDS how many
- * rounds the disks take turns in (default 3; the figures are medians over them). Not run by CI.
+ * rounds the disks take turns in, in an order rotated each round (default 3; the figures are medians over them). Not run by CI.
  */
 import { spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
