@@ -17,8 +17,8 @@
  *   which the loop does not block; then after sleeps that start at 10 µs
  *   and double up to `maxSleepMicros`; not at all while nothing is watched.
  *   The spin adapts to the driver: it lasts 1.5x the driver's last wait from
- *   activity to ring (the longer of its last two when they were alike,
- *   neither twice the other) (at least 20 µs) when that was within
+ *   activity to ring, or the longer of its last two when they were alike
+ *   (neither twice the other), at least 20 µs, when that was within
  *   `spinMicros`, else 20 µs: a host that polls costs a short spin, an
  *   emulated guest answering in hundreds of µs is still caught spinning,
  *   after its slower answers too.
