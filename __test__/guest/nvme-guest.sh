@@ -26,13 +26,6 @@ echo "NVME-DEVICES ts-trap-shadow=$ours ts-trap=$(device ts-trap) ts-mmap=$(devi
 [ -n "$ours" ] && [ -n "$qemu" ]
 nvme list | grep -q "vfio-user TypeScript NVMe"
 
-# Its arguments after the first, rotated left by the first: each round starts the devices at the
-# next one, so none always runs first or right after the same one (a slot's own bias cancels out).
-rotate() {
-  n=$1; shift
-  while [ "$n" -gt 0 ]; do x=$1; shift; set -- "$@" "$x"; n=$((n - 1)); done
-  echo "$@"
-}
 # fio first, while every image is as sparse as the others: each job on every device in turn, the
 # devices taking turns within each round, in rotated order (terse v3: field 7 read KiB/s, 8 read IOPS).
 for job in "randread 4k 1" "randread 4k 32" "read 128k 32"; do

@@ -19,7 +19,6 @@
  * the devices take turns in, in an order rotated each round (default 3; the figures are medians over them). Not run by CI.
  */
 import { spawnSync } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { GuestRunner, printFio } from './runner.js';
 
@@ -42,8 +41,7 @@ async function main(): Promise<number> {
   ];
   await runner.waitFor(sockets, 30_000);
   spawnSync('truncate', ['-s', IMAGE_SIZE, join(runner.dir, 'qemu.img')]);
-  const script = join(runner.dir, 'nvme-guest.sh');
-  writeFileSync(script, readFileSync(join(__dirname, 'nvme-guest.sh'), 'utf8').replaceAll('__RUNTIME__', String(runtime)).replaceAll('__ROUNDS__', String(rounds)).replaceAll('__DEVICES__', String(sockets.length + 1)));
+  const script = runner.script('nvme-guest.sh', { RUNTIME: runtime, ROUNDS: rounds, DEVICES: sockets.length + 1 });
   const run = await runner.boot([...sockets.flatMap((s) => ['--socket', s]),
     '--mem', '1G', '--smp', '2', '--timeout', String(900 + 20 * runtime * rounds), script, '--',
     '-drive', `file=${join(runner.dir, 'qemu.img')},if=none,id=ref,format=raw`, '-device', 'nvme,serial=qemu,drive=ref']);

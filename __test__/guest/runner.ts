@@ -3,7 +3,7 @@
  * they need, a scratch folder, the processes they spawn and their exit.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -51,6 +51,19 @@ export class GuestRunner {
       if (Date.now() > deadline) this.fail(`the servers did not start (${paths.filter((p) => !existsSync(p)).join(', ')} missing)`);
       await new Promise((r) => setTimeout(r, 100));
     }
+  }
+
+  /**
+   * Writes the guest script `name` (a file beside this one) to the scratch
+   * folder, after the shared functions of rounds.sh and with each
+   * `__KEY__` replaced by `values[KEY]`; returns its path.
+   */
+  script(name: string, values: Record<string, string | number>): string {
+    let text = readFileSync(join(__dirname, 'rounds.sh'), 'utf8') + readFileSync(join(__dirname, name), 'utf8');
+    for (const [key, value] of Object.entries(values)) text = text.replaceAll(`__${key}__`, String(value));
+    const path = join(this.dir, name);
+    writeFileSync(path, text);
+    return path;
   }
 
   /** scripts/peers/run-guest.sh with this runner's QEMU and guest, then `args`; the loop stays free meanwhile. */

@@ -27,13 +27,6 @@ lspci -nn -k | grep -A3 '1af4:104'
 # The ring layout virtio_ring negotiated with each device (feature bit 34, RING_PACKED; bit 0 comes first).
 for d in /sys/bus/virtio/devices/*; do echo "VIRTIO-RING device=$(cat "$d/device") packed=$(cut -c35 "$d/features")"; done
 
-# Its arguments after the first, rotated left by the first: each round starts the devices at the
-# next one, so none always runs first or right after the same one (a slot's own bias cancels out).
-rotate() {
-  n=$1; shift
-  while [ "$n" -gt 0 ]; do x=$1; shift; set -- "$@" "$x"; n=$((n - 1)); done
-  echo "$@"
-}
 # fio first, each job on every disk in turn, the disks taking turns within each round in rotated order (terse v3:
 # field 7 read KiB/s, 8 read IOPS).
 for job in "randread 4k 1" "randread 4k 32"; do

@@ -14,7 +14,6 @@
  * rounds the disks take turns in, in an order rotated each round (default 3; the figures are medians over them). Not run by CI.
  */
 import { spawnSync } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import { GuestRunner, printFio } from './runner.js';
@@ -45,8 +44,7 @@ async function main(): Promise<number> {
       consolePort.write('pong from the host\n');
     }
   });
-  const script = join(runner.dir, 'virtio-guest.sh');
-  writeFileSync(script, readFileSync(join(__dirname, 'virtio-guest.sh'), 'utf8').replaceAll('__RUNTIME__', String(runtime)).replaceAll('__ROUNDS__', String(rounds)));
+  const script = runner.script('virtio-guest.sh', { RUNTIME: runtime, ROUNDS: rounds });
   const run = await runner.boot([...sockets.flatMap((s) => ['--socket', s]),
     '--mem', '1G', '--smp', '2', '--timeout', String(600 + 10 * runtime * rounds), script, '--',
     '-drive', `file=${join(runner.dir, 'qemu.img')},if=none,id=ref,format=raw`, '-device', 'virtio-blk-pci,serial=qemu,drive=ref']);
